@@ -1,0 +1,111 @@
+"""The public block-sparse attention function: checks inputs, then dispatches to a backend.
+
+Backends (all computing the same thing, see ``moa_compress.kernels.reference``):
+
+* ``reference`` — dense attention with a mask; plain PyTorch, float64-capable; the specification.
+* ``torch`` — fast on CPU: computes only the selected blocks.
+* ``flex`` — FlexAttention via ``BlockMask.from_kv_blocks``.
+* ``triton`` — Triton kernels for CUDA GPUs (imported only when used).
+* ``auto`` — the fastest available for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+
+import torch
+
+from moa_compress.errors import UserInputError
+
+from moa_compress.kernels.layout import BlockLayout
+
+BACKENDS = ("reference", "torch", "flex", "triton")
+
+# backend name -> (module, function); imported lazily so optional packages stay optional.
+_IMPLEMENTATIONS = {
+    "reference": ("moa_compress.kernels.reference", "block_sparse_attention_reference"),
+    "torch": ("moa_compress.kernels.cpu", "block_sparse_attention_torch"),
+    "flex": ("moa_compress.kernels.flex", "block_sparse_attention_flex"),
+    "triton": ("moa_compress.kernels.triton_prefill", "block_sparse_attention_triton"),
+}
+
+
+class AttentionInputError(UserInputError):
+    """Inputs that do not fit together (shapes, dtypes, devices, layout)."""
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``auto`` into a concrete backend for ``device``; validate explicit names."""
+    if backend == "auto":
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "torch"
+    if backend not in BACKENDS:
+        raise AttentionInputError(f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}")
+    if backend == "triton" and device.type != "cuda":
+        raise AttentionInputError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
+    return backend
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise AttentionInputError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, sq, d = q.shape
+    bk, hkv, sk, dk = k.shape
+    if k.shape[:3] != v.shape[:3] or bk != b or dk != d:
+        raise AttentionInputError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if hkv == 0 or hq % hkv:
+        raise AttentionInputError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if sq > sk:
+        raise AttentionInputError(f"q_len {sq} > kv_len {sk}: causal alignment is bottom-right, so q_len <= kv_len")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise AttentionInputError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise AttentionInputError("q, k, v must be on one device")
+    if (layout.q_len, layout.kv_len) != (sq, sk):
+        raise AttentionInputError(
+            f"layout is for q_len={layout.q_len}, kv_len={layout.kv_len}; inputs have {sq}, {sk}"
+        )
+    lb, lh, lnq = layout.kv_num_blocks.shape
+    if lb not in (1, b) or lh != hq or lnq != layout.num_q_blocks:
+        raise AttentionInputError(
+            f"layout kv_num_blocks {tuple(layout.kv_num_blocks.shape)} does not fit "
+            f"[B={b} or 1, H={hq}, nQ={layout.num_q_blocks}]"
+        )
+    if layout.kv_indices.shape[:3] != layout.kv_num_blocks.shape:
+        raise AttentionInputError("layout kv_indices and kv_num_blocks disagree in shape")
+
+
+def block_sparse_attention(
+    q: torch.Tensor,  # [B, Hq, Sq, D]
+    k: torch.Tensor,  # [B, Hkv, Sk, D]
+    v: torch.Tensor,  # [B, Hkv, Sk, D]
+    layout: BlockLayout,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """Causal (bottom-right aligned) attention over the blocks that ``layout`` selects.
+
+    GQA: query head ``h`` uses KV head ``h // (Hq // Hkv)``. A query row with no visible key
+    returns zeros. ``scale`` defaults to ``1 / sqrt(D)``.
+
+    Example::
+
+        >>> import torch
+        >>> from moa_compress.attention import block_sparse_attention
+        >>> from moa_compress.kernels.layout import causal_layout
+        >>> q = torch.randn(1, 9, 100, 64); k = v = torch.randn(1, 3, 100, 64)
+        >>> out = block_sparse_attention(q, k, v, causal_layout(100, 100, 9), backend="reference")
+        >>> out.shape
+        torch.Size([1, 9, 100, 64])
+    """
+    check_inputs(q, k, v, layout)
+    name = resolve_backend(backend, q.device)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    module_name, fn_name = _IMPLEMENTATIONS[name]
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    return fn(q, k, v, layout.to(q.device), scale)

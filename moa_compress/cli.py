@@ -1,0 +1,180 @@
+"""The ``moa-compress`` command: parses arguments, calls library functions, prints. No logic here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moa_compress.errors import UserInputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compress an LLM's attention into a per-head sparse plan and run it fast.",
+)
+plan_app = typer.Typer(no_args_is_help=True, help="Make, inspect and validate plans.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print tables (and --json).")
+app.add_typer(plan_app, name="plan")
+app.add_typer(bench_app, name="bench")
+
+ModelArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Hugging Face folder, hub id, or .gguf file. Default: the embedded SmolLM2-135M-Instruct."),
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="bfloat16 | float32 | float16")]
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with code 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn):
+    """Turn :class:`UserInputError` (and missing files) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as exc:
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except (FileExistsError, FileNotFoundError) as exc:
+            fail(str(exc).splitlines()[0])
+        except KeyboardInterrupt:
+            typer.echo("interrupted; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{option} must be comma-separated integers, got {text!r}")
+    if not lengths or any(n <= 0 for n in lengths):
+        fail(f"{option} must list positive lengths, got {text!r}")
+    return lengths
+
+
+def check_fraction(value: float, option: str) -> float:
+    if not 0.0 < value <= 1.0:
+        fail(f"{option} must be in (0, 1], got {value}")
+    return value
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load(model: Optional[str], dtype: str):
+    from moa_compress.models import load_model
+
+    quiet_transformers()
+    return load_model(model, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# plan
+
+
+@plan_app.command("uniform")
+@user_errors
+def plan_uniform(
+    model: ModelArg = None,
+    density: Annotated[float, typer.Option(help="Target density in (0, 1].")] = 0.25,
+    lengths: Annotated[str, typer.Option(help="Comma-separated lengths the density must hold at.")] = "2048,4096,8192",
+    sink_blocks: Annotated[int, typer.Option(help="Leading key blocks every query sees.")] = 1,
+    block_size: Annotated[int, typer.Option(help="Block size in tokens.")] = 64,
+    out: Annotated[Path, typer.Option(help="Output folder for plan.json.")] = Path("plan-uniform"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing plan.")] = False,
+) -> None:
+    """One sink + the widest window for every head that keeps density <= D at every length."""
+    from transformers import AutoConfig
+
+    from moa_compress.models import resolve_model_source
+    from moa_compress.plan import ModelIdentity, provenance, save_plan, uniform_plan
+
+    check_fraction(density, "--density")
+    ns = parse_lengths(lengths)
+    if (out / "plan.json").exists() and not force:
+        fail(f"{out / 'plan.json'} exists; pass --force to overwrite")
+    source, extra = resolve_model_source(model)
+    config = AutoConfig.from_pretrained(source, **extra)
+    identity = ModelIdentity.from_config(config, name=model or "SmolLM2-135M-Instruct")
+    plan = uniform_plan(
+        identity, density, ns, block_size=block_size, sink_blocks=sink_blocks,
+        provenance=provenance(" ".join(["moa-compress", *sys.argv[1:]])),
+    )
+    path = save_plan(plan, out, force=force)
+    typer.echo(f"wrote {path}: {describe_densities(plan, ns)}")
+
+
+def describe_densities(plan, lengths) -> str:
+    return ", ".join(f"density@{n}={plan.density(n):.4f}" for n in lengths)
+
+
+@plan_app.command("show")
+@user_errors
+def plan_show(
+    plan_path: Annotated[str, typer.Argument(metavar="PLAN", help="Plan folder, plan.json, or shipped plan name.")],
+    lengths: Annotated[Optional[str], typer.Option(help="Lengths to report (default: the plan's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable object.")] = False,
+) -> None:
+    """Per-layer summary of a plan and its density at lengths."""
+    from moa_compress.plan import load_plan, plan_summary
+
+    plan = load_plan(plan_path)
+    ns = parse_lengths(lengths) if lengths else list(plan.lengths or (2048, 4096, 8192))
+    summary = plan_summary(plan, ns)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    model = summary["model"]
+    typer.echo(f"plan for {model['name']} ({model['num_layers']} layers x {model['num_heads']} heads, "
+               f"{model['num_kv_heads']} KV heads), block {plan.block_size}, budget {plan.budget}")
+    typer.echo("density: " + ", ".join(f"{n}: {d:.4f}" for n, d in summary["density"].items()))
+    header = "layer  " + "  ".join(f"d@{n:<6}" for n in ns) + "  rules"
+    typer.echo(header)
+    for row in summary["layers"]:
+        dens = "  ".join(f"{row['density'][str(n)]:<8.4f}" for n in ns)
+        typer.echo(f"{row['layer']:>5}  {dens}  {row['rules']}")
+
+
+@plan_app.command("validate")
+@user_errors
+def plan_validate(
+    plan_path: Annotated[str, typer.Argument(metavar="PLAN", help="Plan folder, plan.json, or shipped plan name.")],
+    model: ModelArg = None,
+    check_model: Annotated[bool, typer.Option(help="Also check the plan against MODEL.")] = True,
+) -> None:
+    """Check a plan's schema, rules, and (by default) that it fits MODEL."""
+    from transformers import AutoConfig
+
+    from moa_compress.models import resolve_model_source
+    from moa_compress.plan import ModelIdentity, load_plan
+
+    plan = load_plan(plan_path)
+    if check_model:
+        source, extra = resolve_model_source(model)
+        plan.check_model(ModelIdentity.from_config(AutoConfig.from_pretrained(source, **extra)))
+    typer.echo(f"ok: {plan.model.name}, schema {plan.schema_version}, "
+               f"{describe_densities(plan, plan.lengths or (2048, 4096, 8192))}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,5 @@
+"""The one exception family the CLI turns into a one-line error with exit code 2."""
+
+
+class UserInputError(ValueError):
+    """Bad input from the user: a path, an argument, a file that does not fit. Message is one line."""

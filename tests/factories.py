@@ -1,0 +1,72 @@
+"""Shared input factories for tests: random attention inputs, random layouts, tiny models."""
+
+from __future__ import annotations
+
+import torch
+
+from moa_compress.kernels.layout import BlockLayout, causal_mask
+
+
+def random_qkv(b=1, hq=9, hkv=3, sq=100, sk=None, d=64, dtype=torch.float64, seed=0, device="cpu"):
+    """Random q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (never zeros)."""
+    sk = sq if sk is None else sk
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def random_layout(b, h, q_len, kv_len, block_size=64, p=0.5, seed=0, empty_rows=True, diagonal=True):
+    """Random causal block selection. With ``diagonal`` the diagonal block is always kept;
+    with ``empty_rows`` some query blocks select nothing at all."""
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    blocks = torch.rand(b, h, nq, nk, generator=g) < p
+    # Keep only blocks holding at least one causal pair.
+    rows = torch.arange(nq) * block_size
+    last_row = torch.clamp(rows + block_size - 1, max=q_len - 1) + (kv_len - q_len)
+    causal_blocks = torch.arange(nk)[None, :] * block_size <= last_row[:, None]
+    blocks &= causal_blocks
+    if diagonal:
+        diag_col = (last_row // block_size).clamp(max=nk - 1)
+        blocks[..., torch.arange(nq), diag_col] = True
+    if empty_rows and nq > 1:
+        kill = torch.rand(b, h, nq, generator=g) < 0.15
+        blocks &= ~kill[..., None]
+    return BlockLayout.from_block_mask(blocks, block_size, q_len, kv_len)
+
+
+def dense_masked_attention(q, k, v, mask, scale):
+    """Independent float64 check: softmax over allowed keys, zero rows where none allowed."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1)
+    v = v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def tiny_config(family: str = "llama", layers=2, heads=4, kv_heads=2, head_dim=16, vocab=128, max_pos=1024):
+    """A tiny decoder config of ``family`` (llama, qwen2, mistral)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
+    return cls(
+        vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, max_position_embeddings=max_pos, tie_word_embeddings=False, **extra,
+    )
+
+
+def tiny_model(family: str = "llama", seed=0, dtype=torch.float32, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), attn_implementation="sdpa")
+    return model.to(dtype).eval()
+
+
+__all__ = ["random_qkv", "random_layout", "dense_masked_attention", "tiny_config", "tiny_model", "causal_mask"]

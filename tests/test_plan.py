@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from moa_compress.kernels.layout import causal_mask
+from moa_compress.plan import (
+    DenseRule, ModelIdentity, Plan, PlanError, StaticRule, load_plan, rule_density, save_plan, uniform_plan,
+)
+
+IDENT = ModelIdentity("tiny", 2, 3, 1, 16, "f00d")
+
+
+def brute_density(rule, n, bs):
+    """Count computed causal pairs token by token."""
+    if isinstance(rule, DenseRule):
+        return 1.0
+    qb = torch.arange(n)[:, None] // bs
+    kb = torch.arange(n)[None, :] // bs
+    band = rule.band_blocks(n, bs)
+    allowed = (kb < rule.sink_blocks) | (kb > qb - band)
+    m = allowed & causal_mask(n, n)
+    return m.sum().item() / (n * (n + 1) / 2)
+
+
+@pytest.mark.parametrize("n", [1, 17, 64, 65, 200, 1000])
+@pytest.mark.parametrize("rule", [DenseRule(), StaticRule(1, 64, 0.0), StaticRule(0, 100, 0.25),
+                                  StaticRule(2, -64, 0.5), StaticRule(1, 0, 1.0)])
+def test_density_exact_against_brute_force(n, rule):
+    assert rule_density(rule, n, 64) == pytest.approx(brute_density(rule, n, 64), abs=1e-12)
+
+
+def test_layout_matches_rule_mask():
+    rules = ((StaticRule(1, 128, 0.0), DenseRule(), StaticRule(0, 10, 0.5)),) * 2
+    plan = Plan(IDENT, rules)
+    n = 333
+    dense = plan.layout(0, n).to_dense_mask()[0]
+    for h, rule in enumerate(rules[0]):
+        frac = dense[h].sum().item() / (n * (n + 1) / 2)
+        assert frac == pytest.approx(brute_density(rule, n, 64))
+    assert plan.density(n) == pytest.approx(sum(brute_density(r, n, 64) for r in rules[0]) / 3)
+
+
+def test_round_trip(tmp_path):
+    plan = Plan(IDENT, ((StaticRule(1, 64.5, 0.125), DenseRule(), DenseRule()),) * 2, budget=0.5,
+                lengths=(128, 256), provenance={"seed": 3})
+    save_plan(plan, tmp_path)
+    back = load_plan(tmp_path, IDENT)
+    assert back == plan
+    with pytest.raises(FileExistsError):
+        save_plan(plan, tmp_path)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(schema_version=99), "newer"),
+    (lambda d: d["rules"][0].__setitem__(0, {"kind": "magic"}), "unknown rule kind"),
+    (lambda d: d.pop("model"), "missing"),
+    (lambda d: d["rules"].pop(), "layers"),
+])
+def test_bad_plans(tmp_path, mutate, message):
+    plan = uniform_plan(IDENT, 0.5, [512])
+    data = plan.to_dict()
+    mutate(data)
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=message):
+        load_plan(tmp_path)
+
+
+def test_truncated_json_and_wrong_model(tmp_path):
+    plan = uniform_plan(IDENT, 0.5, [512])
+    save_plan(plan, tmp_path)
+    text = (tmp_path / "plan.json").read_text()
+    other = ModelIdentity("tiny", 2, 3, 1, 16, "beef")
+    with pytest.raises(PlanError, match="fingerprint"):
+        load_plan(tmp_path, other)
+    with pytest.raises(PlanError, match="num_heads"):
+        load_plan(tmp_path, ModelIdentity("tiny", 2, 6, 1, 16, "f00d"))
+    (tmp_path / "plan.json").write_text(text[: len(text) // 2])
+    with pytest.raises(PlanError, match="invalid JSON"):
+        load_plan(tmp_path)
+
+
+def test_uniform_is_widest_within_density():
+    lengths = [1024, 2048]
+    plan = uniform_plan(IDENT, 0.25, lengths)
+    rule = plan.rules[0][0]
+    assert all(plan.density(n) <= 0.25 for n in lengths)
+    wider = StaticRule(rule.sink_blocks, rule.alpha + 64, 0.0)
+    assert any(rule_density(wider, n, 64) > 0.25 for n in lengths)
+    assert uniform_plan(IDENT, 1.0, lengths).is_dense()
+    with pytest.raises(PlanError, match="smallest possible"):
+        uniform_plan(IDENT, 0.01, lengths)
