@@ -18,7 +18,6 @@ import math
 import torch
 
 from moa_compress.errors import UserInputError
-
 from moa_compress.kernels.layout import BlockLayout
 
 BACKENDS = ("reference", "torch", "flex", "triton")

@@ -6,7 +6,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,7 +24,7 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(bench_app, name="bench")
 
 ModelArg = Annotated[
-    Optional[str],
+    str | None,
     typer.Argument(help="Hugging Face folder, hub id, or .gguf file. Default: the embedded SmolLM2-135M-Instruct."),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="bfloat16 | float32 | float16")]
@@ -77,7 +77,7 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load(model: Optional[str], dtype: str):
+def load(model: str | None, dtype: str):
     from moa_compress.models import load_model
 
     quiet_transformers()
@@ -128,7 +128,7 @@ def describe_densities(plan, lengths) -> str:
 @user_errors
 def plan_show(
     plan_path: Annotated[str, typer.Argument(metavar="PLAN", help="Plan folder, plan.json, or shipped plan name.")],
-    lengths: Annotated[Optional[str], typer.Option(help="Lengths to report (default: the plan's).")] = None,
+    lengths: Annotated[str | None, typer.Option(help="Lengths to report (default: the plan's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable object.")] = False,
 ) -> None:
     """Per-layer summary of a plan and its density at lengths."""

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -135,7 +135,7 @@ class StaticRule:
         return self.alpha + self.beta * n
 
 
-Rule = Union[DenseRule, StaticRule]
+Rule = DenseRule | StaticRule
 RULE_KINDS: dict[str, type] = {"dense": DenseRule, "static": StaticRule}
 
 
@@ -274,8 +274,15 @@ class Plan:
         masks = torch.stack([rule_block_mask(r, n, self.block_size) for r in self.rules[layer]])
         return BlockLayout.from_block_mask(masks[None], self.block_size, n, n).to(device)
 
-    def block_mask(self, n: int, layer: int, device: torch.device | str = "cpu"):
-        """The layer's layout at length ``n`` as a FlexAttention ``BlockMask`` (causal inside)."""
+    def block_mask(self, n: int, layer: int | None = None, device: torch.device | str = "cpu"):
+        """The layout at length ``n`` as FlexAttention ``BlockMask`` (causal inside the blocks):
+        one for ``layer``, or a list with one per layer when ``layer`` is None.
+
+        Run a layer with plain PyTorch:
+        ``flex_attention(q, k, v, block_mask=plan.block_mask(n, layer), enable_gqa=True)``.
+        """
+        if layer is None:
+            return [self.layout(i, n, device).to_flex_block_mask() for i in range(self.model.num_layers)]
         return self.layout(layer, n, device).to_flex_block_mask()
 
     def is_dense(self) -> bool:

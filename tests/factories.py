@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from moa_compress.kernels.layout import BlockLayout, causal_mask
 
 
@@ -69,4 +68,4 @@ def tiny_model(family: str = "llama", seed=0, dtype=torch.float32, **kw):
     return model.to(dtype).eval()
 
 
-__all__ = ["random_qkv", "random_layout", "dense_masked_attention", "tiny_config", "tiny_model", "causal_mask"]
+__all__ = ["causal_mask", "dense_masked_attention", "random_layout", "random_qkv", "tiny_config", "tiny_model"]

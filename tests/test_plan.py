@@ -2,10 +2,18 @@ import json
 
 import pytest
 import torch
-
 from moa_compress.kernels.layout import causal_mask
+
 from moa_compress.plan import (
-    DenseRule, ModelIdentity, Plan, PlanError, StaticRule, load_plan, rule_density, save_plan, uniform_plan,
+    DenseRule,
+    ModelIdentity,
+    Plan,
+    PlanError,
+    StaticRule,
+    load_plan,
+    rule_density,
+    save_plan,
+    uniform_plan,
 )
 
 IDENT = ModelIdentity("tiny", 2, 3, 1, 16, "f00d")
@@ -90,3 +98,21 @@ def test_uniform_is_widest_within_density():
     assert uniform_plan(IDENT, 1.0, lengths).is_dense()
     with pytest.raises(PlanError, match="smallest possible"):
         uniform_plan(IDENT, 0.01, lengths)
+
+
+def test_block_mask_runs_with_flex_attention_equal_to_reference():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from moa_compress.kernels.reference import block_sparse_attention_reference
+    from tests.factories import random_qkv
+
+    rules = ((StaticRule(1, 64, 0.0), DenseRule(), StaticRule(0, 10, 0.25)),) * 2
+    plan = Plan(IDENT, rules)
+    n = 200
+    q, k, v = random_qkv(hq=3, hkv=1, sq=n, d=16, dtype=torch.float32)
+    masks = plan.block_mask(n)
+    assert len(masks) == 2
+    # Eager flex_attention on CPU is a debugging path; compiled is what users run.
+    out = torch.compile(flex_attention)(q, k, v, block_mask=masks[1], enable_gqa=True)
+    ref = block_sparse_attention_reference(q, k, v, plan.layout(1, n), scale=16 ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
