@@ -34,13 +34,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_compress.attention import block_sparse_attention
 from moa_compress.errors import UserInputError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
 from moa_compress.plan import DenseRule, Plan, Rule, StaticRule, identity_of, rule_key_blocks
 
-__all__ = ["PlanHandle", "PlanRuntimeError", "active_plan", "apply_plan", "cache_kwarg", "remove_plan"]
+__all__ = [
+    "PlanHandle",
+    "PlanKVCache",
+    "PlanRuntimeError",
+    "active_plan",
+    "apply_plan",
+    "cache_kwarg",
+    "generate_reply",
+    "remove_plan",
+]
 
 
 class PlanRuntimeError(UserInputError):
@@ -76,28 +86,43 @@ def block_rows(
 
 
 def plan_pieces(
-    rules: Sequence[Rule], block_size: int, q_len: int, kv_len: int
+    rules: Sequence[Rule],
+    block_size: int,
+    q_len: int,
+    kv_len: int,
+    evicted: tuple[int, int] = (0, 0),
 ) -> list[tuple[int, int, BlockLayout]]:
     """Split ``q_len`` bottom-right aligned queries into pieces whose query blocks coincide with
-    the plan's absolute blocks; returns ``(q_start, q_end, layout)`` with ``layout`` over keys
-    ``[0, kv_end)`` where ``kv_end = kv_len - q_len + q_end``.
+    the plan's absolute blocks; returns ``(q_start, q_end, layout)``, ``layout`` over the first
+    ``layout.kv_len`` stored keys.
 
     A :class:`BlockLayout` groups query rows into blocks from its first row, while the plan's
     blocks start at absolute position 0. When the first query's position ``kv_len - q_len`` is not
     a multiple of the block size, the rows up to the next block boundary form their own piece.
+
+    ``evicted = (first, end)``: key blocks ``[first, end)`` are absent from storage (a
+    :class:`PlanKVCache` dropped them), so stored block ``j >= first`` is absolute block
+    ``j + end - first``. The rules must not select an evicted block.
     """
-    first = kv_len - q_len
-    head = min(q_len, (-first) % block_size)
+    first_row = kv_len - q_len
+    head = min(q_len, (-first_row) % block_size)
+    gap = evicted[1] - evicted[0]
     pieces = []
     for q_start, q_end in ((0, head), (head, q_len)):
         if q_end <= q_start:
             continue
-        kv_end = first + q_end
-        rows = range((first + q_start) // block_size, -(-kv_end // block_size))
+        kv_end = first_row + q_end
+        rows = range((first_row + q_start) // block_size, -(-kv_end // block_size))
         mask = block_rows(rules, kv_len, block_size, rows, -(-kv_end // block_size))
-        pieces.append(
-            (q_start, q_end, BlockLayout.from_block_mask(mask, block_size, q_end - q_start, kv_end))
-        )
+        if gap:
+            if mask[..., evicted[0] : evicted[1]].any():
+                raise PlanRuntimeError(
+                    f"this call (q_len={q_len}, length {kv_len}) needs key blocks the PlanKVCache already "
+                    "dropped; for several multi-token calls create it with max_length=<longest sequence>"
+                )
+            mask = torch.cat([mask[..., : evicted[0]], mask[..., evicted[1] :]], dim=-1)
+        layout = BlockLayout.from_block_mask(mask, block_size, q_end - q_start, kv_end - gap * block_size)
+        pieces.append((q_start, q_end, layout))
     return pieces
 
 
@@ -110,11 +135,20 @@ class LayoutCache:
         self.capacity = capacity
         self.entries: OrderedDict[tuple, list[tuple[int, int, BlockLayout]]] = OrderedDict()
 
-    def get(self, rules: tuple[Rule, ...], block_size: int, q_len: int, kv_len: int, device: torch.device):
-        key = (rules, q_len, kv_len, str(device))
+    def get(
+        self,
+        rules: tuple[Rule, ...],
+        block_size: int,
+        q_len: int,
+        kv_len: int,
+        device: torch.device,
+        evicted: tuple[int, int] = (0, 0),
+    ) -> list[tuple[int, int, BlockLayout]]:
+        key = (rules, q_len, kv_len, evicted, str(device))
         found = self.entries.get(key)
         if found is None:
-            found = [(a, b, lay.to(device)) for a, b, lay in plan_pieces(rules, block_size, q_len, kv_len)]
+            pieces = plan_pieces(rules, block_size, q_len, kv_len, evicted)
+            found = [(a, b, lay.to(device)) for a, b, lay in pieces]
             self.entries[key] = found
             if len(self.entries) > self.capacity:
                 self.entries.popitem(last=False)
@@ -173,6 +207,12 @@ def masked_attention(
     scores = scores.masked_fill(~mask.reshape(b, hkv, hq // hkv * sq, -1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.matmul(probs, v.to(work)).reshape(b, hq, sq, d).to(q.dtype)
+
+
+def is_plain_causal(mask: torch.Tensor) -> bool:  # mask [B, 1|H, Sq, Sk] bool
+    """True when ``mask`` is exactly bottom-right causal (no padding, nothing else)."""
+    q_len, kv_len = mask.shape[-2:]
+    return bool(mask[:, :, -1, :].all()) and bool((mask == causal_mask(q_len, kv_len, mask.device)).all())
 
 
 def as_bool_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:  # [B, 1|H, Sq, Sk]
@@ -234,21 +274,61 @@ class PlanHandle:
                 f"layer {layer}: model has {query.shape[1]} query heads, plan {len(rules)}"
             )
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-        q_len, kv_len = query.shape[2], key.shape[2]
+        q_len = query.shape[2]
 
+        if isinstance(key, StoredKV):  # a PlanKVCache: per-KV-head storage without evicted blocks
+            if key.plan != self.plan:
+                raise PlanRuntimeError("this PlanKVCache was built for a different plan than the applied one")
+            if attention_mask is not None and not is_plain_causal(as_bool_mask(attention_mask, key.length)):
+                raise PlanRuntimeError(
+                    "PlanKVCache does not support padded batches; generate without it (a DynamicCache)"
+                )
+            out = self.attend_stored(rules, query, key, scale)
+            return out.transpose(1, 2).contiguous(), None
+
+        kv_len = key.shape[2]
         if attention_mask is not None:
             mask = as_bool_mask(attention_mask, kv_len)
-            key_valid = mask[:, 0, -1, :]  # the last query row sees every non-padding key
-            plain = bool(key_valid.all()) and bool(
-                (mask == causal_mask(q_len, kv_len, device=mask.device)).all()
-            )
-            if not plain:
+            if not is_plain_causal(mask):
+                key_valid = mask[:, 0, -1, :]  # the last query row sees every non-padding key
                 token_mask = padded_token_mask(rules, self.plan.block_size, key_valid, q_len) & mask
                 out = masked_attention(query, key, value, token_mask, scale)
                 return out.transpose(1, 2).contiguous(), None
 
         out = self.block_sparse(rules, query, key, value, scale)
         return out.transpose(1, 2).contiguous(), None
+
+    def attend_stored(
+        self,
+        rules: tuple[Rule, ...],
+        query: torch.Tensor,  # [B, Hq, Sq, D]
+        stored: StoredKV,
+        scale: float,
+    ) -> torch.Tensor:  # [B, Hq, Sq, D]
+        """Attention over a PlanKVCache layer: one block-sparse call per KV head, whose storage
+        lacks the evicted blocks; the layout skips them (see :func:`plan_pieces`)."""
+        q_len = query.shape[2]
+        group = query.shape[1] // len(stored.keys)
+        outs = []
+        for h, (keys, values) in enumerate(zip(stored.keys, stored.values)):
+            head_rules = rules[h * group : (h + 1) * group]
+            pieces = self.layouts.get(
+                head_rules, self.plan.block_size, q_len, stored.length, query.device, stored.evicted[h]
+            )
+            q = query[:, h * group : (h + 1) * group]
+            rows = [
+                block_sparse_attention(
+                    q[:, :, q_start:q_end],
+                    keys[:, None, : layout.kv_len],
+                    values[:, None, : layout.kv_len],
+                    layout,
+                    scale=scale,
+                    backend=self.backend,
+                )
+                for q_start, q_end, layout in pieces
+            ]
+            outs.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=2))
+        return torch.cat(outs, dim=1)
 
     def block_sparse(
         self,
@@ -394,3 +474,295 @@ def active_plan(model: Any) -> Plan | None:
     """The plan currently applied to ``model``, or None."""
     handle = getattr(model, _HANDLE_ATTR, None)
     return handle.plan if handle is not None and handle.active else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding with per-KV-head windows
+
+
+def kept_blocks(
+    rules: Sequence[Rule], seen: int, incoming: int, block_size: int, max_length: int | None = None
+) -> tuple[int, int]:
+    """``(sink, start)``: the key blocks a KV head shared by ``rules`` must keep when ``incoming``
+    new tokens arrive after ``seen``: blocks ``< sink`` and ``>= start``; ``[sink, start)`` can go.
+
+    A call with queries at positions ``p`` and total length ``N`` needs, per static rule, key
+    blocks from ``p // block_size - band(N) + 1``. The current call has ``N = seen + incoming``.
+    Later calls are covered too, in two regimes:
+
+    * one token per call (decoding): a query in block ``b`` needs the most at the block's last
+      length ``(b + 1) * block_size``; from one block to the next ``b`` grows by one and ``band`` by
+      at most ``ceil(beta) <= 1``, so the current block's bound holds for every later token;
+    * with ``max_length``: any later call with ``N <= max_length`` (e.g. chunked prefill).
+
+    A later multi-token call beyond what was kept is refused by :func:`plan_pieces`. Dense rules
+    keep everything (``start = 0``).
+    """
+    if any(isinstance(r, DenseRule) for r in rules):
+        return 0, 0
+    b = seen // block_size
+    horizon = max(seen + incoming, (b + 1) * block_size, max_length or 0)
+    start = min(b - r.band_blocks(horizon, block_size) + 1 for r in rules)
+    return max(r.sink_blocks for r in rules), max(start, 0)
+
+
+class StoredKV:
+    """What :class:`PlanKVCache` hands the attention function in place of key/value tensors.
+
+    ``keys[h]``/``values[h]``: ``[B, L_h, D]`` stored tokens of KV head ``h`` in position order;
+    ``evicted[h] = (first, end)``: absolute key blocks ``[first, end)`` missing from them;
+    ``length``: tokens seen including the current call's; ``plan``: the plan the cache follows.
+    Only the plan's attention function understands it.
+    """
+
+    __slots__ = ("evicted", "keys", "length", "plan", "values")
+
+    def __init__(self, keys, values, evicted, length, plan):
+        self.keys, self.values, self.evicted, self.length, self.plan = keys, values, evicted, length, plan
+
+    def __getattr__(self, name: str):
+        raise PlanRuntimeError(
+            f"PlanKVCache storage has no tensor attribute {name!r}: it only works under apply_plan(model, plan) "
+            "with the same plan"
+        )
+
+
+class PlanKVLayer(CacheLayerMixin):
+    """One layer of a :class:`PlanKVCache`: per KV head a buffer ``[B, capacity, D]`` holding the
+    sink tokens followed by the kept window; evicted blocks are cut out once per block."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, groups: list[tuple[Rule, ...]], block_size: int, plan: Plan, max_length: int | None):
+        super().__init__()
+        self.groups = groups
+        self.block_size = block_size
+        self.plan = plan
+        self.max_length = max_length
+        self.reset()
+
+    def reset(self) -> None:
+        hkv = len(self.groups)
+        self.key_buffers: list[torch.Tensor | None] = [None] * hkv
+        self.value_buffers: list[torch.Tensor | None] = [None] * hkv
+        self.stored = [0] * hkv  # tokens in each buffer
+        self.evicted = [(0, 0)] * hkv
+        self.seen = 0
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def evict(self, h: int, incoming: int) -> None:
+        """Drop the blocks of KV head ``h`` that neither the incoming call nor later ones can see."""
+        sink, start = kept_blocks(self.groups[h], self.seen, incoming, self.block_size, self.max_length)
+        end = max(self.evicted[h][1], sink)
+        if start <= end:
+            return
+        bs = self.block_size
+        # Stored tokens: [0, sink*bs) then absolute [end*bs, seen); cut [end*bs, start*bs).
+        cut_from, cut = sink * bs, (start - end) * bs
+        for buf in (self.key_buffers[h], self.value_buffers[h]):
+            live = buf[:, cut_from + cut : self.stored[h]].clone()
+            buf[:, cut_from : cut_from + live.shape[1]] = live
+        self.stored[h] -= cut
+        self.evicted[h] = (sink, start)
+
+    def append(self, h: int, keys: torch.Tensor, values: torch.Tensor) -> None:  # [B, S, D]
+        need = self.stored[h] + keys.shape[1]
+        buf = self.key_buffers[h]
+        if buf is None or buf.shape[1] < need:
+            # Grow by a quarter (at least a block): amortised O(1) per token, little slack.
+            capacity = need + max(need // 4, self.block_size)
+            for name, new in (("key_buffers", keys), ("value_buffers", values)):
+                grown = new.new_empty(new.shape[0], capacity, new.shape[2])
+                old = getattr(self, name)[h]
+                if old is not None:
+                    grown[:, : self.stored[h]] = old[:, : self.stored[h]]
+                getattr(self, name)[h] = grown
+        self.key_buffers[h][:, self.stored[h] : need] = keys
+        self.value_buffers[h][:, self.stored[h] : need] = values
+        self.stored[h] = need
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, Hkv, S, D]`` keys/values; return :class:`StoredKV` for both."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        for h in range(len(self.groups)):
+            self.evict(h, key_states.shape[2])
+            self.append(h, key_states[:, h], value_states[:, h])
+        self.seen += key_states.shape[2]
+        view = StoredKV(
+            [buf[:, :n] for buf, n in zip(self.key_buffers, self.stored)],
+            [buf[:, :n] for buf, n in zip(self.value_buffers, self.stored)],
+            list(self.evicted),
+            self.seen,
+            self.plan,
+        )
+        return view, view
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise PlanRuntimeError("PlanKVCache drops keys for good and cannot be cropped")
+
+    def _map_buffers(self, fn) -> None:
+        self.key_buffers = [None if b is None else fn(b) for b in self.key_buffers]
+        self.value_buffers = [None if b is None else fn(b) for b in self.value_buffers]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_buffers(lambda b: b.index_select(0, beam_idx.to(b.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_buffers(lambda b: b.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_buffers(lambda b: b[indices])
+
+    def offload(self) -> None:
+        self._map_buffers(lambda b: b.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._map_buffers(lambda b: b.to(self.device, non_blocking=True))
+
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes of stored tokens, bytes allocated) for keys and values together."""
+        live = allocated = 0
+        for bufs in (self.key_buffers, self.value_buffers):
+            for buf, n in zip(bufs, self.stored):
+                if buf is not None:
+                    per_token = buf.shape[0] * buf.shape[2] * buf.element_size()
+                    live += n * per_token
+                    allocated += buf.shape[1] * per_token
+        return live, allocated
+
+
+class PlanKVCache(Cache):
+    """A transformers ``Cache`` that keeps, per layer and KV head, only the keys/values the plan's
+    rules can still see: the sink blocks plus the band window (the union over the KV head's query
+    heads; a dense head keeps everything). Memory shrinks with the plan's density.
+
+    Use it under ``apply_plan(model, plan)`` with the same plan; generation then matches a full
+    cache token for token. Storage is ragged per KV head (``[B, L_h, D]`` buffers), so the attention
+    function runs one block-sparse call per KV head. Padded batches are not supported (the rules
+    count positions per row, the storage is shared by the batch): the attention function raises.
+    The whole prompt's KV is held during the prefill call and trimmed before the next one.
+
+    What is kept: for the prompt, then one token per call (``generate``), exactly what later
+    tokens can see. Rules whose band grows with the length (``beta > 0``) apply the band at a
+    call's total length to all its queries, so several *multi-token* calls (chunked prefill after
+    eviction) need ``max_length``: the cache then keeps what any call up to that length needs
+    (more memory for growing bands; no difference for fixed windows). A call that needs dropped
+    keys raises :class:`PlanRuntimeError` rather than compute something else.
+
+    Example::
+
+        with apply_plan(model, plan):
+            cache = PlanKVCache(model.config, plan)
+            model.generate(input_ids, past_key_values=cache, max_new_tokens=100)
+            print(cache.memory())
+    """
+
+    def __init__(self, config: Any, plan: Plan, max_length: int | None = None):
+        plan.check_model(identity_of(config))
+        self.plan = plan
+        kv_heads = plan.model.num_kv_heads
+        group = plan.model.num_heads // kv_heads
+        layers = [
+            PlanKVLayer(
+                [heads[h * group : (h + 1) * group] for h in range(kv_heads)],
+                plan.block_size,
+                plan,
+                max_length,
+            )
+            for heads in plan.rules
+        ]
+        super().__init__(layers=layers)
+
+    def memory(self) -> dict[str, int | float]:
+        """Bytes of stored keys/values, bytes allocated, the bytes a full cache would hold for the
+        same tokens, and ``fraction = stored / full``."""
+        live = allocated = full = 0
+        for layer in self.layers:
+            stored, alloc = layer.nbytes()
+            live, allocated = live + stored, allocated + alloc
+            for buf in layer.key_buffers:
+                if buf is not None:
+                    full += 2 * layer.seen * buf.shape[0] * buf.shape[2] * buf.element_size()
+        return {
+            "stored_bytes": live,
+            "allocated_bytes": allocated,
+            "full_bytes": full,
+            "fraction": live / full if full else 0.0,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def chat_inputs(tokenizer: Any, prompt: str) -> dict[str, torch.Tensor]:
+    """``input_ids``/``attention_mask`` ``[1, S]`` for one user turn, through the chat template
+    when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def generate_reply(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    plan: Plan | None = None,
+    max_new_tokens: int = 256,
+    streamer: Any = None,
+    backend: str = "auto",
+    plan_cache: bool = True,
+) -> str:
+    """Greedy chat reply to ``prompt`` (one user turn, chat template applied).
+
+    With ``plan``, the plan is applied for the call and decoding keeps only what the plan can see
+    (:class:`PlanKVCache`) unless ``plan_cache=False`` (then a full cache, same tokens). ``streamer``
+    (e.g. ``transformers.TextStreamer``) receives tokens as they come. Returns the reply text.
+    """
+    if max_new_tokens <= 0:
+        raise PlanRuntimeError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    inputs = {k: v.to(model.device) for k, v in chat_inputs(tokenizer, prompt).items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "streamer": streamer,
+        "pad_token_id": pad,
+        # Sampling settings from the model's generation config would only produce warnings here.
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+    }
+    with torch.no_grad():
+        if plan is None:
+            out = model.generate(**inputs, **options)
+        else:
+            with apply_plan(model, plan, backend=backend):
+                if plan_cache:
+                    options[cache_kwarg(model)] = PlanKVCache(model.config, plan)
+                out = model.generate(**inputs, **options)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

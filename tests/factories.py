@@ -69,3 +69,25 @@ def tiny_model(family: str = "llama", seed=0, dtype=torch.float32, **kw):
 
 
 __all__ = ["causal_mask", "dense_masked_attention", "random_layout", "random_qkv", "tiny_config", "tiny_model"]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer (< 300 ids) with a chat template, built offline, for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "<eos>", "<user>", "<assistant>"]
+    words += ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "of", "to", "and", "is"]
+    words += [chr(c) for c in range(33, 127)]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    return tokenizer
