@@ -10,9 +10,11 @@ Every task runs three *variants* of one model in one call:
 
 Tasks (``N`` is each requested length):
 
-* ``ppl`` — non-overlapping windows of ``N`` tokens cut from the evaluation texts; the loss is taken
-  on the second half of each window (tokens ``N//2 .. N-1``), so long context matters. Perplexity is
-  ``exp`` of the token-weighted mean negative log-likelihood over all scored tokens.
+* ``ppl`` — non-overlapping cuts of ``L`` tokens (``L`` the longest requested length) from the
+  evaluation texts; at length ``N`` the window is the last ``N`` tokens of each cut, so every length
+  reads the same text. The loss is taken on the second half of each window (its tokens
+  ``N//2 .. N-1``), so long context matters. Perplexity is ``exp`` of the token-weighted mean negative
+  log-likelihood over all scored tokens.
 * ``fidelity`` — on the same windows and positions, the mean KL(dense || variant) of the next-token
   distributions (nats per token) and the fraction of positions whose top-1 token agrees with dense.
   Dense final hidden states are computed once per window; logits are formed in chunks of positions
@@ -290,8 +292,9 @@ def final_hidden(model: Any, input_ids: torch.Tensor) -> torch.Tensor:  # [1, S]
     return body(input_ids=input_ids, use_cache=False).last_hidden_state[0]
 
 
-def log_probs(model: Any, hidden: torch.Tensor) -> torch.Tensor:  # [P, hidden] -> [P, vocab] fp32
-    logits = model.get_output_embeddings()(hidden).float()
+def log_probs(model: Any, hidden: torch.Tensor) -> torch.Tensor:  # [P, hidden] -> [P, vocab], >= fp32
+    logits = model.get_output_embeddings()(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
@@ -390,10 +393,13 @@ def evaluate_plan(
     if "ppl" in tasks or "fidelity" in tasks:
         if not texts:
             raise DataError("ppl and fidelity need evaluation text (--data)")
-        for n in lengths:
-            windows[n] = token_windows(texts, tokenizer, n, limit=limit)
-            if not windows[n]:
-                raise DataError(f"the evaluation text has no window of {n} tokens (every text is shorter)")
+        longest = lengths[-1]
+        cuts = token_windows(texts, tokenizer, longest, limit=limit)
+        if not cuts:
+            raise DataError(f"the evaluation text has no window of {longest} tokens (every text is shorter)")
+        # Every length reads the same cuts (their last n tokens), so the curves over length differ
+        # by context only, not by which text was read: the tokens scored at n are among those at 2n.
+        windows = {n: [cut[longest - n :] for cut in cuts] for n in lengths}
     samples: dict[int, list[PasskeySample]] = {}
     if "passkey" in tasks:
         count = limit if limit is not None else DEFAULT_PASSKEY_SAMPLES

@@ -143,9 +143,9 @@ def test_chunked_log_probs_match_the_model(tokenizer):
     model = make_model(tokenizer, dtype=torch.float64)
     ids = torch.randint(0, len(tokenizer), (1, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = torch.log_softmax(model(ids).logits[0].float(), -1)
+        expected = torch.log_softmax(model(ids).logits[0], -1)
         got = log_probs(model, final_hidden(model, ids))
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_score_window_nll_and_zero_kl_against_itself(tokenizer, monkeypatch):
@@ -246,6 +246,34 @@ def test_density_one_plan_equals_dense(tokenizer):
         assert by[variant]["passkey"]["128"]["key_logprob"] == pytest.approx(
             by["dense"]["passkey"]["128"]["key_logprob"], rel=1e-9
         )
+
+
+def test_dense_ppl_matches_a_direct_computation(tokenizer, monkeypatch):
+    """Windows at a shorter length are the ends of the longest ones; loss on their second half."""
+    monkeypatch.setattr(evaluate, "variant", lambda model, plan, backend: evaluate.contextlib.nullcontext())
+    model = make_model(tokenizer, dtype=torch.float64)
+    texts = make_texts()
+    results = evaluate_plan(
+        model,
+        tokenizer,
+        sparse_plan(model),
+        tasks="ppl",
+        lengths=[96, 256],
+        texts=texts,
+        limit=3,
+        progress=False,
+    )
+    cuts = evaluate.token_windows(texts, tokenizer, 256, limit=3)
+    for n in (96, 256):
+        ids = torch.tensor([cut[256 - n :] for cut in cuts])
+        with torch.no_grad():
+            logits = model(ids).logits[:, n // 2 - 1 : -1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, n // 2 :].reshape(-1)
+        )
+        got = results["results"]["dense"]["ppl"][str(n)]
+        assert got["nll"] == pytest.approx(float(nll), rel=1e-9)
+        assert got["windows"] == 3 and got["tokens"] == 3 * (n - n // 2)
 
 
 # ----------------------------------------------------------------------------------------------
