@@ -1,0 +1,396 @@
+"""Run a plan inside a transformers model: an attention function, a decode cache, and generation.
+
+``apply_plan(model, plan)`` registers one attention function with transformers' ``AttentionInterface``
+and switches the model to it with ``model.set_attn_implementation``. Nothing in the modeling files is
+patched and nothing depends on the model family: any model whose attention dispatches through
+``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Mistral, ...) runs the plan.
+
+What the attention function computes, for query heads with static rules at total length ``N`` (the
+number of keys, i.e. tokens seen so far including this call's)::
+
+    query at position p (block p // block_size) sees key blocks
+        {0 .. sink_blocks-1}  ∪  [p // block_size - band_blocks(N) + 1,  p // block_size]
+    with causality (key <= p) inside the blocks.
+
+For a prefill of length ``N`` this is exactly ``plan.layout(layer, N)``. When the call has fewer
+queries than keys (chunked prefill, decoding with a cache) the queries are the *last* rows of that
+square layout (bottom-right alignment), so decoding token by token computes, for every new token,
+the row a full recompute at that length would compute.
+
+Masks. transformers gives a custom implementation ``attention_mask=None`` on unpadded input, so
+causality is applied here. For the mask to exist at all on padded input we register transformers'
+own SDPA mask builder under our name: padded batches then arrive with a 4D boolean mask
+``[B, 1, q_len, kv_len]`` (causality AND padding). Such calls run a masked dense path in which
+positions are counted per row over the non-padding keys, so a left-padded row computes what it
+would compute unpadded; padding keys are never attended and padded query rows return zeros.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from moa_compress.attention import block_sparse_attention
+from moa_compress.errors import UserInputError
+from moa_compress.kernels.layout import BlockLayout, causal_mask
+from moa_compress.plan import DenseRule, Plan, Rule, StaticRule, identity_of, rule_key_blocks
+
+__all__ = ["PlanHandle", "PlanRuntimeError", "active_plan", "apply_plan", "cache_kwarg", "remove_plan"]
+
+
+class PlanRuntimeError(UserInputError):
+    """A plan cannot run on this model or these inputs (unsupported feature, mismatched plan)."""
+
+
+_HANDLE_ATTR = "_moa_plan_handle"
+_names = itertools.count()
+
+# Attention features that change the scores in ways a block-sparse plan does not model.
+_UNSUPPORTED_CONFIG = {
+    "attn_logit_softcapping": "attention logit softcapping",
+    "attention_chunk_size": "chunked attention",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts for (rules, q_len, kv_len)
+
+
+def block_rows(
+    rules: Sequence[Rule], n: int, block_size: int, rows: range, num_cols: int
+) -> torch.Tensor:  # [1, H, len(rows), num_cols] bool
+    """Rows ``rows`` (absolute query blocks) of the plan's block matrix at total length ``n``,
+    restricted to the first ``num_cols`` key blocks."""
+    cols = torch.arange(num_cols)[None, :]
+    r = torch.tensor(list(rows), dtype=torch.long)[:, None]
+    heads = []
+    for rule in rules:
+        lo, sink = rule_key_blocks(rule, n, block_size)
+        heads.append((cols <= r) & ((cols >= lo[r]) | (cols < sink)))
+    return torch.stack(heads)[None]
+
+
+def plan_pieces(
+    rules: Sequence[Rule], block_size: int, q_len: int, kv_len: int
+) -> list[tuple[int, int, BlockLayout]]:
+    """Split ``q_len`` bottom-right aligned queries into pieces whose query blocks coincide with
+    the plan's absolute blocks; returns ``(q_start, q_end, layout)`` with ``layout`` over keys
+    ``[0, kv_end)`` where ``kv_end = kv_len - q_len + q_end``.
+
+    A :class:`BlockLayout` groups query rows into blocks from its first row, while the plan's
+    blocks start at absolute position 0. When the first query's position ``kv_len - q_len`` is not
+    a multiple of the block size, the rows up to the next block boundary form their own piece.
+    """
+    first = kv_len - q_len
+    head = min(q_len, (-first) % block_size)
+    pieces = []
+    for q_start, q_end in ((0, head), (head, q_len)):
+        if q_end <= q_start:
+            continue
+        kv_end = first + q_end
+        rows = range((first + q_start) // block_size, -(-kv_end // block_size))
+        mask = block_rows(rules, kv_len, block_size, rows, -(-kv_end // block_size))
+        pieces.append(
+            (q_start, q_end, BlockLayout.from_block_mask(mask, block_size, q_end - q_start, kv_end))
+        )
+    return pieces
+
+
+class LayoutCache:
+    """Layouts keyed by (layer rules, q_len, kv_len, device), least recently used dropped first.
+
+    Layers with identical rules share entries, so a static plan builds each shape once."""
+
+    def __init__(self, capacity: int = 1024):
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple, list[tuple[int, int, BlockLayout]]] = OrderedDict()
+
+    def get(self, rules: tuple[Rule, ...], block_size: int, q_len: int, kv_len: int, device: torch.device):
+        key = (rules, q_len, kv_len, str(device))
+        found = self.entries.get(key)
+        if found is None:
+            found = [(a, b, lay.to(device)) for a, b, lay in plan_pieces(rules, block_size, q_len, kv_len)]
+            self.entries[key] = found
+            if len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        return found
+
+
+# ----------------------------------------------------------------------------------------------
+# The masked path for padded batches
+
+
+def padded_token_mask(
+    rules: Sequence[Rule],
+    block_size: int,
+    key_valid: torch.Tensor,  # [B, Sk] bool: False for padding keys
+    q_len: int,
+) -> torch.Tensor:  # [B, H, Sq, Sk] bool
+    """The plan's token-level mask with positions counted per row over the valid keys only.
+
+    The queries are the last ``q_len`` keys' tokens. A row's total length is its number of valid
+    keys, so a left-padded row gets exactly the mask it would get unpadded.
+    """
+    pos = key_valid.long().cumsum(-1) - 1  # [B, Sk]: position among the row's valid tokens
+    n = key_valid.sum(-1)  # [B]
+    qpos = pos[:, -q_len:]
+    kb = (pos // block_size)[:, None, :]  # [B, 1, Sk]
+    qb = (qpos // block_size)[:, :, None]  # [B, Sq, 1]
+    base = (kb <= qb) & (pos[:, None, :] <= qpos[:, :, None]) & key_valid[:, None, :]
+    base &= key_valid[:, -q_len:, None]
+    heads = []
+    for rule in rules:
+        if isinstance(rule, DenseRule):
+            heads.append(base)
+            continue
+        band = torch.tensor([rule.band_blocks(int(x), block_size) for x in n.tolist()], device=pos.device)
+        lo = qb - band[:, None, None] + 1
+        heads.append(base & ((kb >= lo) | (kb < rule.sink_blocks)))
+    return torch.stack(heads, dim=1)
+
+
+def masked_attention(
+    q: torch.Tensor,  # [B, Hq, Sq, D]
+    k: torch.Tensor,  # [B, Hkv, Sk, D]
+    v: torch.Tensor,  # [B, Hkv, Sk, D]
+    mask: torch.Tensor,  # [B, Hq, Sq, Sk] bool
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """Dense attention under a boolean mask, GQA by grouping queries (K/V are not repeated).
+    Rows with no allowed key return zeros. Half precision is computed in float32."""
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qg = q.to(work).reshape(b, hkv, hq // hkv * sq, d)
+    scores = torch.matmul(qg, k.to(work).transpose(-1, -2)) * scale  # [B, Hkv, G*Sq, Sk]
+    scores = scores.masked_fill(~mask.reshape(b, hkv, hq // hkv * sq, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs, v.to(work)).reshape(b, hq, sq, d).to(q.dtype)
+
+
+def as_bool_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:  # [B, 1|H, Sq, Sk]
+    mask = attention_mask[..., :kv_len]
+    if mask.dtype == torch.bool:
+        return mask
+    # Additive float masks: 0 where allowed, a large negative number where masked.
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention function and the handle
+
+
+class PlanHandle:
+    """A plan applied to a model. Use as a context manager, or call :meth:`remove`.
+
+    Holds the registered attention-implementation name, the implementation it replaced, and the
+    layout cache.
+    """
+
+    def __init__(self, model: Any, plan: Plan, backend: str):
+        self.model = model
+        self.plan = plan
+        self.backend = backend
+        self.layouts = LayoutCache()
+        self.name = f"moa_plan_{next(_names)}"
+        self.previous: str | None = None
+        self.active = False
+
+    # -- attention ------------------------------------------------------------------------------
+
+    def attention(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,  # [B, Hq, Sq, D], after RoPE
+        key: torch.Tensor,  # [B, Hkv, Sk, D]
+        value: torch.Tensor,  # [B, Hkv, Sk, D]
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:  # ([B, Sq, Hq, D], None)
+        for name, feature in (
+            ("sliding_window", "sliding-window attention"),
+            ("softcap", "logit softcapping"),
+            ("s_aux", "attention sinks (s_aux)"),
+        ):
+            if kwargs.get(name) is not None:
+                raise PlanRuntimeError(f"this model uses {feature}, which moa-compress plans do not support")
+        if dropout:
+            raise PlanRuntimeError("attention dropout is not supported with a plan; call model.eval()")
+        if not getattr(module, "is_causal", True):
+            raise PlanRuntimeError("plans apply to causal (decoder) attention only")
+        layer = module.layer_idx
+        rules = self.plan.rules[layer]
+        if query.shape[1] != len(rules):
+            raise PlanRuntimeError(
+                f"layer {layer}: model has {query.shape[1]} query heads, plan {len(rules)}"
+            )
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        q_len, kv_len = query.shape[2], key.shape[2]
+
+        if attention_mask is not None:
+            mask = as_bool_mask(attention_mask, kv_len)
+            key_valid = mask[:, 0, -1, :]  # the last query row sees every non-padding key
+            plain = bool(key_valid.all()) and bool(
+                (mask == causal_mask(q_len, kv_len, device=mask.device)).all()
+            )
+            if not plain:
+                token_mask = padded_token_mask(rules, self.plan.block_size, key_valid, q_len) & mask
+                out = masked_attention(query, key, value, token_mask, scale)
+                return out.transpose(1, 2).contiguous(), None
+
+        out = self.block_sparse(rules, query, key, value, scale)
+        return out.transpose(1, 2).contiguous(), None
+
+    def block_sparse(
+        self,
+        rules: tuple[Rule, ...],
+        query: torch.Tensor,  # [B, Hq, Sq, D]
+        key: torch.Tensor,  # [B, Hkv, Sk, D]
+        value: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:  # [B, Hq, Sq, D]
+        q_len, kv_len = query.shape[2], key.shape[2]
+        pieces = self.layouts.get(rules, self.plan.block_size, q_len, kv_len, query.device)
+        outs = []
+        for q_start, q_end, layout in pieces:
+            kv_end = layout.kv_len
+            outs.append(
+                block_sparse_attention(
+                    query[:, :, q_start:q_end],
+                    key[:, :, :kv_end],
+                    value[:, :, :kv_end],
+                    layout,
+                    scale=scale,
+                    backend=self.backend,
+                )
+            )
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(self.name, self.attention)
+        # Registering the SDPA mask builder under our name makes padded batches arrive with a 4D
+        # boolean mask; without it transformers passes no mask to custom implementations at all.
+        AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        self.previous = self.model.config._attn_implementation
+        try:
+            self.model.set_attn_implementation(self.name)
+        except BaseException:
+            self.unregister()
+            raise
+        setattr(self.model, _HANDLE_ATTR, self)
+        self.active = True
+
+    def unregister(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface._global_mapping.pop(self.name, None)
+        AttentionMaskInterface._global_mapping.pop(self.name, None)
+
+    def remove(self) -> None:
+        """Restore the attention implementation the model had before; idempotent."""
+        if not self.active:
+            return
+        self.active = False
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+        self.model.set_attn_implementation(self.previous)
+        self.unregister()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return (
+            f"PlanHandle({self.name}, {state}, backend={self.backend!r}, plan for {self.plan.model.name!r})"
+        )
+
+
+def check_model_features(model: Any) -> None:
+    """Raise :class:`PlanRuntimeError` for attention features a plan cannot express."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None) or ()
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(
+        config, "use_sliding_window", True
+    )
+    if sliding or any(t != "full_attention" for t in layer_types):
+        raise PlanRuntimeError(
+            "this model uses sliding-window (or other non-full) attention layers, which moa-compress plans "
+            "do not support"
+        )
+    for key, feature in _UNSUPPORTED_CONFIG.items():
+        if getattr(config, key, None) is not None:
+            raise PlanRuntimeError(
+                f"this model uses {feature} ({key}), which moa-compress plans do not support"
+            )
+    if not getattr(config, "is_causal", True) is True:
+        raise PlanRuntimeError("plans apply to causal (decoder) models only")
+
+
+def apply_plan(model: Any, plan: Plan, *, backend: str = "auto") -> PlanHandle:
+    """Run ``plan`` in ``model``'s attention until the returned handle is removed.
+
+    Registers an attention function with transformers' ``AttentionInterface`` under a unique name
+    and switches the model to it. A model that already has a plan has that one removed first. A
+    plan whose rules are all dense still runs through the plan path (useful as a control).
+
+    Example::
+
+        with apply_plan(model, load_plan("plan-uniform", model)):
+            logits = model(input_ids).logits
+    """
+    from moa_compress.attention import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise PlanRuntimeError(f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}")
+    plan.check_model(identity_of(model))
+    for layer, heads in enumerate(plan.rules):
+        for head, rule in enumerate(heads):
+            if not isinstance(rule, (DenseRule, StaticRule)):
+                raise PlanRuntimeError(
+                    f"layer {layer} head {head}: rule kind {rule.kind!r} has no runtime here"
+                )
+    check_model_features(model)
+    remove_plan(model)
+    handle = PlanHandle(model, plan, backend)
+    handle.install()
+    return handle
+
+
+def remove_plan(model: Any) -> None:
+    """Remove the plan applied to ``model`` (if any), restoring its previous attention."""
+    handle = getattr(model, _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` in recent transformers,
+    ``past_key_values`` in older ones (5.17)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def active_plan(model: Any) -> Plan | None:
+    """The plan currently applied to ``model``, or None."""
+    handle = getattr(model, _HANDLE_ATTR, None)
+    return handle.plan if handle is not None and handle.active else None
