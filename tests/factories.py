@@ -71,23 +71,32 @@ def tiny_model(family: str = "llama", seed=0, dtype=torch.float32, **kw):
 __all__ = ["causal_mask", "dense_masked_attention", "random_layout", "random_qkv", "tiny_config", "tiny_model"]
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer (< 300 ids) with a chat template, built offline, for tiny models."""
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def tiny_tokenizer(words=(), chat_template=True):
+    """A word-level fast tokenizer (digits split one per token) whose vocabulary is the words of
+    ``words`` plus digits, punctuation and chat specials; unknown words map to ``<unk>``."""
+    import re
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<pad>", "<eos>", "<user>", "<assistant>"]
-    words += ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "of", "to", "and", "is"]
-    words += [chr(c) for c in range(33, 127)]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab_words = sorted({w for text in words for w in re.findall(r"[A-Za-z]+", text)} | {"user", "assistant"})
+    pieces = specials + list("0123456789.,?:!'\"()-") + vocab_words
+    tok = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True),
+    ])
+    tok.decoder = decoders.WordPiece()  # joins tokens with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>",
+        additional_special_tokens=specials[1:],
     )
-    tokenizer.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
-        "{% if add_generation_prompt %}<assistant> {% endif %}"
-    )
-    return tokenizer
+    if chat_template:
+        fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast

@@ -413,9 +413,9 @@ def test_generate_reply_with_plan_cache_equals_full_cache():
 
     model = tiny_model("llama", vocab=300)
     model.generation_config.eos_token_id = None
-    tokenizer = tiny_tokenizer()
-    plan = make_plan(model, mixed_rules(seed=15))
     prompt = "the quick brown fox jumps over the lazy dog " * 3
+    tokenizer = tiny_tokenizer([prompt])
+    plan = make_plan(model, mixed_rules(seed=15))
     with_cache = generate_reply(model, tokenizer, prompt, plan=plan, max_new_tokens=40, backend="reference")
     without = generate_reply(
         model, tokenizer, prompt, plan=plan, max_new_tokens=40, backend="reference", plan_cache=False
