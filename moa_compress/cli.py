@@ -248,6 +248,55 @@ def eval_command(
         typer.echo(f"wrote {report} and {report.parent / 'results.json'}")
 
 
+# --- runtime
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    model: ModelArg = None,
+    prompt: Annotated[str, typer.Option(help="The user message (the chat template is applied).")] = ...,
+    plan: Annotated[
+        str | None, typer.Option("--plan", help="Plan folder, plan.json, or shipped plan name. Default: dense.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    backend: Annotated[
+        str, typer.Option(help="Attention backend for the plan: auto, torch, flex, triton, reference.")
+    ] = "auto",
+    dtype: DtypeOpt = "bfloat16",
+    full_cache: Annotated[
+        bool, typer.Option(help="Keep every key/value while decoding instead of the plan's windows.")
+    ] = False,
+) -> None:
+    """Stream a greedy chat reply, with or without a plan."""
+    from transformers import TextStreamer
+
+    from moa_compress.attention import BACKENDS
+    from moa_compress.plan import load_plan, resolve_plan_path
+    from moa_compress.runtime import generate_reply
+
+    if max_new_tokens <= 0:
+        fail(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if backend != "auto" and backend not in BACKENDS:
+        fail(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not prompt.strip():
+        fail("--prompt is empty")
+    plan_path = resolve_plan_path(plan) if plan is not None else None
+    net, tokenizer = load(model, dtype)
+    the_plan = load_plan(plan_path, net) if plan_path is not None else None
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generate_reply(
+        net,
+        tokenizer,
+        prompt,
+        plan=the_plan,
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        backend=backend,
+        plan_cache=not full_cache,
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -450,3 +450,48 @@ def test_plan_for_another_model_is_refused():
         apply_plan(tiny_model("llama", heads=8, kv_heads=2, head_dim=8), plan)
     with pytest.raises(PlanRuntimeError, match="backend"):
         apply_plan(tiny_model("llama"), plan, backend="nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_generate_with_a_plan_and_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+    from moa_compress.plan import save_plan
+    from tests.factories import tiny_tokenizer
+
+    prompt = "the quick brown fox jumps over the lazy dog"
+    tokenizer = tiny_tokenizer([prompt])
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    save_plan(make_plan(model, mixed_rules(seed=17)), tmp_path / "plan")
+    runner = CliRunner()
+    base = [
+        "generate",
+        str(tmp_path / "model"),
+        "--prompt",
+        prompt,
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "8",
+    ]
+    result = runner.invoke(app, [*base, "--plan", str(tmp_path / "plan"), "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+    for extra, message in (
+        (["--plan", str(tmp_path / "missing")], "no plan"),
+        (["--backend", "nope"], "--backend"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+    ):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+    other = make_plan(tiny_model("llama", heads=8, kv_heads=2, head_dim=8), lambda layer, head: DenseRule())
+    save_plan(other, tmp_path / "other")
+    result = runner.invoke(app, [*base, "--plan", str(tmp_path / "other/plan.json")])
+    assert result.exit_code == 2 and "error:" in result.output
