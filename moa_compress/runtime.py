@@ -166,14 +166,16 @@ def padded_token_mask(
     block_size: int,
     key_valid: torch.Tensor,  # [B, Sk] bool: False for padding keys
     q_len: int,
+    lengths: torch.Tensor | None = None,  # [B]: each row's total length; default key_valid.sum(-1)
 ) -> torch.Tensor:  # [B, H, Sq, Sk] bool
     """The plan's token-level mask with positions counted per row over the valid keys only.
 
-    The queries are the last ``q_len`` keys' tokens. A row's total length is its number of valid
-    keys, so a left-padded row gets exactly the mask it would get unpadded.
+    The queries are the tokens of the last ``q_len`` keys. A row's total length (which sets the
+    band) is its number of valid keys, so a left-padded row gets exactly the mask it would get
+    unpadded. Pass ``lengths`` when ``key_valid`` is a prefix of the row (query chunks).
     """
     pos = key_valid.long().cumsum(-1) - 1  # [B, Sk]: position among the row's valid tokens
-    n = key_valid.sum(-1)  # [B]
+    n = key_valid.sum(-1) if lengths is None else lengths
     qpos = pos[:, -q_len:]
     kb = (pos // block_size)[:, None, :]  # [B, 1, Sk]
     qb = (qpos // block_size)[:, :, None]  # [B, Sq, 1]
@@ -188,6 +190,35 @@ def padded_token_mask(
         lo = qb - band[:, None, None] + 1
         heads.append(base & ((kb >= lo) | (kb < rule.sink_blocks)))
     return torch.stack(heads, dim=1)
+
+
+def padded_attention(
+    rules: Sequence[Rule],
+    block_size: int,
+    query: torch.Tensor,  # [B, Hq, Sq, D]
+    key: torch.Tensor,  # [B, Hkv, Sk, D]
+    value: torch.Tensor,  # [B, Hkv, Sk, D]
+    mask: torch.Tensor,  # [B, 1|Hq, Sq, Sk] bool from transformers (causality and padding)
+    scale: float,
+    rows_per_chunk: int = 512,
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """The plan on a padded batch, densely under a mask, ``rows_per_chunk`` query rows at a time so
+    the scores stay ``[B, Hq, rows_per_chunk, Sk]``."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    key_valid = mask[:, 0, -1, :]  # the last query row sees every non-padding key
+    lengths = key_valid.sum(-1)
+    outs = []
+    for start in range(0, q_len, rows_per_chunk):
+        end = min(q_len, start + rows_per_chunk)
+        kv_end = kv_len - q_len + end
+        rows_mask = padded_token_mask(rules, block_size, key_valid[:, :kv_end], end - start, lengths)
+        rows_mask &= mask[:, :, start:end, :kv_end]
+        outs.append(
+            masked_attention(
+                query[:, :, start:end], key[:, :, :kv_end], value[:, :, :kv_end], rows_mask, scale
+            )
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def masked_attention(
@@ -274,7 +305,6 @@ class PlanHandle:
                 f"layer {layer}: model has {query.shape[1]} query heads, plan {len(rules)}"
             )
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-        q_len = query.shape[2]
 
         if isinstance(key, StoredKV):  # a PlanKVCache: per-KV-head storage without evicted blocks
             if key.plan != self.plan:
@@ -290,9 +320,7 @@ class PlanHandle:
         if attention_mask is not None:
             mask = as_bool_mask(attention_mask, kv_len)
             if not is_plain_causal(mask):
-                key_valid = mask[:, 0, -1, :]  # the last query row sees every non-padding key
-                token_mask = padded_token_mask(rules, self.plan.block_size, key_valid, q_len) & mask
-                out = masked_attention(query, key, value, token_mask, scale)
+                out = padded_attention(rules, self.plan.block_size, query, key, value, mask, scale)
                 return out.transpose(1, 2).contiguous(), None
 
         out = self.block_sparse(rules, query, key, value, scale)

@@ -16,6 +16,7 @@ from moa_compress.runtime import (
     apply_plan,
     cache_kwarg,
     generate_reply,
+    padded_attention,
     plan_pieces,
     remove_plan,
 )
@@ -97,6 +98,32 @@ def test_plan_pieces_cover_the_bottom_rows_of_the_square_layout(q_len, kv_len):
         for q_start, q_end, layout in pieces:
             got[:, q_start:q_end, : layout.kv_len] = layout.to_dense_mask()[0]
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [7, 512])
+def test_padded_attention_rows_equal_their_unpadded_layout(rows_per_chunk):
+    """Left-padded rows, q_len < kv_len, GQA 4/2: each row equals attention under the square
+    layout of its own unpadded length (bottom rows), zeros on padded query rows."""
+    from tests.factories import random_qkv
+
+    model = tiny_model("llama")
+    plan = make_plan(model, mixed_rules(seed=21))
+    rules, kv_len, q_len = plan.rules[0], 70, 30
+    pads = [0, 9, 45]  # the last row's queries start inside the padding
+    q, k, v = random_qkv(b=3, hq=4, hkv=2, sq=q_len, sk=kv_len, d=16, seed=21)
+    valid = torch.arange(kv_len)[None, :] >= torch.tensor(pads)[:, None]
+    causal = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
+    mask = (causal[None] & valid[:, None, :])[:, None]  # what transformers' sdpa_mask builds
+    got = padded_attention(rules, BLOCK, q, k, v, mask, 0.25, rows_per_chunk=rows_per_chunk)
+    for b, pad in enumerate(pads):
+        n = kv_len - pad
+        rows = min(q_len, n)
+        layout_mask = plan.layout(0, n).to_dense_mask()[:, :, n - rows :, :]
+        want = dense_masked_attention(
+            q[b : b + 1, :, q_len - rows :], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:], layout_mask, 0.25
+        )
+        assert (got[b : b + 1, :, q_len - rows :] - want).abs().max() <= 1e-12
+        assert (got[b, :, : q_len - rows] == 0).all()
 
 
 # ----------------------------------------------------------------------------------------------
