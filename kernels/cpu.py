@@ -21,19 +21,18 @@ Irregular layouts (random or data-dependent selections), where this schedule wou
 small calls, take a gather path instead: query blocks with the same number of selected blocks
 gather those blocks into one buffer and run in one masked call.
 
-The schedule depends only on the layout and the batch size; it is cached per layout tensor, so a
-static plan's layout, built once per length, pays for it once.
+The schedule depends only on the layout; it is cached per layout, so a static plan's layout, built
+once per length, pays for it once.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from .layout import BlockLayout
+from .layout import BlockLayout, derived
 from .reference import block_sparse_attention_reference
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -79,10 +78,6 @@ class Schedule:
     gather: bool
 
 
-# id(kv_indices) -> (weak reference to it, stamp, schedule); entries leave with their tensor.
-_SCHEDULES: dict[int, tuple[weakref.ref, tuple, Schedule]] = {}
-
-
 def block_sparse_attention_torch(
     q: torch.Tensor,  # [B, Hq, Sq, D]
     k: torch.Tensor,  # [B, Hkv, Sk, D]
@@ -114,25 +109,8 @@ def run_schedule(q, k, v, layout: BlockLayout, schedule: Schedule, scale: float)
 
 
 def schedule_for(layout: BlockLayout, num_kv_heads: int) -> Schedule:
-    """The cached schedule of ``layout`` (rebuilt if its tensors were modified in place)."""
-    stamp = (
-        id(layout.kv_num_blocks),
-        layout.kv_num_blocks._version,
-        layout.kv_indices._version,
-        layout.block_size,
-        layout.q_len,
-        layout.kv_len,
-        num_kv_heads,
-    )
-    key = id(layout.kv_indices)
-    cached = _SCHEDULES.get(key)
-    if cached is not None and cached[0]() is layout.kv_indices and cached[1] == stamp:
-        return cached[2]
-    schedule = build_schedule(layout, num_kv_heads)
-    if cached is None:
-        weakref.finalize(layout.kv_indices, _SCHEDULES.pop, key, None)
-    _SCHEDULES[key] = (weakref.ref(layout.kv_indices), stamp, schedule)
-    return schedule
+    """The schedule of ``layout``, built once per layout (see :func:`layout.derived`)."""
+    return derived(layout, f"cpu-schedule-{num_kv_heads}", lambda: build_schedule(layout, num_kv_heads))
 
 
 def build_schedule(layout: BlockLayout, num_kv_heads: int, allow_gather: bool = True) -> Schedule:

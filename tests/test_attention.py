@@ -195,3 +195,35 @@ def test_torch_backend_function_is_importable_directly():
         rtol=0,
         atol=1e-12,
     )
+
+
+@pytest.mark.slow
+def test_flex_backend_matches_reference():
+    """Compiled FlexAttention (one compile per shape: ~10 s each here), in float32 against float64."""
+    for name in ("gqa-9-3-ragged", "q-shorter-unaligned"):
+        b, lb, hq, hkv, sq, sk, bs, p = CASES[name]
+        q, k, v = random_qkv(b, hq, hkv, sq, sk, d=16, seed=4)
+        layout = random_layout(lb, hq, sq, sk, bs, p=p, seed=5)
+        exact = block_sparse_attention_reference(q, k, v, layout, 0.25)
+        low = [x.float() for x in (q, k, v)]
+        ref_error = (block_sparse_attention_reference(*low, layout, 0.25).double() - exact).abs().max()
+        out = block_sparse_attention(*low, layout, backend="flex")
+        assert (out.double() - exact).abs().max() <= 10 * ref_error + 1e-6
+    # float64 runs on the reference.
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, layout, backend="flex"), exact, rtol=0, atol=1e-12
+    )
+
+
+def test_flex_block_mask_spans_all_key_blocks_and_splits_full_blocks():
+    blocks = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    blocks[0, :, torch.arange(4), torch.arange(4)] = True  # diagonal only: kv_indices one column wide
+    blocks[0, 1, 3, 0] = True
+    layout = BlockLayout.from_block_mask(blocks, 32, 128, 128)
+    assert layout.kv_indices.shape[-1] == 2
+    mask = layout.to_flex_block_mask()
+    assert mask.kv_indices.shape[-1] == 4 and mask.full_kv_indices.shape[-1] == 4
+    assert mask.kv_num_blocks.tolist() == [[[1, 1, 1, 1], [1, 1, 1, 1]]]
+    assert mask.full_kv_num_blocks.tolist() == [[[0, 0, 0, 0], [0, 0, 0, 1]]]
+    dense = mask.to_dense()  # partial and full blocks together: the layout again
+    assert torch.equal(dense.bool(), blocks)
