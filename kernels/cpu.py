@@ -317,24 +317,23 @@ def _run_task(q, k, v, layout: BlockLayout, task: Task, scale: float, out: torch
                 else:
                     o, lse = _flash(q_tile, k_view, v_view, is_causal=piece.mask == "causal", scale=scale)
                 partial.append((o, lse))
-            target = _strided(out, batch, h0, h1, task.row0, bs, count, rows, fold)
-            target.copy_(merge_partials(partial).reshape(target.shape))
+            merge_partials(partial, _strided(out, batch, h0, h1, task.row0, bs, count, rows, fold))
 
 
-def merge_partials(partial: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Combine attention over disjoint key sets from their outputs and log-sum-exps.
-
-    ``partial``: ``(out [..., S, D], lse [..., S])`` pairs; rows with ``lse = -inf`` saw no key.
-    """
+def merge_partials(partial: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> None:
+    """Write into ``out`` attention over the union of disjoint key sets, from each set's output and
+    log-sum-exp. ``partial``: ``(o [..., S, D], lse [..., S])``; ``lse = -inf`` marks a row that saw
+    no key of that set (a row that saw none at all gets zeros)."""
     if len(partial) == 1:
-        return partial[0][0]
+        out.copy_(partial[0][0].reshape(out.shape))
+        return
     acc = torch.promote_types(partial[0][0].dtype, torch.float32)
-    lse = torch.stack([p[1].to(acc) for p in partial])  # [P, ..., S]
-    top = lse.amax(0).nan_to_num(neginf=0.0)
-    weights = torch.exp(lse - top)
-    total = weights.sum(0).clamp_min(torch.finfo(acc).tiny)
-    merged = sum(p[0].to(acc) * (w / total)[..., None] for p, w in zip(partial, weights, strict=True))
-    return merged.to(partial[0][0].dtype)
+    lse = torch.stack([p[1] for p in partial]).to(acc)  # [P, ..., S]
+    weights = (lse - torch.logsumexp(lse, 0)).exp_().nan_to_num_(0.0).unsqueeze(-1)
+    merged = partial[0][0] * weights[0]
+    for (o, _), w in zip(partial[1:], weights[1:], strict=True):
+        merged.addcmul_(o, w)
+    out.copy_(merged.view(out.shape))
 
 
 # ----------------------------------------------------------------------------------------------
