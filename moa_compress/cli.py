@@ -227,6 +227,82 @@ def bench_attention_cmd(
         typer.echo(attention_table(rows, names))
 
 
+# --- eval
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model: ModelArg = None,
+    plan: Annotated[str, typer.Option("--plan", help="Plan folder, plan.json, or shipped plan name.")] = ...,
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated: ppl, fidelity, passkey.")
+    ] = "ppl,fidelity,passkey",
+    lengths: Annotated[str, typer.Option(help="Comma-separated lengths in tokens.")] = "2048,4096,8192",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Text for ppl/fidelity: file, folder or dataset. Default: Debian's python3.11-doc."
+        ),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="Field holding the text in structured data.")] = "text",
+    out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and plots.")] = Path(
+        "eval-report"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
+    limit: Annotated[
+        int | None, typer.Option(help="At most K text windows and K passkey samples per length.")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="Attention backend for the plan: auto, torch, flex, triton, reference.")
+    ] = "auto",
+    dtype: DtypeOpt = "bfloat16",
+    seed: Annotated[int, typer.Option(help="Seed for the passkey keys.")] = 0,
+) -> None:
+    """Quality of a plan vs dense and the uniform baseline: perplexity, KL/top-1 fidelity, passkey."""
+    from moa_compress.evaluate import check_lengths, default_texts, evaluate_plan, parse_tasks, write_report
+    from moa_compress.plan import load_plan, resolve_plan_path
+    from moa_compress.report import summary_text
+
+    task_names = parse_tasks(tasks)
+    ns = parse_lengths(lengths)
+    if limit is not None and limit < 1:
+        fail(f"--limit must be a positive number, got {limit}")
+    plan_path = resolve_plan_path(plan)
+    net, tokenizer = load(model, dtype)
+    check_lengths(net, ns)
+    the_plan = load_plan(plan_path, net)
+    texts, source = None, None
+    if {"ppl", "fidelity"} & set(task_names):
+        if data is None:
+            texts, source = default_texts(text_field)
+        else:
+            from moa_compress.data import load_texts
+
+            texts, source = load_texts(data, text_field=text_field), data
+    results = evaluate_plan(
+        net,
+        tokenizer,
+        the_plan,
+        tasks=task_names,
+        lengths=ns,
+        texts=texts,
+        limit=limit,
+        seed=seed,
+        backend=backend,
+        progress=True,
+    )
+    results["command"] = " ".join(["moa-compress", *sys.argv[1:]])
+    results["plan"]["path"] = str(plan_path)
+    results["settings"]["data"] = source
+    report = write_report(results, out, the_plan)
+    if as_json:
+        typer.echo(json.dumps(results, indent=1))
+    else:
+        typer.echo(summary_text(results))
+        typer.echo(f"wrote {report} and {report.parent / 'results.json'}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -7,15 +7,23 @@ is reachable. Calibration sets built from it (and the built-in synthetic set) li
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from moa_compress.errors import UserInputError
 
 # file suffix -> the datasets builder that reads it
 _BUILDERS = {
-    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
-    ".json": "json", ".jsonl": "json",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".rst": "text",
+    ".json": "json",
+    ".jsonl": "json",
     ".parquet": "parquet",
     ".csv": "csv",
 }
@@ -36,7 +44,7 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
         raise DataError(f"--data {path}: no .txt/.jsonl/.json/.parquet/.csv files found")
     if len(by_builder) > 1:
         raise DataError(f"--data {path}: mixes file types ({', '.join(sorted(by_builder))}); use one kind")
-    (builder, names), = by_builder.items()
+    ((builder, names),) = by_builder.items()
     return builder, names
 
 
@@ -65,8 +73,9 @@ def load_texts(spec: str | Path, text_field: str = "text", split: str = "train")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"--data {spec}: cannot load ({first})") from exc
     if text_field not in ds.column_names:
-        raise DataError(f"--data {spec}: no field {text_field!r} (fields: {', '.join(ds.column_names)}); "
-                        "set --text-field")
+        raise DataError(
+            f"--data {spec}: no field {text_field!r} (fields: {', '.join(ds.column_names)}); set --text-field"
+        )
     texts = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
     if not texts:
         raise DataError(f"--data {spec}: no non-empty text in field {text_field!r}")
@@ -79,7 +88,38 @@ def token_windows(texts: Sequence[str], tokenizer, length: int, limit: int | Non
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids) - length + 1, length):
-            windows.append(ids[start:start + length])
+            windows.append(ids[start : start + length])
             if limit is not None and len(windows) >= limit:
                 return windows
     return windows
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration samples
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One calibration sequence of exactly the length it was built for.
+
+    ``input_ids``: int64 ``[S]``. ``loss_mask``: bool ``[S]``, True where token ``t`` is scored (predicted
+    from position ``t - 1``): the dense model's answer tokens, or the last part of a plain-text window.
+    """
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+
+
+def model_digest(model) -> str:
+    """16 hex digits identifying a model's weights (names, shapes, dtypes and value statistics).
+
+    Cheap (one pass of sums) and enough to tell a cache made with other weights from ours.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            stats = flat.double().sum().item(), flat.double().square().sum().item()
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{stats[0]:.9e}:{stats[1]:.9e}".encode())
+            h.update(flat[:: max(1, flat.numel() // 256)].double().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -69,3 +69,34 @@ def tiny_model(family: str = "llama", seed=0, dtype=torch.float32, **kw):
 
 
 __all__ = ["causal_mask", "dense_masked_attention", "random_layout", "random_qkv", "tiny_config", "tiny_model"]
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def tiny_tokenizer(words=(), chat_template=True):
+    """A word-level fast tokenizer (digits split one per token) whose vocabulary is the words of
+    ``words`` plus digits, punctuation and chat specials; unknown words map to ``<unk>``."""
+    import re
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab_words = sorted({w for text in words for w in re.findall(r"[A-Za-z]+", text)} | {"user", "assistant"})
+    pieces = specials + list("0123456789.,?:!'\"()-") + vocab_words
+    tok = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True),
+    ])
+    tok.decoder = decoders.WordPiece()  # joins tokens with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>",
+        additional_special_tokens=specials[1:],
+    )
+    if chat_template:
+        fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast

@@ -1,0 +1,541 @@
+"""Gradient influence profile: how much the loss depends on each head's (query block, key block).
+
+For one layer and query head let ``A`` be the attention probabilities and ``G = dL/dA`` the gradient of
+the calibration loss. Removing entry ``(i, j)`` and renormalising row ``i`` changes ``A_i`` by
+``-A_ij`` at ``j`` and by ``A_in * A_ij / (1 - A_ij)`` elsewhere, so to first order the loss changes by
+``-E_ij`` with::
+
+    E_ij = A_ij * (G_ij - sum_n G_in * A_in) / (1 - A_ij)
+
+The profile stores, per length ``N``, ``[layers, query_heads, nQ, nK]``: the sum of ``|E_ij|`` over the
+causal entries of each ``block_size x block_size`` block, averaged over calibration samples.
+
+Bounded memory: ``E`` is never materialised for more than a slab of query rows of one layer. The model
+runs with an attention function (registered through transformers' ``AttentionInterface``) whose forward
+is plain causal SDPA saving only ``q, k, v``; its backward recomputes ``A`` slab by slab in float32, forms
+``G = dO @ V^T``, pools ``|E|`` into blocks at once, and returns the exact ``q, k, v`` gradients so the
+backward pass continues into earlier layers. Peak memory is the model's activations plus one slab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moa_compress.data import CalibrationSample, model_digest
+from moa_compress.errors import UserInputError
+from moa_compress.plan import ModelIdentity, atomic_write_bytes, identity_of, num_blocks
+
+SCHEMA_VERSION = 1
+PROFILE_FILE = "profile.json"
+TENSOR_FILE = "profile.safetensors"
+FORMAT = "moa-compress-profile"
+ATTENTION_NAME = "moa_compress_profile"
+# Bytes of float32 scratch per slab of query rows in the backward (each of ~3 live [H, rows, N] maps).
+DEFAULT_SLAB_BYTES = 256 * 2**20
+
+
+class ProfileError(UserInputError):
+    """A profile or profiling work folder that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-length block influence of every query head.
+
+    ``influence[N]``: float32 ``[layers, query_heads, nQ, nK]`` with ``nQ = nK = ceil(N / block_size)``;
+    the mean over ``samples[N]`` calibration samples of the sum of ``|E_ij|`` over each block's causal
+    entries (0 for blocks above the diagonal). ``provenance`` records tool, command, data and seed.
+    """
+
+    model: ModelIdentity
+    block_size: int
+    influence: dict[int, torch.Tensor]
+    samples: dict[int, int]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ProfileError(f"block_size must be positive, got {self.block_size}")
+        if set(self.influence) != set(self.samples):
+            raise ProfileError(
+                f"influence lengths {sorted(self.influence)} != sample-count lengths {sorted(self.samples)}"
+            )
+        for n, tensor in self.influence.items():
+            nb = num_blocks(n, self.block_size)
+            expected = (self.model.num_layers, self.model.num_heads, nb, nb)
+            if tuple(tensor.shape) != expected:
+                raise ProfileError(f"influence at {n} has shape {tuple(tensor.shape)}, expected {expected}")
+            if tensor.dtype != torch.float32:
+                raise ProfileError(f"influence at {n} has dtype {tensor.dtype}, expected float32")
+            if self.samples[n] <= 0:
+                raise ProfileError(f"influence at {n} averages {self.samples[n]} samples")
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(sorted(self.influence))
+
+
+# ----------------------------------------------------------------------------------------------
+# The bounded-memory attention backward
+
+
+def influence_backward(
+    query: torch.Tensor,  # [B, Hq, S, D]
+    key: torch.Tensor,  # [B, Hkv, S, D]
+    value: torch.Tensor,  # [B, Hkv, S, D]
+    grad_out: torch.Tensor,  # [B, Hq, S, D]  dL/d(attention output)
+    scale: float,
+    block_size: int,
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention backward that also pools the influence ``|E|`` into blocks.
+
+    Returns ``(dq, dk, dv, pooled)`` with the gradients in the inputs' dtypes and ``pooled`` float32
+    ``[Hq, nB, nB]`` summed over the batch. Arithmetic is float32 (float64 for float64 inputs); ``A`` is
+    recomputed in slabs of whole query blocks sized so that one ``[B, Hq, rows, S]`` map fits in
+    ``slab_bytes``.
+    """
+    b, hq, s, d = query.shape
+    group = hq // key.shape[1]
+    nb = num_blocks(s, block_size)
+    work = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(work)
+    k = key.to(work).repeat_interleave(group, dim=1)  # [B, Hq, S, D]
+    v = value.to(work).repeat_interleave(group, dim=1)
+    do = grad_out.to(work)
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    pooled = torch.zeros(hq, nb, nb, dtype=torch.float32, device=query.device)
+    rows_per_slab = max(1, slab_bytes // (q.element_size() * b * hq * s * block_size)) * block_size
+    positions = torch.arange(s, device=query.device)
+    for r0 in range(0, s, rows_per_slab):
+        r1 = min(s, r0 + rows_per_slab)
+        kv_end = r1  # causal: rows < r1 see keys < r1
+        future = positions[None, :kv_end] > positions[r0:r1, None]  # [R, K]
+        scores = torch.matmul(q[:, :, r0:r1], k[:, :, :kv_end].transpose(-1, -2)).mul_(scale)
+        probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)  # A  [B, H, R, K]
+        del scores
+        grad_probs = torch.matmul(do[:, :, r0:r1], v[:, :, :kv_end].transpose(-1, -2))  # G = dL/dA
+        row_dot = (grad_probs * probs).sum(-1, keepdim=True)  # sum_n G_in A_in
+        grad_scores = grad_probs.sub_(row_dot).mul_(probs)  # A (G - rowdot) = dL/dscores
+        # E = A (G - rowdot) / (1 - A); where A == 1 the row has one key and grad_scores is exactly 0.
+        influence = grad_scores.abs().div_((1.0 - probs).clamp_min_(1e-30))
+        pooled[:, r0 // block_size : num_blocks(r1, block_size), : num_blocks(kv_end, block_size)] += _pool(
+            influence, block_size
+        ).float()
+        del influence
+        dq[:, :, r0:r1] = torch.matmul(grad_scores, k[:, :, :kv_end]).mul_(scale)
+        dk[:, :, :kv_end] += torch.matmul(grad_scores.transpose(-1, -2), q[:, :, r0:r1]).mul_(scale)
+        dv[:, :, :kv_end] += torch.matmul(probs.transpose(-1, -2), do[:, :, r0:r1])
+        del probs, grad_scores, grad_probs
+    dk = dk.view(b, -1, group, s, d).sum(2)
+    dv = dv.view(b, -1, group, s, d).sum(2)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), pooled
+
+
+def _pool(values: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Sum ``[B, H, R, K]`` over the batch and over ``block_size`` squares -> ``[H, ceil(R/bs), ceil(K/bs)]``."""
+    b, h, r, k = values.shape
+    pad_r, pad_k = -r % block_size, -k % block_size
+    if pad_r or pad_k:
+        values = F.pad(values, (0, pad_k, 0, pad_r))
+    nr, nk = (r + pad_r) // block_size, (k + pad_k) // block_size
+    return values.view(b, h, nr, block_size, nk, block_size).sum(dim=(0, 3, 5))
+
+
+class _Recorder:
+    """Receives one pooled ``[Hq, nB, nB]`` map per layer during a backward pass."""
+
+    def __init__(self, num_layers: int, num_heads: int, block_size: int, slab_bytes: int):
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.block_size, self.slab_bytes = block_size, slab_bytes
+        self.pooled: torch.Tensor | None = None
+        self.seen: list[int] = []
+
+    def start(self, n: int) -> None:
+        nb = num_blocks(n, self.block_size)
+        self.pooled = torch.zeros(self.num_layers, self.num_heads, nb, nb, dtype=torch.float32)
+        self.seen = []
+
+    def add(self, layer: int, pooled: torch.Tensor) -> None:
+        self.pooled[layer] += pooled.cpu()
+        self.seen.append(layer)
+
+
+class _InfluenceAttention(torch.autograd.Function):
+    """Causal SDPA forward; backward = :func:`influence_backward` (gradients plus pooled influence)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, recorder, layer):
+        ctx.save_for_backward(query, key, value)
+        ctx.scale, ctx.recorder, ctx.layer = scale, recorder, layer
+        return F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value = ctx.saved_tensors
+        recorder: _Recorder = ctx.recorder
+        dq, dk, dv, pooled = influence_backward(
+            query, key, value, grad_out, ctx.scale, recorder.block_size, recorder.slab_bytes
+        )
+        recorder.add(ctx.layer, pooled)
+        return dq, dk, dv, None, None, None
+
+
+_ACTIVE: _Recorder | None = None
+
+
+def _profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The AttentionInterface function used while profiling: q/k/v ``[B, H, S, D]`` -> ``[B, S, H, D]``."""
+    if _ACTIVE is None:
+        raise RuntimeError("the profiling attention ran outside profile_model")
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError("profiling needs a full causal prefill (no KV cache)")
+    if (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dtype == torch.bool
+        and not bool(attention_mask[..., -1, :].all())
+    ):
+        raise RuntimeError("profiling does not support padded inputs")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = _InfluenceAttention.apply(query, key, value, scale, _ACTIVE, module.layer_idx)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _profiling(model, recorder: _Recorder) -> Iterator[None]:
+    """Switch ``model`` to the profiling attention and freeze its parameters; undo on exit."""
+    global _ACTIVE
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _profile_attention)
+    previous = model.config._attn_implementation
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.requires_grad_(False)
+    model.set_attn_implementation(ATTENTION_NAME)
+    _ACTIVE = recorder
+    try:
+        yield
+    finally:
+        _ACTIVE = None
+        model.set_attn_implementation(previous)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss on the scored tokens
+
+
+def _scored_positions(sample: CalibrationSample) -> torch.Tensor:
+    return torch.nonzero(sample.loss_mask, as_tuple=False).flatten()
+
+
+def _sample_loss(model, sample: CalibrationSample, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token NLL over ``sample.loss_mask`` (logits only at the positions that predict them)."""
+    device = model.device
+    ids = sample.input_ids.to(device)
+    targets_at = _scored_positions(sample).to(device)
+    kwargs: dict[str, Any] = {"use_cache": False, "logits_to_keep": targets_at - 1}
+    if inputs_embeds is None:
+        kwargs["input_ids"] = ids[None]
+    else:
+        kwargs["inputs_embeds"] = inputs_embeds
+    logits = model(**kwargs).logits[0].float()  # [T, V]
+    return F.cross_entropy(logits, ids[targets_at])
+
+
+def answer_loss(model, samples: Sequence[CalibrationSample]) -> float:
+    """Mean NLL over all loss-mask tokens of ``samples`` (token-weighted), under the model's current
+    attention implementation, without gradients."""
+    if not samples:
+        raise ProfileError("answer_loss needs at least one sample")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sample in samples:
+            _check_sample(sample, len(sample.input_ids))
+            scored = int(sample.loss_mask.sum())
+            total += float(_sample_loss(model, sample)) * scored
+            count += scored
+    return total / count
+
+
+def _check_sample(sample: CalibrationSample, n: int) -> None:
+    if sample.input_ids.ndim != 1 or len(sample.input_ids) != n:
+        raise ProfileError(f"a sample for length {n} has shape {tuple(sample.input_ids.shape)}")
+    if sample.loss_mask.shape != sample.input_ids.shape:
+        raise ProfileError("a sample's loss_mask does not match its input_ids")
+    if bool(sample.loss_mask[0]) or not bool(sample.loss_mask.any()):
+        raise ProfileError("a sample's loss_mask must score at least one token and never token 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiling
+
+
+def profile_sample(
+    model, sample: CalibrationSample, *, block_size: int = 64, slab_bytes: int = DEFAULT_SLAB_BYTES
+) -> torch.Tensor:
+    """Pooled influence ``[layers, query_heads, nB, nB]`` (float32) of one sample."""
+    identity = identity_of(model)
+    recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
+    with _profiling(model, recorder):
+        return _profile_one(model, sample, recorder)
+
+
+def _profile_one(model, sample: CalibrationSample, recorder: _Recorder) -> torch.Tensor:
+    n = len(sample.input_ids)
+    recorder.start(n)
+    embed = model.get_input_embeddings()
+    # Parameters are frozen; requiring grad on the embeddings is what carries the backward into
+    # every layer's q/k/v.
+    inputs_embeds = embed(sample.input_ids.to(model.device)[None]).detach().requires_grad_(True)
+    loss = _sample_loss(model, sample, inputs_embeds)
+    loss.backward()
+    if sorted(recorder.seen) != list(range(recorder.num_layers)):
+        raise RuntimeError(
+            f"profiling saw attention backward for layers {sorted(recorder.seen)}, expected all "
+            f"{recorder.num_layers}; does this model call its attention through AttentionInterface?"
+        )
+    return recorder.pooled
+
+
+def samples_digest(samples: Sequence[CalibrationSample]) -> str:
+    """SHA-256 (16 hex) of the samples' token ids and loss masks."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.input_ids.to(torch.int64).numpy().tobytes())
+        h.update(s.loss_mask.to(torch.bool).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def profile_model(
+    model,
+    samples: Mapping[int, Sequence[CalibrationSample]],
+    *,
+    block_size: int = 64,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
+    provenance: Mapping[str, Any] | None = None,
+) -> Profile:
+    """Profile ``model`` on calibration ``samples`` (``{N: [sample, ...]}``) -> :class:`Profile`.
+
+    With ``work_dir`` each sample's pooled map is written there atomically as soon as it is done, and a
+    rerun with the same model, samples and block size skips finished samples. A ``work_dir`` made with
+    other arguments raises :class:`ProfileError` naming what changed, unless ``force`` (then it is
+    cleared). ``slab_bytes`` bounds the float32 scratch of one layer's backward.
+    """
+    if block_size <= 0:
+        raise ProfileError(f"block size must be positive, got {block_size}")
+    if not samples or any(len(v) == 0 for v in samples.values()):
+        raise ProfileError("profiling needs at least one calibration sample per length")
+    for n, lst in samples.items():
+        for s in lst:
+            _check_sample(s, n)
+    identity = identity_of(model)
+    identity = dataclasses.replace(identity, name=_model_name(model))
+    manifest = {
+        "model_fingerprint": identity.fingerprint,
+        "model_weights": model_digest(model),
+        "block_size": block_size,
+        "lengths": sorted(samples),
+        "samples": {str(n): len(samples[n]) for n in sorted(samples)},
+        "data": {str(n): samples_digest(samples[n]) for n in sorted(samples)},
+    }
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        _prepare_work_dir(work, manifest, force)
+
+    recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
+    influence: dict[int, torch.Tensor] = {}
+    total = sum(len(v) for v in samples.values())
+    with _progress(progress) as bar, _profiling(model, recorder):
+        task = bar.add_task("profiling", total=total) if bar else None
+        for n in sorted(samples):
+            acc = torch.zeros(identity.num_layers, identity.num_heads, *(2 * [num_blocks(n, block_size)]))
+            for i, sample in enumerate(samples[n]):
+                if bar:
+                    bar.update(task, description=f"profiling {n} tokens, sample {i + 1}/{len(samples[n])}")
+                path = work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
+                pooled = _load_sample_result(path, acc.shape) if path is not None else None
+                if pooled is None:
+                    pooled = _profile_one(model, sample, recorder)
+                    if path is not None:
+                        _save_tensor(path, pooled)
+                acc += pooled
+                if bar:
+                    bar.advance(task)
+            influence[n] = acc / len(samples[n])
+    return Profile(
+        model=identity,
+        block_size=block_size,
+        influence=influence,
+        samples={n: len(samples[n]) for n in sorted(samples)},
+        provenance={
+            **dict(provenance or {}),
+            "data_digest": manifest["data"],
+            "model_weights": manifest["model_weights"],
+        },
+    )
+
+
+def _model_name(model) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
+        yield bar
+
+
+MANIFEST_FILE = "manifest.json"
+
+
+def _prepare_work_dir(work: Path, manifest: dict[str, Any], force: bool) -> None:
+    path = work / MANIFEST_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        changed = [key for key in manifest if old.get(key) != manifest[key]]
+        if changed and not force:
+            raise ProfileError(
+                f"work folder {work} was made with other arguments ({', '.join(changed)} changed); "
+                "pass --force to discard it, or use another --out"
+            )
+        if changed:
+            for stale in work.glob("*/sample-*.safetensors"):
+                stale.unlink()
+    atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def _save_tensor(path: Path, tensor: torch.Tensor) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({"influence": tensor.contiguous()}))
+
+
+def _load_sample_result(path: Path, shape: Sequence[int]) -> torch.Tensor | None:
+    """A finished sample's pooled map, or None if absent or unreadable (then it is recomputed)."""
+    if not path.exists():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensor = load_file(str(path))["influence"]
+    except (OSError, KeyError, SafetensorError):  # a torn or foreign file: recompute rather than fail
+        return None
+    return tensor if tuple(tensor.shape) == tuple(shape) and tensor.dtype == torch.float32 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def save_profile(profile: Profile, out_dir: str | Path, force: bool = False) -> Path:
+    """Write ``out_dir/profile.json`` and ``out_dir/profile.safetensors``; returns the JSON path.
+
+    Refuses an existing ``profile.json`` unless ``force``.
+    """
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    target = out / PROFILE_FILE
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists; pass --force to overwrite")
+    tensors = {f"influence.{n}": profile.influence[n].contiguous() for n in profile.lengths}
+    atomic_write_bytes(out / TENSOR_FILE, save(tensors))
+    meta = {
+        "format": FORMAT,
+        "schema_version": profile.schema_version,
+        "model": dataclasses.asdict(profile.model),
+        "block_size": profile.block_size,
+        "lengths": list(profile.lengths),
+        "samples": {str(n): profile.samples[n] for n in profile.lengths},
+        "tensors": TENSOR_FILE,
+        "provenance": profile.provenance,
+    }
+    atomic_write_bytes(target, (json.dumps(meta, indent=1, default=str) + "\n").encode())
+    return target
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read a profile from its folder or its ``profile.json``; validates shapes against the metadata."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    json_path = p / PROFILE_FILE if p.is_dir() else p
+    if not json_path.exists():
+        raise ProfileError(f"no profile at {path} (expected a folder with {PROFILE_FILE})")
+    try:
+        meta = json.loads(json_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{json_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ProfileError(f"{json_path} is not a moa-compress profile")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ProfileError(
+            f"{json_path}: schema version {meta.get('schema_version')}, this tool reads {SCHEMA_VERSION}"
+        )
+    tensor_path = json_path.parent / meta.get("tensors", TENSOR_FILE)
+    if not tensor_path.exists():
+        raise ProfileError(f"{json_path}: its tensors file {tensor_path.name} is missing")
+    try:
+        tensors = load_file(str(tensor_path))
+        lengths = [int(n) for n in meta["lengths"]]
+        influence = {n: tensors[f"influence.{n}"] for n in lengths}
+        return Profile(
+            model=ModelIdentity(**meta["model"]),
+            block_size=int(meta["block_size"]),
+            influence=influence,
+            samples={int(n): int(k) for n, k in meta["samples"].items()},
+            provenance=dict(meta.get("provenance", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ProfileError):
+            raise
+        raise ProfileError(f"{json_path}: malformed profile ({type(exc).__name__}: {exc})") from None
+
+
+__all__ = [
+    "Profile",
+    "ProfileError",
+    "answer_loss",
+    "influence_backward",
+    "load_profile",
+    "profile_model",
+    "profile_sample",
+    "samples_digest",
+    "save_profile",
+]

@@ -1,0 +1,395 @@
+"""The compression report: ``results.json``, ``report.md`` and PNG plots from an evaluation's results.
+
+Plots need matplotlib (the ``plot`` extra), imported only here and only when present; without it the
+report is still written and says the plots were skipped. Input: the object
+:func:`moa_compress.evaluate.evaluate_plan` returns (schema in that module's docstring).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moa_compress.plan import Plan, atomic_write_bytes, rule_density
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+VARIANTS = ("dense", "plan", "uniform")
+COLORS = {"dense": "#333333", "plan": "#1f77b4", "uniform": "#ff7f0e"}
+
+
+def write_results(results: Mapping[str, Any], out_dir: str | Path) -> Path:
+    path = Path(out_dir) / RESULTS_FILE
+    atomic_write_bytes(path, (json.dumps(results, indent=1) + "\n").encode())
+    return path
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | Path, plan: Plan | None = None) -> Path:
+    """Write ``results.json``, the PNG plots (when matplotlib is installed) and ``report.md`` into
+    ``out_dir``; return the path of ``report.md``. ``plan`` adds the per-head density heatmap."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(results, out)
+    if importlib.util.find_spec("matplotlib") is not None:
+        plots = _write_plots(results, out, plan)
+        plot_note = ""
+    else:
+        plots = {}
+        plot_note = "Plots skipped: matplotlib is not installed (`pip install moa-compress[plot]`)."
+    text = render_markdown(results, plots, plot_note, plan)
+    path = out / REPORT_FILE
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def summary_text(results: Mapping[str, Any]) -> str:
+    """A few terminal lines: per length, each task's headline figure for dense / plan / uniform."""
+    by = results["results"]
+    lines = ["(dense / plan / uniform)"]
+    for n in _lengths(results):
+        parts = [
+            f"density plan {results['plan']['density'][n]:.3f}, uniform {results['uniform']['density'][n]:.3f}"
+        ]
+        if "ppl" in by["dense"]:
+            parts.append("ppl " + " / ".join(f"{by[v]['ppl'][n]['ppl']:.3f}" for v in VARIANTS))
+        if "fidelity" in by["plan"]:
+            parts.append("KL " + " / ".join(f"{by[v]['fidelity'][n]['kl']:.4f}" for v in VARIANTS[1:]))
+        if "passkey" in by["dense"]:
+            parts.append(
+                "passkey " + " / ".join(f"{100 * by[v]['passkey'][n]['accuracy']:.0f}%" for v in VARIANTS)
+            )
+        lines.append(f"{n:>6}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _lengths(results: Mapping[str, Any]) -> list[str]:
+    return [str(n) for n in results["settings"]["lengths"]]
+
+
+def _get(results: Mapping[str, Any], variant: str, task: str, n: str) -> Mapping[str, Any] | None:
+    return results["results"].get(variant, {}).get(task, {}).get(n)
+
+
+def _delta(value: float, base: float) -> str:
+    return f"{value:.3f} ({100 * (value / base - 1):+.1f}%)"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def render_markdown(
+    results: Mapping[str, Any], plots: Mapping[str, str], plot_note: str = "", plan: Plan | None = None
+) -> str:
+    settings = results["settings"]
+    tasks = settings["tasks"]
+    lengths = _lengths(results)
+    lines = [
+        f"# Compression report: plan for {results['plan']['name']} on {results['model']['name']}",
+        "",
+        f"- command: `{results.get('command') or 'evaluate_plan(...) (library call)'}`",
+        (
+            f"- finished: {results['time']}; dtype {settings['dtype']}; backend {settings['backend']}; "
+            f"seed {settings['seed']}; limit {settings['limit']}"
+        ),
+        (
+            f"- plan: {results['plan'].get('path') or results['plan']['name']} (fingerprint "
+            f"{results['plan']['fingerprint']}, block {results['plan']['block_size']}, budget "
+            f"{results['plan']['budget']})"
+        ),
+        f"- text for ppl/fidelity: {settings.get('data') or 'passed by the caller'}",
+        "",
+        (
+            "Variants: **dense** (the model's own attention), **plan**, and **uniform**: one sink + one "
+            "fixed window for every head, at the density nearest to the plan's at each length."
+        ),
+        "",
+        "## Density",
+        "",
+        "Fraction of the causal attention matrix computed, mean over layers and heads.",
+        "",
+    ]
+    lines += _table(
+        ["length", "plan", "uniform", "uniform rule"],
+        [
+            [
+                n,
+                f"{results['plan']['density'][n]:.4f}",
+                f"{results['uniform']['density'][n]:.4f}",
+                results["uniform"]["rule"][n],
+            ]
+            for n in lengths
+        ],
+    )
+    if "plan_heatmap" in plots:
+        lines += [f"![per-head density]({plots['plan_heatmap']})", ""]
+
+    if "ppl" in tasks:
+        lines += [
+            "## Perplexity",
+            "",
+            "Loss on the second half of non-overlapping N-token windows (change vs dense in brackets).",
+            "",
+        ]
+        rows = []
+        for n in lengths:
+            dense = _get(results, "dense", "ppl", n)
+            row = [n, str(dense["windows"]), str(dense["tokens"]), f"{dense['ppl']:.3f}"]
+            row += [_delta(_get(results, v, "ppl", n)["ppl"], dense["ppl"]) for v in ("plan", "uniform")]
+            rows.append(row)
+        lines += _table(["length", "windows", "tokens", "dense", "plan", "uniform"], rows)
+
+    if "fidelity" in tasks:
+        lines += [
+            "## Fidelity to dense",
+            "",
+            (
+                "Mean KL(dense ‖ variant) of next-token distributions (nats/token) and top-1 agreement "
+                "with dense, over the same scored positions. Lower KL, higher agreement is better."
+            ),
+            "",
+        ]
+        rows = []
+        for n in lengths:
+            plan_f, uni_f = _get(results, "plan", "fidelity", n), _get(results, "uniform", "fidelity", n)
+            rows.append(
+                [
+                    n,
+                    str(plan_f["windows"]),
+                    f"{plan_f['kl']:.4f}",
+                    f"{uni_f['kl']:.4f}",
+                    f"{100 * plan_f['top1']:.1f}%",
+                    f"{100 * uni_f['top1']:.1f}%",
+                ]
+            )
+        lines += _table(["length", "windows", "KL plan", "KL uniform", "top-1 plan", "top-1 uniform"], rows)
+    if "quality" in plots:
+        lines += [f"![quality vs length]({plots['quality']})", ""]
+
+    if "passkey" in tasks:
+        lines += [
+            "## Passkey retrieval",
+            "",
+            (
+                "A 5-digit key hidden in filler, asked through the chat template. Accuracy is greedy "
+                "(teacher-forced: every key token is the argmax); log-prob is the mean over the key's "
+                "tokens."
+            ),
+            "",
+        ]
+        rows = []
+        for n in lengths:
+            stats = [_get(results, v, "passkey", n) for v in VARIANTS]
+            rows.append(
+                [n, str(stats[0]["samples"])]
+                + [f"{100 * s['accuracy']:.0f}%" for s in stats]
+                + [f"{s['key_logprob']:.3f}" for s in stats]
+            )
+        lines += _table(
+            [
+                "length",
+                "samples",
+                "acc dense",
+                "acc plan",
+                "acc uniform",
+                "log-prob dense",
+                "log-prob plan",
+                "log-prob uniform",
+            ],
+            rows,
+        )
+        rows = []
+        for n in lengths:
+            depths = _get(results, "dense", "passkey", n)["by_depth"]
+            for depth in depths:
+                stats = [_get(results, v, "passkey", n)["by_depth"][depth] for v in VARIANTS]
+                rows.append(
+                    [n, depth, str(stats[0]["samples"])] + [f"{100 * s['accuracy']:.0f}%" for s in stats]
+                )
+        lines += ["Accuracy by depth:", ""]
+        lines += _table(["length", "depth", "samples", "dense", "plan", "uniform"], rows)
+        if "passkey" in plots:
+            lines += [f"![passkey]({plots['passkey']})", ""]
+
+    lines += _pareto_section(results, plots)
+    if plot_note:
+        lines += [plot_note, ""]
+    return "\n".join(lines)
+
+
+def _pareto_section(results: Mapping[str, Any], plots: Mapping[str, str]) -> list[str]:
+    provenance = results["plan"].get("provenance") or {}
+    if "pareto" not in provenance:
+        return []
+    points = pareto_points(provenance)
+    lines = ["## The search's Pareto set", ""]
+    if points is None:
+        return lines + ["The plan's provenance has a Pareto set in a form this report does not read.", ""]
+    lines += _table(
+        ["density", "objective", "chosen"],
+        [[f"{d:.4f}", f"{o:.6g}", "yes" if chosen else ""] for d, o, chosen in points],
+    )
+    if "pareto" in plots:
+        lines += [f"![pareto]({plots['pareto']})", ""]
+    return lines
+
+
+# Names the search may give a Pareto point's fields, in order of preference.
+_DENSITY_KEYS = ("density", "budget")
+_OBJECTIVE_KEYS = ("loss", "predicted_loss", "objective", "lost_influence", "cost")
+
+
+def pareto_points(provenance: Mapping[str, Any]) -> list[tuple[float, float, bool]] | None:
+    """``(density, objective, chosen)`` per Pareto point of ``provenance["pareto"]``, sorted by
+    density; None when the entries are not mappings with a density and an objective. A density given
+    per length (a mapping) is averaged over the lengths."""
+    entries = provenance.get("pareto")
+    if not isinstance(entries, Sequence) or not entries:
+        return None
+    points = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            return None
+        density = next((entry[k] for k in _DENSITY_KEYS if k in entry), None)
+        objective = next((entry[k] for k in _OBJECTIVE_KEYS if k in entry), None)
+        if isinstance(density, Mapping) and density:
+            density = sum(float(v) for v in density.values()) / len(density)
+        if not isinstance(density, int | float) or not isinstance(objective, int | float):
+            return None
+        points.append((float(density), float(objective), bool(entry.get("chosen", False))))
+    return sorted(points)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots: dict[str, str] = {}
+    tasks = results["settings"]["tasks"]
+    lengths = _lengths(results)
+    xs = [int(n) for n in lengths]
+    try:
+        if plan is not None:
+            n = xs[-1]
+            grid = [[rule_density(r, n, plan.block_size) for r in heads] for heads in plan.rules]
+            fig, ax = plt.subplots(
+                figsize=(max(4.0, 0.35 * len(grid[0]) + 2), max(3.0, 0.22 * len(grid) + 1))
+            )
+            image = ax.imshow(
+                grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest"
+            )
+            ax.set(
+                xlabel="query head",
+                ylabel="layer",
+                title=f"per-head density at {n} tokens (mean {plan.density(n):.3f})",
+            )
+            fig.colorbar(image, ax=ax)
+            _save(fig, out / "plan_heatmap.png")
+            plots["plan_heatmap"] = "plan_heatmap.png"
+            plt.close(fig)
+
+        panels = [t for t in ("ppl", "fidelity") if t in tasks]
+        if panels:
+            fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+            for ax, task in zip(axes[0], panels, strict=True):
+                key, label = (
+                    ("ppl", "perplexity") if task == "ppl" else ("kl", "KL(dense ‖ variant), nats/token")
+                )
+                for v in VARIANTS if task == "ppl" else ("plan", "uniform"):
+                    ax.plot(
+                        xs, [_get(results, v, task, n)[key] for n in lengths], "o-", color=COLORS[v], label=v
+                    )
+                ax.set(xscale="log", xlabel="length (tokens)", ylabel=label, xticks=xs, xticklabels=lengths)
+                ax.minorticks_off()
+                ax.legend()
+            _save(fig, out / "quality_vs_length.png")
+            plots["quality"] = "quality_vs_length.png"
+            plt.close(fig)
+
+        if "passkey" in tasks:
+            depths = list(_get(results, "dense", "passkey", lengths[0])["by_depth"])
+            fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+            for ax, v in zip(axes[:3], VARIANTS, strict=True):
+                grid = [
+                    [
+                        _get(results, v, "passkey", n)["by_depth"].get(d, {}).get("accuracy", math.nan)
+                        for d in depths
+                    ]
+                    for n in lengths
+                ]
+                image = ax.imshow(
+                    grid, aspect="auto", cmap="RdYlGn", vmin=0.0, vmax=1.0, interpolation="nearest"
+                )
+                ax.set(
+                    title=f"passkey accuracy: {v}",
+                    xlabel="depth",
+                    ylabel="length",
+                    xticks=range(len(depths)),
+                    xticklabels=depths,
+                    yticks=range(len(lengths)),
+                    yticklabels=lengths,
+                )
+            fig.colorbar(image, ax=axes[2])
+            for v in VARIANTS:
+                axes[3].plot(
+                    xs,
+                    [_get(results, v, "passkey", n)["key_logprob"] for n in lengths],
+                    "o-",
+                    color=COLORS[v],
+                    label=v,
+                )
+            axes[3].set(
+                xscale="log",
+                xlabel="length (tokens)",
+                ylabel="mean key log-prob",
+                xticks=xs,
+                xticklabels=lengths,
+            )
+            axes[3].minorticks_off()
+            axes[3].legend()
+            _save(fig, out / "passkey.png")
+            plots["passkey"] = "passkey.png"
+            plt.close(fig)
+
+        points = pareto_points(results["plan"].get("provenance") or {})
+        if points:
+            fig, ax = plt.subplots(figsize=(5.5, 4))
+            ax.plot(
+                [p[0] for p in points], [p[1] for p in points], "o-", color=COLORS["plan"], label="Pareto set"
+            )
+            chosen = [p for p in points if p[2]]
+            if chosen:
+                ax.plot(
+                    [p[0] for p in chosen], [p[1] for p in chosen], "*", ms=14, color="red", label="chosen"
+                )
+            ax.set(xlabel="density", ylabel="search objective", title="search Pareto set")
+            ax.legend()
+            _save(fig, out / "pareto.png")
+            plots["pareto"] = "pareto.png"
+            plt.close(fig)
+    finally:
+        plt.close("all")
+    return plots

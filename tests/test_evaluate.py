@@ -1,0 +1,428 @@
+"""moa_compress.evaluate / report and the ``eval`` command, on tiny models with a word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moa_compress import evaluate, report
+from moa_compress.cli import app
+from moa_compress.data import DataError
+from moa_compress.evaluate import (
+    EvalError,
+    PasskeySample,
+    evaluate_plan,
+    final_hidden,
+    log_probs,
+    passkey_depths,
+    passkey_samples,
+    uniform_baseline,
+)
+from moa_compress.plan import (
+    DenseRule,
+    Plan,
+    PlanError,
+    StaticRule,
+    identity_of,
+    rule_density,
+    save_plan,
+    uniform_plan,
+)
+from tests.factories import tiny_model, tiny_tokenizer
+
+PROSE = (
+    "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees near "
+    "an old river and people walk slowly home after long days of work in the busy town"
+)
+WORDS = PROSE.split()
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    prompts = [
+        evaluate.PASSKEY_INTRO,
+        evaluate.PASSKEY_FILLER,
+        evaluate.PASSKEY_NEEDLE,
+        evaluate.PASSKEY_QUESTION,
+    ]
+    return tiny_tokenizer([PROSE, *prompts])
+
+
+def make_model(tokenizer, dtype=torch.float32, max_pos=1024, seed=0):
+    return tiny_model("llama", seed=seed, dtype=dtype, vocab=len(tokenizer), max_pos=max_pos)
+
+
+def make_texts(count=3, words=700, seed=0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) + "." for _ in range(count)]
+
+
+def sparse_plan(model, heads_window=(32, 48, 64, 16)) -> Plan:
+    """Different windows per head (and one dense head in layer 0): a non-uniform plan."""
+    identity = identity_of(model)
+    rows = []
+    for layer in range(identity.num_layers):
+        heads = [
+            StaticRule(1, float(heads_window[h % len(heads_window)]), 0.0) for h in range(identity.num_heads)
+        ]
+        if layer == 0:
+            heads[0] = DenseRule()
+        rows.append(tuple(heads))
+    return Plan(model=identity, rules=tuple(rows), block_size=BLOCK, lengths=(128, 256))
+
+
+def dense_plan(model) -> Plan:
+    identity = identity_of(model)
+    rows = tuple(tuple(DenseRule() for _ in range(identity.num_heads)) for _ in range(identity.num_layers))
+    return Plan(model=identity, rules=rows, block_size=BLOCK, lengths=(128,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Passkey generator
+
+
+@pytest.mark.parametrize("length", [160, 301])
+def test_passkey_samples_answers_check_out(tokenizer, length):
+    samples = passkey_samples(tokenizer, length, 9, seed=3)
+    assert [s.depth for s in samples] == list(evaluate.PASSKEY_DEPTHS)
+    needle_starts = []
+    for s in samples:
+        assert isinstance(s, PasskeySample)
+        assert len(s.input_ids) == length
+        assert len(s.key) == 5 and s.key.isdigit() and s.key[0] != "0"
+        # The answer at the end is the key, digit for digit.
+        assert tokenizer.decode(s.input_ids[s.key_start :]).replace(" ", "") == s.key
+        # The needle sentence sits at needle_start and names the same key.
+        needle = tokenizer(evaluate.PASSKEY_NEEDLE.format(key=s.key), add_special_tokens=False)["input_ids"]
+        assert list(s.input_ids[s.needle_start : s.needle_start + len(needle)]) == needle
+        assert tokenizer.decode(s.input_ids).count(" ".join(s.key)) == 3  # twice in the needle, once answered
+        needle_starts.append(s.needle_start)
+    assert needle_starts == sorted(needle_starts) and len(set(needle_starts)) > 1
+    # The needle's position follows its depth within the filler.
+    first, last = samples[0], samples[-1]
+    assert first.needle_start < 0.4 * length < 0.6 * length < last.needle_start
+
+
+def test_passkey_samples_are_seeded(tokenizer):
+    a = passkey_samples(tokenizer, 200, 5, seed=0)
+    assert a == passkey_samples(tokenizer, 200, 5, seed=0)
+    b = passkey_samples(tokenizer, 200, 5, seed=1)
+    assert [s.key for s in a] != [s.key for s in b]
+
+
+def test_passkey_samples_through_the_chat_template(tokenizer):
+    sample = passkey_samples(tokenizer, 200, 1)[0]
+    text = tokenizer.decode(sample.input_ids)
+    assert text.startswith("<|im_start|> user There is an important")
+    assert "<|im_start|> assistant The pass key is" in text
+
+
+def test_passkey_depths_spread_evenly():
+    assert passkey_depths(1) == [0.5]
+    assert passkey_depths(3) == [0.1, 0.5, 0.9]
+    assert passkey_depths(9) == list(evaluate.PASSKEY_DEPTHS)
+    assert passkey_depths(11)[9:] == [0.1, 0.2]
+
+
+def test_passkey_too_short_length_is_an_error(tokenizer):
+    with pytest.raises(EvalError, match="too short for the passkey prompt"):
+        passkey_samples(tokenizer, 40, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_chunked_log_probs_match_the_model(tokenizer):
+    model = make_model(tokenizer, dtype=torch.float64)
+    ids = torch.randint(0, len(tokenizer), (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.log_softmax(model(ids).logits[0], -1)
+        got = log_probs(model, final_hidden(model, ids))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_score_window_nll_and_zero_kl_against_itself(tokenizer, monkeypatch):
+    monkeypatch.setattr(evaluate, "LOGIT_CHUNK", 7)  # several chunks, the last one short
+    model = make_model(tokenizer, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(30, model.config.hidden_size, generator=g, dtype=torch.float64)
+    other = hidden + 0.5 * torch.randn(hidden.shape, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, len(tokenizer), (30,), generator=g)
+    same, diff = evaluate._Sums(), evaluate._Sums()
+    with torch.no_grad():
+        evaluate.score_window(model, hidden, targets, hidden, same)
+        evaluate.score_window(model, other, targets, hidden, diff)
+        logits = model.get_output_embeddings()(other).float()
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        ref = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1)
+        kl = (ref.exp() * (ref - torch.log_softmax(logits, -1))).sum()
+    assert same.kl == pytest.approx(0.0, abs=1e-9) and same.top1 == 30 and same.tokens == 30
+    assert diff.nll == pytest.approx(float(nll), rel=1e-5)
+    assert diff.kl == pytest.approx(float(kl), rel=1e-4) and diff.kl > 0
+
+
+def test_uniform_baseline_matches_the_plan_density_and_sink(tokenizer):
+    model = make_model(tokenizer)
+    plan = sparse_plan(model)
+    for n in (128, 256, 1000):
+        base = uniform_baseline(plan, n)
+        rule = base.rules[0][0]
+        assert isinstance(rule, StaticRule) and rule.sink_blocks == 1 and rule.beta == 0.0
+        assert len({r for heads in base.rules for r in heads}) == 1
+        # No other window is nearer to the plan's density.
+        target = plan.density(n)
+        for alpha in range(BLOCK, n + BLOCK, BLOCK):
+            other = rule_density(StaticRule(1, float(alpha), 0.0), n, BLOCK)
+            assert abs(base.density(n) - target) <= abs(other - target) + 1e-12
+    sink2 = uniform_plan(identity_of(model), 0.4, [256], block_size=BLOCK, sink_blocks=2)
+    assert uniform_baseline(sink2, 256).rules[0][0].sink_blocks == 2
+    assert uniform_baseline(dense_plan(model), 128).is_dense()
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation (needs the runtime)
+
+
+def test_evaluate_plan_fills_the_schema(tokenizer):
+    pytest.importorskip("moa_compress.runtime")
+    model = make_model(tokenizer)
+    plan = sparse_plan(model)
+    texts = make_texts()
+    results = evaluate_plan(
+        model, tokenizer, plan, lengths=(256, 128), texts=texts, limit=4, backend="reference", progress=False
+    )
+    assert results["schema_version"] == 1
+    assert results["settings"]["lengths"] == [128, 256]
+    assert results["model"]["fingerprint"] == plan.model.fingerprint
+    assert set(results["results"]) == {"dense", "plan", "uniform"}
+    for n in ("128", "256"):
+        assert results["plan"]["density"][n] == pytest.approx(plan.density(int(n)))
+        assert 0 < results["uniform"]["density"][n] < 1
+        for variant in ("dense", "plan", "uniform"):
+            ppl = results["results"][variant]["ppl"][n]
+            assert ppl["windows"] == 4 and ppl["tokens"] == 4 * int(n) // 2
+            assert math.isfinite(ppl["ppl"]) and ppl["ppl"] == pytest.approx(math.exp(ppl["nll"]))
+            passkey = results["results"][variant]["passkey"][n]
+            assert passkey["samples"] == 4 and 0 <= passkey["accuracy"] <= 1 and passkey["key_logprob"] < 0
+            assert sum(d["samples"] for d in passkey["by_depth"].values()) == 4
+        assert "fidelity" not in results["results"]["dense"]
+        for variant in ("plan", "uniform"):
+            fid = results["results"][variant]["fidelity"][n]
+            assert fid["kl"] > 0 and 0 <= fid["top1"] <= 1 and fid["tokens"] == 4 * int(n) // 2
+    json.dumps(results)  # JSON-ready
+    again = evaluate_plan(
+        model, tokenizer, plan, lengths=(128, 256), texts=texts, limit=4, backend="reference", progress=False
+    )
+    assert again["results"] == results["results"]  # deterministic
+
+
+def test_density_one_plan_equals_dense(tokenizer):
+    pytest.importorskip("moa_compress.runtime")
+    model = make_model(tokenizer, dtype=torch.float64)
+    results = evaluate_plan(
+        model,
+        tokenizer,
+        dense_plan(model),
+        tasks="ppl,fidelity,passkey",
+        lengths=[128],
+        texts=make_texts(),
+        limit=3,
+        backend="reference",
+        progress=False,
+    )
+    by = results["results"]
+    assert results["plan"]["density"]["128"] == 1.0 and results["uniform"]["density"]["128"] == 1.0
+    for variant in ("plan", "uniform"):
+        assert by[variant]["fidelity"]["128"]["kl"] == pytest.approx(0.0, abs=1e-10)
+        assert by[variant]["fidelity"]["128"]["top1"] == 1.0
+        assert by[variant]["ppl"]["128"]["ppl"] == pytest.approx(by["dense"]["ppl"]["128"]["ppl"], rel=1e-9)
+        assert by[variant]["passkey"]["128"]["key_logprob"] == pytest.approx(
+            by["dense"]["passkey"]["128"]["key_logprob"], rel=1e-9
+        )
+
+
+def test_dense_ppl_matches_a_direct_computation(tokenizer, monkeypatch):
+    """Windows at a shorter length are the ends of the longest ones; loss on their second half."""
+    monkeypatch.setattr(evaluate, "variant", lambda model, plan, backend: evaluate.contextlib.nullcontext())
+    model = make_model(tokenizer, dtype=torch.float64)
+    texts = make_texts()
+    results = evaluate_plan(
+        model,
+        tokenizer,
+        sparse_plan(model),
+        tasks="ppl",
+        lengths=[96, 256],
+        texts=texts,
+        limit=3,
+        progress=False,
+    )
+    cuts = evaluate.token_windows(texts, tokenizer, 256, limit=3)
+    for n in (96, 256):
+        ids = torch.tensor([cut[256 - n :] for cut in cuts])
+        with torch.no_grad():
+            logits = model(ids).logits[:, n // 2 - 1 : -1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, n // 2 :].reshape(-1)
+        )
+        got = results["results"]["dense"]["ppl"][str(n)]
+        assert got["nll"] == pytest.approx(float(nll), rel=1e-9)
+        assert got["windows"] == 3 and got["tokens"] == 3 * (n - n // 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_inputs_are_clear_errors(tokenizer):
+    model = make_model(tokenizer, max_pos=512)
+    plan = sparse_plan(model)
+    with pytest.raises(EvalError, match="exceeds the model's maximum of 512"):
+        evaluate_plan(model, tokenizer, plan, lengths=[1024], texts=make_texts(), progress=False)
+    with pytest.raises(EvalError, match="--tasks"):
+        evaluate_plan(
+            model, tokenizer, plan, tasks="ppl,speed", lengths=[128], texts=make_texts(), progress=False
+        )
+    with pytest.raises(DataError, match="need evaluation text"):
+        evaluate_plan(model, tokenizer, plan, tasks="ppl", lengths=[128], texts=None, progress=False)
+    with pytest.raises(DataError, match="no window of 256 tokens"):
+        evaluate_plan(model, tokenizer, plan, tasks="ppl", lengths=[256], texts=["too short"], progress=False)
+    other = tiny_model("llama", vocab=len(tokenizer), layers=3)
+    with pytest.raises(PlanError, match="num_layers"):
+        evaluate_plan(other, tokenizer, plan, tasks="passkey", lengths=[128], progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def fake_results(tokenizer, monkeypatch, plan_provenance=None):
+    """Results of a real run in which every variant runs dense (no runtime needed): for the report."""
+    monkeypatch.setattr(evaluate, "variant", lambda model, plan, backend: evaluate.contextlib.nullcontext())
+    model = make_model(tokenizer)
+    plan = sparse_plan(model)
+    if plan_provenance is not None:
+        plan = Plan(model=plan.model, rules=plan.rules, block_size=BLOCK, provenance=plan_provenance)
+    results = evaluate_plan(
+        model, tokenizer, plan, lengths=[128, 256], texts=make_texts(), limit=2, progress=False
+    )
+    return results, plan
+
+
+def test_write_report_tables_and_plots(tokenizer, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    pareto = [
+        {"density": {"128": 0.3, "256": 0.2}, "loss": 0.5},
+        {"density": 0.5, "loss": 0.1, "chosen": True},
+    ]
+    results, plan = fake_results(tokenizer, monkeypatch, {"pareto": pareto})
+    path = evaluate.write_report(results, tmp_path / "out", plan)
+    text = path.read_text()
+    for heading in ("## Density", "## Perplexity", "## Fidelity to dense", "## Passkey retrieval", "Pareto"):
+        assert heading in text
+    for png in ("plan_heatmap.png", "quality_vs_length.png", "passkey.png", "pareto.png"):
+        assert f"]({png})" in text
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+    assert "Plots skipped" not in text
+
+
+def test_report_without_matplotlib_says_plots_were_skipped(tokenizer, monkeypatch, tmp_path):
+    results, plan = fake_results(tokenizer, monkeypatch)
+    real = report.importlib.util.find_spec
+    monkeypatch.setattr(
+        report.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name)
+    )
+    text = evaluate.write_report(results, tmp_path, plan).read_text()
+    assert "Plots skipped: matplotlib is not installed" in text
+    assert "## Perplexity" in text and not list(tmp_path.glob("*.png"))
+    assert "Pareto" not in text  # the plan's provenance has none
+
+
+def test_pareto_points_reads_known_forms_and_refuses_others():
+    assert report.pareto_points({}) is None
+    assert report.pareto_points({"pareto": [[0.1, 0.2]]}) is None
+    points = report.pareto_points(
+        {"pareto": [{"budget": 0.5, "objective": 2}, {"density": 0.25, "cost": 3.0}]}
+    )
+    assert points == [(0.25, 3.0, False), (0.5, 2.0, False)]
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture()
+def model_dir(tokenizer, tmp_path):
+    folder = tmp_path / "tiny"
+    make_model(tokenizer, max_pos=512).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(make_texts(count=1, words=1500)))
+    return path
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, ["eval", *map(str, args)])
+
+
+def test_cli_bad_inputs_exit_2(tokenizer, model_dir, data_file, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    plan_dir = tmp_path / "plan"
+    save_plan(sparse_plan(AutoModelForCausalLM.from_pretrained(model_dir)), plan_dir)
+    other_dir = tmp_path / "other-plan"
+    save_plan(
+        uniform_plan(identity_of(tiny_model(vocab=len(tokenizer), layers=3)), 0.5, [128], BLOCK), other_dir
+    )
+    common = [model_dir, "--plan", plan_dir, "--out", tmp_path / "out"]
+    cases = [
+        ([*common, "--lengths", "1024", "--data", data_file], "exceeds the model's maximum of 512"),
+        ([model_dir, "--plan", other_dir, "--lengths", "128", "--data", data_file], "plan is for a model"),
+        ([*common, "--lengths", "128", "--data", tmp_path / "missing.txt"], "--data"),
+        ([*common, "--lengths", "128", "--tasks", "ppl,nope"], "--tasks"),
+        ([*common, "--lengths", "128", "--limit", "0"], "--limit"),
+        ([model_dir, "--plan", tmp_path / "nowhere", "--lengths", "128"], "no plan at"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(evaluate, "DEFAULT_DATA", tmp_path / "no-such-docs")
+    result = run_cli(*common, "--lengths", "128", "--tasks", "ppl")
+    assert result.exit_code == 2 and "pass --data" in result.output
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_cli_writes_report_and_prints_json(model_dir, data_file, tmp_path):
+    pytest.importorskip("moa_compress.runtime")
+    from transformers import AutoModelForCausalLM
+
+    plan_dir = tmp_path / "plan"
+    save_plan(sparse_plan(AutoModelForCausalLM.from_pretrained(model_dir)), plan_dir)
+    out = tmp_path / "out"
+    args = [model_dir, "--plan", plan_dir, "--lengths", "128,256", "--data", data_file, "--out", out]
+    result = CliRunner().invoke(
+        app,
+        ["eval", *map(str, args), "--limit", "2", "--backend", "reference", "--dtype", "float32", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout[result.stdout.index("{") :])
+    saved = json.loads((out / "results.json").read_text())
+    assert printed == saved
+    assert isinstance(saved["command"], str)
+    assert saved["plan"]["path"] == str(plan_dir / "plan.json") and saved["settings"]["data"] == str(
+        data_file
+    )
+    assert (out / "report.md").exists()
