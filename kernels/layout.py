@@ -14,7 +14,10 @@ computed; the causal mask is applied on top inside every selected block.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,13 +61,9 @@ class BlockLayout:
     @classmethod
     def from_block_mask(cls, block_mask: torch.Tensor, block_size: int, q_len: int, kv_len: int) -> BlockLayout:
         """From a boolean ``[B, H, nQ, nK]`` block matrix (True = compute the block)."""
-        block_mask = block_mask.bool()
-        kv_num_blocks = block_mask.sum(-1).to(torch.int32)
-        # A stable descending sort of the mask brings selected blocks first, in ascending order.
-        order = torch.sort(block_mask.to(torch.int8), dim=-1, descending=True, stable=True).indices
+        kv_num_blocks, order = _ordered(block_mask.bool())
         max_k = max(int(kv_num_blocks.max()) if kv_num_blocks.numel() else 0, 1)
-        kv_indices = order[..., :max_k].to(torch.int32).contiguous()
-        return cls(kv_num_blocks.contiguous(), kv_indices, block_size, q_len, kv_len)
+        return cls(kv_num_blocks, order[..., :max_k].contiguous(), block_size, q_len, kv_len)
 
     def to_block_mask(self) -> torch.Tensor:
         """Boolean ``[B, H, nQ, nK]`` matrix of selected blocks."""
@@ -86,7 +85,11 @@ class BlockLayout:
         return dense & causal_mask(self.q_len, self.kv_len, device=blocks.device)
 
     def to_flex_block_mask(self):
-        """A FlexAttention ``BlockMask`` with the same blocks and causal masking inside them."""
+        """A FlexAttention ``BlockMask`` with the same blocks and causal masking inside them.
+
+        Blocks every row of the query block may see in full are passed as FlexAttention's *full*
+        blocks, so the mask function only runs on the blocks the causal diagonal cuts.
+        """
         from torch.nn.attention.flex_attention import BlockMask
 
         offset = self.kv_len - self.q_len
@@ -94,13 +97,59 @@ class BlockLayout:
         def causal(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset
 
+        selected = self.to_block_mask()  # [B, H, nQ, nK]
+        first_row = torch.arange(self.num_q_blocks, device=selected.device) * self.block_size + offset
+        block_end = torch.clamp(
+            (torch.arange(self.num_kv_blocks, device=selected.device) + 1) * self.block_size, max=self.kv_len
+        )
+        visible = block_end[None, :] - 1 <= first_row[:, None]  # [nQ, nK]: every row sees every key
+        # FlexAttention reads the number of key blocks from the width of kv_indices, so both index
+        # tensors span all nK columns.
+        partial_num, partial_idx = _ordered(selected & ~visible)
+        full_num, full_idx = _ordered(selected & visible)
         return BlockMask.from_kv_blocks(
-            self.kv_num_blocks,
-            self.kv_indices,
+            partial_num,
+            partial_idx,
+            full_num,
+            full_idx,
             BLOCK_SIZE=self.block_size,
             mask_mod=causal,
             seq_lengths=(self.q_len, self.kv_len),
         )
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``[..., nK]`` -> (count ``[...]`` int32, ascending indices first ``[..., nK]`` int32)."""
+    # A stable descending sort of the mask brings selected blocks first, in ascending order.
+    order = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return blocks.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous()
+
+
+# (id(kv_indices), name) -> (weak reference to kv_indices, stamp, value)
+_DERIVED: dict[tuple[int, str], tuple[weakref.ref, tuple, Any]] = {}
+
+
+def derived(layout: BlockLayout, name: str, build: Callable[[], Any]) -> Any:
+    """``build()``, cached per layout tensors and ``name``: what a backend precomputes from a layout
+    (a schedule, a BlockMask) is paid once per layout, which static plans build once per length.
+    An in-place change to the layout's tensors invalidates the entry; it leaves with the tensors."""
+    stamp = (
+        id(layout.kv_num_blocks),
+        layout.kv_num_blocks._version,
+        layout.kv_indices._version,
+        layout.block_size,
+        layout.q_len,
+        layout.kv_len,
+    )
+    key = (id(layout.kv_indices), name)
+    cached = _DERIVED.get(key)
+    if cached is not None and cached[0]() is layout.kv_indices and cached[1] == stamp:
+        return cached[2]
+    value = build()
+    if cached is None:
+        weakref.finalize(layout.kv_indices, _DERIVED.pop, key, None)
+    _DERIVED[key] = (weakref.ref(layout.kv_indices), stamp, value)
+    return value
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

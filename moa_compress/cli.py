@@ -172,6 +172,61 @@ def plan_validate(
                f"{describe_densities(plan, plan.lengths or (2048, 4096, 8192))}")
 
 
+# --- bench
+
+
+def parse_list(text: str, option: str, kind=float) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{option} must be a comma-separated list, got {text!r}")
+    if not values:
+        fail(f"{option} must not be empty")
+    return values
+
+
+ThreadsOpt = Annotated[int, typer.Option(help="torch threads (the shared CPU machine: 2 at most).")]
+RepeatsOpt = Annotated[int, typer.Option(help="Timed rounds; each time is the best round.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable object instead of tables.")]
+
+
+def echo_progress(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+@bench_app.command("attention")
+@user_errors
+def bench_attention_cmd(
+    lengths: Annotated[str, typer.Option(help="Comma-separated sequence lengths.")] = "2048,4096,8192",
+    dtypes: Annotated[str, typer.Option(help="Comma-separated: float32, bfloat16.")] = "float32,bfloat16",
+    densities: Annotated[str, typer.Option(help="Comma-separated densities in (0, 1].")] = "1,0.5,0.25,0.1",
+    backends: Annotated[str, typer.Option(help="Comma-separated: torch, flex.")] = "torch,flex",
+    repeats: RepeatsOpt = 3,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Block-sparse attention (9 query / 3 KV heads x 64, uniform sink + window layouts) vs dense causal SDPA."""
+    import torch
+
+    from moa_compress.bench import attention_table, bench_attention, machine
+
+    torch.set_num_threads(threads)
+    names = parse_list(backends, "--backends", str)
+    typer.echo(f"machine: {machine()}", err=True)
+    rows = bench_attention(
+        parse_lengths(lengths),
+        parse_list(dtypes, "--dtypes", str),
+        parse_list(densities, "--densities"),
+        names,
+        repeats=repeats,
+        progress=None if as_json else echo_progress,
+    )
+    if as_json:
+        typer.echo(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    else:
+        typer.echo(attention_table(rows, names))
+
+
 # --- eval
 
 

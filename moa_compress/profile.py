@@ -110,36 +110,49 @@ def influence_backward(
     group = hq // key.shape[1]
     nb = num_blocks(s, block_size)
     work = torch.promote_types(query.dtype, torch.float32)
-    q = query.to(work)
+    q = query.to(work) * scale  # scaled once: scores = q @ k^T
     k = key.to(work).repeat_interleave(group, dim=1)  # [B, Hq, S, D]
     v = value.to(work).repeat_interleave(group, dim=1)
     do = grad_out.to(work)
-    dq = torch.zeros_like(q)
+    dq = torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     pooled = torch.zeros(hq, nb, nb, dtype=torch.float32, device=query.device)
     rows_per_slab = max(1, slab_bytes // (q.element_size() * b * hq * s * block_size)) * block_size
     positions = torch.arange(s, device=query.device)
     for r0 in range(0, s, rows_per_slab):
-        r1 = min(s, r0 + rows_per_slab)
-        kv_end = r1  # causal: rows < r1 see keys < r1
-        future = positions[None, :kv_end] > positions[r0:r1, None]  # [R, K]
-        scores = torch.matmul(q[:, :, r0:r1], k[:, :, :kv_end].transpose(-1, -2)).mul_(scale)
-        probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)  # A  [B, H, R, K]
-        del scores
-        grad_probs = torch.matmul(do[:, :, r0:r1], v[:, :, :kv_end].transpose(-1, -2))  # G = dL/dA
-        row_dot = (grad_probs * probs).sum(-1, keepdim=True)  # sum_n G_in A_in
+        r1 = min(s, r0 + rows_per_slab)  # causal: rows < r1 see keys < r1
+        # exp(scores - row max), with the causal mask applied where it bites: keys r0..r1 of this slab
+        expd = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2))  # [B, H, R, K]
+        expd[..., r0:].masked_fill_(positions[None, r0:r1] > positions[r0:r1, None], float("-inf"))
+        row_max, top = expd.max(dim=-1, keepdim=True)
+        expd.sub_(row_max).exp_()
+        grad_probs = torch.matmul(do[:, :, r0:r1], v[:, :, :r1].transpose(-1, -2))  # G = dL/dA
+        # Sums over the row without its largest entry (exactly 1 after the shift), taken apart so that
+        # 1 - A and the others' mean stay accurate when that entry holds almost all the mass.
+        expd.scatter_(-1, top, 0.0)
+        rest_sum = expd.sum(-1, keepdim=True)
+        rest_dot = torch.matmul(grad_probs.unsqueeze(-2), expd.unsqueeze(-1)).squeeze(-1)  # sum G e
+        expd.scatter_(-1, top, 1.0)
+        top_grad = grad_probs.gather(-1, top)
+        total = rest_sum + 1.0
+        probs = expd.div_(total)  # A
+        row_dot = (rest_dot + top_grad) / total  # sum_n G_in A_in
         grad_scores = grad_probs.sub_(row_dot).mul_(probs)  # A (G - rowdot) = dL/dscores
-        # E = A (G - rowdot) / (1 - A); where A == 1 the row has one key and grad_scores is exactly 0.
-        influence = grad_scores.abs().div_((1.0 - probs).clamp_min_(1e-30))
-        pooled[:, r0 // block_size : num_blocks(r1, block_size), : num_blocks(kv_end, block_size)] += _pool(
+        # E_ij = A_ij (G_ij - rowdot) / (1 - A_ij), fine wherever A_ij <= 1/2 (every entry but the row's
+        # largest); there E = A (G - mean of G over the other entries, weighted by A).
+        influence = torch.sub(1.0, probs).reciprocal_().mul_(grad_scores).abs_()
+        top_mean = torch.where(rest_sum > 0, rest_dot / rest_sum.clamp_min(1e-30), top_grad)
+        influence.scatter_(-1, top, (probs.gather(-1, top) * (top_grad - top_mean)).abs_())
+        pooled[:, r0 // block_size : num_blocks(r1, block_size), : num_blocks(r1, block_size)] += _pool(
             influence, block_size
         ).float()
         del influence
-        dq[:, :, r0:r1] = torch.matmul(grad_scores, k[:, :, :kv_end]).mul_(scale)
-        dk[:, :, :kv_end] += torch.matmul(grad_scores.transpose(-1, -2), q[:, :, r0:r1]).mul_(scale)
-        dv[:, :, :kv_end] += torch.matmul(probs.transpose(-1, -2), do[:, :, r0:r1])
-        del probs, grad_scores, grad_probs
+        dq[:, :, r0:r1] = torch.matmul(grad_scores, k[:, :, :r1])
+        dk[:, :, :r1] += torch.matmul(grad_scores.transpose(-1, -2), q[:, :, r0:r1])
+        dv[:, :, :r1] += torch.matmul(probs.transpose(-1, -2), do[:, :, r0:r1])
+        del probs, grad_scores, grad_probs, expd
+    dq.mul_(scale)  # q was pre-scaled, so dk needs no factor
     dk = dk.view(b, -1, group, s, d).sum(2)
     dv = dv.view(b, -1, group, s, d).sum(2)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), pooled

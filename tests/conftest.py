@@ -15,3 +15,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+# --- triton: without CUDA, Triton kernels run through its CPU interpreter, which must be switched on
+# before anything imports triton.
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -43,6 +43,16 @@ WORDS = PROSE.split()
 BLOCK = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a loaded 2-core machine a second thread makes these
+    tests ~50x slower (intra-op threads wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     prompts = [
@@ -187,44 +197,39 @@ def test_uniform_baseline_matches_the_plan_density_and_sink(tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# The evaluation (needs the runtime)
+# The evaluation
 
 
 def test_evaluate_plan_fills_the_schema(tokenizer):
-    pytest.importorskip("moa_compress.runtime")
     model = make_model(tokenizer)
     plan = sparse_plan(model)
     texts = make_texts()
-    results = evaluate_plan(
-        model, tokenizer, plan, lengths=(256, 128), texts=texts, limit=4, backend="reference", progress=False
-    )
+    kw = {"texts": texts, "limit": 3, "backend": "reference", "progress": False}
+    results = evaluate_plan(model, tokenizer, plan, lengths=(176, 112), **kw)
     assert results["schema_version"] == 1
-    assert results["settings"]["lengths"] == [128, 256]
+    assert results["settings"]["lengths"] == [112, 176]
     assert results["model"]["fingerprint"] == plan.model.fingerprint
     assert set(results["results"]) == {"dense", "plan", "uniform"}
-    for n in ("128", "256"):
+    for n in ("112", "176"):
         assert results["plan"]["density"][n] == pytest.approx(plan.density(int(n)))
         assert 0 < results["uniform"]["density"][n] < 1
         for variant in ("dense", "plan", "uniform"):
             ppl = results["results"][variant]["ppl"][n]
-            assert ppl["windows"] == 4 and ppl["tokens"] == 4 * int(n) // 2
+            assert ppl["windows"] == 3 and ppl["tokens"] == 3 * int(n) // 2
             assert math.isfinite(ppl["ppl"]) and ppl["ppl"] == pytest.approx(math.exp(ppl["nll"]))
             passkey = results["results"][variant]["passkey"][n]
-            assert passkey["samples"] == 4 and 0 <= passkey["accuracy"] <= 1 and passkey["key_logprob"] < 0
-            assert sum(d["samples"] for d in passkey["by_depth"].values()) == 4
+            assert passkey["samples"] == 3 and 0 <= passkey["accuracy"] <= 1 and passkey["key_logprob"] < 0
+            assert list(passkey["by_depth"]) == ["0.1", "0.5", "0.9"]
         assert "fidelity" not in results["results"]["dense"]
         for variant in ("plan", "uniform"):
             fid = results["results"][variant]["fidelity"][n]
-            assert fid["kl"] > 0 and 0 <= fid["top1"] <= 1 and fid["tokens"] == 4 * int(n) // 2
+            assert fid["kl"] > 0 and 0 <= fid["top1"] <= 1 and fid["tokens"] == 3 * int(n) // 2
     json.dumps(results)  # JSON-ready
-    again = evaluate_plan(
-        model, tokenizer, plan, lengths=(128, 256), texts=texts, limit=4, backend="reference", progress=False
-    )
+    again = evaluate_plan(model, tokenizer, plan, lengths=(112, 176), **kw)
     assert again["results"] == results["results"]  # deterministic
 
 
 def test_density_one_plan_equals_dense(tokenizer):
-    pytest.importorskip("moa_compress.runtime")
     model = make_model(tokenizer, dtype=torch.float64)
     results = evaluate_plan(
         model,
@@ -406,7 +411,6 @@ def test_cli_bad_inputs_exit_2(tokenizer, model_dir, data_file, tmp_path, monkey
 
 
 def test_cli_writes_report_and_prints_json(model_dir, data_file, tmp_path):
-    pytest.importorskip("moa_compress.runtime")
     from transformers import AutoModelForCausalLM
 
     plan_dir = tmp_path / "plan"

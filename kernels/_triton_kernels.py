@@ -1,0 +1,276 @@
+"""The ``@triton.jit`` code behind the ``triton`` backend. Private: imported only when that backend runs.
+
+Conventions shared by all kernels here:
+
+* Softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` so ``exp2`` can be used.
+* The running maximum starts at ``-inf``; a row that has seen no visible key keeps ``-inf`` and its
+  exponent base is replaced by 0, so ``exp2(-inf - 0) = 0`` and nothing becomes NaN. Such rows end with a
+  zero sum and are written as zeros.
+* Batch/head offsets are computed in int64: at 128K tokens one batch of K already holds 2^29 elements.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_kv_blocks(
+    acc,  # [BLOCK_M, HEAD_DIM] float32, unnormalised output
+    row_sum,  # [BLOCK_M] float32
+    row_max,  # [BLOCK_M] float32, base-2 scaled
+    q,  # [BLOCK_M, HEAD_DIM] input dtype
+    k_base,
+    v_base,
+    block_list,  # pointer to this row's kv_indices
+    first,
+    last,  # entries [first, last) of block_list are visited
+    rows_abs,  # [BLOCK_M] absolute position of each query row (bottom-right aligned)
+    kv_len,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    BLOCK: tl.constexpr,  # the layout's block size
+    BLOCK_N: tl.constexpr,  # keys per tile; divides BLOCK
+    HEAD_DIM: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,  # False: every key of every block is visible to every row
+    DOT_FP32: tl.constexpr,  # widen operands to float32 before tl.dot (the CPU interpreter needs it)
+    PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    for i in range(first, last):
+        kv_block = tl.load(block_list + i)
+        for tile in tl.static_range(BLOCK // BLOCK_N):
+            cols = kv_block * BLOCK + tile * BLOCK_N + offs_n
+            if CAUSAL_MASK:
+                # The ragged last key block only ever appears here (see the split in the caller).
+                in_range = cols[:, None] < kv_len
+                k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range, other=0.0)
+                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range, other=0.0)
+            else:
+                k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
+                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+            if DOT_FP32:
+                k = k.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            if CAUSAL_MASK:
+                scores = tl.where(cols[None, :] <= rows_abs[:, None], scores, float("-inf"))
+                new_max = tl.maximum(row_max, tl.max(scores, 1))
+                base = tl.where(new_max == float("-inf"), 0.0, new_max)
+            else:
+                new_max = tl.maximum(row_max, tl.max(scores, 1))
+                base = new_max
+            correction = tl.math.exp2(row_max - base)
+            p = tl.math.exp2(scores - base[:, None])
+            row_sum = row_sum * correction + tl.sum(p, 1)
+            acc = acc * correction[:, None]
+            if DOT_FP32:
+                acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def block_sparse_prefill_kernel(
+    Q,  # [B, Hq, Sq, D]
+    K,  # [B, Hkv, Sk, D]
+    V,  # [B, Hkv, Sk, D]
+    Out,  # [B, Hq, Sq, D]
+    KvNumBlocks,  # [B or 1, Hq, nQ] int32
+    KvIndices,  # [B or 1, Hq, nQ, maxK] int32, last dim contiguous
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_nb,
+    stride_nh,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    num_heads,
+    group,
+    q_len,
+    kv_len,
+    qk_scale,
+    BLOCK: tl.constexpr,  # the layout's block size
+    BLOCK_M: tl.constexpr,  # query rows per program; divides BLOCK
+    BLOCK_N: tl.constexpr,  # keys per tile; divides BLOCK
+    HEAD_DIM: tl.constexpr,
+    SCAN: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program per (query tile, batch * query head): FlashAttention-2 over the row's key blocks."""
+    q_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // num_heads).to(tl.int64)
+    h = batch_head % num_heads
+    kv_head = (h // group).to(tl.int64)
+    offset = kv_len - q_len
+
+    first_row = q_tile * BLOCK_M
+    q_block = first_row // BLOCK
+    offs_m = first_row + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows_abs = offs_m + offset
+    q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+
+    num_blocks = tl.load(KvNumBlocks + b * stride_nb + h * stride_nh + q_block)
+    block_list = KvIndices + b * stride_ib + h * stride_ih + q_block * stride_im
+
+    # Indices are ascending, so the row splits into a prefix of blocks that every query row sees whole,
+    # then the few blocks crossing the causal diagonal (masked), then blocks no row can see (skipped).
+    first_abs = first_row + offset
+    last_abs = tl.minimum(first_row + BLOCK_M, q_len) - 1 + offset
+    full_end = (first_abs + 1) // BLOCK  # key blocks below this are fully visible
+    seen_end = last_abs // BLOCK + 1  # key blocks from here on are invisible
+    num_full = 0
+    num_seen = 0
+    for start in range(0, num_blocks, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        blocks = tl.load(block_list + offs, mask=offs < num_blocks, other=seen_end)
+        num_full += tl.sum((blocks < full_end).to(tl.int32))
+        num_seen += tl.sum((blocks < seen_end).to(tl.int32))
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, row_sum, row_max = _attend_kv_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, block_list, 0, num_full, rows_abs, kv_len, qk_scale,
+        stride_kn, stride_vn, BLOCK, BLOCK_N, HEAD_DIM, False, DOT_FP32, PRECISION,
+    )  # fmt: skip
+    acc, row_sum, row_max = _attend_kv_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, block_list, num_full, num_seen, rows_abs, kv_len, qk_scale,
+        stride_kn, stride_vn, BLOCK, BLOCK_N, HEAD_DIM, True, DOT_FP32, PRECISION,
+    )  # fmt: skip
+
+    out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # rows that saw nothing stay zero
+    o_ptrs = Out + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < q_len)
+
+
+@triton.jit
+def block_sparse_decode_split_kernel(
+    Q,  # [B, Hq, D]
+    K,  # [B, Hkv, S, D]
+    V,  # [B, Hkv, S, D]
+    KvLens,  # [B, Hkv] int32
+    KvNumBlocks,  # [B or 1, Hq] int32 (unused without HAS_BLOCK_LIST)
+    KvIndices,  # [B or 1, Hq, maxK] int32, last dim contiguous
+    OutPart,  # [B * Hq, num_splits, D] float32, normalised per split
+    LsePart,  # [B * Hq, num_splits] float32, base-2 log-sum-exp per split (-inf when empty)
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_lb,
+    stride_lh,
+    stride_nb,
+    stride_nh,
+    stride_ib,
+    stride_ih,
+    num_heads,
+    group,
+    qk_scale,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_BLOCK_LIST: tl.constexpr,
+):
+    """One program per (batch * query head, split): one query token over a contiguous share of its blocks."""
+    batch_head = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = (batch_head // num_heads).to(tl.int64)
+    h = batch_head % num_heads
+    kv_head = (h // group).to(tl.int64)
+
+    kv_len = tl.load(KvLens + b * stride_lb + kv_head * stride_lh)
+    if HAS_BLOCK_LIST:
+        num_blocks = tl.load(KvNumBlocks + b * stride_nb + h * stride_nh)
+    else:
+        num_blocks = tl.cdiv(kv_len, BLOCK)
+    block_list = KvIndices + b * stride_ib + h * stride_ih
+    per_split = tl.cdiv(num_blocks, num_splits)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_blocks)
+
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_d).to(tl.float32)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    running_max = tl.full([1], float("-inf"), dtype=tl.float32)
+    for i in range(first, last):
+        if HAS_BLOCK_LIST:
+            kv_block = tl.load(block_list + i)
+        else:
+            kv_block = i
+        cols = kv_block * BLOCK + offs_n
+        valid = cols < kv_len
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        # One query row: a tensor-core tile would be mostly padding, so multiply and reduce instead.
+        scores = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale  # [BLOCK]
+        scores = tl.where(valid, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 0))
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)
+        correction = tl.math.exp2(running_max - base)
+        p = tl.math.exp2(scores[None, :] - base[:, None])  # [1, BLOCK]
+        total = total * correction + tl.sum(p, 1)
+        acc = acc * correction + tl.sum(tl.trans(p) * v.to(tl.float32), 0)
+        running_max = new_max
+
+    lse = tl.where(total > 0.0, running_max + tl.math.log2(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(OutPart + (batch_head * num_splits + split).to(tl.int64) * HEAD_DIM + offs_d, out)
+    tl.store(LsePart + batch_head * num_splits + split + tl.arange(0, 1), lse)
+
+
+@triton.jit
+def merge_splits_kernel(
+    OutPart,  # [B * Hq, num_splits, D] float32
+    LsePart,  # [B * Hq, num_splits] float32
+    Out,  # [B, Hq, D] contiguous
+    num_splits,
+    SPLITS: tl.constexpr,  # num_splits rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+):
+    """Combine the splits of one (batch, head) by their log-sum-exp; all splits empty -> zeros."""
+    batch_head = tl.program_id(0)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    used = offs_s < num_splits
+    lse = tl.load(LsePart + batch_head * num_splits + offs_s, mask=used, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weights = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # [SPLITS], 0 for empty splits
+    part_ptrs = (
+        OutPart + (batch_head * num_splits + offs_s[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    )
+    parts = tl.load(part_ptrs, mask=used[:, None], other=0.0)
+    total = tl.sum(weights, 0)
+    out = tl.sum(weights[:, None] * parts, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(Out + batch_head.to(tl.int64) * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty))

@@ -1,0 +1,376 @@
+"""Fast CPU backend: computes only the selected blocks with PyTorch's fused CPU flash-attention op.
+
+How it works. Every (batch, query head, query block) — a *unit* — sees a set of key blocks. Each
+maximal run of consecutive key blocks is a contiguous slice of K/V, so it needs no gather: a
+strided view is enough. A run splits into *pieces*: keys every row of the block may see (no mask),
+the square causal tail on the diagonal (the op's ``is_causal``, which is top-left aligned and so
+right for a square), and, for layouts whose diagonal does not line up with the key blocks, a
+piece with an explicit additive mask. Each piece is one call of
+``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the output and the
+log-sum-exp; a unit's pieces are merged with the log-sum-exp.
+
+Units whose pieces have the same shape and lie at the same place relative to their query block
+(a static plan's band) or at the same absolute keys (its sink blocks) are batched into one call:
+the op's batch dimension walks over consecutive query blocks through a strided view whose key
+stride is one block (band) or zero (sink), so K/V are never copied. Query heads that share a
+layout are batched in the op's head dimension, which handles GQA itself (query head ``h`` reads
+KV head ``h // group``), so K/V are never repeated either. Consecutive query blocks that see
+their whole causal prefix (dense heads, the first blocks of a band) run as one causal tile.
+
+Irregular layouts (random or data-dependent selections), where this schedule would need many
+small calls, take a gather path instead: query blocks with the same number of selected blocks
+gather those blocks into one buffer and run in one masked call.
+
+The schedule depends only on the layout; it is cached per layout, so a static plan's layout, built
+once per length, pays for it once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .layout import BlockLayout, derived
+from .reference import block_sparse_attention_reference
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+# A schedule needing more op calls than this fraction of its units goes down the gather path.
+_MAX_CALLS_PER_UNIT = 0.25
+# Gathered K/V per gather call, in elements (bounds the path's extra memory).
+_GATHER_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One slice of keys, the same for every query block of a :class:`Task`.
+
+    For the task's ``n``-th query block the keys are ``[start + n * step, ... + length)``.
+    ``mask``: ``"none"`` (every row sees every key), ``"causal"`` (square, row ``r`` sees keys
+    ``<= r``) or ``"explicit"`` (row ``r`` sees key ``c`` iff ``c <= r + delta``).
+    """
+
+    start: int
+    step: int
+    length: int
+    mask: str
+    delta: int = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """Query rows ``[row0 + n * block, ... + rows)`` for ``n < count``, heads ``heads``, batch
+    ``layout_batch`` of the layout, against the same :class:`Piece` list."""
+
+    layout_batch: int
+    heads: tuple[int, ...]
+    row0: int
+    count: int
+    rows: int
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    tasks: tuple[Task, ...]  # empty when ``gather`` is chosen
+    gather: bool
+
+
+def block_sparse_attention_torch(
+    q: torch.Tensor,  # [B, Hq, Sq, D]
+    k: torch.Tensor,  # [B, Hkv, Sk, D]
+    v: torch.Tensor,  # [B, Hkv, Sk, D]
+    layout: BlockLayout,
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """Block-sparse causal attention on CPU; same contract as the reference backend."""
+    if v.shape[-1] != q.shape[-1] or q.device.type != "cpu":
+        # The fused op wants one head size for Q/K/V and CPU tensors.
+        return block_sparse_attention_reference(q, k, v, layout, scale)
+    return run_schedule(q, k, v, layout, schedule_for(layout, k.shape[1]), scale)
+
+
+def run_schedule(q, k, v, layout: BlockLayout, schedule: Schedule, scale: float) -> torch.Tensor:
+    """Execute ``schedule`` (from :func:`build_schedule` for ``layout``) on CPU tensors."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.zeros_like(q)
+    if schedule.gather:
+        _run_gather(q, k, v, layout, scale, out)
+    else:
+        for task in schedule.tasks:
+            _run_task(q, k, v, layout, task, scale, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule
+
+
+def schedule_for(layout: BlockLayout, num_kv_heads: int) -> Schedule:
+    """The schedule of ``layout``, built once per layout (see :func:`layout.derived`)."""
+    return derived(layout, f"cpu-schedule-{num_kv_heads}", lambda: build_schedule(layout, num_kv_heads))
+
+
+def build_schedule(layout: BlockLayout, num_kv_heads: int, allow_gather: bool = True) -> Schedule:
+    """Plan the op calls for ``layout``; with ``allow_gather`` an irregular layout gets the gather
+    path instead (``allow_gather=False`` forces the strided schedule, for tests)."""
+    bs, sq, sk = layout.block_size, layout.q_len, layout.kv_len
+    offset = sk - sq
+    nq, nk = layout.num_q_blocks, layout.num_kv_blocks
+    selected = layout.to_block_mask().cpu()  # [LB, H, nQ, nK]
+    # Drop blocks no row of the query block may see (after the causal diagonal).
+    last_pos = torch.clamp(torch.arange(nq) * bs + bs - 1, max=sq - 1) + offset  # [nQ]
+    selected &= (torch.arange(nk) * bs)[None, :] <= last_pos[:, None]
+    units = int(selected.any(-1).sum())
+    if units == 0:
+        return Schedule((), gather=False)
+    # Runs of consecutive selected blocks: [first, last] per run.
+    padded = torch.nn.functional.pad(selected, (1, 1))
+    starts = (padded[..., 1:-1] & ~padded[..., :-2]).nonzero().tolist()
+    ends = (padded[..., 1:-1] & ~padded[..., 2:]).nonzero()[:, 3].tolist()
+    if allow_gather and len(starts) > 4 * units:
+        return Schedule((), gather=True)  # too fragmented to be worth planning
+
+    runs: dict[tuple[int, int, int], list[tuple[int, int]]] = defaultdict(list)
+    for (lb, h, i, first), last in zip(starts, ends, strict=True):
+        runs[(lb, h, i)].append((first * bs, min((last + 1) * bs, sk)))
+
+    prefix: dict[tuple[int, int], list[int]] = defaultdict(list)  # (lb, h) -> query blocks
+    regular: dict[tuple, list[int]] = defaultdict(list)  # (unit shape, lb, i) -> heads
+    for (lb, h, i), unit_runs in runs.items():
+        rows = min(bs, sq - i * bs)
+        p0 = i * bs + offset  # position of the block's first query row
+        p1 = p0 + rows - 1
+        unit_runs = [(a, min(e, p1 + 1)) for a, e in unit_runs]
+        if len(unit_runs) == 1 and unit_runs[0] == (0, p1 + 1):
+            prefix[(lb, h)].append(i)
+        else:
+            shape = tuple(piece for a, e in unit_runs for piece in _split_run(a, e, p0, p1))
+            regular[(rows, shape, lb, i)].append(h)
+
+    tasks: list[Task] = []
+    for (lb, h), blocks in prefix.items():
+        for i0, count in _consecutive(sorted(blocks)):
+            tasks.append(_prefix_task(lb, (h,), i0, count, bs, sq, offset))
+    by_heads: dict[tuple, list[int]] = defaultdict(list)
+    for (rows, shape, lb, i), heads in regular.items():
+        by_heads[(rows, shape, lb, tuple(sorted(heads)))].append(i)
+    for (rows, shape, lb, heads), blocks in by_heads.items():
+        for i0, count in _consecutive(sorted(blocks)):
+            p0 = i0 * bs + offset
+            pieces = tuple(
+                Piece(p0 + rel if kind == "rel" else rel, bs if kind == "rel" else 0, length, mask, delta)
+                for kind, rel, length, mask, delta in shape
+            )
+            tasks.append(Task(lb, heads, i0 * bs, count, rows, pieces))
+    tasks = _merge_heads(tasks)
+    calls = sum(len(t.pieces) * len(head_ranges(t.heads, layout.num_heads // num_kv_heads)) for t in tasks)
+    if allow_gather and calls > max(16, units * _MAX_CALLS_PER_UNIT):
+        return Schedule((), gather=True)
+    return Schedule(tuple(tasks), gather=False)
+
+
+def _split_run(a: int, e: int, p0: int, p1: int) -> list[tuple[str, int, int, str, int]]:
+    """Pieces of keys ``[a, e)`` for query positions ``p0..p1``, as
+    ``(anchor kind, start relative to anchor, length, mask, delta)``."""
+
+    def anchored(start: int) -> tuple[str, int]:
+        # Keys from 0 (sinks) stay put across query blocks; anything else moves with them.
+        return ("abs", 0) if start == 0 else ("rel", start - p0)
+
+    pieces = []
+    if a < min(e, p0):
+        pieces.append((*anchored(a), min(e, p0) - a, "none", 0))
+    tail = max(a, p0)
+    if tail < e:
+        if tail == p0 and e == p1 + 1:
+            pieces.append((*anchored(tail), e - tail, "causal", 0))
+        else:
+            kind, rel = anchored(tail)
+            # An absolute anchor with a mask depends on p0: the delta keeps such units apart.
+            pieces.append((kind, rel, e - tail, "explicit", p0 - tail))
+    return pieces
+
+
+def _prefix_task(lb: int, heads: tuple[int, ...], i0: int, count: int, bs: int, sq: int, offset: int) -> Task:
+    """Query blocks ``i0 .. i0+count-1`` that see their whole causal prefix: one causal tile."""
+    row0, row1 = i0 * bs, min((i0 + count) * bs, sq)
+    pieces = []
+    if row0 + offset > 0:
+        pieces.append(Piece(0, 0, row0 + offset, "none"))
+    pieces.append(Piece(row0 + offset, 0, row1 - row0, "causal"))
+    return Task(lb, heads, row0, 1, row1 - row0, tuple(pieces))
+
+
+def _consecutive(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted ints as ``(first, count)`` runs of consecutive values."""
+    out: list[tuple[int, int]] = []
+    for x in values:
+        if out and out[-1][0] + out[-1][1] == x:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((x, 1))
+    return out
+
+
+def _merge_heads(tasks: list[Task]) -> list[Task]:
+    """Tasks identical but for their heads become one task over the union of the heads."""
+    merged: dict[tuple, set[int]] = defaultdict(set)
+    for t in tasks:
+        merged[(t.layout_batch, t.row0, t.count, t.rows, t.pieces)].update(t.heads)
+    return [
+        Task(lb, tuple(sorted(h)), row0, count, rows, pieces)
+        for (lb, row0, count, rows, pieces), h in merged.items()
+    ]
+
+
+def head_ranges(heads: tuple[int, ...], group: int) -> list[tuple[int, int]]:
+    """Split sorted query heads into ``[h0, h1)`` ranges one op call can take: runs of whole GQA
+    groups (the op maps each query head to its KV head) or single heads."""
+    present = set(heads)
+    ranges: list[tuple[int, int, bool]] = []  # (h0, h1, made of whole groups)
+    for g in sorted({h // group for h in heads}):
+        members = [h for h in range(g * group, (g + 1) * group) if h in present]
+        if len(members) < group:
+            ranges.extend((h, h + 1, False) for h in members)
+        elif ranges and ranges[-1][2] and ranges[-1][1] == g * group:
+            ranges[-1] = (ranges[-1][0], (g + 1) * group, True)
+        else:
+            ranges.append((g * group, (g + 1) * group, True))
+    return [(h0, h1) for h0, h1, _ in ranges]
+
+
+# ----------------------------------------------------------------------------------------------
+# Strided execution
+
+
+def _strided(
+    x: torch.Tensor,
+    batch: int | None,
+    h0: int,
+    h1: int,
+    start: int,
+    step: int,
+    count: int,
+    length: int,
+    group: int = 1,
+) -> torch.Tensor:
+    """View ``[count, heads // group, group, length, D]`` of a contiguous ``[B, H, S, D]`` tensor:
+    rows ``start + n * step ...`` of heads ``h0:h1`` of ``batch`` (``None``: all batches and heads)."""
+    b, h, s, d = x.shape
+    heads = b * h if batch is None else h1 - h0
+    base = 0 if batch is None else (batch * h + h0) * s * d
+    return x.as_strided(
+        (count, heads // group, group, length, d),
+        (step * d, group * s * d, s * d, d, 1),
+        x.storage_offset() + base + start * d,
+    )
+
+
+# Fold a GQA group's query heads into the rows of one call when query tiles are this short or
+# shorter: the op's tiles grow with the query length, and short ones run far below its peak.
+_FOLD_ROWS = 256
+
+_MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _explicit_mask(rows: int, length: int, delta: int, group: int, dtype: torch.dtype):
+    """Additive mask ``[group * rows, length]`` (row ``r`` of each group sees key ``c`` iff
+    ``c <= r + delta``) and the boolean ``[group * rows]`` rows that see no key."""
+    key = (rows, length, delta, group, dtype)
+    if key not in _MASKS:
+        if len(_MASKS) > 256:
+            _MASKS.clear()
+        allowed = torch.arange(length)[None, :] <= torch.arange(rows)[:, None] + delta
+        mask = torch.zeros(rows, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        _MASKS[key] = (mask.repeat(group, 1), (torch.arange(rows) + delta < 0).repeat(group))
+    return _MASKS[key]
+
+
+def _run_task(q, k, v, layout: BlockLayout, task: Task, scale: float, out: torch.Tensor) -> None:
+    bsz, hq = q.shape[:2]
+    group = hq // k.shape[1]
+    bs, count, rows = layout.block_size, task.count, task.rows
+    if layout.kv_num_blocks.shape[0] > 1:
+        batches = [task.layout_batch]
+    else:  # one layout for the whole batch: fold the batch into the heads when all heads run
+        batches = [None] if len(task.heads) == hq else range(bsz)
+    for batch in batches:
+        for h0, h1 in head_ranges(task.heads, group):
+            fold = group if (h1 - h0) % group == 0 and group > 1 and rows <= _FOLD_ROWS else 1
+            # [count, kv heads, fold * rows, D]: a copy when folding, a view otherwise.
+            q_tile = _strided(q, batch, h0, h1, task.row0, bs, count, rows, fold)
+            q_tile = q_tile.reshape(count, q_tile.shape[1], fold * rows, q.shape[-1])
+            partial = []
+            for piece in task.pieces:
+                args = (batch, h0 // group, -(-h1 // group), piece.start, piece.step, count, piece.length)
+                k_view, v_view = (_strided(x, *args)[:, :, 0] for x in (k, v))
+                if piece.mask == "explicit" or (piece.mask == "causal" and fold > 1):
+                    # A folded tile stacks `fold` copies of the causal pattern: an explicit mask.
+                    delta = piece.delta if piece.mask == "explicit" else 0
+                    mask, empty = _explicit_mask(rows, piece.length, delta, fold, q.dtype)
+                    o, lse = _flash(q_tile, k_view, v_view, attn_mask=mask, scale=scale)
+                    if delta < 0:  # the op reports lse 0 for rows that see no key
+                        lse = lse.masked_fill(empty, float("-inf"))
+                else:
+                    o, lse = _flash(q_tile, k_view, v_view, is_causal=piece.mask == "causal", scale=scale)
+                partial.append((o, lse))
+            merge_partials(partial, _strided(out, batch, h0, h1, task.row0, bs, count, rows, fold))
+
+
+def merge_partials(partial: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> None:
+    """Write into ``out`` attention over the union of disjoint key sets, from each set's output and
+    log-sum-exp. ``partial``: ``(o [..., S, D], lse [..., S])``; ``lse = -inf`` marks a row that saw
+    no key of that set (a row that saw none at all gets zeros)."""
+    if len(partial) == 1:
+        out.copy_(partial[0][0].reshape(out.shape))
+        return
+    acc = torch.promote_types(partial[0][0].dtype, torch.float32)
+    lse = torch.stack([p[1] for p in partial]).to(acc)  # [P, ..., S]
+    weights = (lse - torch.logsumexp(lse, 0)).exp_().nan_to_num_(0.0).unsqueeze(-1)
+    merged = partial[0][0] * weights[0]
+    for (o, _), w in zip(partial[1:], weights[1:], strict=True):
+        merged.addcmul_(o, w)
+    out.copy_(merged.view(out.shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather execution (irregular layouts)
+
+
+def _run_gather(q, k, v, layout: BlockLayout, scale: float, out: torch.Tensor) -> None:
+    bsz, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    bs = layout.block_size
+    offset = sk - sq
+    counts = layout.kv_num_blocks.long().cpu()
+    indices = layout.kv_indices.long().cpu()
+    k_rows, v_rows, q_rows, out_rows = (x.view(-1, d) for x in (k, v, q, out))
+    for batch in range(bsz):
+        lb = batch if counts.shape[0] > 1 else 0
+        for count in counts[lb].unique().tolist():
+            if count == 0:
+                continue
+            heads, blocks = (counts[lb] == count).nonzero(as_tuple=True)
+            chunk = max(1, _GATHER_ELEMENTS // (count * bs * d))
+            for c0 in range(0, heads.numel(), chunk):
+                h, i = heads[c0 : c0 + chunk], blocks[c0 : c0 + chunk]
+                keys = (indices[lb, h, i, :count, None] * bs + torch.arange(bs)).flatten(1)  # [U, L]
+                rows = i[:, None] * bs + torch.arange(bs)  # [U, bs]
+                allowed = (keys[:, None, :] <= rows[:, :, None] + offset) & (keys < sk)[:, None, :]
+                mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+                kv_at = ((batch * hkv + h // group)[:, None] * sk + keys.clamp(max=sk - 1)).flatten()
+                q_at = ((batch * hq + h)[:, None] * sq + rows.clamp(max=sq - 1)).flatten()
+                shape = (h.numel(), 1, -1, d)
+                o, _ = _flash(
+                    q_rows[q_at].view(shape),
+                    k_rows[kv_at].view(shape),
+                    v_rows[kv_at].view(shape),
+                    attn_mask=mask[:, None],
+                    scale=scale,
+                )
+                keep = (rows < sq).flatten()
+                out_rows[q_at[keep]] = o.reshape(-1, d)[keep]

@@ -1,0 +1,209 @@
+"""Block-sparse decode attention in Triton: one new query token per sequence against a per-head KV cache.
+
+Input format (what a per-head-window decode cache hands over for one layer)::
+
+    q              [B, Hq, D]            the new token's queries (RoPE applied)
+    k, v           [B, Hkv, S, D]        cache storage; S is its capacity, at least every kv_len
+    kv_lens        [B, Hkv]    int32     valid tokens per KV head: positions [0, kv_len) hold keys,
+                                         the rest is ignored. Heads may differ (e.g. a window head keeps
+                                         sink + window tokens, a dense head keeps everything).
+    kv_num_blocks  [B or 1, Hq]  int32   optional: how many entries of kv_indices each query head reads
+    kv_indices     [B or 1, Hq, maxK] int32  optional: ascending block numbers (blocks of ``block_size``
+                                         cache positions) the query head reads; a block reaching past
+                                         kv_len is cut there. Without them a head reads its whole cache.
+
+The query is the newest token, so it may see every valid cached key (the cache already holds it):
+no causal mask is needed. A head that sees nothing returns zeros. Query head ``h`` reads KV head
+``h // (Hq // Hkv)`` (GQA without copies).
+
+Long contexts are split over KV blocks ("split-K", as in FlashDecoding): ``num_splits`` programs per
+head each reduce a contiguous share of the head's blocks to a normalised partial output and its
+log-sum-exp; a second kernel merges them. The op is registered as
+``torch.ops.moa_compress.block_sparse_decode`` with a fake implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from .triton_prefill import TritonInputError, check_supported, interpreting
+
+# Work items per streaming multiprocessor the split count aims for (a few waves hide memory latency).
+_PROGRAMS_PER_SM = 4
+_MAX_SPLITS = 64
+
+
+@torch.library.custom_op("moa_compress::block_sparse_decode", mutates_args=())
+def block_sparse_decode(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, D]
+    kv_lens: torch.Tensor,  # [B, Hkv] int32
+    kv_num_blocks: torch.Tensor | None,  # [B or 1, Hq] int32
+    kv_indices: torch.Tensor | None,  # [B or 1, Hq, maxK] int32
+    block_size: int,
+    scale: float,
+    num_splits: int,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Split-K decode attention; see the module docstring. Inputs are assumed valid."""
+    import triton
+
+    from ._triton_kernels import block_sparse_decode_split_kernel, merge_splits_kernel
+
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    kv_lens = kv_lens.to(torch.int32)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    has_block_list = kv_indices is not None
+    if has_block_list:
+        kv_num_blocks = kv_num_blocks.to(torch.int32)
+        kv_indices = kv_indices.to(torch.int32).contiguous()
+        layout_batch = kv_num_blocks.shape[0] == b
+        layout_strides = (
+            kv_num_blocks.stride(0) if layout_batch else 0, kv_num_blocks.stride(1),
+            kv_indices.stride(0) if layout_batch else 0, kv_indices.stride(1),
+        )  # fmt: skip
+    else:
+        kv_num_blocks = kv_indices = kv_lens  # placeholders the kernel never reads
+        layout_strides = (0, 0, 0, 0)
+    out_part = torch.empty(b * hq, num_splits, d, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=q.device)
+    options = decode_launch_options()
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        block_sparse_decode_split_kernel[(b * hq, num_splits)](
+            q, k, v, kv_lens, kv_num_blocks, kv_indices, out_part, lse_part,
+            q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], kv_lens.stride(0), kv_lens.stride(1),
+            *layout_strides, hq, hq // hkv, scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+            BLOCK=block_size, HEAD_DIM=d, HAS_BLOCK_LIST=has_block_list, **options,
+        )  # fmt: skip
+        merge_splits_kernel[(b * hq,)](
+            out_part, lse_part, out, num_splits, SPLITS=triton.next_power_of_2(num_splits), HEAD_DIM=d
+        )
+    return out
+
+
+@block_sparse_decode.register_fake
+def _(q, k, v, kv_lens, kv_num_blocks, kv_indices, block_size, scale, num_splits):
+    return q.new_empty(q.shape)
+
+
+def decode_launch_options() -> dict:
+    """Warps and pipeline stages of the split kernel (the interpreter takes none)."""
+    return {} if interpreting() else {"num_warps": 4, "num_stages": 3}
+
+
+def default_num_splits(batch_heads: int, max_blocks: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over, never more splits than blocks."""
+    if device.type == "cuda":
+        programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 4 * batch_heads  # the interpreter: a few splits, to exercise the merge
+    return max(1, min(max_blocks, -(-programs // max(batch_heads, 1)), _MAX_SPLITS))
+
+
+def check_decode_inputs(q, k, v, kv_lens, kv_num_blocks, kv_indices) -> None:
+    """Shapes and dtypes only: checking values would cost a device sync at every decode step."""
+    if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape:
+        raise TritonInputError(
+            f"decode takes q [B, Hq, D] and k, v [B, Hkv, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    b, hq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or k.shape[1] == 0 or hq % k.shape[1]:
+        raise TritonInputError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} (Hq a multiple of Hkv)")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device == kv_lens.device):
+        raise TritonInputError("q, k, v, kv_lens must share one device, and q, k, v one dtype")
+    if tuple(kv_lens.shape) != (b, k.shape[1]) or kv_lens.is_floating_point():
+        raise TritonInputError(
+            f"kv_lens must be an integer [B, Hkv] = {[b, k.shape[1]]}; got {tuple(kv_lens.shape)}"
+        )
+    if (kv_num_blocks is None) != (kv_indices is None):
+        raise TritonInputError("give both kv_num_blocks and kv_indices, or neither")
+    if kv_indices is not None:
+        if kv_num_blocks.dim() != 2 or kv_num_blocks.shape[0] not in (1, b) or kv_num_blocks.shape[1] != hq:
+            raise TritonInputError(
+                f"kv_num_blocks must be [B or 1, Hq={hq}]; got {tuple(kv_num_blocks.shape)}"
+            )
+        if kv_indices.dim() != 3 or kv_indices.shape[:2] != kv_num_blocks.shape:
+            raise TritonInputError(
+                f"kv_indices must be [{', '.join(map(str, kv_num_blocks.shape))}, maxK]; got {tuple(kv_indices.shape)}"
+            )
+
+
+def block_sparse_decode_triton(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, D]
+    kv_lens: torch.Tensor,  # [B, Hkv] int
+    kv_num_blocks: torch.Tensor | None = None,  # [B or 1, Hq] int
+    kv_indices: torch.Tensor | None = None,  # [B or 1, Hq, maxK] int
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Attention of one new token per sequence over its heads' cached keys (format: module docstring).
+
+    ``scale`` defaults to ``1 / sqrt(D)``; ``num_splits`` (programs per head) to enough to fill the GPU.
+
+    Example (a GPU; on CPU set ``TRITON_INTERPRET=1`` first) — two KV heads, one keeping 4096
+    tokens and one a 1024-token window, 4 query heads each::
+
+        >>> q = torch.randn(1, 8, 128, device="cuda", dtype=torch.bfloat16)
+        >>> k = v = torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16)
+        >>> kv_lens = torch.tensor([[4096, 1024]], device="cuda", dtype=torch.int32)
+        >>> block_sparse_decode_triton(q, k, v, kv_lens).shape
+        torch.Size([1, 8, 128])
+    """
+    check_decode_inputs(q, k, v, kv_lens, kv_num_blocks, kv_indices)
+    check_supported(q, block_size)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    max_blocks = kv_indices.shape[-1] if kv_indices is not None else -(-k.shape[2] // block_size)
+    if num_splits is None:
+        num_splits = default_num_splits(q.shape[0] * q.shape[1], max_blocks, q.device)
+    if num_splits < 1:
+        raise TritonInputError(f"num_splits must be at least 1; got {num_splits}")
+    return block_sparse_decode(q, k, v, kv_lens, kv_num_blocks, kv_indices, block_size, scale, num_splits)
+
+
+def block_sparse_decode_reference(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, D]
+    kv_lens: torch.Tensor,  # [B, Hkv]
+    kv_num_blocks: torch.Tensor | None = None,  # [B or 1, Hq]
+    kv_indices: torch.Tensor | None = None,  # [B or 1, Hq, maxK]
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:  # [B, Hq, D]
+    """The decode specification in plain PyTorch (any dtype): dense attention with a mask."""
+    hq, d = q.shape[1:]
+    s = k.shape[2]
+    group = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    positions = torch.arange(s, device=q.device)
+    visible = positions < kv_lens.repeat_interleave(group, 1)[..., None].to(q.device)  # [B, Hq, S]
+    if kv_indices is not None:
+        num_k = -(-s // block_size)
+        valid = torch.arange(kv_indices.shape[-1], device=q.device) < kv_num_blocks[..., None]
+        # Unused entries scatter into a spare last column that is dropped.
+        index = torch.where(valid, kv_indices.long(), num_k)
+        blocks = torch.zeros(*kv_indices.shape[:2], num_k + 1, dtype=torch.bool, device=q.device)
+        blocks.scatter_(-1, index, True)
+        visible = visible & blocks[..., :num_k].repeat_interleave(block_size, -1)[..., :s]
+    keys = k.repeat_interleave(group, 1)
+    values = v.repeat_interleave(group, 1)
+    scores = torch.einsum("bhd,bhsd->bhs", q, keys) * scale
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("bhs,bhsd->bhd", probs, values)
+
+
+__all__ = ["block_sparse_decode_reference", "block_sparse_decode_triton"]

@@ -1,0 +1,229 @@
+"""Every attention backend against the reference, in float64, on random inputs and layouts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moa_compress.kernels.cpu import block_sparse_attention_torch, build_schedule, run_schedule
+from moa_compress.kernels.layout import BlockLayout, causal_layout
+from moa_compress.kernels.reference import block_sparse_attention_reference
+
+from moa_compress.attention import AttentionInputError, block_sparse_attention
+from moa_compress.plan import DenseRule, ModelIdentity, Plan, StaticRule
+from tests.factories import dense_masked_attention, random_layout, random_qkv
+
+# (batch, layout batch, query heads, KV heads, q_len, kv_len, block, keep probability)
+CASES = {
+    "gqa-9-3-ragged": (1, 1, 9, 3, 300, 300, 64, 0.5),
+    "batch-own-layouts": (2, 2, 9, 3, 200, 200, 32, 0.5),
+    "batch-shared-layout": (3, 1, 4, 2, 150, 150, 32, 0.6),
+    "q-shorter-unaligned": (1, 1, 6, 2, 77, 250, 32, 0.5),
+    "q-shorter-aligned": (1, 1, 4, 1, 64, 256, 32, 0.5),
+    "shorter-than-block": (2, 1, 3, 1, 20, 20, 64, 0.5),
+    "decode-row": (1, 1, 4, 2, 1, 70, 16, 0.5),
+    "diagonal-only": (1, 1, 9, 3, 200, 200, 32, 0.0),
+    "mha": (1, 1, 3, 3, 130, 130, 16, 0.3),
+}
+
+
+def scale_of(q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def case(request):
+    b, lb, hq, hkv, sq, sk, bs, p = CASES[request.param]
+    q, k, v = random_qkv(b, hq, hkv, sq, sk, d=16, seed=len(request.param))
+    layout = random_layout(lb, hq, sq, sk, bs, p=p, seed=sq)
+    return q, k, v, layout
+
+
+def test_reference_equals_independent_masked_softmax(case):
+    q, k, v, layout = case
+    out = block_sparse_attention(q, k, v, layout, backend="reference")
+    expected = dense_masked_attention(q, k, v, layout.to_dense_mask(), scale_of(q))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_reference_at_density_one_equals_sdpa():
+    q, k, v = random_qkv(2, 9, 3, 300, 300, d=16)
+    out = block_sparse_attention(q, k, v, causal_layout(300, 300, 9, 64), backend="reference")
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, sdpa, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["auto", "strided", "gather"])
+def test_torch_backend_matches_reference(case, path):
+    q, k, v, layout = case
+    expected = block_sparse_attention_reference(q, k, v, layout, scale_of(q))
+    if path == "auto":
+        out = block_sparse_attention(q, k, v, layout, backend="torch")
+    else:
+        schedule = build_schedule(layout, k.shape[1], allow_gather=path == "gather")
+        if path == "gather":
+            schedule = type(schedule)((), gather=True)
+        out = run_schedule(q, k, v, layout, schedule, scale_of(q))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert not out.isnan().any()
+
+
+def test_empty_rows_give_zeros():
+    q, k, v = random_qkv(1, 4, 2, 256, d=16)
+    blocks = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    blocks[0, 0] = torch.eye(4, dtype=torch.bool)  # head 0: diagonal only; heads 1-3: nothing
+    blocks[0, 1, 2, :3] = True  # head 1: one query block with three blocks, others empty
+    layout = BlockLayout.from_block_mask(blocks, 64, 256, 256)
+    out = block_sparse_attention(q, k, v, layout, backend="torch")
+    assert out[0, 2:].abs().sum() == 0
+    assert out[0, 1, :128].abs().sum() == 0 and out[0, 1, 192:].abs().sum() == 0
+    torch.testing.assert_close(
+        out, block_sparse_attention_reference(q, k, v, layout, 0.25), rtol=0, atol=1e-12
+    )
+
+
+def static_plan_layout(n: int, block: int, seed: int) -> BlockLayout:
+    """Per-head static rules as a searched plan has them: dense heads, sinks, bands of all widths."""
+    g = torch.Generator().manual_seed(seed)
+    choices = [DenseRule(), StaticRule(1, 3 * block, 0.0), StaticRule(0, block, 0.1), StaticRule(2, 10, 0.3)]
+    rules = tuple(choices[int(torch.randint(len(choices), (1,), generator=g))] for _ in range(9))
+    rules = rules[:3] * 3 if seed % 2 else rules  # shared per GQA group, or not
+    plan = Plan(ModelIdentity("test", 1, 9, 3, 16, "x"), (rules,), block_size=block)
+    return plan.layout(0, n)
+
+
+@pytest.mark.parametrize("n,block,seed", [(300, 16, 0), (300, 16, 1), (640, 32, 2), (77, 64, 3)])
+def test_torch_backend_on_static_plans(n, block, seed):
+    q, k, v = random_qkv(2, 9, 3, n, d=16, seed=seed)
+    layout = static_plan_layout(n, block, seed)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale_of(q))
+    out = block_sparse_attention(q, k, v, layout, backend="torch")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    forced = run_schedule(q, k, v, layout, build_schedule(layout, 3, allow_gather=False), scale_of(q))
+    torch.testing.assert_close(forced, expected, rtol=0, atol=1e-12)
+
+
+def test_static_band_plan_uses_few_batched_calls():
+    layout = static_plan_layout(2048, 64, 1)
+    schedule = build_schedule(layout, 3)
+    assert not schedule.gather
+    assert len(schedule.tasks) <= 12  # per rule: a causal tile plus one batched band task
+
+
+def test_torch_backend_sees_in_place_layout_changes():
+    q, k, v = random_qkv(1, 3, 1, 128, d=16)
+    layout = causal_layout(128, 128, 3, 32)
+    first = block_sparse_attention(q, k, v, layout, backend="torch")
+    layout.kv_num_blocks[0, 1] = 1  # head 1: first block only
+    second = block_sparse_attention(q, k, v, layout, backend="torch")
+    torch.testing.assert_close(
+        second, block_sparse_attention_reference(q, k, v, layout, 0.25), rtol=0, atol=1e-12
+    )
+    assert not torch.equal(first[0, 1], second[0, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gqa-9-3-ragged", "q-shorter-unaligned"])
+def test_low_precision_error_is_bounded_by_the_references_own(dtype, name):
+    b, lb, hq, hkv, sq, sk, bs, p = CASES[name]
+    q, k, v = random_qkv(b, hq, hkv, sq, sk, d=64, seed=1)
+    layout = random_layout(lb, hq, sq, sk, bs, p=p, seed=2)
+    exact = block_sparse_attention_reference(q, k, v, layout, 0.125)
+    low = [x.to(dtype) for x in (q, k, v)]
+    ref_error = (block_sparse_attention_reference(*low, layout, 0.125).double() - exact).abs().max()
+    for force_gather in (False, True):
+        schedule = build_schedule(layout, hkv, allow_gather=False)
+        if force_gather:
+            schedule = type(schedule)((), gather=True)
+        out = run_schedule(*low, layout, schedule, 0.125)
+        assert out.dtype == dtype
+        error = (out.double() - exact).abs().max()
+        assert error <= 3 * ref_error + 1e-6, (error, ref_error)
+
+
+def test_float32_dense_layout_matches_sdpa():
+    q, k, v = random_qkv(1, 9, 3, 500, d=64, dtype=torch.float32)
+    out = block_sparse_attention(q, k, v, causal_layout(500, 500, 9), backend="torch")
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_different_value_head_size_falls_back_to_reference():
+    q, k, _ = random_qkv(1, 4, 2, 100, d=16)
+    v = torch.randn(1, 2, 100, 8, dtype=torch.float64)
+    layout = random_layout(1, 4, 100, 100, 32, seed=3)
+    out = block_sparse_attention(q, k, v, layout, backend="torch")
+    torch.testing.assert_close(
+        out, block_sparse_attention_reference(q, k, v, layout, 0.25), rtol=0, atol=1e-12
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = random_qkv(1, 4, 2, 64, d=16)
+    layout = causal_layout(64, 64, 4, 32)
+    bad = [
+        ((q[0], k, v, layout), "must be \\[B, H, S, D\\]"),
+        ((q, k[:, :, :32], v, layout), "do not fit"),
+        ((q, k[:, :1].expand(1, 3, 64, 16), v[:, :1].expand(1, 3, 64, 16), layout), "multiple of KV heads"),
+        ((q, k, v.float(), layout), "one floating dtype"),
+        ((q, k, v, causal_layout(64, 64, 3, 32)), "does not fit"),
+        ((q, k, v, causal_layout(32, 64, 4, 32)), "layout is for"),
+        (
+            (torch.randn(1, 4, 80, 16, dtype=torch.float64), k, v, causal_layout(80, 64, 4, 32)),
+            "q_len 80 > kv_len",
+        ),
+    ]
+    for args, message in bad:
+        with pytest.raises(AttentionInputError, match=message):
+            block_sparse_attention(*args, backend="torch")
+    with pytest.raises(AttentionInputError, match="unknown backend"):
+        block_sparse_attention(q, k, v, layout, backend="fast")
+
+
+def test_torch_backend_function_is_importable_directly():
+    q, k, v = random_qkv(1, 2, 1, 40, d=8)
+    layout = causal_layout(40, 40, 2, 16)
+    torch.testing.assert_close(
+        block_sparse_attention_torch(q, k, v, layout, 0.3),
+        block_sparse_attention_reference(q, k, v, layout, 0.3),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.slow
+def test_flex_backend_matches_reference():
+    """Compiled FlexAttention (one compile per shape: ~10 s each here), in float32 against float64."""
+    for name in ("gqa-9-3-ragged", "q-shorter-unaligned"):
+        b, lb, hq, hkv, sq, sk, bs, p = CASES[name]
+        q, k, v = random_qkv(b, hq, hkv, sq, sk, d=16, seed=4)
+        layout = random_layout(lb, hq, sq, sk, bs, p=p, seed=5)
+        exact = block_sparse_attention_reference(q, k, v, layout, 0.25)
+        low = [x.float() for x in (q, k, v)]
+        ref_error = (block_sparse_attention_reference(*low, layout, 0.25).double() - exact).abs().max()
+        out = block_sparse_attention(*low, layout, backend="flex")
+        assert (out.double() - exact).abs().max() <= 10 * ref_error + 1e-6
+    # float64 runs on the reference.
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, layout, backend="flex"), exact, rtol=0, atol=1e-12
+    )
+
+
+def test_flex_block_mask_spans_all_key_blocks_and_splits_full_blocks():
+    blocks = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    blocks[0, :, torch.arange(4), torch.arange(4)] = True  # diagonal only: kv_indices one column wide
+    blocks[0, 1, 3, 0] = True
+    layout = BlockLayout.from_block_mask(blocks, 32, 128, 128)
+    assert layout.kv_indices.shape[-1] == 2
+    mask = layout.to_flex_block_mask()
+    assert mask.kv_indices.shape[-1] == 4 and mask.full_kv_indices.shape[-1] == 4
+    assert mask.kv_num_blocks.tolist() == [[[1, 1, 1, 1], [1, 1, 1, 1]]]
+    assert mask.full_kv_num_blocks.tolist() == [[[0, 0, 0, 0], [0, 0, 0, 1]]]
+    dense = mask.to_dense()  # partial and full blocks together: the layout again
+    assert torch.equal(dense.bool(), blocks)

@@ -1,0 +1,57 @@
+"""The benchmark programs run end to end on tiny sizes and reject bad options cleanly."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from moa_compress.bench import attention_table, bench_attention
+from moa_compress.cli import app
+
+
+def test_bench_attention_rows_and_table():
+    rows = bench_attention([512], ["float32"], [1.0, 0.5], ["torch"], repeats=1)
+    assert [r["density"] for r in rows] == [1.0, 0.5]
+    assert all(r["sdpa_s"] > 0 and r["torch_s"] > 0 for r in rows)
+    assert rows[1]["exact_density"] <= 0.5
+    assert abs(rows[1]["torch_ideal"] - rows[1]["torch_speedup"] * rows[1]["exact_density"]) < 1e-3
+    table = attention_table(rows, ["torch"])
+    assert table.count("\n") == 3 and "torch speedup" in table
+
+
+def test_bench_attention_cli_json():
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "attention",
+            "--lengths",
+            "512",
+            "--dtypes",
+            "bfloat16",
+            "--densities",
+            "0.5",
+            "--backends",
+            "torch",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["rows"][0]["n"] == 512 and "machine" in data
+
+
+def test_bench_attention_cli_rejects_bad_options():
+    runner = CliRunner()
+    for args, message in [
+        (["--dtypes", "float8"], "unknown dtype"),
+        (["--backends", "cuda"], "unknown backend"),
+        (["--densities", "0"], "densities must be in"),
+        (["--lengths", "x"], "--lengths"),
+    ]:
+        result = runner.invoke(app, ["bench", "attention", "--lengths", "128", "--repeats", "1", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr

@@ -1,0 +1,319 @@
+"""The Triton kernels against the plain-PyTorch specification.
+
+Without CUDA they run through Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 before triton
+is imported); lengths stay <= 512 so this stays fast. float32 kernels are compared with float64
+references; float16/bfloat16 kernels are bounded by the reference's own error in that precision.
+``gpu`` tests run the same kernels natively at longer lengths.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from moa_compress.kernels.layout import BlockLayout, causal_layout
+from moa_compress.kernels.reference import block_sparse_attention_reference
+from moa_compress.kernels.triton_decode import (
+    block_sparse_decode,
+    block_sparse_decode_reference,
+    block_sparse_decode_triton,
+)
+from moa_compress.kernels.triton_prefill import TritonInputError, block_sparse_prefill
+
+from moa_compress.attention import block_sparse_attention
+
+from .factories import random_layout, random_qkv
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def max_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return (out.double() - expected.double()).abs().max().item()
+
+
+def run_prefill(q, k, v, layout, dtype, scale=None):
+    cast = [t.to(DEVICE, dtype) for t in (q, k, v)]
+    return block_sparse_attention(*cast, layout.to(DEVICE), scale=scale, backend="triton").cpu()
+
+
+# ---------------------------------------------------------------- prefill
+
+
+PREFILL_CASES = [
+    # batch, q heads, kv heads, q_len, kv_len, head dim, block size
+    pytest.param(1, 9, 3, 100, 100, 64, 64, id="gqa9/3-odd"),
+    pytest.param(2, 4, 2, 37, 200, 128, 64, id="qlen<kvlen-d128"),
+    pytest.param(1, 32, 8, 70, 70, 128, 64, id="gqa32/8"),
+    pytest.param(1, 9, 3, 20, 20, 64, 64, id="n<block"),
+    pytest.param(1, 3, 3, 1, 130, 64, 64, id="one-query"),
+    pytest.param(1, 6, 2, 128, 128, 64, 64, id="exact-blocks"),
+    pytest.param(1, 4, 1, 150, 301, 64, 32, id="block32"),
+    pytest.param(1, 4, 2, 200, 330, 128, 128, id="block128"),
+    pytest.param(1, 2, 1, 45, 77, 64, 16, id="block16"),
+]
+
+
+@pytest.mark.parametrize("b, hq, hkv, sq, sk, d, bs", PREFILL_CASES)
+def test_prefill_float32_matches_float64_reference(b, hq, hkv, sq, sk, d, bs):
+    q, k, v = random_qkv(b, hq, hkv, sq, sk, d, seed=sq + sk)
+    layout = random_layout(b, hq, sq, sk, block_size=bs, p=0.5, seed=d + bs)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale=d**-0.5)
+    out = run_prefill(q, k, v, layout, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert max_error(out, expected) < 2e-5
+
+
+def test_prefill_dense_causal_matches_sdpa():
+    q, k, v = random_qkv(1, 8, 2, 190, 190, 64, seed=3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out = run_prefill(q, k, v, causal_layout(190, 190, 8), torch.float32)
+    assert max_error(out, expected) < 2e-5
+
+
+def test_prefill_layout_batch_one_broadcasts_and_custom_scale():
+    q, k, v = random_qkv(3, 4, 2, 90, 150, 64, seed=5)
+    layout = random_layout(1, 4, 90, 150, p=0.4, seed=6)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale=0.3)
+    assert max_error(run_prefill(q, k, v, layout, torch.float32, scale=0.3), expected) < 2e-5
+
+
+def test_prefill_skips_blocks_no_query_can_see():
+    """A layout may list every block, including ones wholly above the causal diagonal."""
+    q, k, v = random_qkv(1, 2, 1, 150, 150, 64, seed=7)
+    every_block = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+    layout = BlockLayout.from_block_mask(every_block, 64, 150, 150)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale=0.125)
+    assert max_error(run_prefill(q, k, v, layout, torch.float32), expected) < 2e-5
+
+
+def test_prefill_empty_rows_are_zero_not_nan():
+    q, k, v = random_qkv(1, 3, 1, 150, 150, 64, seed=8)
+    blocks = torch.zeros(1, 3, 3, 3, dtype=torch.bool)
+    blocks[0, 0] = torch.eye(3, dtype=torch.bool)  # head 0: diagonal only; heads 1, 2: nothing
+    blocks[0, 1, 2, 0] = True  # head 1, last query block: only the first key block
+    out = run_prefill(q, k, v, BlockLayout.from_block_mask(blocks, 64, 150, 150), torch.float32)
+    assert not out.isnan().any()
+    assert out[0, 2].abs().max() == 0 and out[0, 1, :128].abs().max() == 0
+    assert out[0, 1, 128:].abs().min() > 0 and out[0, 0].abs().min() > 0
+
+
+def test_prefill_strided_inputs_from_bshd():
+    """transformers hands attention [B, H, S, D] views of [B, S, H, D] tensors."""
+    q, k, v = (
+        t.transpose(1, 2).contiguous().transpose(1, 2) for t in random_qkv(2, 4, 2, 77, 77, 64, seed=9)
+    )
+    assert not q.is_contiguous()
+    layout = random_layout(2, 4, 77, 77, seed=10)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale=0.125)
+    assert max_error(run_prefill(q, k, v, layout, torch.float32), expected) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_prefill_low_precision_within_reference_error(dtype, d):
+    q, k, v = random_qkv(1, 6, 2, 150, 200, d, seed=11)
+    layout = random_layout(1, 6, 150, 200, p=0.6, seed=12)
+    exact = block_sparse_attention_reference(q, k, v, layout, scale=d**-0.5)
+    low = [t.to(dtype) for t in (q, k, v)]
+    reference_error = max_error(block_sparse_attention_reference(*low, layout, scale=d**-0.5), exact)
+    out = run_prefill(q, k, v, layout, dtype)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert max_error(out, exact) <= 2 * reference_error
+
+
+@pytest.mark.parametrize(
+    "dtype, d, bs, match",
+    [
+        (torch.float64, 64, 64, "float16, bfloat16 or float32"),
+        (torch.float32, 96, 64, "head dims"),
+        (torch.float32, 64, 48, "block sizes"),
+    ],
+)
+def test_prefill_rejects_unsupported_inputs(dtype, d, bs, match):
+    q, k, v = random_qkv(1, 2, 1, 50, 50, d, dtype=dtype)
+    layout = causal_layout(50, 50, 2, block_size=bs)
+    with pytest.raises(TritonInputError, match=match):
+        block_sparse_attention(q, k, v, layout, backend="triton")
+
+
+def test_prefill_custom_op_passes_opcheck():
+    q, k, v = (t.float().to(DEVICE) for t in random_qkv(1, 4, 2, 70, 70, 64, seed=13))
+    layout = random_layout(1, 4, 70, 70, seed=14).to(DEVICE)
+    torch.library.opcheck(block_sparse_prefill, (q, k, v, layout.kv_num_blocks, layout.kv_indices, 64, 0.125))
+
+
+# ---------------------------------------------------------------- decode
+
+
+def random_cache(b, hq, hkv, capacity, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, hkv, capacity, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hkv, capacity, d, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+def random_block_lists(b, hq, kv_lens, group, block_size, seed, p=0.5):
+    """Per query head, a random ascending subset of its KV head's blocks (some heads empty)."""
+    g = torch.Generator().manual_seed(seed)
+    num_k = -(-int(kv_lens.max()) // block_size)
+    chosen = torch.rand(b, hq, num_k, generator=g) < p
+    head_blocks = -(-kv_lens.repeat_interleave(group, 1) // block_size)  # [B, Hq]
+    chosen &= torch.arange(num_k) < head_blocks[..., None]
+    chosen[0, 0] = False
+    kv_num_blocks = chosen.sum(-1).to(torch.int32)
+    order = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return kv_num_blocks, order[..., : max(int(kv_num_blocks.max()), 1)].to(torch.int32)
+
+
+def run_decode(q, k, v, kv_lens, *block_lists, dtype=torch.float32, **kw):
+    cast = [t.to(DEVICE, dtype) for t in (q, k, v)]
+    rest = [t.to(DEVICE) for t in (kv_lens, *block_lists)]
+    return block_sparse_decode_triton(*cast, *rest, **kw).cpu()
+
+
+def test_decode_reference_matches_prefill_reference_per_head():
+    """The decode specification is the prefill one with a single query row at each head's length."""
+    b, hq, hkv, bs = 2, 6, 3, 16
+    q, k, v = random_cache(b, hq, hkv, 100, 64, seed=20)
+    kv_lens = torch.tensor([[100, 37, 64], [5, 81, 1]], dtype=torch.int32)
+    num, idx = random_block_lists(b, hq, kv_lens, 2, bs, seed=21)
+    out = block_sparse_decode_reference(q, k, v, kv_lens, num, idx, block_size=bs)
+    blocks = BlockLayout(num[..., None], idx[:, :, None, :], bs, 1, 100).to_block_mask()  # [B, Hq, 1, nK]
+    for bi in range(b):
+        for h in range(hq):
+            n = int(kv_lens[bi, h // 2])
+            layout = BlockLayout.from_block_mask(blocks[bi : bi + 1, h : h + 1, :, : -(-n // bs)], bs, 1, n)
+            expected = block_sparse_attention_reference(
+                q[bi, h][None, None, None], k[bi, h // 2, :n][None, None], v[bi, h // 2, :n][None, None],
+                layout, scale=0.125,
+            )  # fmt: skip
+            torch.testing.assert_close(out[bi, h], expected[0, 0, 0])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_decode_mixed_windows_matches_reference(num_splits):
+    """Per-KV-head lengths differ (a dense head, window heads, an empty head); more splits than blocks."""
+    q, k, v = random_cache(2, 9, 3, 300, 64, seed=22)
+    kv_lens = torch.tensor([[300, 70, 129], [0, 257, 64]], dtype=torch.int32)
+    expected = block_sparse_decode_reference(q, k, v, kv_lens)
+    out = run_decode(q, k, v, kv_lens, num_splits=num_splits)
+    assert max_error(out, expected) < 2e-5
+    assert out[1, :3].abs().max() == 0  # KV head 0 of batch 1 holds nothing
+
+
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (32, 8, 128)])
+def test_decode_block_lists_match_reference(hq, hkv, d):
+    q, k, v = random_cache(2, hq, hkv, 400, d, seed=hq)
+    kv_lens = torch.randint(1, 401, (2, hkv), generator=torch.Generator().manual_seed(d), dtype=torch.int32)
+    num, idx = random_block_lists(2, hq, kv_lens, hq // hkv, 64, seed=d)
+    expected = block_sparse_decode_reference(q, k, v, kv_lens, num, idx, block_size=64)
+    out = run_decode(q, k, v, kv_lens, num, idx, num_splits=2)
+    assert max_error(out, expected) < 2e-5
+    assert out[0, 0].abs().max() == 0  # the empty block list
+
+
+def test_decode_block_list_batch_one_broadcasts():
+    q, k, v = random_cache(3, 4, 2, 200, 64, seed=23)
+    kv_lens = torch.tensor([[200, 150]] * 3, dtype=torch.int32)
+    num, idx = random_block_lists(1, 4, kv_lens[:1], 2, 32, seed=24, p=0.7)
+    expected = block_sparse_decode_reference(q, k, v, kv_lens, num, idx, block_size=32)
+    assert max_error(run_decode(q, k, v, kv_lens, num, idx, block_size=32), expected) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_low_precision_within_reference_error(dtype):
+    q, k, v = random_cache(1, 8, 2, 500, 128, seed=25)
+    kv_lens = torch.tensor([[500, 200]], dtype=torch.int32)
+    exact = block_sparse_decode_reference(q, k, v, kv_lens)
+    low = [t.to(dtype) for t in (q, k, v)]
+    reference_error = max_error(block_sparse_decode_reference(*low, kv_lens), exact)
+    out = run_decode(q, k, v, kv_lens, dtype=dtype, num_splits=3)
+    assert out.dtype == dtype and max_error(out, exact) <= 2 * reference_error
+
+
+def test_decode_rejects_bad_inputs():
+    q, k, v = random_cache(1, 4, 2, 64, 64, seed=26, dtype=torch.float32)
+    with pytest.raises(TritonInputError, match="kv_lens"):
+        block_sparse_decode_triton(q, k, v, torch.tensor([64, 64]))
+    with pytest.raises(TritonInputError, match="both"):
+        block_sparse_decode_triton(q, k, v, torch.tensor([[64, 64]]), kv_num_blocks=torch.ones(1, 4))
+    with pytest.raises(TritonInputError, match="head dims"):
+        block_sparse_decode_triton(q[..., :32], k[..., :32], v[..., :32], torch.tensor([[64, 64]]))
+
+
+def test_decode_custom_op_passes_opcheck():
+    q, k, v = (t.float().to(DEVICE) for t in random_cache(1, 4, 2, 100, 64, seed=27))
+    kv_lens = torch.tensor([[100, 30]], dtype=torch.int32, device=DEVICE)
+    num = torch.tensor([[1, 2, 0, 1]], dtype=torch.int32, device=DEVICE)
+    idx = torch.tensor([[[1, 0], [0, 1], [0, 0], [0, 0]]], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(block_sparse_decode, (q, k, v, kv_lens, None, None, 64, 0.125, 2))
+    torch.library.opcheck(block_sparse_decode, (q, k, v, kv_lens, num, idx, 64, 0.125, 2))
+
+
+# ---------------------------------------------------------------- real compiler, no GPU needed
+
+COMPILE_SCRIPT = Path(__file__).with_name("triton_compile_check.py")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively instead")
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the real compiler rejects: build every kernel variant to cubin."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run(
+        [sys.executable, str(COMPILE_SCRIPT), "--arch", "90", "--quick"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_prefill_long_matches_reference(dtype):
+    sq, sk, d = 3000, 4097, 128
+    q, k, v = random_qkv(1, 8, 2, sq, sk, d, dtype=torch.float32, device="cuda", seed=30)
+    layout = random_layout(1, 8, sq, sk, p=0.3, seed=31).to("cuda")
+    exact = block_sparse_attention_reference(q, k, v, layout, scale=d**-0.5)
+    low = [t.to(dtype) for t in (q, k, v)]
+    reference_error = max_error(block_sparse_attention_reference(*low, layout, scale=d**-0.5), exact)
+    out = block_sparse_attention(*low, layout, backend="triton")
+    assert max_error(out, exact) <= 2 * reference_error
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_compiles_and_graphs():
+    q, k, v = random_qkv(1, 8, 2, 1000, 1000, 128, dtype=torch.bfloat16, device="cuda", seed=32)
+    layout = random_layout(1, 8, 1000, 1000, seed=33).to("cuda")
+    eager = block_sparse_prefill(q, k, v, layout.kv_num_blocks, layout.kv_indices, 64, 0.1)
+    compiled = torch.compile(block_sparse_prefill, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, layout.kv_num_blocks, layout.kv_indices, 64, 0.1), eager)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_long_and_cuda_graph():
+    q, k, v = random_cache(1, 32, 8, 16384, 128, seed=34, dtype=torch.bfloat16)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    kv_lens = torch.tensor([[16384, 4096, 1000, 16000, 64, 9000, 16384, 2]], dtype=torch.int32, device="cuda")
+    expected = block_sparse_decode_reference(q.float(), k.float(), v.float(), kv_lens)
+    out = block_sparse_decode_triton(q, k, v, kv_lens)
+    assert max_error(out, expected) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    block_sparse_decode_triton(q, k, v, kv_lens)  # compile outside the capture
+    with torch.cuda.graph(graph):
+        captured = block_sparse_decode_triton(q, k, v, kv_lens)
+    graph.replay()
+    torch.testing.assert_close(captured, out)
