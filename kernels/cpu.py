@@ -180,10 +180,13 @@ def _split_run(a: int, e: int, p0: int, p1: int) -> list[tuple[str, int, int, st
         # Keys from 0 (sinks) stay put across query blocks; anything else moves with them.
         return ("abs", 0) if start == 0 else ("rel", start - p0)
 
+    # Keys before p0 are visible to every row; a single row (decoding) sees its own position too,
+    # and then the run is one piece.
+    shared = min(e, p0 + 1 if p0 == p1 else p0)
     pieces = []
-    if a < min(e, p0):
-        pieces.append((*anchored(a), min(e, p0) - a, "none", 0))
-    tail = max(a, p0)
+    if a < shared:
+        pieces.append((*anchored(a), shared - a, "none", 0))
+    tail = max(a, shared)
     if tail < e:
         if tail == p0 and e == p1 + 1:
             pieces.append((*anchored(tail), e - tail, "causal", 0))
