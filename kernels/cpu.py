@@ -89,6 +89,10 @@ def block_sparse_attention_torch(
     if v.shape[-1] != q.shape[-1] or q.device.type != "cpu":
         # The fused op wants one head size for Q/K/V and CPU tensors.
         return block_sparse_attention_reference(q, k, v, layout, scale)
+    if layout.q_len == 1 and bool((layout.kv_num_blocks == layout.num_kv_blocks).all()):
+        # A decoding step that sees every key (a plan's trimmed KV cache): plain attention, no
+        # schedule to build for a layout that changes with every token.
+        return _flash(q, k, v, scale=scale)[0]
     return run_schedule(q, k, v, layout, schedule_for(layout, k.shape[1]), scale)
 
 

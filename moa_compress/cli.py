@@ -194,6 +194,10 @@ def echo_progress(line: str) -> None:
     typer.echo(line, err=True)
 
 
+def command_line() -> str:
+    return " ".join(["moa-compress", *sys.argv[1:]])
+
+
 @bench_app.command("attention")
 @user_errors
 def bench_attention_cmd(
@@ -219,10 +223,10 @@ def bench_attention_cmd(
         parse_list(densities, "--densities"),
         names,
         repeats=repeats,
-        progress=None if as_json else echo_progress,
+        progress=echo_progress,
     )
     if as_json:
-        typer.echo(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
     else:
         typer.echo(attention_table(rows, names))
 
@@ -253,10 +257,10 @@ def bench_prefill_cmd(
     net, _ = load(model, dtype)
     typer.echo(f"machine: {machine()}", err=True)
     rows = bench_prefill(
-        net, parse_lengths(lengths), density, names, repeats=repeats, progress=None if as_json else echo_progress
+        net, parse_lengths(lengths), density, names, repeats=repeats, progress=echo_progress
     )
     if as_json:
-        typer.echo(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
     else:
         typer.echo(prefill_table(rows, names))
 
@@ -287,10 +291,10 @@ def bench_decode_cmd(
     typer.echo(f"machine: {machine()}", err=True)
     rows = bench_decode(
         net, parse_lengths(contexts, "--contexts"), density, backend, new_tokens=new_tokens, repeats=repeats,
-        progress=None if as_json else echo_progress,
+        progress=echo_progress,
     )
     if as_json:
-        typer.echo(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
     else:
         typer.echo(decode_table(rows))
 
