@@ -89,6 +89,10 @@ def block_sparse_attention_torch(
     if v.shape[-1] != q.shape[-1] or q.device.type != "cpu":
         # The fused op wants one head size for Q/K/V and CPU tensors.
         return block_sparse_attention_reference(q, k, v, layout, scale)
+    if layout.q_len == 1 and bool((layout.kv_num_blocks == layout.num_kv_blocks).all()):
+        # A decoding step that sees every key (a plan's trimmed KV cache): plain attention, no
+        # schedule to build for a layout that changes with every token.
+        return _flash(q, k, v, scale=scale)[0]
     return run_schedule(q, k, v, layout, schedule_for(layout, k.shape[1]), scale)
 
 
@@ -180,10 +184,13 @@ def _split_run(a: int, e: int, p0: int, p1: int) -> list[tuple[str, int, int, st
         # Keys from 0 (sinks) stay put across query blocks; anything else moves with them.
         return ("abs", 0) if start == 0 else ("rel", start - p0)
 
+    # Keys before p0 are visible to every row; a single row (decoding) sees its own position too,
+    # and then the run is one piece.
+    shared = min(e, p0 + 1 if p0 == p1 else p0)
     pieces = []
-    if a < min(e, p0):
-        pieces.append((*anchored(a), min(e, p0) - a, "none", 0))
-    tail = max(a, p0)
+    if a < shared:
+        pieces.append((*anchored(a), shared - a, "none", 0))
+    tail = max(a, shared)
     if tail < e:
         if tail == p0 and e == p1 + 1:
             pieces.append((*anchored(tail), e - tail, "causal", 0))

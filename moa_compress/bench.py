@@ -37,17 +37,24 @@ def machine() -> dict[str, Any]:
     }
 
 
-def best_times(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Seconds per call of each candidate: one warm-up call each, then ``repeats`` rounds that
-    run every candidate once; the minimum over rounds."""
-    for fn in candidates.values():
-        fn()
-    best = dict.fromkeys(candidates, float("inf"))
+def best_times(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True) -> dict[str, Any]:
+    """Best wall-clock and best process CPU seconds per call of each candidate: (optionally) one
+    warm-up call each, then ``repeats`` rounds that run every candidate once.
+
+    Returns ``{name: seconds}`` (wall) and ``{name + "_cpu": seconds}``. With one torch thread the
+    CPU time is the work done, whatever else loads the machine; the wall time is what a user waits.
+    """
+    if warmup:
+        for fn in candidates.values():
+            fn()
+    best: dict[str, float] = {}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name] = min(best.get(name, float("inf")), wall)
+            best[name + "_cpu"] = min(best.get(name + "_cpu", float("inf")), cpu)
     return best
 
 
@@ -116,6 +123,7 @@ def bench_attention(
                     "density": d,
                     "exact_density": round(exact, 4),
                     "sdpa_s": times["sdpa"],
+                    "sdpa_cpu_s": times["sdpa_cpu"],
                 }
                 for name in backends:
                     speedup = times["sdpa"] / times[name]
@@ -124,6 +132,8 @@ def bench_attention(
                             f"{name}_s": times[name],
                             f"{name}_speedup": speedup,
                             f"{name}_ideal": speedup * exact,
+                            f"{name}_cpu_s": times[f"{name}_cpu"],
+                            f"{name}_cpu_speedup": times["sdpa_cpu"] / times[f"{name}_cpu"],
                         }
                     )
                 rows.append(row)
@@ -148,10 +158,11 @@ def attention_candidates(q, k, v, layout, backends: Sequence[str]) -> dict[str, 
 
 
 def attention_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> str:
-    """Markdown table: times in ms, speedup over dense causal SDPA, speedup × density."""
+    """Markdown table: wall times in ms, speedup over dense causal SDPA, speedup × density, and the
+    speedup in process CPU time."""
     header = ["N", "dtype", "density", "SDPA ms"]
     for name in backends:
-        header += [f"{name} ms", f"{name} speedup", f"{name} × d"]
+        header += [f"{name} ms", f"{name} speedup", f"{name} × d", f"{name} CPU-time speedup"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row["n"]), row["dtype"], f"{row['exact_density']:.3f}", f"{row['sdpa_s'] * 1e3:.1f}"]
@@ -160,6 +171,207 @@ def attention_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> 
                 f"{row[f'{name}_s'] * 1e3:.1f}",
                 f"{row[f'{name}_speedup']:.2f}x",
                 f"{row[f'{name}_ideal']:.2f}",
+                f"{row[f'{name}_cpu_speedup']:.2f}x",
             ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-model prefill and decode
+
+
+def random_tokens(model: Any, n: int, seed: int = 0) -> torch.Tensor:  # [1, n] int64
+    """Token ids for timing: speed does not depend on the text, only on its length."""
+    g = torch.Generator().manual_seed(seed + n)
+    return torch.randint(model.config.vocab_size, (1, n), generator=g).to(model.device)
+
+
+def prefill(model: Any, ids: torch.Tensor) -> None:
+    """One prompt forward as generation runs it: no cache kept, logits of the last token only."""
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
+def bench_prefill(
+    model: Any,
+    lengths: Sequence[int] = (2048, 4096, 8192),
+    density: float = 0.25,
+    backends: Sequence[str] = ATTENTION_BACKENDS,
+    *,
+    repeats: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Whole forward of ``model`` at each length: its own dense attention (SDPA) vs a uniform
+    sink + window plan of ``density`` per backend. One row per length: ``dense_s``, and per backend
+    ``<name>_s`` and ``<name>_speedup``."""
+    from moa_compress.plan import identity_of, uniform_plan
+    from moa_compress.runtime import apply_plan
+
+    check_backends(backends)
+    identity = identity_of(model)
+    rows = []
+    for n in lengths:
+        plan = uniform_plan(identity, density, [n], block_size=64)
+        ids = random_tokens(model, n)
+        candidates: dict[str, Callable[[], Any]] = {"dense": lambda ids=ids: prefill(model, ids)}
+        for name in backends:
+            # One handle per backend keeps its layout cache across rounds; it is switched on only
+            # for its own calls so the rounds can interleave with the dense ones.
+            handle = apply_plan(model, plan, backend=name)
+            handle.remove()
+            candidates[name] = lambda handle=handle, ids=ids: run_with_plan(handle, model, ids)
+        if "flex" in candidates:
+            candidates["flex"]()  # compiles; the other candidates' first calls cost what later ones do
+        times = best_times(candidates, repeats, warmup=False)
+        row: dict[str, Any] = {
+            "n": n,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "density": round(plan.density(n), 4),
+            "dense_attention": model.config._attn_implementation,
+            "dense_s": times["dense"],
+            "dense_cpu_s": times["dense_cpu"],
+        }
+        for name in backends:
+            row.update(
+                {
+                    f"{name}_s": times[name],
+                    f"{name}_speedup": times["dense"] / times[name],
+                    f"{name}_cpu_s": times[f"{name}_cpu"],
+                    f"{name}_cpu_speedup": times["dense_cpu"] / times[f"{name}_cpu"],
+                }
+            )
+        rows.append(row)
+        if progress:
+            progress(prefill_table([row], backends).splitlines()[-1])
+    return rows
+
+
+def run_with_plan(handle: Any, model: Any, ids: torch.Tensor) -> None:
+    handle.install()
+    try:
+        prefill(model, ids)
+    finally:
+        handle.remove()
+
+
+def prefill_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> str:
+    header = ["N", "dtype", "plan density", "dense s", "dense CPU s"]
+    for name in backends:
+        header += [f"{name} s", f"{name} speedup", f"{name} CPU s", f"{name} CPU-time speedup"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            str(row["n"]),
+            row["dtype"],
+            f"{row['density']:.3f}",
+            f"{row['dense_s']:.2f}",
+            f"{row['dense_cpu_s']:.2f}",
+        ]
+        for name in backends:
+            cells += [
+                f"{row[f'{name}_s']:.2f}",
+                f"{row[f'{name}_speedup']:.2f}x",
+                f"{row[f'{name}_cpu_s']:.2f}",
+                f"{row[f'{name}_cpu_speedup']:.2f}x",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dynamic_cache_bytes(cache: Any) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
+def time_decode(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> float:
+    """Prefill ``ids`` into ``cache``, then greedy-decode ``new_tokens`` one at a time; returns
+    seconds per decoded token (the prefill not counted)."""
+    from moa_compress.runtime import cache_kwarg
+
+    with_cache = {cache_kwarg(model): cache, "use_cache": True}
+    with torch.no_grad():
+        logits = model(input_ids=ids, logits_to_keep=1, **with_cache).logits
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = logits[:, -1:].argmax(-1)
+            logits = model(input_ids=token, **with_cache).logits
+        return (time.perf_counter() - start) / new_tokens
+
+
+def bench_decode(
+    model: Any,
+    contexts: Sequence[int] = (2048, 4096),
+    density: float = 0.25,
+    backend: str = "torch",
+    *,
+    new_tokens: int = 32,
+    repeats: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Decoding after a prompt of each length: dense attention with a full ``DynamicCache`` vs a
+    uniform plan of ``density`` with :class:`PlanKVCache`. Per context: ms per token (best of
+    ``repeats`` runs of ``new_tokens`` tokens) and KV-cache bytes after decoding."""
+    from transformers import DynamicCache
+
+    from moa_compress.plan import identity_of, uniform_plan
+    from moa_compress.runtime import PlanKVCache, apply_plan
+
+    check_backends([backend])
+    identity = identity_of(model)
+    rows = []
+    for n in contexts:
+        plan = uniform_plan(identity, density, [n + new_tokens], block_size=64)
+        ids = random_tokens(model, n)
+        dense_s = plan_s = float("inf")
+        for _ in range(repeats):
+            dense_cache = DynamicCache(config=model.config)
+            dense_s = min(dense_s, time_decode(model, ids, dense_cache, new_tokens))
+            with apply_plan(model, plan, backend=backend):
+                plan_cache = PlanKVCache(model.config, plan)
+                plan_s = min(plan_s, time_decode(model, ids, plan_cache, new_tokens))
+        memory = plan_cache.memory()
+        row = {
+            "context": n,
+            "new_tokens": new_tokens,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "density": round(plan.density(n + new_tokens), 4),
+            "dense_ms_per_token": dense_s * 1e3,
+            "plan_ms_per_token": plan_s * 1e3,
+            "speedup": dense_s / plan_s,
+            "dense_kv_bytes": dynamic_cache_bytes(dense_cache),
+            "plan_kv_bytes": memory["stored_bytes"],
+            "kv_fraction": memory["stored_bytes"] / dynamic_cache_bytes(dense_cache),
+        }
+        rows.append(row)
+        if progress:
+            progress(decode_table([row]).splitlines()[-1])
+    return rows
+
+
+def decode_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = [
+        "context",
+        "dtype",
+        "plan density",
+        "dense ms/token",
+        "plan ms/token",
+        "speedup",
+        "dense KV MiB",
+        "plan KV MiB",
+        "KV fraction",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            str(r["context"]),
+            r["dtype"],
+            f"{r['density']:.3f}",
+            f"{r['dense_ms_per_token']:.1f}",
+            f"{r['plan_ms_per_token']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['dense_kv_bytes'] / 2**20:.1f}",
+            f"{r['plan_kv_bytes'] / 2**20:.1f}",
+            f"{r['kv_fraction']:.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -194,6 +194,10 @@ def echo_progress(line: str) -> None:
     typer.echo(line, err=True)
 
 
+def command_line() -> str:
+    return " ".join(["moa-compress", *sys.argv[1:]])
+
+
 @bench_app.command("attention")
 @user_errors
 def bench_attention_cmd(
@@ -219,12 +223,80 @@ def bench_attention_cmd(
         parse_list(densities, "--densities"),
         names,
         repeats=repeats,
-        progress=None if as_json else echo_progress,
+        progress=echo_progress,
     )
     if as_json:
-        typer.echo(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
     else:
         typer.echo(attention_table(rows, names))
+
+
+ModelDtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: bfloat16 | float32.")]
+
+
+@bench_app.command("prefill")
+@user_errors
+def bench_prefill_cmd(
+    model: ModelArg = None,
+    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "2048,4096,8192",
+    density: Annotated[float, typer.Option(help="Density of the uniform plan.")] = 0.25,
+    backends: Annotated[str, typer.Option(help="Comma-separated: torch, flex.")] = "torch,flex",
+    dtype: ModelDtypeOpt = "bfloat16",
+    repeats: RepeatsOpt = 2,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Whole-model prefill: dense SDPA vs a uniform plan per backend."""
+    import torch
+
+    from moa_compress.bench import bench_prefill, machine, prefill_table
+
+    check_fraction(density, "--density")
+    torch.set_num_threads(threads)
+    names = parse_list(backends, "--backends", str)
+    net, _ = load(model, dtype)
+    typer.echo(f"machine: {machine()}", err=True)
+    rows = bench_prefill(
+        net, parse_lengths(lengths), density, names, repeats=repeats, progress=echo_progress
+    )
+    if as_json:
+        typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
+    else:
+        typer.echo(prefill_table(rows, names))
+
+
+@bench_app.command("decode")
+@user_errors
+def bench_decode_cmd(
+    model: ModelArg = None,
+    contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "2048,4096",
+    density: Annotated[float, typer.Option(help="Density of the uniform plan.")] = 0.25,
+    backend: Annotated[str, typer.Option(help="Attention backend for the plan: torch or flex.")] = "torch",
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per timed run.")] = 32,
+    dtype: ModelDtypeOpt = "bfloat16",
+    repeats: RepeatsOpt = 2,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decoding: ms/token and KV-cache bytes, dense DynamicCache vs plan + PlanKVCache."""
+    import torch
+
+    from moa_compress.bench import bench_decode, decode_table, machine
+
+    check_fraction(density, "--density")
+    if new_tokens < 1:
+        fail(f"--new-tokens must be positive, got {new_tokens}")
+    torch.set_num_threads(threads)
+    net, _ = load(model, dtype)
+    typer.echo(f"machine: {machine()}", err=True)
+    rows = bench_decode(
+        net, parse_lengths(contexts, "--contexts"), density, backend, new_tokens=new_tokens, repeats=repeats,
+        progress=echo_progress,
+    )
+    if as_json:
+        typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
+    else:
+        typer.echo(decode_table(rows))
 
 
 # --- eval

@@ -143,6 +143,15 @@ def test_low_precision_error_is_bounded_by_the_references_own(dtype, name):
         assert error <= 3 * ref_error + 1e-6, (error, ref_error)
 
 
+def test_decode_row_seeing_every_key():
+    q, k, v = random_qkv(2, 6, 2, 1, 130, d=16)
+    layout = causal_layout(1, 130, 6, 64)
+    out = block_sparse_attention(q, k, v, layout, backend="torch")
+    torch.testing.assert_close(
+        out, block_sparse_attention_reference(q, k, v, layout, 0.25), rtol=0, atol=1e-12
+    )
+
+
 def test_float32_dense_layout_matches_sdpa():
     q, k, v = random_qkv(1, 9, 3, 500, d=64, dtype=torch.float32)
     out = block_sparse_attention(q, k, v, causal_layout(500, 500, 9), backend="torch")

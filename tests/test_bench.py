@@ -55,3 +55,17 @@ def test_bench_attention_cli_rejects_bad_options():
         result = runner.invoke(app, ["bench", "attention", "--lengths", "128", "--repeats", "1", *args])
         assert result.exit_code == 2, result.output
         assert message in result.stderr
+
+
+def test_bench_prefill_and_decode_on_a_tiny_model():
+    from moa_compress.bench import bench_decode, bench_prefill, decode_table, prefill_table
+    from tests.factories import tiny_model
+
+    model = tiny_model("llama")
+    rows = bench_prefill(model, [512], density=0.5, backends=["torch"], repeats=1)
+    assert rows[0]["n"] == 512 and rows[0]["density"] <= 0.5 and rows[0]["torch_s"] > 0
+    assert "torch CPU-time speedup" in prefill_table(rows, ["torch"])
+    rows = bench_decode(model, [512], density=0.5, new_tokens=2, repeats=1)
+    assert 0 < rows[0]["kv_fraction"] < 1 and rows[0]["plan_ms_per_token"] > 0
+    assert "KV fraction" in decode_table(rows)
+    assert model.config._attn_implementation == "sdpa"  # plans removed afterwards
