@@ -115,7 +115,8 @@ def block_sparse_prefill_kernel(
     PRECISION: tl.constexpr,
 ):
     """One program per (query tile, batch * query head): FlashAttention-2 over the row's key blocks."""
-    q_tile = tl.program_id(0)
+    # Later query tiles see more keys under causality: launch them first so short ones fill the tail.
+    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     batch_head = tl.program_id(1)
     b = (batch_head // num_heads).to(tl.int64)
     h = batch_head % num_heads
