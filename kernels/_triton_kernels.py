@@ -173,7 +173,7 @@ def block_sparse_decode_split_kernel(
     K,  # [B, Hkv, S, D]
     V,  # [B, Hkv, S, D]
     KvLens,  # [B, Hkv] int32
-    KvNumBlocks,  # [B or 1, Hq] int32 (unused without HAS_BLOCK_LIST)
+    KvNumBlocks,  # [B or 1, Hq] int32
     KvIndices,  # [B or 1, Hq, maxK] int32, last dim contiguous
     OutPart,  # [B * Hq, num_splits, D] float32, normalised per split
     LsePart,  # [B * Hq, num_splits] float32, base-2 log-sum-exp per split (-inf when empty)
@@ -196,9 +196,9 @@ def block_sparse_decode_split_kernel(
     qk_scale,
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    HAS_BLOCK_LIST: tl.constexpr,
 ):
-    """One program per (batch * query head, split): one query token over a contiguous share of its blocks."""
+    """One program per (batch * query head, split): one query token over a contiguous share of the
+    blocks its own list names (query heads of one KV head may read different blocks)."""
     batch_head = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -207,10 +207,7 @@ def block_sparse_decode_split_kernel(
     kv_head = (h // group).to(tl.int64)
 
     kv_len = tl.load(KvLens + b * stride_lb + kv_head * stride_lh)
-    if HAS_BLOCK_LIST:
-        num_blocks = tl.load(KvNumBlocks + b * stride_nb + h * stride_nh)
-    else:
-        num_blocks = tl.cdiv(kv_len, BLOCK)
+    num_blocks = tl.load(KvNumBlocks + b * stride_nb + h * stride_nh)
     block_list = KvIndices + b * stride_ib + h * stride_ih
     per_split = tl.cdiv(num_blocks, num_splits)
     first = split * per_split
@@ -226,10 +223,7 @@ def block_sparse_decode_split_kernel(
     total = tl.zeros([1], dtype=tl.float32)
     running_max = tl.full([1], float("-inf"), dtype=tl.float32)
     for i in range(first, last):
-        if HAS_BLOCK_LIST:
-            kv_block = tl.load(block_list + i)
-        else:
-            kv_block = i
+        kv_block = tl.load(block_list + i)
         cols = kv_block * BLOCK + offs_n
         valid = cols < kv_len
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -249,6 +243,91 @@ def block_sparse_decode_split_kernel(
     out = acc / tl.where(total > 0.0, total, 1.0)
     tl.store(OutPart + (batch_head * num_splits + split).to(tl.int64) * HEAD_DIM + offs_d, out)
     tl.store(LsePart + batch_head * num_splits + split + tl.arange(0, 1), lse)
+
+
+@triton.jit
+def decode_group_split_kernel(
+    Q,  # [B, Hq, D]
+    K,  # [B, Hkv, S, D]
+    V,  # [B, Hkv, S, D]
+    KvLens,  # [B, Hkv] int32
+    OutPart,  # [B * Hq, num_splits, D] float32, normalised per split
+    LsePart,  # [B * Hq, num_splits] float32, base-2 log-sum-exp per split (-inf when empty)
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_lb,
+    stride_lh,
+    num_kv_heads,
+    qk_scale,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_ROWS: tl.constexpr,  # GROUP padded to a tensor-core tile height (>= 16)
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program per (batch * KV head, split) for heads that read their whole cache: all query heads
+    of the KV head go together, so each K/V block is read once for the group (GQA), on tensor cores."""
+    batch_kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = (batch_kv_head // num_kv_heads).to(tl.int64)
+    kv_head = (batch_kv_head % num_kv_heads).to(tl.int64)
+
+    kv_len = tl.load(KvLens + b * stride_lb + kv_head * stride_lh)
+    num_blocks = tl.cdiv(kv_len, BLOCK)
+    per_split = tl.cdiv(num_blocks, num_splits)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_blocks)
+
+    rows = tl.arange(0, GROUP_ROWS)
+    heads = kv_head * GROUP + rows  # query heads of this KV head; rows >= GROUP are padding
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=rows[:, None] < GROUP,
+        other=0.0,
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], dtype=tl.float32)
+    row_sum = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+    row_max = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+    for kv_block in range(first, last):
+        cols = kv_block * BLOCK + offs_n
+        valid = cols < kv_len
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_ROWS, BLOCK]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        # Every visited block holds at least one valid key, so the maximum is finite.
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        correction = tl.math.exp2(row_max - new_max)
+        p = tl.math.exp2(scores - new_max[:, None])
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
+        row_max = new_max
+
+    has_keys = row_sum > 0.0
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    lse = tl.where(has_keys, row_max + tl.math.log2(safe_sum), float("-inf"))
+    out = acc / safe_sum[:, None]
+    slots = ((b * num_kv_heads + kv_head) * GROUP + rows) * num_splits + split  # [GROUP_ROWS] int64
+    tl.store(OutPart + slots[:, None] * HEAD_DIM + offs_d[None, :], out, mask=rows[:, None] < GROUP)
+    tl.store(LsePart + slots, lse, mask=rows < GROUP)
 
 
 @triton.jit

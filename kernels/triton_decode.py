@@ -18,7 +18,9 @@ no causal mask is needed. A head that sees nothing returns zeros. Query head ``h
 
 Long contexts are split over KV blocks ("split-K", as in FlashDecoding): ``num_splits`` programs per
 head each reduce a contiguous share of the head's blocks to a normalised partial output and its
-log-sum-exp; a second kernel merges them. The op is registered as
+log-sum-exp; a second kernel merges them. Without block lists all query heads of a KV head share one
+program (each K/V block is read once per group, scores on tensor cores); with block lists each query
+head has its own program, since heads of one group may read different blocks. The op is registered as
 ``torch.ops.moa_compress.block_sparse_decode`` with a fake implementation.
 """
 
@@ -51,7 +53,11 @@ def block_sparse_decode(
     """Split-K decode attention; see the module docstring. Inputs are assumed valid."""
     import triton
 
-    from ._triton_kernels import block_sparse_decode_split_kernel, merge_splits_kernel
+    from ._triton_kernels import (
+        block_sparse_decode_split_kernel,
+        decode_group_split_kernel,
+        merge_splits_kernel,
+    )
 
     b, hq, d = q.shape
     hkv = k.shape[1]
@@ -60,28 +66,33 @@ def block_sparse_decode(
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    has_block_list = kv_indices is not None
-    if has_block_list:
-        kv_num_blocks = kv_num_blocks.to(torch.int32)
-        kv_indices = kv_indices.to(torch.int32).contiguous()
-        layout_batch = kv_num_blocks.shape[0] == b
-        layout_strides = (
-            kv_num_blocks.stride(0) if layout_batch else 0, kv_num_blocks.stride(1),
-            kv_indices.stride(0) if layout_batch else 0, kv_indices.stride(1),
-        )  # fmt: skip
-    else:
-        kv_num_blocks = kv_indices = kv_lens  # placeholders the kernel never reads
-        layout_strides = (0, 0, 0, 0)
     out_part = torch.empty(b * hq, num_splits, d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=q.device)
-    options = decode_launch_options()
+    cache_strides = (*k.stride()[:3], *v.stride()[:3], kv_lens.stride(0), kv_lens.stride(1))
+    qk_scale = scale * 1.4426950408889634  # log2(e): the kernels use exp2
+    options = decode_launch_options(q.dtype, grouped=kv_indices is None)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        block_sparse_decode_split_kernel[(b * hq, num_splits)](
-            q, k, v, kv_lens, kv_num_blocks, kv_indices, out_part, lse_part,
-            q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], kv_lens.stride(0), kv_lens.stride(1),
-            *layout_strides, hq, hq // hkv, scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-            BLOCK=block_size, HEAD_DIM=d, HAS_BLOCK_LIST=has_block_list, **options,
-        )  # fmt: skip
+        if kv_indices is None:
+            group = hq // hkv
+            decode_group_split_kernel[(b * hkv, num_splits)](
+                q, k, v, kv_lens, out_part, lse_part, q.stride(0), q.stride(1), *cache_strides, hkv, qk_scale,
+                GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), BLOCK=block_size, HEAD_DIM=d,
+                **options,
+            )  # fmt: skip
+        else:
+            kv_num_blocks = kv_num_blocks.to(torch.int32)
+            kv_indices = kv_indices.to(torch.int32).contiguous()
+            # A block list with batch 1 serves every batch entry: stride 0.
+            per_batch = kv_num_blocks.shape[0] == b
+            block_list_strides = (
+                kv_num_blocks.stride(0) if per_batch else 0, kv_num_blocks.stride(1),
+                kv_indices.stride(0) if per_batch else 0, kv_indices.stride(1),
+            )  # fmt: skip
+            block_sparse_decode_split_kernel[(b * hq, num_splits)](
+                q, k, v, kv_lens, kv_num_blocks, kv_indices, out_part, lse_part, q.stride(0), q.stride(1),
+                *cache_strides, *block_list_strides, hq, hq // hkv, qk_scale,
+                BLOCK=block_size, HEAD_DIM=d, **options,
+            )  # fmt: skip
         merge_splits_kernel[(b * hq,)](
             out_part, lse_part, out, num_splits, SPLITS=triton.next_power_of_2(num_splits), HEAD_DIM=d
         )
@@ -93,18 +104,25 @@ def _(q, k, v, kv_lens, kv_num_blocks, kv_indices, block_size, scale, num_splits
     return q.new_empty(q.shape)
 
 
-def decode_launch_options() -> dict:
-    """Warps and pipeline stages of the split kernel (the interpreter takes none)."""
-    return {} if interpreting() else {"num_warps": 4, "num_stages": 3}
+def decode_launch_options(dtype: torch.dtype, grouped: bool) -> dict:
+    """Compile-time choices of the split kernels (the interpreter takes no warps or stages)."""
+    options = {}
+    if grouped:
+        # Same dot settings as prefill: float32-accurate dots for float32, widened bf16 in the interpreter.
+        options["PRECISION"] = "tf32x3" if dtype == torch.float32 else "tf32"
+        options["DOT_FP32"] = interpreting() and dtype == torch.bfloat16
+    if not interpreting():
+        options.update(num_warps=4, num_stages=3)
+    return options
 
 
-def default_num_splits(batch_heads: int, max_blocks: int, device: torch.device) -> int:
+def default_num_splits(programs_per_split: int, max_blocks: int, device: torch.device) -> int:
     """Enough programs to fill the GPU a few times over, never more splits than blocks."""
     if device.type == "cuda":
         programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        programs = 4 * batch_heads  # the interpreter: a few splits, to exercise the merge
-    return max(1, min(max_blocks, -(-programs // max(batch_heads, 1)), _MAX_SPLITS))
+        programs = 4 * programs_per_split  # the interpreter: a few splits, to exercise the merge
+    return max(1, min(max_blocks, -(-programs // max(programs_per_split, 1)), _MAX_SPLITS))
 
 
 def check_decode_inputs(q, k, v, kv_lens, kv_num_blocks, kv_indices) -> None:
@@ -167,7 +185,9 @@ def block_sparse_decode_triton(
         scale = 1.0 / math.sqrt(q.shape[-1])
     max_blocks = kv_indices.shape[-1] if kv_indices is not None else -(-k.shape[2] // block_size)
     if num_splits is None:
-        num_splits = default_num_splits(q.shape[0] * q.shape[1], max_blocks, q.device)
+        # Whole-cache heads go one program per KV head (GQA group), block lists one per query head.
+        programs_per_split = q.shape[0] * (q.shape[1] if kv_indices is not None else k.shape[1])
+        num_splits = default_num_splits(programs_per_split, max_blocks, q.device)
     if num_splits < 1:
         raise TritonInputError(f"num_splits must be at least 1; got {num_splits}")
     return block_sparse_decode(q, k, v, kv_lens, kv_num_blocks, kv_indices, block_size, scale, num_splits)

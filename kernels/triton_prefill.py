@@ -107,7 +107,8 @@ def block_sparse_prefill(
     hkv, sk = k.shape[1], k.shape[2]
     # The kernel steps along D with stride 1.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    kv_num_blocks = kv_num_blocks.to(torch.int32)
+    # The kernel steps along the last dim of both with stride 1.
+    kv_num_blocks = kv_num_blocks.to(torch.int32).contiguous()
     kv_indices = kv_indices.to(torch.int32).contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     options = launch_options(q.dtype, block_size, d)

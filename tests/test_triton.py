@@ -208,6 +208,15 @@ def test_decode_mixed_windows_matches_reference(num_splits):
     assert out[1, :3].abs().max() == 0  # KV head 0 of batch 1 holds nothing
 
 
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (20, 1)])
+def test_decode_whole_cache_any_group_size(hq, hkv):
+    """Whole-cache heads run one program per GQA group: groups of 1 and of more than 16 heads."""
+    q, k, v = random_cache(1, hq, hkv, 150, 64, seed=hq)
+    kv_lens = torch.arange(150 - hkv + 1, 151, dtype=torch.int32)[None]
+    expected = block_sparse_decode_reference(q, k, v, kv_lens)
+    assert max_error(run_decode(q, k, v, kv_lens, num_splits=2), expected) < 2e-5
+
+
 @pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (32, 8, 128)])
 def test_decode_block_lists_match_reference(hq, hkv, d):
     q, k, v = random_cache(2, hq, hkv, 400, d, seed=hq)

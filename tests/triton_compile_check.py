@@ -29,6 +29,7 @@ QUICK = (
     "prefill fp16 block 64 d 64",
     "prefill fp32 block 64 d 64",
     "decode bf16 d 128 block list",
+    "decode bf16 d 128 whole cache",
     "decode fp32 d 64 whole cache",
     "merge d 128",
 )
@@ -66,13 +67,29 @@ def variants():
             constexprs,
             options,
         )
-    for dtype, head_dim, has_list in itertools.product(TRITON_TYPES, (64, 128), (False, True)):
+    for dtype, head_dim in itertools.product(TRITON_TYPES, (64, 128)):
         t = TRITON_TYPES[dtype]
-        pointers = {"Q": t, "K": t, "V": t, "KvLens": "i32", "KvNumBlocks": "i32", "KvIndices": "i32"}
-        pointers.update(OutPart="fp32", LsePart="fp32")
-        constexprs = {"BLOCK": 64, "HEAD_DIM": head_dim, "HAS_BLOCK_LIST": has_list}
-        name = f"decode {t} d {head_dim} {'block list' if has_list else 'whole cache'}"
-        yield name, kernels.block_sparse_decode_split_kernel, pointers, constexprs, decode_launch_options()
+        pointers = {"Q": t, "K": t, "V": t, "KvLens": "i32", "OutPart": "fp32", "LsePart": "fp32"}
+        options = decode_launch_options(dtype, grouped=True)
+        constexprs = {"GROUP": 4, "GROUP_ROWS": 16, "BLOCK": 64, "HEAD_DIM": head_dim}
+        constexprs.update({name: options.pop(name) for name in list(options) if name.isupper()})
+        yield (
+            f"decode {t} d {head_dim} whole cache",
+            kernels.decode_group_split_kernel,
+            pointers,
+            constexprs,
+            options,
+        )
+        pointers.update(KvNumBlocks="i32", KvIndices="i32")
+        constexprs = {"BLOCK": 64, "HEAD_DIM": head_dim}
+        options = decode_launch_options(dtype, grouped=False)
+        yield (
+            f"decode {t} d {head_dim} block list",
+            kernels.block_sparse_decode_split_kernel,
+            pointers,
+            constexprs,
+            options,
+        )
     for head_dim in (64, 128):
         pointers = {"OutPart": "fp32", "LsePart": "fp32", "Out": "bf16"}
         yield (
