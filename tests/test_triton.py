@@ -136,7 +136,7 @@ def test_prefill_low_precision_within_reference_error(dtype, d, bs):
     ],
 )
 def test_prefill_rejects_unsupported_inputs(dtype, d, bs, match):
-    q, k, v = random_qkv(1, 2, 1, 50, 50, d, dtype=dtype)
+    q, k, v = random_qkv(1, 2, 1, 50, 50, d, dtype=dtype, device=DEVICE)
     layout = causal_layout(50, 50, 2, block_size=bs)
     with pytest.raises(TritonInputError, match=match):
         block_sparse_attention(q, k, v, layout, backend="triton")
@@ -248,13 +248,14 @@ def test_decode_low_precision_within_reference_error(dtype):
 
 
 def test_decode_rejects_bad_inputs():
-    q, k, v = random_cache(1, 4, 2, 64, 64, seed=26, dtype=torch.float32)
+    q, k, v = (t.to(DEVICE) for t in random_cache(1, 4, 2, 64, 64, seed=26, dtype=torch.float32))
+    lens = torch.tensor([[64, 64]], device=DEVICE)
     with pytest.raises(TritonInputError, match="kv_lens"):
-        block_sparse_decode_triton(q, k, v, torch.tensor([64, 64]))
+        block_sparse_decode_triton(q, k, v, lens[0])
     with pytest.raises(TritonInputError, match="both"):
-        block_sparse_decode_triton(q, k, v, torch.tensor([[64, 64]]), kv_num_blocks=torch.ones(1, 4))
+        block_sparse_decode_triton(q, k, v, lens, kv_num_blocks=torch.ones(1, 4, device=DEVICE))
     with pytest.raises(TritonInputError, match="head dims"):
-        block_sparse_decode_triton(q[..., :32], k[..., :32], v[..., :32], torch.tensor([[64, 64]]))
+        block_sparse_decode_triton(q[..., :32], k[..., :32], v[..., :32], lens)
 
 
 def test_decode_custom_op_passes_opcheck():
@@ -304,7 +305,7 @@ def test_gpu_prefill_long_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_prefill_compiles_and_graphs():
+def test_gpu_prefill_under_torch_compile():
     q, k, v = random_qkv(1, 8, 2, 1000, 1000, 128, dtype=torch.bfloat16, device="cuda", seed=32)
     layout = random_layout(1, 8, 1000, 1000, seed=33).to("cuda")
     eager = block_sparse_prefill(q, k, v, layout.kv_num_blocks, layout.kv_indices, 64, 0.1)

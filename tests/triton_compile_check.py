@@ -105,11 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--quick", action="store_true", help="only the variants named in QUICK")
+    parser.add_argument("--match", default="", help="only variants whose name contains this")
     args = parser.parse_args()
     limit = SHARED_MEMORY.get(args.arch)
     failures = []
     for name, kernel, pointers, constexprs, options in variants():
-        if args.quick and name not in QUICK:
+        if (args.quick and name not in QUICK) or args.match not in name:
             continue
         start = time.perf_counter()
         compiled = compile_kernel(kernel, args.arch, pointers, constexprs, options)
