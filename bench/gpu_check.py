@@ -3,6 +3,7 @@
 On a machine with an NVIDIA GPU, PyTorch and Triton (the project's is an H200 with torch 2.11 and
 triton 3.6, no flash-attn, no network), from the repository root::
 
+    python -m pip install --no-deps --no-build-isolation --no-index -e .   # once, if not installed
     python bench/gpu_check.py                  # tests + timings, < 5 minutes
     python bench/gpu_check.py --block-sizes 64,128   # also layouts of 128-token blocks
     python bench/gpu_check.py --dry-run        # no GPU: tiny sizes through the Triton interpreter
@@ -19,6 +20,8 @@ left when the time budget runs out are listed as skipped.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -66,6 +69,16 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if importlib.util.find_spec("moa_compress") is None or not (ROOT / "kernels").is_dir():
+        raise SystemExit("run from a moa-compress checkout with the package installed (see below)")
+    try:
+        importlib.import_module("moa_compress.kernels")
+    except ImportError:
+        # kernels/ becomes moa_compress.kernels only through the package's install mapping.
+        raise SystemExit(
+            "moa_compress.kernels is not importable: install the checkout first, offline:\n"
+            "    python -m pip install --no-deps --no-build-isolation --no-index -e ."
+        ) from None
     if args.dry_run and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     elif not torch.cuda.is_available():
