@@ -52,17 +52,11 @@ class BlockLayout:
 
     def to(self, device: torch.device | str) -> BlockLayout:
         return BlockLayout(
-            self.kv_num_blocks.to(device),
-            self.kv_indices.to(device),
-            self.block_size,
-            self.q_len,
-            self.kv_len,
+            self.kv_num_blocks.to(device), self.kv_indices.to(device), self.block_size, self.q_len, self.kv_len
         )
 
     @classmethod
-    def from_block_mask(
-        cls, block_mask: torch.Tensor, block_size: int, q_len: int, kv_len: int
-    ) -> BlockLayout:
+    def from_block_mask(cls, block_mask: torch.Tensor, block_size: int, q_len: int, kv_len: int) -> BlockLayout:
         """From a boolean ``[B, H, nQ, nK]`` block matrix (True = compute the block)."""
         block_mask = block_mask.bool()
         kv_num_blocks = block_mask.sum(-1).to(torch.int32)
