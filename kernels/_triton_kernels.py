@@ -251,6 +251,8 @@ def decode_group_split_kernel(
     K,  # [B, Hkv, S, D]
     V,  # [B, Hkv, S, D]
     KvLens,  # [B, Hkv] int32
+    KvNumBlocks,  # [B or 1, Hkv] int32 (read only with HAS_BLOCK_LIST)
+    KvIndices,  # [B or 1, Hkv, maxK] int32, last dim contiguous
     OutPart,  # [B * Hq, num_splits, D] float32, normalised per split
     LsePart,  # [B * Hq, num_splits] float32, base-2 log-sum-exp per split (-inf when empty)
     stride_qb,
@@ -263,17 +265,23 @@ def decode_group_split_kernel(
     stride_vn,
     stride_lb,
     stride_lh,
+    stride_nb,
+    stride_nh,
+    stride_ib,
+    stride_ih,
     num_kv_heads,
     qk_scale,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_ROWS: tl.constexpr,  # GROUP padded to a tensor-core tile height (>= 16)
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HAS_BLOCK_LIST: tl.constexpr,  # False: the whole cache [0, kv_len)
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One program per (batch * KV head, split) for heads that read their whole cache: all query heads
-    of the KV head go together, so each K/V block is read once for the group (GQA), on tensor cores."""
+    """One program per (batch * KV head, split) for query heads that read the same blocks (the whole
+    cache, or one block list per KV head): the group goes together, so each K/V block is read once for
+    it (GQA), and scores come from tensor cores."""
     batch_kv_head = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -281,7 +289,11 @@ def decode_group_split_kernel(
     kv_head = (batch_kv_head % num_kv_heads).to(tl.int64)
 
     kv_len = tl.load(KvLens + b * stride_lb + kv_head * stride_lh)
-    num_blocks = tl.cdiv(kv_len, BLOCK)
+    if HAS_BLOCK_LIST:
+        num_blocks = tl.load(KvNumBlocks + b * stride_nb + kv_head * stride_nh)
+    else:
+        num_blocks = tl.cdiv(kv_len, BLOCK)
+    block_list = KvIndices + b * stride_ib + kv_head * stride_ih
     per_split = tl.cdiv(num_blocks, num_splits)
     first = split * per_split
     last = tl.minimum(first + per_split, num_blocks)
@@ -303,7 +315,11 @@ def decode_group_split_kernel(
     acc = tl.zeros([GROUP_ROWS, HEAD_DIM], dtype=tl.float32)
     row_sum = tl.zeros([GROUP_ROWS], dtype=tl.float32)
     row_max = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
-    for kv_block in range(first, last):
+    for i in range(first, last):
+        if HAS_BLOCK_LIST:
+            kv_block = tl.load(block_list + i)
+        else:
+            kv_block = i
         cols = kv_block * BLOCK + offs_n
         valid = cols < kv_len
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -313,10 +329,10 @@ def decode_group_split_kernel(
             v = v.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_ROWS, BLOCK]
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        # Every visited block holds at least one valid key, so the maximum is finite.
         new_max = tl.maximum(row_max, tl.max(scores, 1))
-        correction = tl.math.exp2(row_max - new_max)
-        p = tl.math.exp2(scores - new_max[:, None])
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)  # a listed block may lie past kv_len
+        correction = tl.math.exp2(row_max - base)
+        p = tl.math.exp2(scores - base[:, None])
         row_sum = row_sum * correction + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
         row_max = new_max

@@ -228,6 +228,26 @@ def test_decode_block_lists_match_reference(hq, hkv, d):
     assert out[0, 0].abs().max() == 0  # the empty block list
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_block_lists_per_kv_head_match_reference(dtype):
+    """One list per KV head, shared by its query heads (the grouped kernel), some blocks past kv_len."""
+    q, k, v = random_cache(2, 8, 2, 300, 64, seed=28)
+    kv_lens = torch.tensor([[300, 100], [7, 0]], dtype=torch.int32)
+    num = torch.tensor([[3, 2], [1, 0]], dtype=torch.int32)
+    idx = torch.tensor([[[0, 2, 4], [1, 3, 0]], [[0, 0, 0], [0, 0, 0]]], dtype=torch.int32)
+    exact = block_sparse_decode_reference(q, k, v, kv_lens, num, idx, block_size=64)
+    out = run_decode(q, k, v, kv_lens, num, idx, dtype=dtype, num_splits=2)
+    if dtype == torch.float32:
+        assert max_error(out, exact) < 2e-5
+    else:
+        low = [t.to(dtype) for t in (q, k, v)]
+        reference_error = max_error(
+            block_sparse_decode_reference(*low, kv_lens, num, idx, block_size=64), exact
+        )
+        assert max_error(out, exact) <= 2 * reference_error
+    assert not out.isnan().any() and out[1, 4:].abs().max() == 0
+
+
 def test_decode_block_list_batch_one_broadcasts():
     q, k, v = random_cache(3, 4, 2, 200, 64, seed=23)
     kv_lens = torch.tensor([[200, 150]] * 3, dtype=torch.int32)

@@ -28,7 +28,8 @@ QUICK = (
     "prefill bf16 block 128 d 128",
     "prefill fp16 block 64 d 64",
     "prefill fp32 block 64 d 64",
-    "decode bf16 d 128 block list",
+    "decode bf16 d 128 query-head lists",
+    "decode bf16 d 128 KV-head lists",
     "decode bf16 d 128 whole cache",
     "decode fp32 d 64 whole cache",
     "merge d 128",
@@ -69,22 +70,29 @@ def variants():
         )
     for dtype, head_dim in itertools.product(TRITON_TYPES, (64, 128)):
         t = TRITON_TYPES[dtype]
-        pointers = {"Q": t, "K": t, "V": t, "KvLens": "i32", "OutPart": "fp32", "LsePart": "fp32"}
-        options = decode_launch_options(dtype, grouped=True)
-        constexprs = {"GROUP": 4, "GROUP_ROWS": 16, "BLOCK": 64, "HEAD_DIM": head_dim}
-        constexprs.update({name: options.pop(name) for name in list(options) if name.isupper()})
-        yield (
-            f"decode {t} d {head_dim} whole cache",
-            kernels.decode_group_split_kernel,
-            pointers,
-            constexprs,
-            options,
-        )
-        pointers.update(KvNumBlocks="i32", KvIndices="i32")
+        pointers = {"Q": t, "K": t, "V": t, "KvLens": "i32", "KvNumBlocks": "i32", "KvIndices": "i32"}
+        pointers.update(OutPart="fp32", LsePart="fp32")
+        for has_list, what in ((False, "whole cache"), (True, "KV-head lists")):
+            options = decode_launch_options(dtype, grouped=True)
+            constexprs = {
+                "GROUP": 4,
+                "GROUP_ROWS": 16,
+                "BLOCK": 64,
+                "HEAD_DIM": head_dim,
+                "HAS_BLOCK_LIST": has_list,
+            }
+            constexprs.update({name: options.pop(name) for name in list(options) if name.isupper()})
+            yield (
+                f"decode {t} d {head_dim} {what}",
+                kernels.decode_group_split_kernel,
+                pointers,
+                constexprs,
+                options,
+            )
         constexprs = {"BLOCK": 64, "HEAD_DIM": head_dim}
         options = decode_launch_options(dtype, grouped=False)
         yield (
-            f"decode {t} d {head_dim} block list",
+            f"decode {t} d {head_dim} query-head lists",
             kernels.block_sparse_decode_split_kernel,
             pointers,
             constexprs,
