@@ -12,7 +12,8 @@ Prefill: triton vs dense causal attention (flash-attn if importable, else PyTorc
 backend) vs FlexAttention on the same block layout, 32 query / 8 KV heads x 128 dims, bf16, at
 8K / 32K / 128K tokens and densities 1 / 0.5 / 0.2 / 0.1 of the causal blocks (each query block keeps
 its diagonal and the first (sink) block plus random causal blocks). Decode: one token against a 32K /
-128K cache, whole cache vs mixed per-head windows vs 10% of the blocks, triton vs SDPA on the whole cache.
+128K cache: whole cache, mixed per-head windows, 10% of the blocks per query head and per KV head;
+triton vs SDPA on the whole cache.
 Every measurement that fails prints its error in the table instead of stopping the run; measurements
 left when the time budget runs out are listed as skipped.
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DECODE_PATTERNS = ("whole cache", "mixed windows", "blocks 0.1", "kv-head blocks 0.1")
 
 
 @dataclass
@@ -103,26 +105,24 @@ def main() -> None:
     block_sizes = [int(x) for x in args.block_sizes.split(",")]
     dtype = torch.bfloat16
 
+    # Most important first, so a spent time budget drops the least: the first length's prefill at every
+    # block size, then decode, then the other prefill lengths.
+    first, rest = lengths[:1], lengths[1:]
+    work = [("prefill", n, density, block) for block in block_sizes for n in first for density in densities]
+    work += [("decode", n, pattern, 64) for n in decode_lengths for pattern in DECODE_PATTERNS]
+    work += [("prefill", n, density, block) for block in block_sizes for n in rest for density in densities]
     rows: list[Row] = []
-    for block in block_sizes:
-        for n in lengths:
-            for density in densities:
-                row = Row("prefill", n, f"{density:g}", block)
-                rows.append(row)
-                if time.monotonic() > deadline:
-                    row.notes.append("skipped: time budget")
-                    continue
-                measure_prefill(row, n, density, block, shape, dtype, device, use_flex=not args.no_flex)
-                print(format_row(row), flush=True)
-    for n in decode_lengths:
-        for pattern in ("whole cache", "mixed windows", "blocks 0.1"):
-            row = Row("decode", n, pattern, 64)
-            rows.append(row)
-            if time.monotonic() > deadline:
-                row.notes.append("skipped: time budget")
-                continue
-            measure_decode(row, n, pattern, shape, dtype, device)
-            print(format_row(row), flush=True)
+    for kind, n, setting, block in work:
+        row = Row(kind, n, setting if kind == "decode" else f"{setting:g}", block)
+        rows.append(row)
+        if time.monotonic() > deadline:
+            row.notes.append("skipped: time budget")
+        elif kind == "prefill":
+            measure_prefill(row, n, setting, block, shape, dtype, device, use_flex=not args.no_flex)
+        else:
+            measure_decode(row, n, setting, shape, dtype, device)
+        print(format_row(row), flush=True)
+    rows.sort(key=lambda r: (r.kind != "prefill", r.block, r.tokens))  # stable: densities keep their order
 
     print()
     print(f"tests: {test_summary}")
@@ -308,9 +308,11 @@ def decode_inputs(n: int, pattern: str, shape, dtype, device):
         # Half the KV heads keep a sink + window of 4096 tokens (compacted to the front of their cache).
         kv_lens[0, ::2] = min(n, 4096)
         return q, k, v, kv_lens, None, None
-    if pattern == "blocks 0.1":
+    if pattern in ("blocks 0.1", "kv-head blocks 0.1"):
+        # 10% of the blocks plus the first and last, per query head or shared by each KV head's group.
         num_k = -(-n // 64)
-        chosen = torch.rand(1, h, num_k, generator=g, device=device) < 0.1
+        lists = h if pattern == "blocks 0.1" else hkv
+        chosen = torch.rand(1, lists, num_k, generator=g, device=device) < 0.1
         chosen[..., 0] = chosen[..., -1] = True
         num = chosen.sum(-1).to(torch.int32)
         order = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices
@@ -335,15 +337,15 @@ def measure_decode(row: Row, n: int, pattern: str, shape, dtype, device) -> None
             row.notes.append(f"max abs diff vs sdpa {error:.1e}")
     if row.triton_ms is not None:
         read = kv_bytes_read(k, kv_lens, num, idx, shape)
-        row.notes.append(f"{read / row.triton_ms / 1e6:.0f} GB/s of K/V read")
+        row.notes.append(f"{read / row.triton_ms / 1e6:.0f} GB/s (K/V bytes read / time)")
 
 
 def kv_bytes_read(k, kv_lens, num, idx, shape) -> float:
-    """Bytes of K and V the kernel must read (each query head reads its own; GQA repeats count)."""
-    group = shape["heads"] // shape["kv_heads"]
+    """Bytes of K and V the kernel reads: once per KV head for the whole cache or lists per KV head
+    (the query heads of a group share a program), once per query head for lists per query head."""
     per_token = 2 * k.shape[-1] * k.element_size()
     if num is None:
-        return float(kv_lens.sum().item()) * group * per_token
+        return float(kv_lens.sum().item()) * per_token
     return float(num.sum().item()) * 64 * per_token
 
 
