@@ -325,6 +325,14 @@ def test_gpu_prefill_long_matches_reference(dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_auto_falls_back_where_triton_does_not_fit():
+    q, k, v = random_qkv(1, 4, 2, 100, 100, 96, dtype=torch.float32, device="cuda", seed=35)
+    layout = random_layout(1, 4, 100, 100, seed=36).to("cuda")
+    expected = block_sparse_attention_reference(q, k, v, layout, scale=96**-0.5)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
 def test_gpu_prefill_under_torch_compile():
     q, k, v = random_qkv(1, 8, 2, 1000, 1000, 128, dtype=torch.bfloat16, device="cuda", seed=32)
     layout = random_layout(1, 8, 1000, 1000, seed=33).to("cuda")
