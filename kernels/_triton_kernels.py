@@ -115,7 +115,8 @@ def block_sparse_prefill_kernel(
     PRECISION: tl.constexpr,
 ):
     """One program per (query tile, batch * query head): FlashAttention-2 over the row's key blocks."""
-    q_tile = tl.program_id(0)
+    # Later query tiles see more keys under causality: launch them first so short ones fill the tail.
+    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     batch_head = tl.program_id(1)
     b = (batch_head // num_heads).to(tl.int64)
     h = batch_head % num_heads
@@ -172,7 +173,7 @@ def block_sparse_decode_split_kernel(
     K,  # [B, Hkv, S, D]
     V,  # [B, Hkv, S, D]
     KvLens,  # [B, Hkv] int32
-    KvNumBlocks,  # [B or 1, Hq] int32 (unused without HAS_BLOCK_LIST)
+    KvNumBlocks,  # [B or 1, Hq] int32
     KvIndices,  # [B or 1, Hq, maxK] int32, last dim contiguous
     OutPart,  # [B * Hq, num_splits, D] float32, normalised per split
     LsePart,  # [B * Hq, num_splits] float32, base-2 log-sum-exp per split (-inf when empty)
@@ -195,9 +196,9 @@ def block_sparse_decode_split_kernel(
     qk_scale,
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    HAS_BLOCK_LIST: tl.constexpr,
 ):
-    """One program per (batch * query head, split): one query token over a contiguous share of its blocks."""
+    """One program per (batch * query head, split): one query token over a contiguous share of the
+    blocks its own list names (query heads of one KV head may read different blocks)."""
     batch_head = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -206,10 +207,7 @@ def block_sparse_decode_split_kernel(
     kv_head = (h // group).to(tl.int64)
 
     kv_len = tl.load(KvLens + b * stride_lb + kv_head * stride_lh)
-    if HAS_BLOCK_LIST:
-        num_blocks = tl.load(KvNumBlocks + b * stride_nb + h * stride_nh)
-    else:
-        num_blocks = tl.cdiv(kv_len, BLOCK)
+    num_blocks = tl.load(KvNumBlocks + b * stride_nb + h * stride_nh)
     block_list = KvIndices + b * stride_ib + h * stride_ih
     per_split = tl.cdiv(num_blocks, num_splits)
     first = split * per_split
@@ -225,10 +223,7 @@ def block_sparse_decode_split_kernel(
     total = tl.zeros([1], dtype=tl.float32)
     running_max = tl.full([1], float("-inf"), dtype=tl.float32)
     for i in range(first, last):
-        if HAS_BLOCK_LIST:
-            kv_block = tl.load(block_list + i)
-        else:
-            kv_block = i
+        kv_block = tl.load(block_list + i)
         cols = kv_block * BLOCK + offs_n
         valid = cols < kv_len
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -248,6 +243,107 @@ def block_sparse_decode_split_kernel(
     out = acc / tl.where(total > 0.0, total, 1.0)
     tl.store(OutPart + (batch_head * num_splits + split).to(tl.int64) * HEAD_DIM + offs_d, out)
     tl.store(LsePart + batch_head * num_splits + split + tl.arange(0, 1), lse)
+
+
+@triton.jit
+def decode_group_split_kernel(
+    Q,  # [B, Hq, D]
+    K,  # [B, Hkv, S, D]
+    V,  # [B, Hkv, S, D]
+    KvLens,  # [B, Hkv] int32
+    KvNumBlocks,  # [B or 1, Hkv] int32 (read only with HAS_BLOCK_LIST)
+    KvIndices,  # [B or 1, Hkv, maxK] int32, last dim contiguous
+    OutPart,  # [B * Hq, num_splits, D] float32, normalised per split
+    LsePart,  # [B * Hq, num_splits] float32, base-2 log-sum-exp per split (-inf when empty)
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_lb,
+    stride_lh,
+    stride_nb,
+    stride_nh,
+    stride_ib,
+    stride_ih,
+    num_kv_heads,
+    qk_scale,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_ROWS: tl.constexpr,  # GROUP padded to a tensor-core tile height (>= 16)
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_BLOCK_LIST: tl.constexpr,  # False: the whole cache [0, kv_len)
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program per (batch * KV head, split) for query heads that read the same blocks (the whole
+    cache, or one block list per KV head): the group goes together, so each K/V block is read once for
+    it (GQA), and scores come from tensor cores."""
+    batch_kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = (batch_kv_head // num_kv_heads).to(tl.int64)
+    kv_head = (batch_kv_head % num_kv_heads).to(tl.int64)
+
+    kv_len = tl.load(KvLens + b * stride_lb + kv_head * stride_lh)
+    if HAS_BLOCK_LIST:
+        num_blocks = tl.load(KvNumBlocks + b * stride_nb + kv_head * stride_nh)
+    else:
+        num_blocks = tl.cdiv(kv_len, BLOCK)
+    block_list = KvIndices + b * stride_ib + kv_head * stride_ih
+    per_split = tl.cdiv(num_blocks, num_splits)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_blocks)
+
+    rows = tl.arange(0, GROUP_ROWS)
+    heads = kv_head * GROUP + rows  # query heads of this KV head; rows >= GROUP are padding
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=rows[:, None] < GROUP,
+        other=0.0,
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], dtype=tl.float32)
+    row_sum = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+    row_max = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+    for i in range(first, last):
+        if HAS_BLOCK_LIST:
+            kv_block = tl.load(block_list + i)
+        else:
+            kv_block = i
+        cols = kv_block * BLOCK + offs_n
+        valid = cols < kv_len
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_ROWS, BLOCK]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)  # a listed block may lie past kv_len
+        correction = tl.math.exp2(row_max - base)
+        p = tl.math.exp2(scores - base[:, None])
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
+        row_max = new_max
+
+    has_keys = row_sum > 0.0
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    lse = tl.where(has_keys, row_max + tl.math.log2(safe_sum), float("-inf"))
+    out = acc / safe_sum[:, None]
+    slots = ((b * num_kv_heads + kv_head) * GROUP + rows) * num_splits + split  # [GROUP_ROWS] int64
+    tl.store(OutPart + slots[:, None] * HEAD_DIM + offs_d[None, :], out, mask=rows[:, None] < GROUP)
+    tl.store(LsePart + slots, lse, mask=rows < GROUP)
 
 
 @triton.jit

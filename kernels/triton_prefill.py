@@ -6,9 +6,9 @@ float32 and visits only the key blocks its row of ``kv_indices`` names. GQA read
 ``h // (Hq // Hkv)`` in place; nothing is repeated in memory. Causality is bottom-right aligned (see
 ``moa_compress.kernels.layout``) and applied only inside blocks that cross the diagonal.
 
-Supported: float16 / bfloat16 / float32 inputs (float32 accumulation; float32 inputs use full-precision
-dots, not TF32), head dims 64 and 128, block sizes 16 to 128 (powers of two), any lengths with
-``q_len <= kv_len``. The op is registered as ``torch.ops.moa_compress.block_sparse_prefill`` with a fake
+Supported: float16 / bfloat16 / float32 inputs (float32 accumulation; float32 inputs get float32-accurate
+dots from three TF32 products), head dims 64 and 128, block sizes 16 to 128 (powers of two), any lengths
+with ``q_len <= kv_len``; ``backend="auto"`` falls back to ``torch`` outside that. The op is registered as ``torch.ops.moa_compress.block_sparse_prefill`` with a fake
 implementation so ``torch.compile`` can trace it.
 
 Triton itself is imported only when the kernel first runs. Without a GPU, set ``TRITON_INTERPRET=1``
@@ -42,24 +42,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def unsupported_reason(q: torch.Tensor, block_size: int) -> str | None:
+    """Why the Triton kernels cannot take ``q`` [B, H, S, D] with this block size, or None if they can."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"backend 'triton' takes float16, bfloat16 or float32; got {q.dtype} (use backend 'torch')"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"backend 'triton' supports head dims {SUPPORTED_HEAD_DIMS}; got {q.shape[-1]} (use backend 'flex')"
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        return f"backend 'triton' supports block sizes {SUPPORTED_BLOCK_SIZES}; got {block_size}"
+    if q.device.type != "cuda" and not interpreting():
+        return "backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)"
+    return None
+
+
 def check_supported(q: torch.Tensor, block_size: int) -> None:
     """Raise TritonInputError for inputs outside what the kernels were written for."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TritonInputError(
-            f"backend 'triton' takes float16, bfloat16 or float32; got {q.dtype} (use backend 'torch')"
-        )
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise TritonInputError(
-            f"backend 'triton' supports head dims {SUPPORTED_HEAD_DIMS}; got {q.shape[-1]} (use backend 'flex')"
-        )
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise TritonInputError(
-            f"backend 'triton' supports block sizes {SUPPORTED_BLOCK_SIZES}; got {block_size}"
-        )
-    if q.device.type != "cuda" and not interpreting():
-        raise TritonInputError(
-            "backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)"
-        )
+    reason = unsupported_reason(q, block_size)
+    if reason is not None:
+        raise TritonInputError(reason)
 
 
 def launch_options(dtype: torch.dtype, block_size: int, head_dim: int) -> dict:
@@ -107,7 +107,8 @@ def block_sparse_prefill(
     hkv, sk = k.shape[1], k.shape[2]
     # The kernel steps along D with stride 1.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    kv_num_blocks = kv_num_blocks.to(torch.int32)
+    # The kernel steps along the last dim of both with stride 1.
+    kv_num_blocks = kv_num_blocks.to(torch.int32).contiguous()
     kv_indices = kv_indices.to(torch.int32).contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     options = launch_options(q.dtype, block_size, d)

@@ -105,6 +105,11 @@ def block_sparse_attention(
     """
     check_inputs(q, k, v, layout)
     name = resolve_backend(backend, q.device)
+    if backend == "auto" and name == "triton":
+        from moa_compress.kernels.triton_prefill import unsupported_reason
+
+        if unsupported_reason(q, layout.block_size) is not None:  # e.g. a head dim the kernel lacks
+            name = "torch"
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     module_name, fn_name = _IMPLEMENTATIONS[name]

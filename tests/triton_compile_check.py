@@ -28,7 +28,9 @@ QUICK = (
     "prefill bf16 block 128 d 128",
     "prefill fp16 block 64 d 64",
     "prefill fp32 block 64 d 64",
-    "decode bf16 d 128 block list",
+    "decode bf16 d 128 query-head lists",
+    "decode bf16 d 128 KV-head lists",
+    "decode bf16 d 128 whole cache",
     "decode fp32 d 64 whole cache",
     "merge d 128",
 )
@@ -66,13 +68,36 @@ def variants():
             constexprs,
             options,
         )
-    for dtype, head_dim, has_list in itertools.product(TRITON_TYPES, (64, 128), (False, True)):
+    for dtype, head_dim in itertools.product(TRITON_TYPES, (64, 128)):
         t = TRITON_TYPES[dtype]
         pointers = {"Q": t, "K": t, "V": t, "KvLens": "i32", "KvNumBlocks": "i32", "KvIndices": "i32"}
         pointers.update(OutPart="fp32", LsePart="fp32")
-        constexprs = {"BLOCK": 64, "HEAD_DIM": head_dim, "HAS_BLOCK_LIST": has_list}
-        name = f"decode {t} d {head_dim} {'block list' if has_list else 'whole cache'}"
-        yield name, kernels.block_sparse_decode_split_kernel, pointers, constexprs, decode_launch_options()
+        for has_list, what in ((False, "whole cache"), (True, "KV-head lists")):
+            options = decode_launch_options(dtype, grouped=True)
+            constexprs = {
+                "GROUP": 4,
+                "GROUP_ROWS": 16,
+                "BLOCK": 64,
+                "HEAD_DIM": head_dim,
+                "HAS_BLOCK_LIST": has_list,
+            }
+            constexprs.update({name: options.pop(name) for name in list(options) if name.isupper()})
+            yield (
+                f"decode {t} d {head_dim} {what}",
+                kernels.decode_group_split_kernel,
+                pointers,
+                constexprs,
+                options,
+            )
+        constexprs = {"BLOCK": 64, "HEAD_DIM": head_dim}
+        options = decode_launch_options(dtype, grouped=False)
+        yield (
+            f"decode {t} d {head_dim} query-head lists",
+            kernels.block_sparse_decode_split_kernel,
+            pointers,
+            constexprs,
+            options,
+        )
     for head_dim in (64, 128):
         pointers = {"OutPart": "fp32", "LsePart": "fp32", "Out": "bf16"}
         yield (
@@ -88,11 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--quick", action="store_true", help="only the variants named in QUICK")
+    parser.add_argument("--match", default="", help="only variants whose name contains this")
     args = parser.parse_args()
     limit = SHARED_MEMORY.get(args.arch)
     failures = []
     for name, kernel, pointers, constexprs, options in variants():
-        if args.quick and name not in QUICK:
+        if (args.quick and name not in QUICK) or args.match not in name:
             continue
         start = time.perf_counter()
         compiled = compile_kernel(kernel, args.arch, pointers, constexprs, options)
