@@ -538,7 +538,10 @@ def _answer_prompt(tokenizer, documents: list[list[int]] | None, prompt_len: int
     key_ids = tokenizer(key_text, add_special_tokens=False)["input_ids"] if task == "passkey" else []
     budget = prompt_len - len(prefix) - len(suffix) - len(key_ids)
     if budget < 64:
-        raise DataError(f"length {prompt_len} leaves no room for a context; use longer --lengths")
+        raise DataError(
+            f"a {prompt_len}-token prompt leaves under 64 tokens of context after the chat template and "
+            "instruction; use longer --lengths"
+        )
     context = [t for ids in pieces_ids for t in ids][:budget]  # both sources hold >= prompt_len tokens
     if key_ids:
         at = rng.randrange(budget // 10, budget - budget // 10 + 1)
