@@ -225,6 +225,12 @@ def _profile_attention(module, query, key, value, attention_mask, scaling=None, 
         and not bool(attention_mask[..., -1, :].all())
     ):
         raise RuntimeError("profiling does not support padded inputs")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < key.shape[2]:
+        raise ProfileError(
+            f"layer {module.layer_idx} uses sliding-window attention ({window} tokens); the profiler supports "
+            "full causal attention only, so profile at lengths up to the window"
+        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = _InfluenceAttention.apply(query, key, value, scale, _ACTIVE, module.layer_idx)
     return out.transpose(1, 2).contiguous(), None

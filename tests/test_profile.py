@@ -361,3 +361,16 @@ def test_bounded_path_on_cuda_matches_cpu():
     on_gpu = profile_sample(model.to("cuda"), sample, block_size=64)
     assert on_gpu.device.type == "cpu"
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-6)
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import AutoModelForCausalLM
+
+    from tests.factories import tiny_config
+
+    config = tiny_config("mistral", layers=1)
+    config.sliding_window = 32
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with pytest.raises(ProfileError, match="sliding-window"):
+        profile_sample(model, _sample(64, 128, 0, 4), block_size=16)
+    profile_sample(model, _sample(32, 128, 0, 4), block_size=16)
