@@ -422,6 +422,92 @@ def generate_command(
         backend=backend,
         plan_cache=not full_cache,
     )
+# --- profile
+
+
+def parse_counts(text: str, lengths: list[int]) -> int | dict[int, int]:
+    """``--samples``: one count for every length, or one per length (``4,2,1``)."""
+    counts = parse_lengths(text, "--samples")
+    if len(counts) == 1:
+        return counts[0]
+    if len(counts) != len(lengths):
+        fail(f"--samples gives {len(counts)} counts for {len(lengths)} lengths; give one, or one per length")
+    return dict(zip(sorted(lengths), counts, strict=True))
+
+
+@app.command("profile")
+@user_errors
+def profile_command(
+    model: ModelArg = None,
+    out: Annotated[
+        Path, typer.Option(help="Output folder: profile.json + profile.safetensors (work/ resumes).")
+    ] = Path("profile"),
+    data: Annotated[
+        str | None,
+        typer.Option(help="Calibration text: .txt/.jsonl/.parquet file or folder, or hub dataset."),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of structured --data.")] = "text",
+    mode: Annotated[
+        str, typer.Option(help="answers (the dense model's own answers) | plain (text windows)")
+    ] = "answers",
+    lengths: Annotated[
+        str, typer.Option(help="Comma-separated sequence lengths to profile.")
+    ] = "2048,4096,8192",
+    samples: Annotated[str, typer.Option(help="Samples per length: one count, or one per length.")] = "4,2,1",
+    seed: Annotated[int, typer.Option(help="Seed of the calibration set.")] = 0,
+    answer_tokens: Annotated[int, typer.Option(help="Most tokens of each generated answer.")] = 32,
+    block_size: Annotated[int, typer.Option(help="Block size in tokens.")] = 64,
+    dtype: DtypeOpt = "bfloat16",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    force: Annotated[
+        bool, typer.Option(help="Overwrite a profile and discard a stale work/ folder.")
+    ] = False,
+) -> None:
+    """Measure each head's block influence on the loss of calibration answers (bounded memory, resumable)."""
+    import time
+
+    from moa_compress.data import calibration_set
+    from moa_compress.plan import provenance
+    from moa_compress.profile import PROFILE_FILE, profile_model, save_profile
+
+    ns = parse_lengths(lengths)
+    counts = parse_counts(samples, ns)
+    if (out / PROFILE_FILE).exists() and not force:
+        fail(f"{out / PROFILE_FILE} exists; pass --force to overwrite")
+    started = time.monotonic()
+    lm, tokenizer = load(model, dtype)
+    calibration = calibration_set(
+        lm,
+        tokenizer,
+        lengths=ns,
+        samples_per_length=counts,
+        data=data,
+        text_field=text_field,
+        mode=mode,
+        seed=seed,
+        progress=progress,
+        answer_tokens=answer_tokens,
+    )
+    record = provenance(
+        " ".join(["moa-compress", *sys.argv[1:]]),
+        data=data or "synthetic",
+        mode=mode,
+        seed=seed,
+        answer_tokens=answer_tokens,
+        dtype=dtype,
+    )
+    profile = profile_model(
+        lm,
+        calibration,
+        block_size=block_size,
+        work_dir=out / "work",
+        progress=progress,
+        force=force,
+        provenance=record,
+    )
+    path = save_profile(profile, out, force=force)
+    summary = ", ".join(f"{n} ({profile.samples[n]} samples)" for n in profile.lengths)
+    typer.echo(f"wrote {path}: {summary} in {time.monotonic() - started:.0f} s")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -7,8 +7,9 @@ is reachable. Calibration sets built from it (and the built-in synthetic set) li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +124,490 @@ def model_digest(model) -> str:
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{stats[0]:.9e}:{stats[1]:.9e}".encode())
             h.update(flat[:: max(1, flat.numel() // 256)].double().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration sets
+
+MODES = ("answers", "plain")
+DEFAULT_ANSWER_TOKENS = 32
+PLAIN_SCORED_FRACTION = 8  # plain mode scores the last 1/8 of each window
+_CONTEXT_MARK = "\ue000CONTEXT\ue000"  # private-use characters: cannot occur in a template
+
+_FIRST = (
+    "Alma",
+    "Boris",
+    "Chen",
+    "Dalia",
+    "Emeka",
+    "Freya",
+    "Gustavo",
+    "Hana",
+    "Ivan",
+    "Jonas",
+    "Kaveh",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Oskar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Sanjay",
+    "Tilde",
+    "Umar",
+    "Vera",
+    "Wen",
+    "Ximena",
+    "Yusuf",
+    "Zofia",
+    "Arjun",
+    "Beatriz",
+    "Colm",
+    "Dina",
+)
+_LAST = (
+    "Abbott",
+    "Brandt",
+    "Castillo",
+    "Dubois",
+    "Eriksen",
+    "Fujita",
+    "Gallo",
+    "Horvat",
+    "Ibsen",
+    "Jansen",
+    "Kowalski",
+    "Lindqvist",
+    "Moreau",
+    "Novak",
+    "Okafor",
+    "Petrov",
+    "Quinn",
+    "Rossi",
+    "Sato",
+    "Tanaka",
+    "Ueda",
+    "Varga",
+    "Weber",
+    "Xu",
+    "Yilmaz",
+    "Zeller",
+)
+_CITIES = (
+    "Aldport",
+    "Brackenridge",
+    "Corvale",
+    "Dunmere",
+    "Eastwick",
+    "Fallowmere",
+    "Glenhaven",
+    "Harrowgate",
+    "Ironbridge",
+    "Juniper Bay",
+    "Kestrel Point",
+    "Lowmoor",
+    "Millbrook",
+    "Northfield",
+    "Oakhurst",
+    "Pinecrest",
+    "Queensferry",
+    "Redwater",
+    "Saltmarsh",
+    "Thornbury",
+)
+_ITEMS = (
+    "copper wire",
+    "olive oil",
+    "wool blankets",
+    "glass jars",
+    "bicycle tyres",
+    "school atlases",
+    "tea chests",
+    "solar lamps",
+    "rope coils",
+    "winter boots",
+    "spice tins",
+    "paper lanterns",
+    "ceramic tiles",
+    "fishing nets",
+    "apple crates",
+    "violin strings",
+    "water filters",
+    "garden tools",
+)
+_JOBS = (
+    "carpenter",
+    "nurse",
+    "harbour pilot",
+    "librarian",
+    "baker",
+    "surveyor",
+    "translator",
+    "beekeeper",
+    "archivist",
+    "mechanic",
+    "chemist",
+    "tailor",
+)
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+_COLOURS = ("red", "green", "blue", "yellow", "grey", "white", "black", "orange")
+
+
+def _synthetic_record(rng) -> tuple[str, str]:
+    """One sentence with checkable facts, and a question whose answer is in it."""
+    name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+    city, city2 = rng.sample(_CITIES, 2)
+    item, num = rng.choice(_ITEMS), rng.randint(3, 990)
+    kind = rng.randrange(6)
+    if kind == 0:
+        job, day = rng.choice(_JOBS), rng.choice(_DAYS)
+        return (
+            f"{name}, a {job} from {city}, shipped {num} crates of {item} to {city2} on {day}.",
+            f"How many crates of {item} did {name} ship to {city2}?",
+        )
+    if kind == 1:
+        month = rng.choice(_MONTHS)
+        return (
+            (
+                f"In {month} the {city} office logged {num} complaints about {item}; {name} answered most "
+                "of them by hand."
+            ),
+            f"How many complaints about {item} did the {city} office log?",
+        )
+    if kind == 2:
+        price, colour = rng.randint(2, 400), rng.choice(_COLOURS)
+        return (
+            f"At the {colour} market in {city}, {name} paid {price} dollars for {num} {item}.",
+            f"How much did {name} pay at the {colour} market in {city}?",
+        )
+    if kind == 3:
+        other = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+        return (
+            (
+                f"The meeting between {name} and {other} in {city} lasted {num} minutes and ended with a "
+                f"deal on {item}."
+            ),
+            f"Who met {name} in {city}, and how long did the meeting last?",
+        )
+    if kind == 4:
+        day, km = rng.choice(_DAYS), rng.randint(2, 40)
+        return (
+            (
+                f"Every {day}, {name} walks {km} kilometres along the river in {city} before opening the "
+                f"{item} shop."
+            ),
+            f"How far does {name} walk on {day}s?",
+        )
+    colour, month, report = rng.choice(_COLOURS), rng.choice(_MONTHS), rng.randint(100, 9999)
+    return (
+        (
+            f"Report {report}: the {colour} warehouse in {city} holds {num} {item}, counted by {name} in "
+            f"{month}."
+        ),
+        f"What does report {report} say the {colour} warehouse in {city} holds?",
+    )
+
+
+def _synthetic_sections(rng):
+    """An endless stream of ``(text, question)`` pieces: section headings, then 3-8 records each."""
+    number = 0
+    while True:
+        number += 1
+        title = (
+            f"The {rng.choice(_CITIES)} {rng.choice(('ledger', 'letters', 'inventory', 'diary', 'minutes'))}"
+        )
+        yield f"\n\nSection {number}: {title}\n", None, title
+        for _ in range(rng.randint(3, 8)):
+            sentence, question = _synthetic_record(rng)
+            yield " " + sentence, question, title
+
+
+def _passkey(rng) -> tuple[str, str]:
+    key = rng.randint(10000, 99999)
+    return (
+        f" The secret passkey is {key}. Remember it: {key}.",
+        "What is the secret passkey mentioned in the text above? Reply with the number only.",
+    )
+
+
+def _prompt_parts(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the context for one user turn (chat template if the model has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        content = f"{_CONTEXT_MARK}\n\n{instruction}"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        before, after = text.split(_CONTEXT_MARK)
+        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+        return encode(before), encode(after)
+    prefix = tokenizer("", add_special_tokens=True)["input_ids"]
+    return list(prefix), tokenizer(f"\n\n{instruction}\nAnswer:", add_special_tokens=False)["input_ids"]
+
+
+def _max_positions(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _counts(lengths: Sequence[int], samples_per_length: int | Mapping[int, int]) -> dict[int, int]:
+    if isinstance(samples_per_length, Mapping):
+        missing = [n for n in lengths if n not in samples_per_length]
+        if missing:
+            raise DataError(f"no sample count given for length(s) {missing}")
+        counts = {n: int(samples_per_length[n]) for n in lengths}
+    else:
+        counts = dict.fromkeys(lengths, int(samples_per_length))
+    if any(k < 1 for k in counts.values()):
+        raise DataError(f"--samples must be at least 1 per length, got {counts}")
+    return counts
+
+
+def _check_request(model, lengths: Sequence[int], mode: str) -> None:
+    if mode not in MODES:
+        raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not lengths or any(n <= 0 for n in lengths):
+        raise DataError(f"--lengths must be positive, got {list(lengths)}")
+    limit = _max_positions(model)
+    if limit is not None and max(lengths) > limit:
+        raise DataError(f"length {max(lengths)} is over the model's maximum positions ({limit})")
+
+
+def calibration_set(
+    model,
+    tokenizer,
+    *,
+    lengths: Sequence[int],
+    samples_per_length: int | Mapping[int, int],
+    data: str | Path | Sequence[str] | None = None,
+    text_field: str = "text",
+    mode: str = "answers",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+) -> dict[int, list[CalibrationSample]]:
+    """Calibration samples of exactly ``N`` tokens for every ``N`` in ``lengths``.
+
+    ``samples_per_length``: one count for every length, or ``{N: count}`` (e.g. fewer at long lengths,
+    where a sample costs more and its blocks average over more entries).
+
+    ``mode="answers"`` (MoA's recipe): a long context, an instruction about it (recall a passkey hidden in
+    it, answer a question about a fact in it, summarise a part of it) in the model's chat template, and the
+    dense model's own greedy answer (at most ``answer_tokens``), which alone is scored. Answers are cached
+    under ``cache_dir`` (default ``<moa-compress cache>/answers``) keyed by the model's weights and the
+    prompt. If the answer stops early the sequence is filled up to ``N`` with the pad token, unscored and
+    after the answer, so the prompt the answer was generated for is exactly the one profiled.
+
+    ``mode="plain"``: ``N``-token windows of text, the last ``N / 8`` tokens scored.
+
+    ``data=None`` uses a built-in synthetic long-context set (offline, seeded); otherwise anything
+    :func:`load_texts` takes (or a list of strings) supplies the contexts. Same arguments, same samples.
+    """
+    import random
+
+    lengths = sorted({int(n) for n in lengths})
+    counts = _counts(lengths, samples_per_length)
+    _check_request(model, lengths, mode)
+    if data is None:
+        texts = None
+    elif isinstance(data, (list, tuple)):
+        texts = [t for t in data if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise DataError("the calibration data has no non-empty text")
+    else:
+        texts = load_texts(data, text_field)
+
+    out: dict[int, list[CalibrationSample]] = {}
+    if mode == "plain":
+        for n in lengths:
+            rng = random.Random(f"moa-calibration:{seed}:{n}:plain")
+            windows = (
+                _plain_windows(texts, tokenizer, n, counts[n], rng)
+                if texts is not None
+                else [_synthetic_ids(tokenizer, n, rng) for _ in range(counts[n])]
+            )
+            scored = max(1, n // PLAIN_SCORED_FRACTION)
+            out[n] = [_sample(ids, len(ids) - scored) for ids in windows]
+        return out
+
+    answers = _AnswerCache(model, cache_dir, answer_tokens)
+    documents = {n: _long_documents(texts, tokenizer, n) for n in lengths} if texts is not None else {}
+    with progress_steps(progress, sum(counts.values()), "calibration answers") as step:
+        for n in lengths:
+            out[n] = []
+            for i in range(counts[n]):
+                rng = random.Random(f"moa-calibration:{seed}:{n}:{i}")
+                prompt = _answer_prompt(tokenizer, documents.get(n), n - answer_tokens, rng)
+                answer = answers.get(prompt)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else answer[-1]
+                ids = prompt + answer + [pad] * (n - len(prompt) - len(answer))
+                mask = torch.zeros(n, dtype=torch.bool)
+                mask[len(prompt) : len(prompt) + len(answer)] = True
+                out[n].append(CalibrationSample(torch.tensor(ids, dtype=torch.int64), mask))
+                step(f"calibration answers at {n} tokens ({i + 1}/{counts[n]})")
+    return out
+
+
+def _sample(ids: Sequence[int], first_scored: int) -> CalibrationSample:
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[first_scored:] = True
+    return CalibrationSample(torch.tensor(list(ids), dtype=torch.int64), mask)
+
+
+def _plain_windows(texts, tokenizer, n: int, k: int, rng) -> list[list[int]]:
+    windows = token_windows(texts, tokenizer, n)
+    if len(windows) < k:
+        long_enough = sum(1 for t in texts if len(tokenizer(t, add_special_tokens=False)["input_ids"]) >= n)
+        raise DataError(
+            f"need {k} windows of {n} tokens, the data gives {len(windows)} "
+            f"({long_enough} of {len(texts)} texts are at least {n} tokens long)"
+        )
+    return rng.sample(windows, k)
+
+
+def _synthetic_ids(tokenizer, n: int, rng) -> list[int]:
+    ids: list[int] = []
+    for text, _, _ in _synthetic_sections(rng):
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= n:
+            return ids[:n]
+    raise AssertionError("unreachable: the synthetic stream is endless")
+
+
+def _long_documents(texts, tokenizer, n: int) -> list[list[int]]:
+    """Token ids of the texts with at least ``n`` tokens (answers mode cuts one context from one text)."""
+    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    long_docs = [d for d in docs if len(d) >= n]
+    if not long_docs:
+        raise DataError(
+            f"no text is long enough for {n}-token samples: 0 of {len(docs)} texts reach {n} tokens "
+            f"(longest: {max(len(d) for d in docs)}); use shorter --lengths or longer texts"
+        )
+    return long_docs
+
+
+def _answer_prompt(tokenizer, documents: list[list[int]] | None, prompt_len: int, rng) -> list[int]:
+    """Prompt ids of exactly ``prompt_len`` tokens: template + context (+ hidden key) + instruction."""
+    key_text, key_question = _passkey(rng)
+    task = rng.choice(("passkey", "fact", "summary"))
+    if documents is None:
+        pieces = _synthetic_sections(rng)
+        # gather enough pieces for the longest possible budget; pick the question among included ones
+        stream = []
+        total = 0
+        while total < prompt_len:
+            text, question, title = next(pieces)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            stream.append((ids, question, title))
+            total += len(ids)
+        instruction = key_question
+        candidates = [(q, t) for _, q, t in stream[: max(1, len(stream) * 3 // 4)] if q]
+        if task != "passkey" and candidates:
+            question, title = rng.choice(candidates)
+            instruction = (
+                f"Answer from the records above: {question}"
+                if task == "fact"
+                else f'Summarise the section titled "{title}" in two sentences.'
+            )
+        pieces_ids = [ids for ids, _, _ in stream]
+    else:
+        instruction = {
+            "passkey": key_question,
+            "fact": "What is the text above about? Answer in one sentence.",
+            "summary": "Summarise the last paragraph of the text above in two sentences.",
+        }[task]
+        ids = rng.choice(documents)
+        start = rng.randrange(0, len(ids) - prompt_len + 1)
+        pieces_ids = [ids[start : start + prompt_len]]
+    prefix, suffix = _prompt_parts(tokenizer, instruction)
+    key_ids = tokenizer(key_text, add_special_tokens=False)["input_ids"] if task == "passkey" else []
+    budget = prompt_len - len(prefix) - len(suffix) - len(key_ids)
+    if budget < 64:
+        raise DataError(
+            f"a {prompt_len}-token prompt leaves under 64 tokens of context after the chat template and "
+            "instruction; use longer --lengths"
+        )
+    context = [t for ids in pieces_ids for t in ids][:budget]  # both sources hold >= prompt_len tokens
+    if key_ids:
+        at = rng.randrange(budget // 10, budget - budget // 10 + 1)
+        context = context[:at] + key_ids + context[at:]
+    return prefix + context + suffix
+
+
+class _AnswerCache:
+    """The dense model's greedy answers, on disk as JSON keyed by weights digest + prompt."""
+
+    def __init__(self, model, cache_dir, max_new_tokens: int):
+        from moa_compress.models import cache_dir as default_cache
+
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.root = Path(cache_dir) if cache_dir is not None else default_cache() / "answers"
+        self.digest = model_digest(model)
+
+    def get(self, prompt: list[int]) -> list[int]:
+        import json
+
+        from moa_compress.plan import atomic_write_bytes
+
+        h = hashlib.sha256(f"{self.digest}:{self.max_new_tokens}:".encode())
+        h.update(torch.tensor(prompt, dtype=torch.int64).numpy().tobytes())
+        path = self.root / f"{h.hexdigest()[:32]}.json"
+        if path.exists():
+            try:
+                cached = json.loads(path.read_text())["answer_ids"]
+                if isinstance(cached, list) and cached and all(isinstance(t, int) for t in cached):
+                    return cached
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable entry: regenerate and overwrite it
+        answer = self._generate(prompt)
+        atomic_write_bytes(path, json.dumps({"answer_ids": answer, "prompt_tokens": len(prompt)}).encode())
+        return answer
+
+    def _generate(self, prompt: list[int]) -> list[int]:
+        model = self.model
+        ids = torch.tensor([prompt], dtype=torch.int64, device=model.device)
+        config = model.generation_config
+        eos = config.eos_token_id
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=config.pad_token_id if config.pad_token_id is not None else eos,
+            )
+        return [int(t) for t in out[0, len(prompt) :]]
+
+
+@contextlib.contextmanager
+def progress_steps(enabled: bool, total: int, label: str) -> Iterator[Callable[[str], None]]:
+    """``with progress_steps(on, total, label) as step: ... step(description)`` advances a rich bar by one
+    step and relabels it; with ``enabled`` False, ``step`` does nothing."""
+    if not enabled:
+        yield lambda description: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda description: bar.update(task, advance=1, description=description)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moa_compress.data import CalibrationSample, model_digest
+from moa_compress.data import CalibrationSample, model_digest, progress_steps
 from moa_compress.errors import UserInputError
 from moa_compress.plan import ModelIdentity, atomic_write_bytes, identity_of, num_blocks
 
@@ -224,6 +225,12 @@ def _profile_attention(module, query, key, value, attention_mask, scaling=None, 
         and not bool(attention_mask[..., -1, :].all())
     ):
         raise RuntimeError("profiling does not support padded inputs")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < key.shape[2]:
+        raise ProfileError(
+            f"layer {module.layer_idx} uses sliding-window attention ({window} tokens); the profiler supports "
+            "full causal attention only, so profile at lengths up to the window"
+        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = _InfluenceAttention.apply(query, key, value, scale, _ACTIVE, module.layer_idx)
     return out.transpose(1, 2).contiguous(), None
@@ -379,22 +386,21 @@ def profile_model(
     recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
     influence: dict[int, torch.Tensor] = {}
     total = sum(len(v) for v in samples.values())
-    with _progress(progress) as bar, _profiling(model, recorder):
-        task = bar.add_task("profiling", total=total) if bar else None
+    seconds: dict[int, list[float]] = {}  # wall time of each sample computed in this run
+    with progress_steps(progress, total, "profiling") as step, _profiling(model, recorder):
         for n in sorted(samples):
             acc = torch.zeros(identity.num_layers, identity.num_heads, *(2 * [num_blocks(n, block_size)]))
             for i, sample in enumerate(samples[n]):
-                if bar:
-                    bar.update(task, description=f"profiling {n} tokens, sample {i + 1}/{len(samples[n])}")
                 path = work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
                 pooled = _load_sample_result(path, acc.shape) if path is not None else None
                 if pooled is None:
+                    started = time.perf_counter()
                     pooled = _profile_one(model, sample, recorder)
+                    seconds.setdefault(n, []).append(time.perf_counter() - started)
                     if path is not None:
                         _save_tensor(path, pooled)
                 acc += pooled
-                if bar:
-                    bar.advance(task)
+                step(f"profiling {n} tokens ({i + 1}/{len(samples[n])})")
             influence[n] = acc / len(samples[n])
     return Profile(
         model=identity,
@@ -405,29 +411,13 @@ def profile_model(
             **dict(provenance or {}),
             "data_digest": manifest["data"],
             "model_weights": manifest["model_weights"],
+            "seconds_per_sample": {str(n): round(sum(t) / len(t), 2) for n, t in seconds.items()},
         },
     )
 
 
 def _model_name(model) -> str:
     return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool):
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=False,
-    ) as bar:
-        yield bar
 
 
 MANIFEST_FILE = "manifest.json"

@@ -54,9 +54,16 @@ def tiny_config(family: str = "llama", layers=2, heads=4, kv_heads=2, head_dim=1
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
     extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
     return cls(
-        vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, max_position_embeddings=max_pos, tie_word_embeddings=False, **extra,
+        vocab_size=vocab,
+        hidden_size=heads * head_dim,
+        intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=False,
+        **extra,
     )
 
 
@@ -100,3 +107,37 @@ def tiny_tokenizer(words=(), chat_template=True):
     if chat_template:
         fast.chat_template = TINY_CHAT_TEMPLATE
     return fast
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer (vocab < 512) with a ChatML-style chat template, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [
+        "The quick brown fox jumps over the lazy dog. " * 3,
+        "Section 1: the ledger shipped 12 crates of copper wire to Aldport on Monday.",
+    ]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+__all__ += ["tiny_bpe_tokenizer", "tiny_tokenizer"]

@@ -299,3 +299,78 @@ def test_profile_rejects_bad_shapes():
         Profile(identity, 64, {128: torch.zeros(2, 4, 3, 3)}, {128: 1})
     with pytest.raises(ProfileError, match="at least one"):
         profile_model(tiny_model(layers=1), {64: []}, progress=False)
+
+
+def test_profile_command(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+    from tests.factories import tiny_bpe_tokenizer
+
+    monkeypatch.setenv("MOA_COMPRESS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=16, vocab=512, max_pos=512).save_pretrained(
+        folder
+    )
+    tiny_bpe_tokenizer().save_pretrained(folder)
+    out = tmp_path / "prof"
+    args = [
+        "profile",
+        str(folder),
+        "--out",
+        str(out),
+        "--lengths",
+        "256,320",
+        "--samples",
+        "2,1",
+        "--answer-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--block-size",
+        "64",
+        "--no-progress",
+    ]
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output
+    profile = load_profile(out)
+    assert profile.lengths == (256, 320) and profile.samples == {256: 2, 320: 1}
+    assert profile.influence[320].shape == (2, 4, 5, 5)
+    assert profile.provenance["mode"] == "answers" and profile.provenance["seed"] == 0
+    assert len(list((out / "work").glob("*/*.safetensors"))) == 3
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output
+    for bad, message in (
+        (["--lengths", "4096", "--samples", "1"], "maximum positions"),
+        (["--samples", "1,2,3"], "one per length"),
+        (["--mode", "chat"], "--mode"),
+    ):
+        result = runner.invoke(app, [*args, "--force", *bad])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.gpu
+def test_bounded_path_on_cuda_matches_cpu():
+    model = tiny_model("llama", dtype=torch.float32, layers=2, heads=4, kv_heads=2, head_dim=16)
+    sample = _sample(200, 128, seed=2, scored=20)
+    on_cpu = profile_sample(model, sample, block_size=64)
+    on_gpu = profile_sample(model.to("cuda"), sample, block_size=64)
+    assert on_gpu.device.type == "cpu"
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-6)
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import AutoModelForCausalLM
+
+    from tests.factories import tiny_config
+
+    config = tiny_config("mistral", layers=1)
+    config.sliding_window = 32
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with pytest.raises(ProfileError, match="sliding-window"):
+        profile_sample(model, _sample(64, 128, 0, 4), block_size=16)
+    profile_sample(model, _sample(32, 128, 0, 4), block_size=16)
