@@ -21,6 +21,7 @@ RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 VARIANTS = ("dense", "plan", "uniform")
 COLORS = {"dense": "#333333", "plan": "#1f77b4", "uniform": "#ff7f0e"}
+STYLES = {"dense": "o-", "plan": "s-", "uniform": "^--"}  # distinct even where lines coincide
 
 
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> Path:
@@ -313,14 +314,20 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
 
         panels = [t for t in ("ppl", "fidelity") if t in tasks]
         if panels:
-            fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+            fig, axes = plt.subplots(
+                1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, layout="constrained"
+            )
             for ax, task in zip(axes[0], panels, strict=True):
                 key, label = (
                     ("ppl", "perplexity") if task == "ppl" else ("kl", "KL(dense ‖ variant), nats/token")
                 )
                 for v in VARIANTS if task == "ppl" else ("plan", "uniform"):
                     ax.plot(
-                        xs, [_get(results, v, task, n)[key] for n in lengths], "o-", color=COLORS[v], label=v
+                        xs,
+                        [_get(results, v, task, n)[key] for n in lengths],
+                        STYLES[v],
+                        color=COLORS[v],
+                        label=v,
                     )
                 ax.set(xscale="log", xlabel="length (tokens)", ylabel=label, xticks=xs, xticklabels=lengths)
                 ax.minorticks_off()
@@ -331,7 +338,7 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
 
         if "passkey" in tasks:
             depths = list(_get(results, "dense", "passkey", lengths[0])["by_depth"])
-            fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+            fig, axes = plt.subplots(1, 4, figsize=(19, 3.8), layout="constrained")
             for ax, v in zip(axes[:3], VARIANTS, strict=True):
                 grid = [
                     [
@@ -357,7 +364,7 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
                 axes[3].plot(
                     xs,
                     [_get(results, v, "passkey", n)["key_logprob"] for n in lengths],
-                    "o-",
+                    STYLES[v],
                     color=COLORS[v],
                     label=v,
                 )
