@@ -33,7 +33,8 @@ Tasks (``N`` is each requested length):
       "model": {ModelIdentity fields of the evaluated model},
       "plan": {"name": str, "path": str | null, "fingerprint": str, "block_size": int,
                "budget": float | null, "density": {N: float}, "provenance": {...}},
-      "uniform": {"density": {N: float}, "rule": {N: str}},       # the baseline actually run
+      "uniform": {"density": {N: float}, "rule": {N: str},        # the baseline actually run
+                  "same_as_plan": {N: bool}},     # true: the plan is that window; figures copied
       "settings": {"tasks": [str], "lengths": [int], "limit": int | null, "seed": int,
                    "backend": str, "dtype": str, "data": str | null, "chat_template": bool},
       "command": str | null,                                     # set by the CLI
@@ -383,6 +384,10 @@ def evaluate_plan(
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be a positive number, got {limit}")
     uniforms = {n: uniform_baseline(plan, n) for n in lengths}
+    # A plan that is itself one window for all heads *is* its baseline: run it once.
+    same_as_plan = {
+        n: uniforms[n].rules == plan.rules and uniforms[n].block_size == plan.block_size for n in lengths
+    }
     plans: dict[str, dict[int, Plan | None]] = {
         "dense": dict.fromkeys(lengths),
         "plan": dict.fromkeys(lengths, plan),
@@ -412,13 +417,18 @@ def evaluate_plan(
     with _progress(progress, 3 * total) as advance, torch.no_grad():
         for n in lengths:
             if n in windows:
-                _run_windows(model, windows[n], n, plans, tasks, backend, device, results, advance)
+                _run_windows(
+                    model, windows[n], n, plans, same_as_plan[n], tasks, backend, device, results, advance
+                )
             if n in samples:
                 for name in VARIANTS:
+                    label = f"passkey {n} {name}"
+                    if name == "uniform" and same_as_plan[n]:
+                        _skip(advance(samples[n], label))
+                        results[name].setdefault("passkey", {})[str(n)] = results["plan"]["passkey"][str(n)]
+                        continue
                     with variant(model, plans[name][n], backend):
-                        stats = [
-                            _run_passkey(model, s, device) for s in advance(samples[n], f"passkey {n} {name}")
-                        ]
+                        stats = [_run_passkey(model, s, device) for s in advance(samples[n], label)]
                     results[name].setdefault("passkey", {})[str(n)] = _passkey_summary(samples[n], stats)
 
     return {
@@ -436,6 +446,7 @@ def evaluate_plan(
         "uniform": {
             "density": {str(n): u.density(n) for n, u in uniforms.items()},
             "rule": {str(n): describe_rule(u.rules[0][0]) for n, u in uniforms.items()},
+            "same_as_plan": {str(n): same_as_plan[n] for n in lengths},
         },
         "settings": {
             "tasks": list(tasks),
@@ -453,13 +464,19 @@ def evaluate_plan(
     }
 
 
-def _run_windows(model, windows, n, plans, tasks, backend, device, results, advance) -> None:
-    """ppl and fidelity at length ``n``: dense first (its states are the reference), then the others."""
+def _run_windows(model, windows, n, plans, same_as_plan, tasks, backend, device, results, advance) -> None:
+    """ppl and fidelity at length ``n``: dense first (its states are the reference), then the others;
+    a uniform baseline that ``same_as_plan`` copies the plan's figures instead of recomputing them."""
     half = n // 2
     reference: list[torch.Tensor] = []
     targets = [torch.tensor(w[half:], device=device) for w in windows]
     for name in VARIANTS:
         sums = _Sums()
+        if name == "uniform" and same_as_plan:
+            _skip(advance(windows, f"text {n} {name}"))
+            for task in set(tasks) & {"ppl", "fidelity"}:
+                results[name].setdefault(task, {})[str(n)] = results["plan"][task][str(n)]
+            continue
         with variant(model, plans[name][n], backend):
             for i, window in enumerate(advance(windows, f"text {n} {name}")):
                 ids = torch.tensor([window], device=device)
@@ -494,6 +511,12 @@ def _passkey_summary(samples: Sequence[PasskeySample], stats: Sequence[tuple[boo
     for sample, stat in zip(samples, stats, strict=True):
         by_depth.setdefault(f"{sample.depth:g}", []).append(stat)
     return summary(list(stats)) | {"by_depth": {d: summary(by_depth[d]) for d in sorted(by_depth)}}
+
+
+def _skip(items: Iterable) -> None:
+    """Run an ``advance`` iterator to its end (keeps the progress bar's count right)."""
+    for _ in items:
+        pass
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 VARIANTS = ("dense", "plan", "uniform")
 COLORS = {"dense": "#333333", "plan": "#1f77b4", "uniform": "#ff7f0e"}
+STYLES = {"dense": "o-", "plan": "s-", "uniform": "^--"}  # distinct even where lines coincide
 
 
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> Path:
@@ -127,7 +128,12 @@ def render_markdown(
                 n,
                 f"{results['plan']['density'][n]:.4f}",
                 f"{results['uniform']['density'][n]:.4f}",
-                results["uniform"]["rule"][n],
+                results["uniform"]["rule"][n]
+                + (
+                    " (= the plan: figures shared)"
+                    if results["uniform"].get("same_as_plan", {}).get(n)
+                    else ""
+                ),
             ]
             for n in lengths
         ],
@@ -232,14 +238,17 @@ def _pareto_section(results: Mapping[str, Any], plots: Mapping[str, str]) -> lis
     provenance = results["plan"].get("provenance") or {}
     if "pareto" not in provenance:
         return []
-    points = pareto_points(provenance)
+    found = pareto_points(provenance)
     lines = ["## The search's Pareto set", ""]
-    if points is None:
+    if found is None:
         return lines + ["The plan's provenance has a Pareto set in a form this report does not read.", ""]
-    lines += _table(
-        ["density", "objective", "chosen"],
-        [[f"{d:.4f}", f"{o:.6g}", "yes" if chosen else ""] for d, o, chosen in points],
-    )
+    name, series = found
+    rows = [
+        [length or "all", f"{d:.4f}", f"{o:.6g}", "yes" if chosen else ""]
+        for length, points in series.items()
+        for d, o, chosen in points
+    ]
+    lines += _table(["length", "density", name, "chosen"], rows)
     if "pareto" in plots:
         lines += [f"![pareto]({plots['pareto']})", ""]
     return lines
@@ -247,28 +256,49 @@ def _pareto_section(results: Mapping[str, Any], plots: Mapping[str, str]) -> lis
 
 # Names the search may give a Pareto point's fields, in order of preference.
 _DENSITY_KEYS = ("density", "budget")
-_OBJECTIVE_KEYS = ("loss", "predicted_loss", "objective", "lost_influence", "cost")
+_OBJECTIVE_KEYS = (
+    "loss",
+    "validation_loss",
+    "predicted_loss",
+    "predicted_cost",
+    "objective",
+    "lost_influence",
+    "cost",
+)
+
+ParetoSeries = dict[str, list[tuple[float, float, bool]]]
 
 
-def pareto_points(provenance: Mapping[str, Any]) -> list[tuple[float, float, bool]] | None:
-    """``(density, objective, chosen)`` per Pareto point of ``provenance["pareto"]``, sorted by
-    density; None when the entries are not mappings with a density and an objective. A density given
-    per length (a mapping) is averaged over the lengths."""
+def pareto_points(provenance: Mapping[str, Any]) -> tuple[str, ParetoSeries] | None:
+    """Read ``provenance["pareto"]``: a list of mappings, each with a density (``density`` or
+    ``budget``: a number, or a mapping length -> number), an objective (first of ``_OBJECTIVE_KEYS``,
+    likewise) and optionally ``chosen``.
+
+    Returns ``(objective name, {length: [(density, objective, chosen)]})`` sorted by density; the
+    length is ``""`` when the objective is one number per point (a per-length density is then
+    averaged). None when the entries do not have that form.
+    """
     entries = provenance.get("pareto")
-    if not isinstance(entries, Sequence) or not entries:
+    if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
         return None
-    points = []
-    for entry in entries:
-        if not isinstance(entry, Mapping):
-            return None
-        density = next((entry[k] for k in _DENSITY_KEYS if k in entry), None)
-        objective = next((entry[k] for k in _OBJECTIVE_KEYS if k in entry), None)
-        if isinstance(density, Mapping) and density:
-            density = sum(float(v) for v in density.values()) / len(density)
-        if not isinstance(density, int | float) or not isinstance(objective, int | float):
-            return None
-        points.append((float(density), float(objective), bool(entry.get("chosen", False))))
-    return sorted(points)
+    name = next((k for k in _OBJECTIVE_KEYS if isinstance(entries[0], Mapping) and k in entries[0]), None)
+    if name is None:
+        return None
+    series: ParetoSeries = {}
+    try:
+        for entry in entries:
+            density = next(entry[k] for k in _DENSITY_KEYS if k in entry)
+            objective, chosen = entry[name], bool(entry.get("chosen", False))
+            per_length = objective if isinstance(objective, Mapping) else {"": objective}
+            for length, value in per_length.items():
+                if isinstance(density, Mapping):
+                    d = density[length] if length else sum(map(float, density.values())) / len(density)
+                else:
+                    d = density
+                series.setdefault(str(length), []).append((float(d), float(value), chosen))
+    except (TypeError, ValueError, KeyError, StopIteration):
+        return None
+    return name, {length: sorted(points) for length, points in series.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,14 +343,20 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
 
         panels = [t for t in ("ppl", "fidelity") if t in tasks]
         if panels:
-            fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+            fig, axes = plt.subplots(
+                1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, layout="constrained"
+            )
             for ax, task in zip(axes[0], panels, strict=True):
                 key, label = (
                     ("ppl", "perplexity") if task == "ppl" else ("kl", "KL(dense ‖ variant), nats/token")
                 )
                 for v in VARIANTS if task == "ppl" else ("plan", "uniform"):
                     ax.plot(
-                        xs, [_get(results, v, task, n)[key] for n in lengths], "o-", color=COLORS[v], label=v
+                        xs,
+                        [_get(results, v, task, n)[key] for n in lengths],
+                        STYLES[v],
+                        color=COLORS[v],
+                        label=v,
                     )
                 ax.set(xscale="log", xlabel="length (tokens)", ylabel=label, xticks=xs, xticklabels=lengths)
                 ax.minorticks_off()
@@ -331,7 +367,7 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
 
         if "passkey" in tasks:
             depths = list(_get(results, "dense", "passkey", lengths[0])["by_depth"])
-            fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+            fig, axes = plt.subplots(1, 4, figsize=(19, 3.8), layout="constrained")
             for ax, v in zip(axes[:3], VARIANTS, strict=True):
                 grid = [
                     [
@@ -357,7 +393,7 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
                 axes[3].plot(
                     xs,
                     [_get(results, v, "passkey", n)["key_logprob"] for n in lengths],
-                    "o-",
+                    STYLES[v],
                     color=COLORS[v],
                     label=v,
                 )
@@ -374,18 +410,16 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
             plots["passkey"] = "passkey.png"
             plt.close(fig)
 
-        points = pareto_points(results["plan"].get("provenance") or {})
-        if points:
-            fig, ax = plt.subplots(figsize=(5.5, 4))
-            ax.plot(
-                [p[0] for p in points], [p[1] for p in points], "o-", color=COLORS["plan"], label="Pareto set"
-            )
-            chosen = [p for p in points if p[2]]
-            if chosen:
-                ax.plot(
-                    [p[0] for p in chosen], [p[1] for p in chosen], "*", ms=14, color="red", label="chosen"
-                )
-            ax.set(xlabel="density", ylabel="search objective", title="search Pareto set")
+        found = pareto_points(results["plan"].get("provenance") or {})
+        if found:
+            name, series = found
+            fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
+            for length, points in series.items():
+                label = f"Pareto set at {length}" if length else "Pareto set"
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+                chosen = [p for p in points if p[2]]
+                ax.plot([p[0] for p in chosen], [p[1] for p in chosen], "*", ms=14, color="red")
+            ax.set(xlabel="density", ylabel=name, title="search Pareto set (red star: chosen)")
             ax.legend()
             _save(fig, out / "pareto.png")
             plots["pareto"] = "pareto.png"

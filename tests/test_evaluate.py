@@ -210,6 +210,7 @@ def test_evaluate_plan_fills_the_schema(tokenizer):
     assert results["settings"]["lengths"] == [112, 176]
     assert results["model"]["fingerprint"] == plan.model.fingerprint
     assert set(results["results"]) == {"dense", "plan", "uniform"}
+    assert results["uniform"]["same_as_plan"] == {"112": False, "176": False}
     for n in ("112", "176"):
         assert results["plan"]["density"][n] == pytest.approx(plan.density(int(n)))
         assert 0 < results["uniform"]["density"][n] < 1
@@ -244,6 +245,7 @@ def test_density_one_plan_equals_dense(tokenizer):
     )
     by = results["results"]
     assert results["plan"]["density"]["128"] == 1.0 and results["uniform"]["density"]["128"] == 1.0
+    assert results["uniform"]["same_as_plan"] == {"128": True}
     for variant in ("plan", "uniform"):
         assert by[variant]["fidelity"]["128"]["kl"] == pytest.approx(0.0, abs=1e-10)
         assert by[variant]["fidelity"]["128"]["top1"] == 1.0
@@ -353,10 +355,21 @@ def test_report_without_matplotlib_says_plots_were_skipped(tokenizer, monkeypatc
 def test_pareto_points_reads_known_forms_and_refuses_others():
     assert report.pareto_points({}) is None
     assert report.pareto_points({"pareto": [[0.1, 0.2]]}) is None
-    points = report.pareto_points(
-        {"pareto": [{"budget": 0.5, "objective": 2}, {"density": 0.25, "cost": 3.0}]}
+    assert report.pareto_points({"pareto": [{"density": 0.1}]}) is None
+    name, series = report.pareto_points(
+        {"pareto": [{"budget": 0.5, "objective": 2}, {"density": 0.25, "cost": 3.0, "objective": 4}]}
     )
-    assert points == [(0.25, 3.0, False), (0.5, 2.0, False)]
+    assert name == "objective" and series == {"": [(0.25, 4.0, False), (0.5, 2.0, False)]}
+    per_length = [
+        {"density": {"2048": 0.3, "4096": 0.2}, "predicted_cost": {"2048": 5.0, "4096": 7.0}, "chosen": True},
+        {"density": {"2048": 0.25, "4096": 0.15}, "predicted_cost": {"2048": 6.0, "4096": 6.5}},
+    ]
+    name, series = report.pareto_points({"pareto": per_length})
+    assert name == "predicted_cost"
+    assert series == {
+        "2048": [(0.25, 6.0, False), (0.3, 5.0, True)],
+        "4096": [(0.15, 6.5, False), (0.2, 7.0, True)],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
