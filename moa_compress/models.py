@@ -72,6 +72,7 @@ def _convert_gguf(gguf_path: Path, target: Path, name: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     config = model.config
+    align_special_tokens(tokenizer, config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config._name_or_path = name
@@ -90,6 +91,23 @@ def _convert_gguf(gguf_path: Path, target: Path, name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def align_special_tokens(tokenizer: Any, config: Any) -> None:
+    """Set the tokenizer's bos/eos/pad tokens to the ids ``config`` names, where they differ.
+
+    For a GGUF file, the model config and the tokenizer are read from the same metadata, but some
+    transformers releases build the tokenizer wrongly (5.17 gives SmolLM2 ``eos = <|im_start|>``, the
+    bos token, and no pad token). The config's ids are the metadata's own, so they win; without this
+    the wrong tokens would be saved into the cached folder and every later load would inherit them.
+    """
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        # A list of ids (several stop tokens) names no single token to set.
+        if not isinstance(token_id, int) or not 0 <= token_id < len(tokenizer):
+            continue
+        if getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def resolve_model_source(spec: str | None) -> tuple[str, dict[str, Any]]:
