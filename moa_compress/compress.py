@@ -75,6 +75,7 @@ class CompressSettings:
     ``extend_lengths``: longer lengths the plan's density must also hold at (extrapolated rules).
     ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
     (:func:`moa_compress.data.calibration_set`; ``data=None`` is the built-in synthetic set).
+    ``pareto_size``: weightings of the lengths the search solves (each distinct plan is validated).
     ``validation_samples``: held-out samples at the longest length. ``eval_limit``: text windows per
     length in the closing eval, whose text is ``eval_data`` (None: Debian's python3.11-doc).
     ``dtype``: the dtype the model must be loaded in (checked). ``backend``: the plan's attention backend
@@ -91,6 +92,7 @@ class CompressSettings:
     answer_tokens: int = 32
     extend_lengths: tuple[int, ...] = ()
     per_head: bool = False
+    pareto_size: int = 7
     validation_samples: int = 1
     eval_limit: int = 2
     eval_data: str | None = None
@@ -142,7 +144,7 @@ class CompressSettings:
             raise CompressError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.dtype not in DTYPES:
             raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("validation_samples", "eval_limit", "answer_tokens", "block_size"):
+        for name in ("pareto_size", "validation_samples", "eval_limit", "answer_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise CompressError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -150,8 +152,20 @@ class CompressSettings:
 # Presets fill the settings a user does not give. "full" is the recipe for the embedded model's
 # shipped plans; "fast" fits in a few minutes on a 2-core CPU (see BENCHMARKS.md).
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"lengths": (2048, 4096, 8192), "samples": (2, 1, 1), "validation_samples": 1, "eval_limit": 2},
-    "fast": {"lengths": (1024, 2048), "samples": (1, 1), "validation_samples": 1, "eval_limit": 1},
+    "full": {
+        "lengths": (2048, 4096, 8192),
+        "samples": (2, 1, 1),
+        "pareto_size": 7,
+        "validation_samples": 1,
+        "eval_limit": 2,
+    },
+    "fast": {
+        "lengths": (1024, 2048),
+        "samples": (1, 1),
+        "pareto_size": 3,
+        "validation_samples": 1,
+        "eval_limit": 1,
+    },
 }
 
 
@@ -284,6 +298,7 @@ _SETTING_NAMES = {
     "budget": "--budget",
     "extend_lengths": "--extend-lengths",
     "per_head": "--per-head",
+    "pareto_size": "pareto_size",
     "validation_samples": "validation_samples",
     "backend": "backend",
 }
@@ -334,6 +349,7 @@ def _stage_settings(
             "budget": settings.budget,
             "extend_lengths": list(settings.extend_lengths),
             "per_head": settings.per_head,
+            "pareto_size": settings.pareto_size,
         },
         "validate": {
             **recipe,
@@ -614,6 +630,7 @@ class _Context:
             s.budget,
             extend_lengths=s.extend_lengths,
             per_head=s.per_head,
+            pareto_size=s.pareto_size,
             progress=self.progress,
             provenance=record,
         )
@@ -835,6 +852,8 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         f"{uniform_label:<28}  {v['uniform']['loss']:>11.4f}  {_relative(v['uniform']['loss'], dense):>8}",
         f"{'chosen plan':<28}  {v['plan']:>11.4f}  {_relative(v['plan'], dense):>8}",
     ]
+    if v["uniform"]["loss"] < v["plan"]:
+        lines.append("note: the uniform baseline beats every searched plan on the held-out samples")
     ppl = summary["eval"]["ppl"]
     if ppl.get("dense"):
         lines += ["", f"{'eval perplexity':<16}" + "".join(f"{n:>10}" for n in ppl["dense"])]
