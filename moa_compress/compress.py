@@ -233,7 +233,8 @@ class _Work:
 
     def check(self, force: bool) -> list[str]:
         """Compare the recorded stages with this run's; raise :class:`StaleWorkError` on the first that
-        differs, or with ``force`` discard it and every later stage. Returns the discarded stages."""
+        differs, or with ``force`` discard it and every later stage. Returns the stages whose work was
+        discarded."""
         if not self.manifest.exists():
             if any(p.exists() for stage in STAGES for p in self.files(stage)) and not force:
                 raise StaleWorkError(
@@ -263,14 +264,18 @@ class _Work:
     def _discard(self, stages: Sequence[str]) -> list[str]:
         import shutil
 
+        discarded = []
         for stage in stages:
-            self.recorded.pop(stage, None)
+            found = self.recorded.pop(stage, None) is not None
             for path in self.files(stage):
+                found |= path.exists()
                 if path.is_dir():
                     shutil.rmtree(path)
                 else:
                     path.unlink(missing_ok=True)
-        return list(stages)
+            if found:
+                discarded.append(stage)
+        return discarded
 
     def done(self, stage: str) -> bool:
         old = self.recorded.get(stage)
