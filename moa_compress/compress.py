@@ -175,7 +175,8 @@ def preset_settings(
     """Settings from ``preset``, with every override that is not None taking precedence.
 
     ``lengths`` without ``samples``: the preset's count at the lengths it names, 1 elsewhere. With a
-    reused ``profile``, its lengths, sample counts and block size are the defaults.
+    reused ``profile``, its lengths, sample counts, block size and calibration recipe (data, mode, seed,
+    answer tokens: the held-out samples follow it) are the defaults.
     """
     if preset not in PRESETS:
         raise CompressError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -187,6 +188,11 @@ def preset_settings(
             samples=tuple(profile.samples[n] for n in profile.lengths),
             block_size=profile.block_size,
         )
+        # Held-out samples follow the profile's calibration recipe unless told otherwise.
+        recipe = profile.provenance
+        base.update({key: recipe[key] for key in ("mode", "seed", "answer_tokens") if key in recipe})
+        if recipe.get("data") not in (None, "synthetic"):
+            base["data"] = recipe["data"]
     if "lengths" in given and "samples" not in given:
         counts = dict(zip(base["lengths"], base["samples"], strict=True))
         given["samples"] = tuple(counts.get(int(n), 1) for n in given["lengths"])

@@ -19,8 +19,8 @@ from moa_compress.compress import (
     load_summary,
     preset_settings,
 )
-from moa_compress.plan import load_plan, rule_block_mask
-from moa_compress.profile import load_profile
+from moa_compress.plan import ModelIdentity, load_plan, rule_block_mask
+from moa_compress.profile import Profile, load_profile
 from tests.factories import tiny_bpe_tokenizer, tiny_model
 
 MODEL = {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 512, "max_pos": 1024}
@@ -237,6 +237,14 @@ def test_presets_and_overrides():
     with pytest.raises(CompressError, match="2 counts for 3 lengths"):
         preset_settings("full", 0.3, samples=(1, 1))
     assert dataclasses.replace(fast, seed=3).seed == 3
+
+    identity = ModelIdentity("tiny", 1, 2, 1, 16, "0")
+    influence = {n: torch.zeros(1, 2, n // 32, n // 32) for n in (256, 512)}
+    recipe = {"data": "notes.txt", "mode": "plain", "seed": 4, "answer_tokens": 8}
+    profile = Profile(identity, 32, influence, {256: 3, 512: 1}, provenance=recipe)
+    reused = preset_settings("full", 0.5, profile=profile, seed=5)
+    assert (reused.lengths, reused.samples, reused.block_size) == ((256, 512), (3, 1), 32)
+    assert (reused.data, reused.mode, reused.seed, reused.answer_tokens) == ("notes.txt", "plain", 5, 8)
 
 
 # ----------------------------------------------------------------------------------------------
