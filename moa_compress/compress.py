@@ -662,6 +662,7 @@ class _Context:
             record = {**shape, "seed": s.seed + VALIDATION_SEED_OFFSET, "loss": {}}
         losses: dict[str, float] = record["loss"]
         if self.state.done("validate") and "uniform" in losses:
+            _say(self.progress, f"validate: reusing {path}")
             self.resumed.add("validate")
         self.state.mark("validate", done=False)
 
