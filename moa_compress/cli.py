@@ -510,6 +510,90 @@ def profile_command(
     typer.echo(f"wrote {path}: {summary} in {time.monotonic() - started:.0f} s")
 
 
+# --- compress
+
+
+@app.command("compress")
+@user_errors
+def compress_command(
+    model: ModelArg = None,
+    budget: Annotated[float, typer.Option(help="Density budget in (0, 1], held at every target length.")] = ...,
+    out: Annotated[
+        Path, typer.Option(help="Output folder: plan.json, report.md, results.json, compress.json.")
+    ] = ...,
+    preset: Annotated[
+        str, typer.Option(help="full (2048,4096,8192; 2,1,1 samples) | fast (1024,2048; minutes on a CPU)")
+    ] = "full",
+    lengths: Annotated[str | None, typer.Option(help="Profiled lengths (default: the preset's).")] = None,
+    samples: Annotated[
+        str | None, typer.Option(help="Calibration samples per length: one count, or one per length.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Calibration text: .txt/.jsonl/.parquet file or folder, or hub dataset."),
+    ] = None,
+    text_field: Annotated[str | None, typer.Option(help="Text field of structured --data.")] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="answers (the dense model's own answers) | plain (text windows)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the calibration set.")] = None,
+    extend_lengths: Annotated[
+        str | None, typer.Option(help="Longer lengths the budget must also hold at (rules extrapolated).")
+    ] = None,
+    per_head: Annotated[bool, typer.Option(help="One rule per query head instead of per KV group.")] = False,
+    profile: Annotated[
+        Path | None, typer.Option(help="Reuse a `moa-compress profile` output instead of profiling.")
+    ] = None,
+    work: Annotated[Path | None, typer.Option(help="Work folder for resuming (default: OUT/work).")] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Text for the closing eval. Default: Debian's python3.11-doc.")
+    ] = None,
+    block_size: Annotated[int | None, typer.Option(help="Block size in tokens (default 64).")] = None,
+    dtype: DtypeOpt = "bfloat16",
+    force: Annotated[
+        bool, typer.Option(help="Overwrite outputs and redo stages made with other settings.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Calibrate, profile, search, validate and export a plan under a density budget (resumable)."""
+    from moa_compress.compress import compress, preset_settings, summary_table
+    from moa_compress.profile import load_profile
+
+    counts = parse_lengths(samples, "--samples") if samples else None
+    reused = load_profile(profile) if profile is not None else None
+    settings = preset_settings(
+        preset,
+        budget,
+        profile=reused,
+        lengths=parse_lengths(lengths) if lengths else None,
+        samples=counts[0] if counts is not None and len(counts) == 1 else counts,
+        data=data,
+        text_field=text_field,
+        mode=mode,
+        seed=seed,
+        extend_lengths=parse_lengths(extend_lengths, "--extend-lengths") if extend_lengths else None,
+        per_head=per_head,
+        eval_data=eval_data,
+        block_size=block_size,
+        dtype=dtype,
+    )
+    settings.check()  # before the model loads: a bad option fails at once
+    net, tokenizer = load(model, dtype)
+    result = compress(
+        net,
+        tokenizer,
+        settings,
+        out,
+        work_dir=work,
+        force=force,
+        progress=progress,
+        profile=reused,
+        command=command_line(),
+    )
+    typer.echo(f"wrote {result.path}, {result.report} and {out / 'compress.json'}\n")
+    typer.echo(summary_table(result.summary))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

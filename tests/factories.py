@@ -141,3 +141,35 @@ def tiny_bpe_tokenizer():
 
 
 __all__ += ["tiny_bpe_tokenizer", "tiny_tokenizer"]
+
+
+def random_profile(
+    layers=2, heads=4, kv_heads=2, lengths=(256, 512), block_size=64, seed=0, decay=1.0, provenance=None
+):
+    """A :class:`Profile` of random block influence: positive below the diagonal, zero above, with
+    per-head taste for recent keys (``decay`` scales how fast influence falls with distance) and a
+    heavy first (sink) column, so that heads differ the way real ones do."""
+    from moa_compress.plan import ModelIdentity
+    from moa_compress.profile import Profile
+
+    g = torch.Generator().manual_seed(seed)
+    identity = ModelIdentity("random", layers, heads, kv_heads, 16, f"{seed:016x}")
+    influence = {}
+    for n in lengths:
+        nb = -(-n // block_size)
+        distance = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).clamp(min=0).float()  # [nB, nB]
+        reach = torch.rand(layers, heads, 1, 1, generator=g) * nb / decay + 0.5  # blocks of typical reach
+        noise = torch.rand(layers, heads, nb, nb, generator=g)
+        values = noise * torch.exp(-distance / reach)
+        values[..., 0] += torch.rand(layers, heads, 1, generator=g) * 3
+        influence[n] = (values * torch.ones(nb, nb).tril()).float().contiguous()
+    return Profile(
+        model=identity,
+        block_size=block_size,
+        influence=influence,
+        samples={n: 1 for n in lengths},
+        provenance=dict(provenance or {"data": "random", "mode": "plain", "seed": seed}),
+    )
+
+
+__all__ += ["random_profile"]
