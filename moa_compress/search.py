@@ -65,7 +65,7 @@ DEFAULT_MIP_GAP = 1e-3
 # Branch-and-bound nodes HiGHS may spend on one weighted problem after the LP bound and rounding, and
 # the most columns (after reduced-cost fixing) it is given: beyond ~1000 its root node alone takes
 # seconds on a 2-core machine. mip_gap=0 lifts both.
-NODE_LIMIT = 2000
+NODE_LIMIT = 300
 MILP_MAX_COLUMNS = 600
 # Most combinations of fractional groups' rules tried when rounding the LP solution.
 ROUNDING_COMBINATIONS = 4096
