@@ -67,6 +67,8 @@ DEFAULT_MIP_GAP = 1e-3
 # seconds on a 2-core machine. mip_gap=0 lifts both.
 NODE_LIMIT = 300
 MILP_MAX_COLUMNS = 600
+# Local-search moves must gain more than this, so float noise cannot make them cycle.
+MIN_GAIN = 1e-15
 # Most combinations of fractional groups' rules tried when rounding the LP solution.
 ROUNDING_COMBINATIONS = 4096
 # Rows of the pair-move gain matrix evaluated at once (bounds its memory to ~T * PAIR_CHUNK * columns).
@@ -254,7 +256,7 @@ def _greedy(objective: np.ndarray, shares: np.ndarray, limits: np.ndarray, choic
         gain = objective[rows, choice][:, None] - objective  # [groups, rules]
         gain[~(switched <= limits[:, None, None]).all(0)] = 0.0
         group, rule = np.unravel_index(np.argmax(gain), gain.shape)
-        if gain[group, rule] <= 0.0:
+        if gain[group, rule] <= MIN_GAIN:
             return choice
         choice = choice.copy()
         choice[group] = rule
@@ -272,7 +274,7 @@ def _pair_moves(
         used = shares[:, rows, choice].sum(1)  # [T]
         delta = shares[:, col_group, col_rule] - shares[:, col_group, choice[col_group]]  # [T, K]
         gain = objective[col_group, choice[col_group]] - objective[col_group, col_rule]  # [K]
-        best, move = 0.0, None
+        best, move = MIN_GAIN, None
         for start in range(0, len(columns), PAIR_CHUNK):
             part = slice(start, start + PAIR_CHUNK)
             fits = (
