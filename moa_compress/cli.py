@@ -510,6 +510,59 @@ def profile_command(
     typer.echo(f"wrote {path}: {summary} in {time.monotonic() - started:.0f} s")
 
 
+# --- search
+
+
+@app.command("search")
+@user_errors
+def search_command(
+    profile_dir: Annotated[Path, typer.Argument(metavar="PROFILE_DIR", help="Folder written by `profile`.")],
+    budget: Annotated[float, typer.Option(help="Density budget in (0, 1], held at every length.")] = ...,
+    extend_lengths: Annotated[
+        str | None, typer.Option(help="Comma-separated longer lengths the budget must also hold at.")
+    ] = None,
+    per_head: Annotated[bool, typer.Option(help="One rule per query head instead of per KV group.")] = False,
+    out: Annotated[Path, typer.Option(help="Output folder: plan.json + pareto.json.")] = Path("plan"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing plan.json / pareto.json.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose each head's rule under a density budget from a profile; write the lowest-cost plan."""
+    from moa_compress.plan import PLAN_FILE, provenance
+    from moa_compress.profile import load_profile
+    from moa_compress.search import PARETO_FILE, save_search, search_plan, search_summary
+
+    check_fraction(budget, "--budget")
+    extra = parse_lengths(extend_lengths, "--extend-lengths") if extend_lengths else []
+    for name in (PLAN_FILE, PARETO_FILE):
+        if (out / name).exists() and not force:
+            fail(f"{out / name} exists; pass --force to overwrite")
+    profile = load_profile(profile_dir)
+    result = search_plan(
+        profile,
+        budget,
+        extend_lengths=extra,
+        per_head=per_head,
+        progress=not as_json,
+        provenance=provenance(command_line(), profile_path=str(profile_dir)),
+    )
+    path = save_search(result, out, index=0, force=force)
+    summary = search_summary(result, chosen=0)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    profiled = summary["search"]["profiled_lengths"]
+    typer.echo(f"Pareto set at budget {budget} ({len(summary['points'])} plans; * = written to {path}):")
+    header = ["#"] + [f"d@{n}" for n in summary["lengths"]] + [f"cost@{n}" for n in profiled]
+    typer.echo("  ".join(f"{h:>10}" for h in header + ["mean cost", "rule kinds"]))
+    for point in summary["points"]:
+        cells = [f"{'*' if point['chosen'] else ''}{point['index']}"]
+        cells += [f"{point['density'][str(n)]:.4f}" for n in summary["lengths"]]
+        cells += [f"{point['predicted_cost'][str(n)]:.4f}" for n in profiled]
+        cells += [f"{point['mean_cost']:.4f}", str(len(point["rules"]))]
+        typer.echo("  ".join(f"{c:>10}" for c in cells))
+    typer.echo(f"wrote {path} and {path.parent / PARETO_FILE}")
+
+
 # --- compress
 
 

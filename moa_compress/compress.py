@@ -627,7 +627,7 @@ class _Context:
         path = self.state.root / "search.json"
         if self.state.done("search") and path.exists():
             try:
-                result = load_search(path)
+                result = load_search_stage(path)
             except (CompressError, OSError):
                 pass  # damaged: search again (it is deterministic)
             else:
@@ -645,10 +645,10 @@ class _Context:
             progress=self.progress,
             provenance=record,
         )
-        save_search(result, path)
+        save_search_stage(result, path)
         self.state.mark("search", done=True)
         # What later stages see is what a resumed run reads back: the same plans either way.
-        return load_search(path)
+        return load_search_stage(path)
 
     def validate_stage(self, profile: Profile, result) -> dict[str, Any]:
         from moa_compress.evaluate import uniform_baseline
@@ -742,7 +742,7 @@ def _chosen_plan(result, validation: Mapping[str, Any]) -> Plan:
 # The Pareto set on disk
 
 
-def save_search(result, path: Path) -> None:
+def save_search_stage(result, path: Path) -> None:
     """Write a :class:`moa_compress.search.SearchResult` as JSON (plans, weights, costs, densities)."""
     body = {
         "lengths": list(result.lengths),
@@ -759,8 +759,8 @@ def save_search(result, path: Path) -> None:
     atomic_write_bytes(Path(path), (json.dumps(body, indent=1) + "\n").encode())
 
 
-def load_search(path: Path):
-    """Read what :func:`save_search` wrote."""
+def load_search_stage(path: Path):
+    """Read what :func:`save_search_stage` wrote."""
     from moa_compress.search import ParetoPoint, SearchResult
 
     data = _read_json(Path(path))
@@ -893,10 +893,10 @@ __all__ = [
     "StaleWorkError",
     "check_inputs",
     "compress",
-    "load_search",
+    "load_search_stage",
     "load_summary",
     "preset_settings",
     "profile_digest",
-    "save_search",
+    "save_search_stage",
     "summary_table",
 ]

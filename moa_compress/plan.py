@@ -16,6 +16,7 @@ computed, averaged over all query heads, at length ``N``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -203,6 +204,8 @@ def causal_block_pairs(n: int, block_size: int) -> torch.Tensor:
     return out
 
 
+# Cached: the search checks hundreds of plans made of the same few rules, at up to 16K tokens.
+@functools.lru_cache(maxsize=65536)
 def rule_density(rule: Rule, n: int, block_size: int) -> float:
     """Exact fraction of the causal pairs at length ``n`` that ``rule`` computes."""
     pairs = causal_block_pairs(n, block_size)

@@ -16,12 +16,16 @@ checked with :meth:`Plan.density` before it is returned.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,20 @@ DEFAULT_BETAS = tuple(i / 8 for i in range(9))
 DENSITY_TOLERANCE = 1e-12
 # Each weight vector that emphasises one length puts this share on it, the rest spread evenly.
 EMPHASIS = 0.8
+# Default relative optimality gap of each weighted problem: predicted costs are estimates from a few
+# calibration samples, far noisier than 0.1%, and closing the last 0.1% costs HiGHS minutes.
+DEFAULT_MIP_GAP = 1e-3
+# Branch-and-bound nodes HiGHS may spend on one weighted problem after the LP bound and rounding, and
+# the most columns (after reduced-cost fixing) it is given: beyond ~1000 its root node alone takes
+# seconds on a 2-core machine. mip_gap=0 lifts both.
+NODE_LIMIT = 300
+MILP_MAX_COLUMNS = 600
+# Local-search moves must gain more than this, so float noise cannot make them cycle.
+MIN_GAIN = 1e-15
+# Most combinations of fractional groups' rules tried when rounding the LP solution.
+ROUNDING_COMBINATIONS = 4096
+# Rows of the pair-move gain matrix evaluated at once (bounds its memory to ~T * PAIR_CHUNK * columns).
+PAIR_CHUNK = 256
 
 
 class SearchError(UserInputError):
@@ -117,15 +135,28 @@ def candidate_rules(
             if all(0 < rule.span(n) <= n for n in lengths):
                 rules.append(rule)
     kept: list[Rule] = []
-    seen: set[str] = set()
+    seen: set[tuple[bytes, ...]] = set()
     for rule in rules:
-        digest = hashlib.sha256()
-        for n in lengths:
-            digest.update(rule_block_mask(rule, n, block_size).numpy().tobytes())
-        if digest.hexdigest() not in seen:
-            seen.add(digest.hexdigest())
+        key = tuple(_mask_digest(rule, n, block_size) for n in lengths)
+        if key not in seen:
+            seen.add(key)
             kept.append(rule)
     return kept
+
+
+@functools.lru_cache(maxsize=4096)
+def _mask_digest_of(sink: int, band: int, n: int, block_size: int) -> bytes:
+    rule = StaticRule(sink, float(band * block_size), 0.0)  # the same mask at n as any rule with this band
+    return hashlib.sha256(rule_block_mask(rule, n, block_size).numpy().tobytes()).digest()
+
+
+def _mask_digest(rule: Rule, n: int, block_size: int) -> bytes:
+    """Digest of ``rule_block_mask(rule, n, block_size)``. A static rule's mask at ``n`` depends only on
+    its sink and band, so masks are built once per (sink, band) and never per grid point."""
+    nb = num_blocks(n, block_size)
+    if isinstance(rule, DenseRule):
+        return _mask_digest_of(0, nb, n, block_size)
+    return _mask_digest_of(min(rule.sink_blocks, nb), min(rule.band_blocks(n, block_size), nb), n, block_size)
 
 
 def _groups(profile: Profile, per_head: bool) -> list[tuple[int, tuple[int, ...]]]:
@@ -139,9 +170,7 @@ def _groups(profile: Profile, per_head: bool) -> list[tuple[int, tuple[int, ...]
     ]
 
 
-def rule_costs(
-    profile: Profile, rules: Sequence[Rule], per_head: bool = False
-) -> dict[int, np.ndarray]:
+def rule_costs(profile: Profile, rules: Sequence[Rule], per_head: bool = False) -> dict[int, np.ndarray]:
     """Profiled length -> float64 ``[groups, rules]``: the fraction of the model's causal influence at
     that length that each group loses with each rule (groups in :func:`_groups` order)."""
     model = profile.model
@@ -188,42 +217,196 @@ def pareto_weights(lengths: Sequence[int], count: int) -> list[dict[int, float]]
 # The solver
 
 
+@dataclass(frozen=True)
+class _Solution:
+    choice: np.ndarray  # [groups] rule index per group
+    cost: float  # objective of ``choice``
+    bound: float  # proven lower bound on the optimum
+    optimal: bool  # within the requested gap of the bound
+
+
+@contextlib.contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null: HiGHS's MIP code prints debug lines from C++ straight to it
+    even with ``disp=False``, which would corrupt the CLI's ``--json`` output."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (an embedding host): nothing to protect
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _greedy(objective: np.ndarray, shares: np.ndarray, limits: np.ndarray, choice: np.ndarray) -> np.ndarray:
+    """Best-improvement local search from a feasible ``choice``: switch one group at a time to the rule
+    that lowers the objective most while every length stays within ``limits``."""
+    rows = np.arange(len(choice))
+    while True:
+        current = shares[:, rows, choice]  # [T, groups]
+        # Density at each length if group g switched to rule r: [T, groups, rules]
+        switched = current.sum(1)[:, None, None] + shares - current[:, :, None]
+        gain = objective[rows, choice][:, None] - objective  # [groups, rules]
+        gain[~(switched <= limits[:, None, None]).all(0)] = 0.0
+        group, rule = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[group, rule] <= MIN_GAIN:
+            return choice
+        choice = choice.copy()
+        choice[group] = rule
+
+
+def _pair_moves(
+    objective: np.ndarray, shares: np.ndarray, limits: np.ndarray, choice: np.ndarray, columns: np.ndarray
+) -> np.ndarray:
+    """Local search by two simultaneous switches (one group gives up density that another spends),
+    each alternating with :func:`_greedy`, among ``columns`` (flat ``group * rules + rule`` indices)."""
+    rules = objective.shape[1]
+    col_group, col_rule = columns // rules, columns % rules
+    while True:
+        rows = np.arange(len(choice))
+        used = shares[:, rows, choice].sum(1)  # [T]
+        delta = shares[:, col_group, col_rule] - shares[:, col_group, choice[col_group]]  # [T, K]
+        gain = objective[col_group, choice[col_group]] - objective[col_group, col_rule]  # [K]
+        best, move = MIN_GAIN, None
+        for start in range(0, len(columns), PAIR_CHUNK):
+            part = slice(start, start + PAIR_CHUNK)
+            fits = (
+                (used[:, None, None] + delta[:, part, None] + delta[:, None, :]) <= limits[:, None, None]
+            ).all(0)
+            total = gain[part, None] + gain[None, :]  # [chunk, K]
+            total[~fits | (col_group[part, None] == col_group[None, :])] = 0.0
+            i, j = np.unravel_index(np.argmax(total), total.shape)
+            if total[i, j] > best:
+                best, move = total[i, j], (start + i, j)
+        if move is None:
+            return choice
+        choice = choice.copy()
+        choice[col_group[list(move)]] = col_rule[list(move)]
+        choice = _greedy(objective, shares, limits, choice)
+
+
+def _round(objective: np.ndarray, shares: np.ndarray, limits: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+    """A feasible integer choice near the LP solution ``x [groups, rules]``. A basic LP solution has at
+    most one fractional group per length; each takes one of its fractional rules or the sparsest rule,
+    whichever combination fits and costs least."""
+    choice = x.argmax(1)
+    fractional = [g for g in range(len(x)) if x[g].max() < 1 - 1e-9]
+    sparsest = int(np.argmin(shares.sum((0, 1))))
+    options = [sorted({*np.flatnonzero(x[g] > 1e-9).tolist(), sparsest}) for g in fractional]
+    if math.prod(len(o) for o in options) > ROUNDING_COMBINATIONS:  # not a basic solution: play safe
+        options = [[sparsest] for _ in fractional]
+    best = None
+    for combo in itertools.product(*options):
+        trial = choice.copy()
+        trial[fractional] = combo
+        if (shares[:, np.arange(len(trial)), trial].sum(1) <= limits).all():
+            value = objective[np.arange(len(trial)), trial].sum()
+            if best is None or value < best[0]:
+                best = (value, trial)
+    return None if best is None else best[1]
+
+
 def _solve(
     objective: np.ndarray,  # [groups, rules]
-    sizes: np.ndarray,  # [groups] query heads per group
-    densities: np.ndarray,  # [lengths, rules]
-    limits: np.ndarray,  # [lengths] right-hand sides (the budget, maybe tightened)
-    total_heads: int,
+    shares: np.ndarray,  # [T, groups, rules] each choice's share of the plan density at each length
+    limits: np.ndarray,  # [T] right-hand sides (the budget, maybe tightened)
+    mip_gap: float,
     time_limit: float,
-) -> tuple[np.ndarray, bool] | None:
-    """One-hot choice ``[groups]`` of rule indices minimising the objective under the density rows, and
-    whether HiGHS proved it optimal. None if infeasible."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+) -> _Solution | None:
+    """Minimise the objective with one rule per group under the density rows; None if infeasible.
+
+    HiGHS's branch and bound alone needs minutes here (thousands of nearly tied columns), so: solve the
+    LP relaxation (its optimum bounds the MILP's), round it and improve greedily; stop if that is within
+    ``mip_gap`` of the bound, else drop every column whose LP reduced cost exceeds the remaining gap (it
+    cannot be in a better solution) and let HiGHS finish the smaller MILP.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, linprog, milp
     from scipy.sparse import csr_matrix, kron
 
     groups, rules = objective.shape
+    cost = objective.reshape(-1)
     one_hot = kron(np.eye(groups), np.ones((1, rules)), format="csr")  # [groups, groups*rules]
-    # Row t: sum over groups and rules of heads(g) * density(rule, N_t) / all heads = plan density.
-    density_rows = csr_matrix(
-        (densities[:, None, :] * sizes[None, :, None] / total_heads).reshape(len(limits), groups * rules)
-    )
-    result = milp(
-        c=objective.reshape(-1),
-        integrality=np.ones(groups * rules),
-        bounds=Bounds(0, 1),
-        constraints=[
-            LinearConstraint(one_hot, 1, 1),
-            LinearConstraint(density_rows, -np.inf, limits),
-        ],
-        # disp=False keeps HiGHS off stdout (the CLI's --json output); a gap of 0 asks for the optimum.
-        options={"disp": False, "time_limit": time_limit, "mip_rel_gap": 0.0},
-    )
-    if result.x is None:
+    density_rows = csr_matrix(shares.reshape(len(limits), groups * rules))
+    with _stdout_silenced():
+        lp = linprog(
+            cost,
+            A_ub=density_rows,
+            b_ub=limits,
+            A_eq=one_hot,
+            b_eq=np.ones(groups),
+            bounds=(0, 1),
+            method="highs",
+        )
+    if lp.status == 2:
+        return None
+    if lp.status != 0:
+        raise RuntimeError(f"the LP relaxation of the search failed: {lp.message}")
+    bound = float(lp.fun)
+    rows = np.arange(groups)
+    x = lp.x.reshape(groups, rules)
+    choice = _round(objective, shares, limits, x)
+    if choice is not None:
+        choice = _greedy(objective, shares, limits, choice)
+        best = float(objective[rows, choice].sum())
+        if best - bound <= mip_gap * abs(best):
+            return _Solution(choice, best, bound, True)
+        # Any solution that uses column j costs at least bound + reduced_cost[j] (LP duality), so only
+        # columns with reduced cost within the gap can improve on ``choice``.
+        reduced = cost - density_rows.T @ lp.ineqlin.marginals - one_hot.T @ lp.eqlin.marginals
+        keep = reduced <= best - bound + 1e-12
+        keep[rows * rules + choice] = True
+        choice = _pair_moves(objective, shares, limits, choice, np.flatnonzero(keep))
+        best = float(objective[rows, choice].sum())
+        if best - bound <= mip_gap * abs(best):
+            return _Solution(choice, best, bound, True)
+        keep = reduced <= best - bound + 1e-12
+        keep[rows * rules + choice] = True
+        if mip_gap > 0 and keep.sum() > MILP_MAX_COLUMNS:
+            # The rest of the gap is mostly the LP bound's weakness: HiGHS would spend seconds per
+            # weight proving little. The plan is returned with its proven gap.
+            return _Solution(choice, best, bound, False)
+    else:  # rounding found nothing feasible (a grid without a rule sparser than the others): full MILP
+        keep = np.ones(groups * rules, dtype=bool)
+    with _stdout_silenced():
+        result = milp(
+            c=cost[keep],
+            integrality=np.ones(int(keep.sum())),
+            bounds=Bounds(0, 1),
+            constraints=[
+                LinearConstraint(one_hot[:, keep], 1, 1),
+                LinearConstraint(density_rows[:, keep], -np.inf, limits),
+            ],
+            # A node limit, not the clock, ends a hard solve, so that results do not depend on speed;
+            # time_limit is only a backstop. mip_gap 0 asks for the proven optimum: no node limit.
+            options={
+                "disp": False,
+                "mip_rel_gap": mip_gap,
+                "time_limit": time_limit,
+                **({"node_limit": NODE_LIMIT} if mip_gap > 0 else {}),
+            },
+        )
+    if result.x is not None:
+        columns = np.flatnonzero(keep)[np.round(result.x) > 0.5]
+        found = np.empty(groups, dtype=np.int64)
+        found[columns // rules] = columns % rules
+        value = float(objective[rows, found].sum())
+        if choice is None or value < best:
+            choice, best = found, value
+        bound = max(bound, float(getattr(result, "mip_dual_bound", bound) or bound))
+    if choice is None:
         if result.status == 2:
             return None
-        raise SearchError(f"the solver found no plan ({result.message}); allow more time_limit than {time_limit}s")
-    choice = np.round(result.x).reshape(groups, rules).argmax(axis=1)
-    return choice, result.status == 0
+        raise SearchError(
+            f"the solver found no plan ({result.message}); allow a longer time_limit than {time_limit}s"
+        )
+    return _Solution(choice, best, bound, best - bound <= mip_gap * abs(best) + 1e-12)
 
 
 def _build_plan(
@@ -234,7 +417,9 @@ def _build_plan(
     budget: float,
     lengths: tuple[int, ...],
 ) -> Plan:
-    table: list[list[Rule]] = [[DenseRule()] * profile.model.num_heads for _ in range(profile.model.num_layers)]
+    table: list[list[Rule]] = [
+        [DenseRule()] * profile.model.num_heads for _ in range(profile.model.num_layers)
+    ]
     for (layer, heads), index in zip(groups, choice, strict=True):
         for head in heads:
             table[layer][head] = rules[int(index)]
@@ -258,6 +443,7 @@ def search_plan(
     sink_blocks: int = 1,
     pareto_size: int = 7,
     time_limit: float = 60.0,
+    mip_gap: float = DEFAULT_MIP_GAP,
     progress: bool = False,
     provenance: Mapping[str, Any] | None = None,
 ) -> SearchResult:
@@ -265,13 +451,14 @@ def search_plan(
 
     ``alphas`` in tokens (default: :data:`DEFAULT_ALPHA_BLOCKS` times the block size), ``betas`` in
     [0, 1] (default: steps of 1/8). One rule per KV group, or per query head with ``per_head``.
-    ``pareto_size`` weight vectors over the profiled lengths' costs are solved (``time_limit`` seconds
-    each); distinct plans are returned sorted by mean predicted cost. ``provenance`` is the base of
-    each plan's provenance (default: tool and time).
+    ``pareto_size`` weight vectors over the profiled lengths' costs are solved, each to within
+    ``mip_gap`` (relative) of its optimum (0: exactly), all together in about ``time_limit`` seconds at
+    most; distinct plans are returned sorted by mean predicted cost. ``provenance`` is the base of each
+    plan's provenance (default: tool and time).
     """
     from moa_compress.data import progress_steps
 
-    if not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
         raise SearchError(f"budget must be in (0, 1], got {budget}")
     if any(int(n) != n or n <= 0 for n in extend_lengths):
         raise SearchError(f"extend lengths must be positive integers, got {list(extend_lengths)}")
@@ -279,6 +466,8 @@ def search_plan(
         raise SearchError(f"sink_blocks must be >= 0, got {sink_blocks}")
     if pareto_size < 1:
         raise SearchError(f"pareto_size must be at least 1, got {pareto_size}")
+    if not mip_gap >= 0.0 or not time_limit > 0.0:
+        raise SearchError(f"mip_gap must be >= 0 and time_limit > 0, got {mip_gap} and {time_limit}")
     block = profile.block_size
     alphas = [a * block for a in DEFAULT_ALPHA_BLOCKS] if alphas is None else list(alphas)
     betas = list(DEFAULT_BETAS) if betas is None else list(betas)
@@ -296,6 +485,62 @@ def search_plan(
             f"diagonal block for every head): density {smallest[worst]:.4f} at {worst} tokens"
         )
     groups = _groups(profile, per_head)
+    rows = np.arange(len(groups))
+
+    solutions: list[tuple[dict[int, float], _Solution]] = []
+    if budget >= 1.0:  # nothing to trade: every head dense, nothing lost
+        rules: list[Rule] = [DenseRule()]
+        costs = {n: np.zeros((len(groups), 1)) for n in profiled}
+        solutions.append(
+            (pareto_weights(profiled, 1)[0], _Solution(np.zeros(len(groups), int), 0.0, 0.0, True))
+        )
+    else:
+        rules = candidate_rules(lengths, block, alphas, betas, sink_blocks)
+        costs = rule_costs(profile, rules, per_head)
+        densities = np.array([[rule_density(r, n, block) for r in rules] for n in lengths])  # [T, R]
+        sizes = np.array([len(heads) for _, heads in groups], dtype=np.float64)  # [groups]
+        total_heads = profile.model.num_layers * profile.model.num_heads
+        shares = densities[:, None, :] * sizes[None, :, None] / total_heads  # [T, groups, R]
+        weight_list = pareto_weights(profiled, pareto_size)
+        with progress_steps(progress, len(weight_list), "search") as step:
+            for i, weights in enumerate(weight_list):
+                objective = sum(w * costs[n] for n, w in weights.items())  # [groups, R]
+
+                def check(choice: np.ndarray) -> dict[int, float]:
+                    plan = _build_plan(profile, groups, rules, choice, budget, lengths)
+                    return {n: plan.density(n) for n in lengths}
+
+                solved = _solve_within_budget(
+                    objective, shares, budget, check, mip_gap, time_limit / len(weight_list)
+                )
+                solutions.append((weights, solved))
+                step(f"search: weights {i + 1}/{len(weight_list)}")
+
+    found: list[tuple[dict[int, float], _Solution, Plan]] = []
+    seen: set[tuple] = set()
+    for weights, solved in solutions:
+        plan = _build_plan(profile, groups, rules, solved.choice, budget, lengths)
+        if plan.rules not in seen:
+            seen.add(plan.rules)
+            found.append((weights, solved, plan))
+    cost_of = [{n: float(costs[n][rows, s.choice].sum()) for n in profiled} for _, s, _ in found]
+    density_of = [{n: plan.density(n) for n in lengths} for _, _, plan in found]
+    for density in density_of:
+        over = {n: d for n, d in density.items() if d > budget + DENSITY_TOLERANCE}
+        if over:  # _solve_within_budget rules this out: a plan over budget is a bug, never a result
+            raise RuntimeError(f"search produced a plan over budget {budget}: {over}")
+    # Sorted by mean cost; the weight order (uniform first) breaks ties.
+    order = sorted(range(len(found)), key=lambda i: (sum(cost_of[i].values()) / len(profiled), i))
+
+    pareto = [
+        {
+            "density": {str(n): d for n, d in density_of[i].items()},
+            "predicted_cost": {str(n): c for n, c in cost_of[i].items()},
+            "weights": {str(n): w for n, w in found[i][0].items()},
+            "chosen": False,
+        }
+        for i in order
+    ]
     settings = {
         "budget": budget,
         "lengths": list(lengths),
@@ -305,113 +550,67 @@ def search_plan(
         "sink_blocks": sink_blocks,
         "alphas": [float(a) for a in alphas],
         "betas": [float(b) for b in betas],
+        "candidates": len(rules),
         "pareto_size": pareto_size,
-        "solver": "scipy.optimize.milp (HiGHS)",
+        "mip_gap": mip_gap,
+        "solver": "scipy.optimize.milp (HiGHS) after its LP relaxation",
     }
-
-    if budget >= 1.0:
-        rules: list[Rule] = [DenseRule()]
-        solutions = [(pareto_weights(profiled, 1)[0], np.zeros(len(groups), dtype=np.int64), True)]
-    else:
-        rules = candidate_rules(lengths, block, alphas, betas, sink_blocks)
-        costs = rule_costs(profile, rules, per_head)
-        densities = np.array([[rule_density(r, n, block) for r in rules] for n in lengths])  # [T, R]
-        sizes = np.array([len(heads) for _, heads in groups], dtype=np.float64)
-        total_heads = profile.model.num_layers * profile.model.num_heads
-        weight_list = pareto_weights(profiled, pareto_size)
-        solutions = []
-        with progress_steps(progress, len(weight_list), "search") as step:
-            for i, weights in enumerate(weight_list):
-                objective = sum(w * costs[n] for n, w in weights.items())
-                solved = _solve_within_budget(
-                    profile, groups, rules, objective, sizes, densities, budget, lengths, total_heads, time_limit
-                )
-                solutions.append((weights, *solved))
-                step(f"search: weights {i + 1}/{len(weight_list)}")
-
-    points: list[tuple[int, dict[int, float], Plan, dict[int, float], dict[int, float], bool]] = []
-    seen: set[tuple] = set()
-    for order, (weights, choice, optimal) in enumerate(solutions):
-        plan = _build_plan(profile, groups, rules, choice, budget, lengths)
-        if plan.rules in seen:
-            continue
-        seen.add(plan.rules)
-        density = {n: plan.density(n) for n in lengths}
-        over = {n: d for n, d in density.items() if d > budget + DENSITY_TOLERANCE}
-        if over:  # _solve_within_budget guarantees this; a violation is a bug, never a plan to return
-            raise RuntimeError(f"search produced a plan over budget {budget}: {over}")
-        if budget >= 1.0:
-            cost = {n: 0.0 for n in profiled}
-        else:
-            cost = {n: float(costs[n][np.arange(len(groups)), choice].sum()) for n in profiled}
-        points.append((order, weights, plan, cost, density, optimal))
-    points.sort(key=lambda p: (sum(p[3].values()) / len(p[3]), p[0]))
-
-    pareto = [
-        {
-            "density": {str(n): round(d, 6) for n, d in density.items()},
-            "predicted_cost": {str(n): c for n, c in cost.items()},
-            "weights": {str(n): w for n, w in weights.items()},
-            "chosen": False,
-        }
-        for _, weights, _, cost, density, _ in points
-    ]
-    base = dict(provenance) if provenance is not None else make_provenance()
     profile_record = {
         key: profile.provenance[key]
         for key in ("data", "mode", "seed", "answer_tokens", "dtype", "data_digest", "model_weights")
         if key in profile.provenance
     }
     profile_record["samples"] = {str(n): profile.samples[n] for n in profiled}
-    profile_record["block_size"] = block
-    result_points = []
-    for _, weights, plan, cost, density, optimal in points:
+    base = dict(provenance) if provenance is not None else make_provenance()
+    points = []
+    for i in order:
+        weights, solved, plan = found[i]
         record = {
             **base,
             "method": "search",
-            "search": {**settings, "candidates": len(rules), "weights": {str(n): w for n, w in weights.items()},
-                       "optimal": optimal},
+            "search": {
+                **settings,
+                "weights": {str(n): w for n, w in weights.items()},
+                # Proven relative distance of this plan's objective from the optimum.
+                "gap": 0.0 if solved.cost <= solved.bound else (solved.cost - solved.bound) / solved.cost,
+                "optimal": solved.optimal,
+            },
             "profile": profile_record,
-            "predicted_cost": {str(n): c for n, c in cost.items()},
+            "predicted_cost": pareto[len(points)]["predicted_cost"],
             "pareto": pareto,
         }
-        result_points.append(
+        points.append(
             ParetoPoint(
                 plan=dataclasses.replace(plan, provenance=json.loads(json.dumps(record))),
                 weights=weights,
-                predicted_cost=cost,
-                density=density,
+                predicted_cost=cost_of[i],
+                density=density_of[i],
             )
         )
-    return SearchResult(points=result_points, lengths=lengths)
+    return SearchResult(points=points, lengths=lengths)
 
 
 def _solve_within_budget(
-    profile: Profile,
-    groups: Sequence[tuple[int, tuple[int, ...]]],
-    rules: Sequence[Rule],
-    objective: np.ndarray,
-    sizes: np.ndarray,
-    densities: np.ndarray,
+    objective: np.ndarray,  # [groups, rules]
+    shares: np.ndarray,  # [T, groups, rules]
     budget: float,
-    lengths: tuple[int, ...],
-    total_heads: int,
+    check: Callable[[np.ndarray], dict[int, float]],
+    mip_gap: float,
     time_limit: float,
-) -> tuple[np.ndarray, bool]:
-    """Solve, then check the plan with :meth:`Plan.density`. HiGHS accepts rows that exceed their bound
-    by its feasibility tolerance (1e-7), so a length found over budget is solved again with its row
-    tightened by the excess."""
-    limits = np.full(len(lengths), budget)
+) -> _Solution:
+    """Solve, then measure the plan with ``check`` (:meth:`Plan.density` at every length). The solver
+    accepts rows over their bound by its feasibility tolerance (~1e-7), so a length found over budget is
+    solved again with its row tightened by the excess."""
+    limits = np.full(shares.shape[0], budget)
     for _ in range(5):
-        solved = _solve(objective, sizes, densities, limits, total_heads, time_limit)
+        solved = _solve(objective, shares, limits, mip_gap, time_limit)
         if solved is None:
-            reachable = {n: float(densities[t].min()) for t, n in enumerate(lengths)}
+            sparsest = shares.sum(1).min(1)
             raise SearchError(
-                f"no plan from the candidate rules fits budget {budget} at every length; the sparsest "
-                f"candidate's density: " + ", ".join(f"{d:.4f} at {n}" for n, d in reachable.items())
+                f"no plan of the candidate rules fits budget {budget} at every length (the sparsest "
+                f"candidate's density: {', '.join(f'{d:.4f}' for d in sparsest)}); add a narrower rule"
             )
-        plan = _build_plan(profile, groups, rules, solved[0], budget, lengths)
-        excess = np.array([plan.density(n) - budget for n in lengths])
+        excess = np.array(list(check(solved.choice).values())) - budget
         if (excess <= DENSITY_TOLERANCE).all():
             return solved
         limits = np.where(excess > DENSITY_TOLERANCE, limits - excess - 1e-9, limits)
@@ -475,7 +674,9 @@ def save_search(result: SearchResult, out_dir: str | Path, index: int = 0, force
             raise FileExistsError(f"{out / name} exists; pass --force to overwrite")
     plan = with_choice(result, index)
     path = save_plan(plan, out, force=force)
-    atomic_write_bytes(out / PARETO_FILE, (json.dumps(search_summary(result, index), indent=1) + "\n").encode())
+    atomic_write_bytes(
+        out / PARETO_FILE, (json.dumps(search_summary(result, index), indent=1) + "\n").encode()
+    )
     return path
 
 

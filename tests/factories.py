@@ -144,7 +144,7 @@ __all__ += ["tiny_bpe_tokenizer", "tiny_tokenizer"]
 
 
 def random_profile(
-    layers=2, heads=4, kv_heads=2, lengths=(256, 512), block_size=64, seed=0, decay=1.0, provenance=None
+    layers=2, heads=4, kv_heads=2, lengths=(512, 1024), block_size=32, seed=0, decay=1.0, provenance=None
 ):
     """A :class:`Profile` of random block influence: positive below the diagonal, zero above, with
     per-head taste for recent keys (``decay`` scales how fast influence falls with distance) and a

@@ -1,0 +1,323 @@
+"""The search: budget at every length, exact optimality on small cases, errors, provenance, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+from moa_compress.plan import DenseRule, Plan, StaticRule, load_plan, rule_block_mask, rule_density
+from moa_compress.report import pareto_points
+from moa_compress.search import (
+    SearchError,
+    candidate_rules,
+    minimum_density,
+    search_plan,
+    with_choice,
+)
+from tests.factories import random_profile
+
+TOL = 1e-12
+
+
+def lost_fraction(profile, rules_by_head, n):
+    """Independent cost: dropped |E| over causal blocks, head by head, over all causal |E| at ``n``."""
+    influence = profile.influence[n].double()
+    nb = influence.shape[-1]
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    total = influence[..., causal].sum()
+    lost = 0.0
+    for layer, heads in enumerate(rules_by_head):
+        for head, rule in enumerate(heads):
+            dropped = causal & ~rule_block_mask(rule, n, profile.block_size)
+            lost += float(influence[layer, head][dropped].sum())
+    return lost / float(total)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_budget_holds_at_every_length_including_extended(per_head, budget):
+    profile = random_profile(layers=3, heads=6, kv_heads=2, lengths=(512, 1024), seed=1)
+    result = search_plan(profile, budget, extend_lengths=(2048, 4096), per_head=per_head, pareto_size=4)
+    assert result.lengths == (512, 1024, 2048, 4096)
+    assert result.points
+    for point in result.points:
+        plan = point.plan
+        assert plan.budget == budget and plan.lengths == result.lengths
+        assert plan.model == profile.model and plan.block_size == profile.block_size
+        for n in result.lengths:
+            # Recomputed from the rules alone, not from anything the search reported.
+            independent = sum(rule_density(r, n, plan.block_size) for heads in plan.rules for r in heads) / 18
+            assert independent <= budget + TOL
+            assert plan.density(n) == pytest.approx(point.density[n], abs=1e-15)
+        for n in profile.lengths:
+            assert point.predicted_cost[n] == pytest.approx(lost_fraction(profile, plan.rules, n), abs=1e-12)
+        if not per_head:  # the KV group's query heads share a rule
+            assert all(heads[0] == heads[1] == heads[2] and heads[3] == heads[5] for heads in plan.rules)
+    means = [p.mean_cost for p in result.points]
+    assert means == sorted(means)
+    assert len({p.plan.rules for p in result.points}) == len(result.points)
+
+
+def test_budget_one_is_all_dense():
+    profile = random_profile(lengths=(256,))
+    result = search_plan(profile, 1.0, extend_lengths=(1024,))
+    assert len(result.points) == 1
+    point = result.points[0]
+    assert point.plan.is_dense()
+    assert point.predicted_cost == {256: 0.0}
+    assert point.density == {256: 1.0, 1024: 1.0}
+
+
+def test_budget_at_the_minimum_gives_the_smallest_plan():
+    profile = random_profile(lengths=(256, 512))
+    smallest = minimum_density((256, 512, 1024), 32)
+    assert smallest[256] == pytest.approx(rule_density(StaticRule(1, 32, 0.0), 256, 32))
+    budget = max(smallest.values())
+    plan = search_plan(profile, budget, extend_lengths=(1024,)).points[0].plan
+    narrowest = rule_block_mask(StaticRule(1, 32, 0), 256, 32)
+    assert all(torch.equal(rule_block_mask(r, 256, 32), narrowest) for heads in plan.rules for r in heads)
+
+
+def test_bad_budgets_and_below_minimum():
+    profile = random_profile(lengths=(256, 512))
+    for budget in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(SearchError, match="budget must be in"):
+            search_plan(profile, budget)
+    minimum = max(minimum_density((256, 512, 2048), 32).values())
+    with pytest.raises(SearchError, match=f"smallest possible plan.*{minimum:.4f} at 256 ") as info:
+        search_plan(profile, minimum - 1e-3, extend_lengths=(2048,))
+    assert "\n" not in str(info.value)
+    with pytest.raises(SearchError, match="extend lengths"):
+        search_plan(profile, 0.5, extend_lengths=(0,))
+
+
+def test_candidates_are_valid_and_distinct():
+    lengths = (256, 512, 2048)
+    rules = candidate_rules(lengths, 64, [a * 64 for a in range(-8, 33)], [i / 8 for i in range(9)])
+    assert rules[0] == DenseRule()
+    static = rules[1:]
+    assert static and all(0 < r.span(n) <= n for r in static for n in lengths)
+    masks = [tuple(rule_block_mask(r, n, 64).numpy().tobytes() for n in lengths) for r in rules]
+    assert len(set(masks)) == len(masks)
+    # Every dropped grid point duplicates a kept rule's masks or has an invalid span.
+    kept = set(masks)
+    for alpha, beta in itertools.product(range(-8, 33), [i / 8 for i in range(9)]):
+        rule = StaticRule(1, alpha * 64.0, beta)
+        if all(0 < rule.span(n) <= n for n in lengths):
+            assert tuple(rule_block_mask(rule, n, 64).numpy().tobytes() for n in lengths) in kept
+
+
+SMALL_ALPHAS = (-64.0, 0.0, 64.0, 128.0, 192.0)
+SMALL_BETAS = (0.0, 0.25, 0.5)
+
+
+def brute_force_optimum(profile, budget, lengths, weights, per_head):
+    """Minimum weighted cost over every assignment of candidate rules to groups (costs head by head
+    from the runtime's block masks, densities from rule_density), checked again with Plan.density."""
+    bs = profile.block_size
+    rules = candidate_rules(lengths, bs, SMALL_ALPHAS, SMALL_BETAS)
+    model = profile.model
+    size = 1 if per_head else model.num_heads // model.num_kv_heads
+    groups = [
+        (layer, start) for layer in range(model.num_layers) for start in range(0, model.num_heads, size)
+    ]
+    totals = {n: float(profile.influence[n].double().sum()) for n in weights}
+    lost = {}  # (group, rule) -> weighted cost
+    for g, (layer, start) in enumerate(groups):
+        for r, rule in enumerate(rules):
+            value = 0.0
+            for n, w in weights.items():
+                nb = profile.influence[n].shape[-1]
+                dropped = torch.ones(nb, nb, dtype=torch.bool).tril() & ~rule_block_mask(rule, n, bs)
+                heads = profile.influence[n][layer, start : start + size].double()
+                value += w * float(heads[:, dropped].sum()) / totals[n]
+            lost[g, r] = value
+    share = {
+        (r, n): size * rule_density(rule, n, bs) / (model.num_layers * model.num_heads)
+        for r, rule in enumerate(rules)
+        for n in lengths
+    }
+    best = None
+    for combo in itertools.product(range(len(rules)), repeat=len(groups)):
+        if all(sum(share[r, n] for r in combo) <= budget + TOL for n in lengths):
+            value = sum(lost[g, r] for g, r in enumerate(combo))
+            if best is None or value < best[0]:
+                best = (value, combo)
+    table = [[None] * model.num_heads for _ in range(model.num_layers)]
+    for (layer, start), r in zip(groups, best[1], strict=True):
+        for head in range(start, start + size):
+            table[layer][head] = rules[r]
+    plan = Plan(model, tuple(tuple(row) for row in table), block_size=bs)
+    assert all(plan.density(n) <= budget + TOL for n in lengths)
+    return best[0], plan
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("budget", [0.3, 0.45, 0.7])
+def test_milp_is_optimal_against_enumeration(per_head, budget):
+    profile = random_profile(layers=2, heads=2, kv_heads=1, seed=3)
+    lengths = (512, 1024, 2048)
+    kw = {"extend_lengths": (2048,), "per_head": per_head, "alphas": SMALL_ALPHAS, "betas": SMALL_BETAS}
+    result = search_plan(profile, budget, pareto_size=3, mip_gap=0.0, **kw)
+    assert len(result.points) >= 1
+    for point in result.points:
+        best, _ = brute_force_optimum(profile, budget, lengths, point.weights, per_head)
+        found = sum(w * point.predicted_cost[n] for n, w in point.weights.items())
+        assert found == pytest.approx(best, abs=1e-12)
+        assert point.plan.provenance["search"]["optimal"]
+    # The default gap bounds the distance from the optimum.
+    fast = search_plan(profile, budget, pareto_size=1, **kw).points[0]
+    best, _ = brute_force_optimum(profile, budget, lengths, fast.weights, per_head)
+    assert fast.mean_cost <= best * (1 + 1e-3) + 1e-15
+
+
+def test_deterministic():
+    profile = random_profile(layers=4, heads=6, kv_heads=3, lengths=(512, 1024), seed=5)
+    first = search_plan(profile, 0.35, extend_lengths=(2048,), pareto_size=5, provenance={})
+    second = search_plan(profile, 0.35, extend_lengths=(2048,), pareto_size=5, provenance={})
+    assert [p.plan for p in first.points] == [p.plan for p in second.points]
+    assert [p.predicted_cost for p in first.points] == [p.predicted_cost for p in second.points]
+
+
+def test_per_head_is_at_least_as_good_as_per_group():
+    profile = random_profile(layers=2, heads=4, kv_heads=2, lengths=(256, 512), seed=7)
+    kw = {"extend_lengths": (1024,), "pareto_size": 1, "mip_gap": 0.0}
+    grouped = search_plan(profile, 0.5, **kw).points[0]
+    single = search_plan(profile, 0.5, per_head=True, **kw).points[0]
+    assert single.mean_cost <= grouped.mean_cost + 1e-12
+    # Heads that share a KV group differ in taste here, so the finer plan should gain something.
+    assert any(heads[0] != heads[1] or heads[2] != heads[3] for heads in single.plan.rules)
+
+
+def test_pareto_weights_and_points():
+    profile = random_profile(layers=3, heads=6, kv_heads=3, lengths=(512, 1024, 2048), seed=2)
+    result = search_plan(profile, 0.4, pareto_size=6)
+    for point in result.points:
+        assert sum(point.weights.values()) == pytest.approx(1.0)
+        assert set(point.weights) == set(profile.lengths)
+    # No returned point is beaten at every profiled length by another (weighted sums give Pareto points).
+    for a, b in itertools.permutations(result.points, 2):
+        assert not all(b.predicted_cost[n] < a.predicted_cost[n] - 1e-9 for n in profile.lengths)
+
+
+def test_provenance_and_choice(tmp_path):
+    profile = random_profile(lengths=(256, 512), provenance={"data": "d.txt", "mode": "answers", "seed": 4})
+    result = search_plan(profile, 0.5, extend_lengths=(2048,), pareto_size=4, provenance={"command": "x"})
+    plan = result.points[0].plan
+    record = plan.provenance
+    assert record["command"] == "x" and record["method"] == "search"
+    assert record["search"]["budget"] == 0.5 and record["search"]["lengths"] == [256, 512, 2048]
+    assert record["profile"]["data"] == "d.txt" and record["profile"]["mode"] == "answers"
+    assert record["profile"]["seed"] == 4 and record["profile"]["samples"] == {"256": 1, "512": 1}
+    assert len(record["pareto"]) == len(result.points)
+    assert not any(entry["chosen"] for entry in record["pareto"])
+
+    index = len(result.points) - 1
+    chosen = with_choice(result, index)
+    assert [e["chosen"] for e in chosen.provenance["pareto"]] == [
+        i == index for i in range(len(result.points))
+    ]
+    assert chosen.rules == result.points[index].plan.rules
+    name, series = pareto_points(chosen.provenance)
+    assert name == "predicted_cost" and set(series) == {"256", "512"}
+    assert sum(c for _, _, c in series["512"]) == 1
+    for density, cost, _ in series["512"]:
+        assert density <= 0.5 + TOL and 0.0 <= cost <= 1.0
+    with pytest.raises(SearchError):
+        with_choice(result, len(result.points))
+
+    from moa_compress.plan import save_plan
+
+    save_plan(chosen, tmp_path)
+    assert load_plan(tmp_path) == chosen
+
+
+def test_solver_keeps_stdout_clean(capfd):
+    from moa_compress.search import _stdout_silenced
+
+    with _stdout_silenced():  # what HiGHS's C++ does: write to descriptor 1 directly
+        os.write(1, b"HighsMipSolverData noise\n")
+    print("after")
+    profile = random_profile(layers=2, heads=2, kv_heads=1, seed=9)
+    search_plan(profile, 0.3, per_head=True, pareto_size=3, mip_gap=0.0)
+    assert capfd.readouterr().out == "after\n"
+
+
+# --- CLI
+
+
+def saved_profile(tmp_path):
+    from moa_compress.profile import save_profile
+
+    profile = random_profile(layers=2, heads=4, kv_heads=2, lengths=(256, 512), seed=11)
+    save_profile(profile, tmp_path / "profile")
+    return tmp_path / "profile"
+
+
+def test_search_command_writes_a_loadable_plan(tmp_path):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+
+    profile_dir = saved_profile(tmp_path)
+    out = tmp_path / "plan"
+    runner = CliRunner()
+    args = ["search", str(profile_dir), "--budget", "0.5", "--extend-lengths", "1024", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Pareto set" in result.output and "d@1024" in result.output
+    plan = load_plan(out)
+    assert plan.budget == 0.5 and plan.lengths == (256, 512, 1024)
+    assert all(plan.density(n) <= 0.5 + TOL for n in plan.lengths)
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert pareto["chosen"] == 0 and pareto["points"][0]["chosen"]
+    assert pareto["points"][0]["rules"] and set(pareto["points"][0]["density"]) == {"256", "512", "1024"}
+    assert plan.provenance["pareto"][0]["chosen"]
+    assert pareto_points(plan.provenance) is not None
+
+    # Refuses to overwrite, then overwrites with --force; --json prints only JSON.
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output
+    as_json = runner.invoke(app, [*args, "--force", "--json", "--per-head"])
+    assert as_json.exit_code == 0
+    summary = json.loads(as_json.stdout)
+    assert summary["search"]["per_head"] is True and summary["points"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budget", "0"], "--budget must be in"),
+        (["--budget", "1.5"], "--budget must be in"),
+        (["--budget", "0.01"], "smallest possible plan"),
+        (["--budget", "0.5", "--extend-lengths", "x"], "--extend-lengths"),
+    ],
+)
+def test_search_command_bad_input(tmp_path, extra, message):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+
+    profile_dir = saved_profile(tmp_path)
+    result = CliRunner().invoke(app, ["search", str(profile_dir), "--out", str(tmp_path / "o"), *extra])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_search_command_missing_or_invalid_profile(tmp_path):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["search", str(tmp_path / "none"), "--budget", "0.5"])
+    assert missing.exit_code == 2 and "no profile" in missing.output
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "profile.json").write_text("{not json")
+    bad = runner.invoke(app, ["search", str(tmp_path / "bad"), "--budget", "0.5"])
+    assert bad.exit_code == 2 and "invalid JSON" in bad.output
