@@ -55,7 +55,10 @@ class Profile:
 
     ``influence[N]``: float32 ``[layers, query_heads, nQ, nK]`` with ``nQ = nK = ceil(N / block_size)``;
     the mean over ``samples[N]`` calibration samples of the sum of ``|E_ij|`` over each block's causal
-    entries (0 for blocks above the diagonal). ``provenance`` records tool, command, data and seed.
+    entries (0 for blocks above the diagonal). ``mass[N]``: same shape, the mean of the sum of the
+    attention probabilities over each block (a query block's row sums its rows' total mass, one per
+    row); the search uses it for the renormalisation a whole dropped set causes. Empty in profiles
+    written before it was recorded. ``provenance`` records tool, command, data and seed.
     """
 
     model: ModelIdentity
@@ -63,6 +66,7 @@ class Profile:
     influence: dict[int, torch.Tensor]
     samples: dict[int, int]
     provenance: dict[str, Any] = field(default_factory=dict)
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -81,6 +85,11 @@ class Profile:
                 raise ProfileError(f"influence at {n} has dtype {tensor.dtype}, expected float32")
             if self.samples[n] <= 0:
                 raise ProfileError(f"influence at {n} averages {self.samples[n]} samples")
+        if self.mass and (
+            set(self.mass) != set(self.influence)
+            or any(self.mass[n].shape != self.influence[n].shape for n in self.mass)
+        ):
+            raise ProfileError("attention mass maps do not match the influence maps' lengths and shapes")
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -99,11 +108,12 @@ def influence_backward(
     scale: float,
     block_size: int,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal attention backward that also pools the influence ``|E|`` into blocks.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention backward that also pools the influence ``|E|`` and the attention mass into blocks.
 
-    Returns ``(dq, dk, dv, pooled)`` with the gradients in the inputs' dtypes and ``pooled`` float32
-    ``[Hq, nB, nB]`` summed over the batch. Arithmetic is float32 (float64 for float64 inputs); ``A`` is
+    Returns ``(dq, dk, dv, pooled, mass)`` with the gradients in the inputs' dtypes, ``pooled`` float32
+    ``[Hq, nB, nB]`` the sum of ``|E|`` over each block and ``mass`` float32 ``[Hq, nB, nB]`` the sum of
+    the attention probabilities ``A`` over each block, both summed over the batch. Arithmetic is float32 (float64 for float64 inputs); ``A`` is
     recomputed in slabs of whole query blocks sized so that one ``[B, Hq, rows, S]`` map fits in
     ``slab_bytes``.
     """
@@ -119,6 +129,7 @@ def influence_backward(
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     pooled = torch.zeros(hq, nb, nb, dtype=torch.float32, device=query.device)
+    mass = torch.zeros(hq, nb, nb, dtype=torch.float32, device=query.device)
     rows_per_slab = max(1, slab_bytes // (q.element_size() * b * hq * s * block_size)) * block_size
     positions = torch.arange(s, device=query.device)
     for r0 in range(0, s, rows_per_slab):
@@ -145,9 +156,13 @@ def influence_backward(
         influence = torch.sub(1.0, probs).reciprocal_().mul_(grad_scores).abs_()
         top_mean = torch.where(rest_sum > 0, rest_dot / rest_sum.clamp_min(1e-30), top_grad)
         influence.scatter_(-1, top, (probs.gather(-1, top) * (top_grad - top_mean)).abs_())
-        pooled[:, r0 // block_size : num_blocks(r1, block_size), : num_blocks(r1, block_size)] += _pool(
-            influence, block_size
-        ).float()
+        slab = (
+            slice(None),
+            slice(r0 // block_size, num_blocks(r1, block_size)),
+            slice(0, num_blocks(r1, block_size)),
+        )
+        pooled[slab] += _pool(influence, block_size).float()
+        mass[slab] += _pool(probs, block_size).float()
         del influence
         dq[:, :, r0:r1] = torch.matmul(grad_scores, k[:, :, :r1])
         dk[:, :, :r1] += torch.matmul(grad_scores.transpose(-1, -2), q[:, :, r0:r1])
@@ -156,7 +171,7 @@ def influence_backward(
     dq.mul_(scale)  # q was pre-scaled, so dk needs no factor
     dk = dk.view(b, -1, group, s, d).sum(2)
     dv = dv.view(b, -1, group, s, d).sum(2)
-    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), pooled
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), pooled, mass
 
 
 def _pool(values: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -170,21 +185,24 @@ def _pool(values: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 class _Recorder:
-    """Receives one pooled ``[Hq, nB, nB]`` map per layer during a backward pass."""
+    """Receives one pooled influence and one pooled mass ``[Hq, nB, nB]`` per layer during a backward pass."""
 
     def __init__(self, num_layers: int, num_heads: int, block_size: int, slab_bytes: int):
         self.num_layers, self.num_heads = num_layers, num_heads
         self.block_size, self.slab_bytes = block_size, slab_bytes
         self.pooled: torch.Tensor | None = None
+        self.mass: torch.Tensor | None = None
         self.seen: list[int] = []
 
     def start(self, n: int) -> None:
         nb = num_blocks(n, self.block_size)
         self.pooled = torch.zeros(self.num_layers, self.num_heads, nb, nb, dtype=torch.float32)
+        self.mass = torch.zeros_like(self.pooled)
         self.seen = []
 
-    def add(self, layer: int, pooled: torch.Tensor) -> None:
+    def add(self, layer: int, pooled: torch.Tensor, mass: torch.Tensor) -> None:
         self.pooled[layer] += pooled.cpu()
+        self.mass[layer] += mass.cpu()
         self.seen.append(layer)
 
 
@@ -203,10 +221,10 @@ class _InfluenceAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value = ctx.saved_tensors
         recorder: _Recorder = ctx.recorder
-        dq, dk, dv, pooled = influence_backward(
+        dq, dk, dv, pooled, mass = influence_backward(
             query, key, value, grad_out, ctx.scale, recorder.block_size, recorder.slab_bytes
         )
-        recorder.add(ctx.layer, pooled)
+        recorder.add(ctx.layer, pooled, mass)
         return dq, dk, dv, None, None, None
 
 
@@ -385,27 +403,32 @@ def profile_model(
 
     recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
     influence: dict[int, torch.Tensor] = {}
+    mass: dict[int, torch.Tensor] = {}
     total = sum(len(v) for v in samples.values())
     seconds: dict[int, list[float]] = {}  # wall time of each sample computed in this run
     with progress_steps(progress, total, "profiling") as step, _profiling(model, recorder):
         for n in sorted(samples):
             acc = torch.zeros(identity.num_layers, identity.num_heads, *(2 * [num_blocks(n, block_size)]))
+            acc_mass = torch.zeros_like(acc)
             for i, sample in enumerate(samples[n]):
                 path = work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
-                pooled = _load_sample_result(path, acc.shape) if path is not None else None
-                if pooled is None:
+                found = _load_sample_result(path, acc.shape) if path is not None else None
+                if found is None:
                     started = time.perf_counter()
-                    pooled = _profile_one(model, sample, recorder)
+                    found = _profile_one(model, sample, recorder), recorder.mass
                     seconds.setdefault(n, []).append(time.perf_counter() - started)
                     if path is not None:
-                        _save_tensor(path, pooled)
-                acc += pooled
+                        _save_tensor(path, *found)
+                acc += found[0]
+                acc_mass += found[1]
                 step(f"profiling {n} tokens ({i + 1}/{len(samples[n])})")
             influence[n] = acc / len(samples[n])
+            mass[n] = acc_mass / len(samples[n])
     return Profile(
         model=identity,
         block_size=block_size,
         influence=influence,
+        mass=mass,
         samples={n: len(samples[n]) for n in sorted(samples)},
         provenance={
             **dict(provenance or {}),
@@ -442,24 +465,27 @@ def _prepare_work_dir(work: Path, manifest: dict[str, Any], force: bool) -> None
     atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def _save_tensor(path: Path, tensor: torch.Tensor) -> None:
+def _save_tensor(path: Path, influence: torch.Tensor, mass: torch.Tensor) -> None:
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save({"influence": tensor.contiguous()}))
+    atomic_write_bytes(path, save({"influence": influence.contiguous(), "mass": mass.contiguous()}))
 
 
-def _load_sample_result(path: Path, shape: Sequence[int]) -> torch.Tensor | None:
-    """A finished sample's pooled map, or None if absent or unreadable (then it is recomputed)."""
+def _load_sample_result(path: Path, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A finished sample's pooled influence and mass, or None if absent, unreadable or written before the
+    mass was recorded (then it is recomputed)."""
     if not path.exists():
         return None
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        tensor = load_file(str(path))["influence"]
+        tensors = load_file(str(path))
+        found = tensors["influence"], tensors["mass"]
     except (OSError, KeyError, SafetensorError):  # a torn or foreign file: recompute rather than fail
         return None
-    return tensor if tuple(tensor.shape) == tuple(shape) and tensor.dtype == torch.float32 else None
+    ok = all(tuple(t.shape) == tuple(shape) and t.dtype == torch.float32 for t in found)
+    return found if ok else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,6 +504,7 @@ def save_profile(profile: Profile, out_dir: str | Path, force: bool = False) -> 
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists; pass --force to overwrite")
     tensors = {f"influence.{n}": profile.influence[n].contiguous() for n in profile.lengths}
+    tensors.update({f"mass.{n}": profile.mass[n].contiguous() for n in profile.mass})
     atomic_write_bytes(out / TENSOR_FILE, save(tensors))
     meta = {
         "format": FORMAT,
@@ -518,10 +545,12 @@ def load_profile(path: str | Path) -> Profile:
         tensors = load_file(str(tensor_path))
         lengths = [int(n) for n in meta["lengths"]]
         influence = {n: tensors[f"influence.{n}"] for n in lengths}
+        mass = {n: tensors[f"mass.{n}"] for n in lengths if f"mass.{n}" in tensors}
         return Profile(
             model=ModelIdentity(**meta["model"]),
             block_size=int(meta["block_size"]),
             influence=influence,
+            mass=mass,
             samples={int(n): int(k) for n, k in meta["samples"].items()},
             provenance=dict(meta.get("provenance", {})),
         )

@@ -170,22 +170,45 @@ def _groups(profile: Profile, per_head: bool) -> list[tuple[int, tuple[int, ...]
     ]
 
 
-def rule_costs(profile: Profile, rules: Sequence[Rule], per_head: bool = False) -> dict[int, np.ndarray]:
+# A rule that leaves a query block less than this share of its attention mass is charged as if it
+# left this much: the renormalisation 1 / kept mass would otherwise grow without bound.
+MIN_KEPT_MASS = 0.02
+
+
+def rule_costs(
+    profile: Profile, rules: Sequence[Rule], per_head: bool = False, renormalise: bool = True
+) -> dict[int, np.ndarray]:
     """Profiled length -> float64 ``[groups, rules]``: the fraction of the model's causal influence at
-    that length that each group loses with each rule (groups in :func:`_groups` order)."""
+    that length that each group loses with each rule (groups in :func:`_groups` order).
+
+    The profile's ``|E_ij|`` is each entry's first-order effect when it alone is dropped and its row
+    renormalised by ``1 / (1 - A_ij)``. Dropping a whole set ``S`` renormalises the row by
+    ``1 / (1 - A_S)`` instead, so with ``renormalise`` (and a profile that recorded the attention mass)
+    each query block's lost influence is divided by the mean mass its rows keep under the rule,
+    at least :data:`MIN_KEPT_MASS`. Without it the cost is the plain sum of ``|E|`` over dropped blocks,
+    which underrates rules that keep little of a head's mass.
+    """
     model = profile.model
     size = 1 if per_head else model.num_heads // model.num_kv_heads
+    bs = profile.block_size
     costs: dict[int, np.ndarray] = {}
     for n in profile.lengths:
-        nb = num_blocks(n, profile.block_size)
+        nb = num_blocks(n, bs)
         causal = torch.ones(nb, nb, dtype=torch.bool).tril()
         influence = profile.influence[n].double() * causal  # [L, H, nB, nB]
-        grouped = influence.reshape(model.num_layers, model.num_heads // size, size, nb * nb).sum(2)
-        grouped = grouped.reshape(-1, nb * nb)  # [groups, nB*nB]
-        dropped = torch.stack([causal & ~rule_block_mask(r, n, profile.block_size) for r in rules])
-        lost = grouped @ dropped.reshape(len(rules), nb * nb).double().T  # [groups, rules]
+        dropped = torch.stack([causal & ~rule_block_mask(r, n, bs) for r in rules]).double()  # [R, nB, nB]
+        heads = influence.reshape(-1, nb, nb)  # [L*H, nB, nB]
+        if renormalise and profile.mass:
+            rows = torch.full((nb,), float(bs), dtype=torch.float64)
+            rows[-1] = n - (nb - 1) * bs  # a ragged last block has fewer rows
+            lost_mass = torch.einsum("uqk,rqk->urq", profile.mass[n].double().reshape(-1, nb, nb), dropped)
+            kept = (1.0 - lost_mass / rows).clamp_(min=MIN_KEPT_MASS)  # [L*H, R, nB] mean kept mass per row
+            lost = (torch.einsum("uqk,rqk->urq", heads, dropped) / kept).sum(-1)  # [L*H, R]
+        else:
+            lost = heads.reshape(-1, nb * nb) @ dropped.reshape(len(rules), nb * nb).T  # [L*H, R]
+        grouped = lost.reshape(-1, size, len(rules)).sum(1)  # [groups, R]
         total = float(influence.sum())
-        costs[n] = (lost / total).numpy() if total > 0 else np.zeros(tuple(lost.shape))
+        costs[n] = (grouped / total).numpy() if total > 0 else np.zeros(tuple(grouped.shape))
     return costs
 
 
@@ -444,6 +467,7 @@ def search_plan(
     pareto_size: int = 7,
     time_limit: float = 60.0,
     mip_gap: float = DEFAULT_MIP_GAP,
+    renormalise: bool = True,
     progress: bool = False,
     provenance: Mapping[str, Any] | None = None,
 ) -> SearchResult:
@@ -453,8 +477,9 @@ def search_plan(
     [0, 1] (default: steps of 1/8). One rule per KV group, or per query head with ``per_head``.
     ``pareto_size`` weight vectors over the profiled lengths' costs are solved, each to within
     ``mip_gap`` (relative) of its optimum (0: exactly), all together in about ``time_limit`` seconds at
-    most; distinct plans are returned sorted by mean predicted cost. ``provenance`` is the base of each
-    plan's provenance (default: tool and time).
+    most; distinct plans are returned sorted by mean predicted cost. ``renormalise``: charge each rule
+    for the row renormalisation its whole dropped set causes (see :func:`rule_costs`). ``provenance`` is
+    the base of each plan's provenance (default: tool and time).
     """
     from moa_compress.data import progress_steps
 
@@ -496,7 +521,7 @@ def search_plan(
         )
     else:
         rules = candidate_rules(lengths, block, alphas, betas, sink_blocks)
-        costs = rule_costs(profile, rules, per_head)
+        costs = rule_costs(profile, rules, per_head, renormalise)
         densities = np.array([[rule_density(r, n, block) for r in rules] for n in lengths])  # [T, R]
         sizes = np.array([len(heads) for _, heads in groups], dtype=np.float64)  # [groups]
         total_heads = profile.model.num_layers * profile.model.num_heads
@@ -553,6 +578,7 @@ def search_plan(
         "candidates": len(rules),
         "pareto_size": pareto_size,
         "mip_gap": mip_gap,
+        "cost": "renormalised" if renormalise and profile.mass else "additive",
         "solver": "scipy.optimize.milp (HiGHS) after its LP relaxation",
     }
     profile_record = {

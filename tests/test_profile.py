@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -135,12 +136,22 @@ def test_backward_gradients_are_exact():
     out = probs @ v.repeat_interleave(3, 1)
     d_out = torch.randn_like(out)
     out.backward(d_out)
-    dq, dk, dv, pooled = influence_backward(
+    dq, dk, dv, pooled, mass = influence_backward(
         q.detach(), k.detach(), v.detach(), d_out, 8**-0.5, 8, slab_bytes=1
     )
     for mine, ref in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
         torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-12)
     assert pooled.shape == (6, 5, 5)
+    # mass: the attention probabilities summed over each block (and the batch); every row sums to 1
+    from moa_compress.profile import _pool
+
+    torch.testing.assert_close(mass.double(), _pool(probs.detach(), 8).double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        mass.sum(-1).double(),
+        torch.tensor([[16.0] * 4 + [10.0]] * 6, dtype=torch.float64),
+        rtol=1e-6,
+        atol=1e-5,
+    )
 
 
 def test_bounded_profile_input_gradient_matches_eager():
@@ -272,6 +283,12 @@ def test_save_load_roundtrip(tmp_path):
     assert loaded.model == profile.model and loaded.samples == {130: 3} and loaded.block_size == 64
     torch.testing.assert_close(loaded.influence[130], profile.influence[130])
     assert load_profile(path).lengths == (130,)
+    assert loaded.mass == {}  # a profile without attention mass stays without
+    with_mass = dataclasses.replace(profile, mass={130: torch.rand(2, 4, 3, 3).tril()})
+    save_profile(with_mass, tmp_path / "m")
+    torch.testing.assert_close(load_profile(tmp_path / "m").mass[130], with_mass.mass[130])
+    with pytest.raises(ProfileError, match="mass"):
+        dataclasses.replace(profile, mass={130: torch.rand(2, 4, 2, 2)})
     with pytest.raises(FileExistsError):
         save_profile(profile, tmp_path / "p")
     save_profile(profile, tmp_path / "p", force=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -12,9 +13,11 @@ import torch
 from moa_compress.plan import DenseRule, Plan, StaticRule, load_plan, rule_block_mask, rule_density
 from moa_compress.report import pareto_points
 from moa_compress.search import (
+    MIN_KEPT_MASS,
     SearchError,
     candidate_rules,
     minimum_density,
+    rule_costs,
     search_plan,
     with_choice,
 )
@@ -321,3 +324,35 @@ def test_search_command_missing_or_invalid_profile(tmp_path):
     (tmp_path / "bad" / "profile.json").write_text("{not json")
     bad = runner.invoke(app, ["search", str(tmp_path / "bad"), "--budget", "0.5"])
     assert bad.exit_code == 2 and "invalid JSON" in bad.output
+
+
+def test_renormalised_cost_matches_the_row_formula():
+    """With the attention mass recorded, a rule's cost for one head is sum over query blocks of the
+    influence it drops there divided by the mean mass each row keeps (floored), over the total."""
+    profile = random_profile(layers=1, heads=2, kv_heads=2, lengths=(200,), block_size=32, seed=4)
+    n, bs = 200, 32
+    nb = 7
+    g = torch.Generator().manual_seed(9)
+    raw = torch.rand(1, 2, nb, nb, generator=g) * torch.ones(nb, nb).tril()
+    rows = torch.tensor([32.0] * 6 + [8.0])  # the last block holds 200 - 6 * 32 rows
+    mass = raw / raw.sum(-1, keepdim=True) * rows[:, None]  # every row's probabilities sum to 1
+    profile = dataclasses.replace(profile, mass={n: mass.float().contiguous()})
+    rules = [StaticRule(1, 32.0, 0.0), StaticRule(1, 96.0, 0.0), DenseRule()]
+    got = rule_costs(profile, rules, per_head=True)[n]  # [2 heads, 3 rules]
+    plain = rule_costs(profile, rules, per_head=True, renormalise=False)[n]
+    influence = profile.influence[n].double()[0]
+    total = float(influence.sum())
+    for h in range(2):
+        for r, rule in enumerate(rules):
+            keep = rule_block_mask(rule, n, bs)
+            expected = plain_expected = 0.0
+            for q in range(nb):
+                dropped = [k for k in range(q + 1) if not keep[q, k]]
+                lost = sum(float(influence[h, q, k]) for k in dropped)
+                kept_mass = 1.0 - sum(float(mass[0, h, q, k]) for k in dropped) / float(rows[q])
+                expected += lost / max(kept_mass, MIN_KEPT_MASS)
+                plain_expected += lost
+            assert got[h, r] == pytest.approx(expected / total, rel=1e-5)
+            assert plain[h, r] == pytest.approx(plain_expected / total, rel=1e-9)
+    assert got[:, 2].tolist() == [0.0, 0.0]  # dense drops nothing
+    assert (got[:, :2] > plain[:, :2]).all()  # a dropped set costs more than its entries one by one
