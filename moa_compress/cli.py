@@ -25,7 +25,9 @@ app.add_typer(bench_app, name="bench")
 
 ModelArg = Annotated[
     str | None,
-    typer.Argument(help="Hugging Face folder, hub id, or .gguf file. Default: the embedded SmolLM2-135M-Instruct."),
+    typer.Argument(
+        help="Hugging Face folder, hub id, or .gguf file. Default: the embedded SmolLM2-135M-Instruct."
+    ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="bfloat16 | float32 | float16")]
 
@@ -93,7 +95,9 @@ def load(model: str | None, dtype: str):
 def plan_uniform(
     model: ModelArg = None,
     density: Annotated[float, typer.Option(help="Target density in (0, 1].")] = 0.25,
-    lengths: Annotated[str, typer.Option(help="Comma-separated lengths the density must hold at.")] = "2048,4096,8192",
+    lengths: Annotated[
+        str, typer.Option(help="Comma-separated lengths the density must hold at.")
+    ] = "2048,4096,8192",
     sink_blocks: Annotated[int, typer.Option(help="Leading key blocks every query sees.")] = 1,
     block_size: Annotated[int, typer.Option(help="Block size in tokens.")] = 64,
     out: Annotated[Path, typer.Option(help="Output folder for plan.json.")] = Path("plan-uniform"),
@@ -113,7 +117,11 @@ def plan_uniform(
     config = AutoConfig.from_pretrained(source, **extra)
     identity = ModelIdentity.from_config(config, name=model or "SmolLM2-135M-Instruct")
     plan = uniform_plan(
-        identity, density, ns, block_size=block_size, sink_blocks=sink_blocks,
+        identity,
+        density,
+        ns,
+        block_size=block_size,
+        sink_blocks=sink_blocks,
         provenance=provenance(" ".join(["moa-compress", *sys.argv[1:]])),
     )
     path = save_plan(plan, out, force=force)
@@ -127,7 +135,9 @@ def describe_densities(plan, lengths) -> str:
 @plan_app.command("show")
 @user_errors
 def plan_show(
-    plan_path: Annotated[str, typer.Argument(metavar="PLAN", help="Plan folder, plan.json, or shipped plan name.")],
+    plan_path: Annotated[
+        str, typer.Argument(metavar="PLAN", help="Plan folder, plan.json, or shipped plan name.")
+    ],
     lengths: Annotated[str | None, typer.Option(help="Lengths to report (default: the plan's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable object.")] = False,
 ) -> None:
@@ -141,8 +151,10 @@ def plan_show(
         typer.echo(json.dumps(summary, indent=1))
         return
     model = summary["model"]
-    typer.echo(f"plan for {model['name']} ({model['num_layers']} layers x {model['num_heads']} heads, "
-               f"{model['num_kv_heads']} KV heads), block {plan.block_size}, budget {plan.budget}")
+    typer.echo(
+        f"plan for {model['name']} ({model['num_layers']} layers x {model['num_heads']} heads, "
+        f"{model['num_kv_heads']} KV heads), block {plan.block_size}, budget {plan.budget}"
+    )
     typer.echo("density: " + ", ".join(f"{n}: {d:.4f}" for n, d in summary["density"].items()))
     header = "layer  " + "  ".join(f"d@{n:<6}" for n in ns) + "  rules"
     typer.echo(header)
@@ -154,7 +166,9 @@ def plan_show(
 @plan_app.command("validate")
 @user_errors
 def plan_validate(
-    plan_path: Annotated[str, typer.Argument(metavar="PLAN", help="Plan folder, plan.json, or shipped plan name.")],
+    plan_path: Annotated[
+        str, typer.Argument(metavar="PLAN", help="Plan folder, plan.json, or shipped plan name.")
+    ],
     model: ModelArg = None,
     check_model: Annotated[bool, typer.Option(help="Also check the plan against MODEL.")] = True,
 ) -> None:
@@ -168,8 +182,10 @@ def plan_validate(
     if check_model:
         source, extra = resolve_model_source(model)
         plan.check_model(ModelIdentity.from_config(AutoConfig.from_pretrained(source, **extra)))
-    typer.echo(f"ok: {plan.model.name}, schema {plan.schema_version}, "
-               f"{describe_densities(plan, plan.lengths or (2048, 4096, 8192))}")
+    typer.echo(
+        f"ok: {plan.model.name}, schema {plan.schema_version}, "
+        f"{describe_densities(plan, plan.lengths or (2048, 4096, 8192))}"
+    )
 
 
 # --- bench
@@ -256,9 +272,7 @@ def bench_prefill_cmd(
     names = parse_list(backends, "--backends", str)
     net, _ = load(model, dtype)
     typer.echo(f"machine: {machine()}", err=True)
-    rows = bench_prefill(
-        net, parse_lengths(lengths), density, names, repeats=repeats, progress=echo_progress
-    )
+    rows = bench_prefill(net, parse_lengths(lengths), density, names, repeats=repeats, progress=echo_progress)
     if as_json:
         typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
     else:
@@ -290,7 +304,12 @@ def bench_decode_cmd(
     net, _ = load(model, dtype)
     typer.echo(f"machine: {machine()}", err=True)
     rows = bench_decode(
-        net, parse_lengths(contexts, "--contexts"), density, backend, new_tokens=new_tokens, repeats=repeats,
+        net,
+        parse_lengths(contexts, "--contexts"),
+        density,
+        backend,
+        new_tokens=new_tokens,
+        repeats=repeats,
         progress=echo_progress,
     )
     if as_json:
@@ -384,7 +403,8 @@ def generate_command(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option(help="The user message (the chat template is applied).")] = ...,
     plan: Annotated[
-        str | None, typer.Option("--plan", help="Plan folder, plan.json, or shipped plan name. Default: dense.")
+        str | None,
+        typer.Option("--plan", help="Plan folder, plan.json, or shipped plan name. Default: dense."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
     backend: Annotated[
@@ -422,6 +442,8 @@ def generate_command(
         backend=backend,
         plan_cache=not full_cache,
     )
+
+
 # --- profile
 
 
@@ -522,6 +544,12 @@ def search_command(
         str | None, typer.Option(help="Comma-separated longer lengths the budget must also hold at.")
     ] = None,
     per_head: Annotated[bool, typer.Option(help="One rule per query head instead of per KV group.")] = False,
+    min_span: Annotated[
+        float | None,
+        typer.Option(
+            help="Narrowest band a rule may keep, in tokens (default: 3 blocks where the budget allows; 0: any)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder: plan.json + pareto.json.")] = Path("plan"),
     force: Annotated[bool, typer.Option(help="Overwrite an existing plan.json / pareto.json.")] = False,
     as_json: JsonOpt = False,
@@ -542,6 +570,7 @@ def search_command(
         budget,
         extend_lengths=extra,
         per_head=per_head,
+        min_span=min_span,
         progress=not as_json,
         provenance=provenance(command_line(), profile_path=str(profile_dir)),
     )
@@ -570,7 +599,9 @@ def search_command(
 @user_errors
 def compress_command(
     model: ModelArg = None,
-    budget: Annotated[float, typer.Option(help="Density budget in (0, 1], held at every target length.")] = ...,
+    budget: Annotated[
+        float, typer.Option(help="Density budget in (0, 1], held at every target length.")
+    ] = ...,
     out: Annotated[
         Path, typer.Option(help="Output folder: plan.json, report.md, results.json, compress.json.")
     ] = ...,
@@ -594,6 +625,12 @@ def compress_command(
         str | None, typer.Option(help="Longer lengths the budget must also hold at (rules extrapolated).")
     ] = None,
     per_head: Annotated[bool, typer.Option(help="One rule per query head instead of per KV group.")] = False,
+    min_span: Annotated[
+        float | None,
+        typer.Option(
+            help="Narrowest band a rule may keep, in tokens (default: 3 blocks where the budget allows; 0: any)."
+        ),
+    ] = None,
     profile: Annotated[
         Path | None, typer.Option(help="Reuse a `moa-compress profile` output instead of profiling.")
     ] = None,
@@ -626,6 +663,7 @@ def compress_command(
         seed=seed,
         extend_lengths=parse_lengths(extend_lengths, "--extend-lengths") if extend_lengths else None,
         per_head=per_head,
+        min_span=min_span,
         eval_data=eval_data,
         block_size=block_size,
         dtype=dtype,

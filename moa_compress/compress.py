@@ -73,6 +73,7 @@ class CompressSettings:
     ``lengths``: profiled (and validated, evaluated) lengths, sorted; ``samples``: calibration samples at
     each of them (one count per length, same order; an int means the same count everywhere).
     ``extend_lengths``: longer lengths the plan's density must also hold at (extrapolated rules).
+    ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
     ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
     (:func:`moa_compress.data.calibration_set`; ``data=None`` is the built-in synthetic set).
     ``pareto_size``: weightings of the lengths the search solves (each distinct plan is validated).
@@ -92,6 +93,7 @@ class CompressSettings:
     answer_tokens: int = 32
     extend_lengths: tuple[int, ...] = ()
     per_head: bool = False
+    min_span: float | None = None
     pareto_size: int = 7
     validation_samples: int = 1
     eval_limit: int = 2
@@ -309,6 +311,7 @@ _SETTING_NAMES = {
     "budget": "--budget",
     "extend_lengths": "--extend-lengths",
     "per_head": "--per-head",
+    "min_span": "--min-span",
     "pareto_size": "pareto_size",
     "validation_samples": "validation_samples",
     "backend": "backend",
@@ -360,6 +363,7 @@ def _stage_settings(
             "budget": settings.budget,
             "extend_lengths": list(settings.extend_lengths),
             "per_head": settings.per_head,
+            "min_span": settings.min_span,
             "pareto_size": settings.pareto_size,
         },
         "validate": {
@@ -641,6 +645,7 @@ class _Context:
             s.budget,
             extend_lengths=s.extend_lengths,
             per_head=s.per_head,
+            min_span=s.min_span,
             pareto_size=s.pareto_size,
             progress=self.progress,
             provenance=record,

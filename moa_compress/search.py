@@ -118,6 +118,22 @@ def minimum_density(lengths: Sequence[int], block_size: int, sink_blocks: int = 
 # Candidates
 
 
+# The first-order influence only sees small changes; it rates bands of a block or two as nearly free
+# when, on SmolLM2-135M, they cost far more than it predicts (BENCHMARKS.md, "Compress"). Rules keep
+# at least this many blocks of band unless the budget cannot afford it.
+DEFAULT_MIN_SPAN_BLOCKS = 3
+
+
+def default_min_span(budget: float, lengths: Sequence[int], block_size: int, sink_blocks: int = 1) -> float:
+    """The narrowest band (tokens) rules may keep by default: :data:`DEFAULT_MIN_SPAN_BLOCKS` blocks, or
+    fewer where a plan of such bands everywhere would not fit ``budget`` at every length (0: any)."""
+    for blocks in range(DEFAULT_MIN_SPAN_BLOCKS, 0, -1):
+        floor = StaticRule(sink_blocks, float(blocks * block_size), 0.0)
+        if all(rule_density(floor, n, block_size) <= budget for n in lengths):
+            return float(blocks * block_size)
+    return 0.0
+
+
 def candidate_rules(
     lengths: Sequence[int],
     block_size: int,
@@ -468,6 +484,7 @@ def search_plan(
     time_limit: float = 60.0,
     mip_gap: float = DEFAULT_MIP_GAP,
     renormalise: bool = True,
+    min_span: float | None = None,
     progress: bool = False,
     provenance: Mapping[str, Any] | None = None,
 ) -> SearchResult:
@@ -478,8 +495,10 @@ def search_plan(
     ``pareto_size`` weight vectors over the profiled lengths' costs are solved, each to within
     ``mip_gap`` (relative) of its optimum (0: exactly), all together in about ``time_limit`` seconds at
     most; distinct plans are returned sorted by mean predicted cost. ``renormalise``: charge each rule
-    for the row renormalisation its whole dropped set causes (see :func:`rule_costs`). ``provenance`` is
-    the base of each plan's provenance (default: tool and time).
+    for the row renormalisation its whole dropped set causes (see :func:`rule_costs`). ``min_span``:
+    the narrowest band (tokens, at every target length) a static rule may keep; None picks
+    :func:`default_min_span`, 0 allows any. ``provenance`` is the base of each plan's provenance
+    (default: tool and time).
     """
     from moa_compress.data import progress_steps
 
@@ -509,6 +528,19 @@ def search_plan(
             f"budget {budget} is below the smallest possible plan ({sink_blocks} sink block(s) + the "
             f"diagonal block for every head): density {smallest[worst]:.4f} at {worst} tokens"
         )
+    if min_span is None:
+        min_span = default_min_span(budget, lengths, block, sink_blocks)
+    if not math.isfinite(min_span) or min_span < 0:
+        raise SearchError(f"min_span must be a number of tokens >= 0, got {min_span}")
+    floor = StaticRule(sink_blocks, float(min_span), 0.0)
+    if budget < 1.0 and min_span > 0:
+        over = {n: rule_density(floor, n, block) for n in lengths if rule_density(floor, n, block) > budget}
+        if over:
+            n = min(over)
+            raise SearchError(
+                f"budget {budget} is below the sparsest plan with bands of at least {min_span:g} tokens "
+                f"(density {over[n]:.4f} at {n} tokens); lower min_span"
+            )
     groups = _groups(profile, per_head)
     rows = np.arange(len(groups))
 
@@ -520,7 +552,11 @@ def search_plan(
             (pareto_weights(profiled, 1)[0], _Solution(np.zeros(len(groups), int), 0.0, 0.0, True))
         )
     else:
-        rules = candidate_rules(lengths, block, alphas, betas, sink_blocks)
+        rules = [
+            r
+            for r in candidate_rules(lengths, block, alphas, betas, sink_blocks)
+            if isinstance(r, DenseRule) or all(r.span(n) >= min_span for n in lengths)
+        ]
         costs = rule_costs(profile, rules, per_head, renormalise)
         densities = np.array([[rule_density(r, n, block) for r in rules] for n in lengths])  # [T, R]
         sizes = np.array([len(heads) for _, heads in groups], dtype=np.float64)  # [groups]
@@ -579,6 +615,7 @@ def search_plan(
         "pareto_size": pareto_size,
         "mip_gap": mip_gap,
         "cost": "renormalised" if renormalise and profile.mass else "additive",
+        "min_span": float(min_span),
         "solver": "scipy.optimize.milp (HiGHS) after its LP relaxation",
     }
     profile_record = {
@@ -714,6 +751,7 @@ __all__ = [
     "SearchError",
     "SearchResult",
     "candidate_rules",
+    "default_min_span",
     "minimum_density",
     "pareto_weights",
     "rule_costs",

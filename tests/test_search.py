@@ -16,6 +16,7 @@ from moa_compress.search import (
     MIN_KEPT_MASS,
     SearchError,
     candidate_rules,
+    default_min_span,
     minimum_density,
     rule_costs,
     search_plan,
@@ -165,6 +166,7 @@ def test_milp_is_optimal_against_enumeration(per_head, budget):
     profile = random_profile(layers=2, heads=2, kv_heads=1, seed=3)
     lengths = (512, 1024, 2048)
     kw = {"extend_lengths": (2048,), "per_head": per_head, "alphas": SMALL_ALPHAS, "betas": SMALL_BETAS}
+    kw["min_span"] = 0  # the enumeration tries every candidate rule
     result = search_plan(profile, budget, pareto_size=3, mip_gap=0.0, **kw)
     assert len(result.points) >= 1
     for point in result.points:
@@ -356,3 +358,24 @@ def test_renormalised_cost_matches_the_row_formula():
             assert plain[h, r] == pytest.approx(plain_expected / total, rel=1e-9)
     assert got[:, 2].tolist() == [0.0, 0.0]  # dense drops nothing
     assert (got[:, :2] > plain[:, :2]).all()  # a dropped set costs more than its entries one by one
+
+
+def test_min_span_keeps_bands_at_least_that_wide():
+    profile = random_profile(layers=3, heads=4, kv_heads=2, lengths=(512, 1024), block_size=32, seed=2)
+    lengths = (512, 1024, 2048)
+    # sink + a band of 1 / 2 / 3 blocks has density 0.18 / 0.29 / 0.39 at 512 tokens (the binding length)
+    assert default_min_span(0.5, lengths, 32) == 96.0
+    assert default_min_span(0.3, lengths, 32) == 64.0
+    assert default_min_span(0.1, lengths, 32) == 0.0
+    for min_span in (None, 0, 160):
+        result = search_plan(profile, 0.6, extend_lengths=(2048,), min_span=min_span, pareto_size=2)
+        floor = 96.0 if min_span is None else min_span
+        for point in result.points:
+            assert point.plan.provenance["search"]["min_span"] == floor
+            for heads in point.plan.rules:
+                for rule in heads:
+                    assert isinstance(rule, DenseRule) or all(rule.span(n) >= floor for n in lengths)
+    unconstrained = search_plan(profile, 0.6, min_span=0, pareto_size=1).points[0].mean_cost
+    assert search_plan(profile, 0.6, min_span=160, pareto_size=1).points[0].mean_cost >= unconstrained - 1e-12
+    with pytest.raises(SearchError, match="bands of at least 480 tokens"):
+        search_plan(profile, 0.6, min_span=480)
