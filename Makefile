@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 # The main job on the embedded model, fast preset; --force lets a rerun resume from $(DEMO_OUT)/work.
 # It ends on the summary table (budget, density per length, predicted cost, validation losses).
 demo: setup
-	$(VENV)/bin/moa-compress compress --preset fast --budget 0.25 --out $(DEMO_OUT) --force
+	$(VENV)/bin/moa-compress compress --preset fast --budget 0.5 --out $(DEMO_OUT) --force
 
 test: setup
 	$(PY) -m pytest -q tests
