@@ -535,6 +535,15 @@ def profile_command(
 # --- search
 
 
+PerHeadOpt = Annotated[bool, typer.Option(help="One rule per query head instead of per KV group.")]
+MinSpanOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Narrowest band a rule may keep, in tokens (default: 3 blocks where the budget allows; 0: any)."
+    ),
+]
+
+
 @app.command("search")
 @user_errors
 def search_command(
@@ -543,13 +552,8 @@ def search_command(
     extend_lengths: Annotated[
         str | None, typer.Option(help="Comma-separated longer lengths the budget must also hold at.")
     ] = None,
-    per_head: Annotated[bool, typer.Option(help="One rule per query head instead of per KV group.")] = False,
-    min_span: Annotated[
-        float | None,
-        typer.Option(
-            help="Narrowest band a rule may keep, in tokens (default: 3 blocks where the budget allows; 0: any)."
-        ),
-    ] = None,
+    per_head: PerHeadOpt = False,
+    min_span: MinSpanOpt = None,
     out: Annotated[Path, typer.Option(help="Output folder: plan.json + pareto.json.")] = Path("plan"),
     force: Annotated[bool, typer.Option(help="Overwrite an existing plan.json / pareto.json.")] = False,
     as_json: JsonOpt = False,
@@ -624,13 +628,8 @@ def compress_command(
     extend_lengths: Annotated[
         str | None, typer.Option(help="Longer lengths the budget must also hold at (rules extrapolated).")
     ] = None,
-    per_head: Annotated[bool, typer.Option(help="One rule per query head instead of per KV group.")] = False,
-    min_span: Annotated[
-        float | None,
-        typer.Option(
-            help="Narrowest band a rule may keep, in tokens (default: 3 blocks where the budget allows; 0: any)."
-        ),
-    ] = None,
+    per_head: PerHeadOpt = False,
+    min_span: MinSpanOpt = None,
     profile: Annotated[
         Path | None, typer.Option(help="Reuse a `moa-compress profile` output instead of profiling.")
     ] = None,
