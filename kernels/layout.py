@@ -55,11 +55,17 @@ class BlockLayout:
 
     def to(self, device: torch.device | str) -> BlockLayout:
         return BlockLayout(
-            self.kv_num_blocks.to(device), self.kv_indices.to(device), self.block_size, self.q_len, self.kv_len
+            self.kv_num_blocks.to(device),
+            self.kv_indices.to(device),
+            self.block_size,
+            self.q_len,
+            self.kv_len,
         )
 
     @classmethod
-    def from_block_mask(cls, block_mask: torch.Tensor, block_size: int, q_len: int, kv_len: int) -> BlockLayout:
+    def from_block_mask(
+        cls, block_mask: torch.Tensor, block_size: int, q_len: int, kv_len: int
+    ) -> BlockLayout:
         """From a boolean ``[B, H, nQ, nK]`` block matrix (True = compute the block)."""
         kv_num_blocks, order = _ordered(block_mask.bool())
         max_k = max(int(kv_num_blocks.max()) if kv_num_blocks.numel() else 0, 1)

@@ -43,7 +43,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "triton"
         return "torch"
     if backend not in BACKENDS:
-        raise AttentionInputError(f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}")
+        raise AttentionInputError(
+            f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}"
+        )
     # TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (slowly): how the tests exercise them.
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise AttentionInputError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
@@ -52,7 +54,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise AttentionInputError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise AttentionInputError(
+            f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     b, hq, sq, d = q.shape
     bk, hkv, sk, dk = k.shape
     if k.shape[:3] != v.shape[:3] or bk != b or dk != d:
@@ -60,9 +64,13 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
     if hkv == 0 or hq % hkv:
         raise AttentionInputError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if sq > sk:
-        raise AttentionInputError(f"q_len {sq} > kv_len {sk}: causal alignment is bottom-right, so q_len <= kv_len")
+        raise AttentionInputError(
+            f"q_len {sq} > kv_len {sk}: causal alignment is bottom-right, so q_len <= kv_len"
+        )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise AttentionInputError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise AttentionInputError(
+            f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device):
         raise AttentionInputError("q, k, v must be on one device")
     if (layout.q_len, layout.kv_len) != (sq, sk):

@@ -450,7 +450,10 @@ def resolve_plan_path(path: str | Path) -> Path:
 
 def shipped_plans() -> dict[str, Path]:
     """Plans shipped in the package's ``profiles/`` folder, by folder name."""
-    roots = [Path(__file__).resolve().parent / "profiles", Path(__file__).resolve().parent.parent / "profiles"]
+    roots = [
+        Path(__file__).resolve().parent / "profiles",
+        Path(__file__).resolve().parent.parent / "profiles",
+    ]
     found: dict[str, Path] = {}
     for root in roots:
         if root.is_dir():
@@ -512,11 +515,13 @@ def plan_summary(plan: Plan, lengths: Sequence[int]) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for rule in heads:
             counts[describe_rule(rule)] = counts.get(describe_rule(rule), 0) + 1
-        layers.append({
-            "layer": layer,
-            "density": {str(n): round(plan.layer_density(layer, n), 6) for n in lengths},
-            "rules": ", ".join(f"{c}x {name}" for name, c in counts.items()),
-        })
+        layers.append(
+            {
+                "layer": layer,
+                "density": {str(n): round(plan.layer_density(layer, n), 6) for n in lengths},
+                "rules": ", ".join(f"{c}x {name}" for name, c in counts.items()),
+            }
+        )
     return {
         "schema_version": plan.schema_version,
         "model": dataclasses.asdict(plan.model),

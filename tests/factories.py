@@ -75,7 +75,14 @@ def tiny_model(family: str = "llama", seed=0, dtype=torch.float32, **kw):
     return model.to(dtype).eval()
 
 
-__all__ = ["causal_mask", "dense_masked_attention", "random_layout", "random_qkv", "tiny_config", "tiny_model"]
+__all__ = [
+    "causal_mask",
+    "dense_masked_attention",
+    "random_layout",
+    "random_qkv",
+    "tiny_config",
+    "tiny_model",
+]
 
 
 TINY_CHAT_TEMPLATE = (
@@ -93,20 +100,31 @@ def tiny_tokenizer(words=(), chat_template=True):
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab_words = sorted({w for text in words for w in re.findall(r"[A-Za-z]+", text)} | {"user", "assistant"})
+    vocab_words = sorted(
+        {w for text in words for w in re.findall(r"[A-Za-z]+", text)} | {"user", "assistant"}
+    )
     pieces = specials + list("0123456789.,?:!'\"()-") + vocab_words
     tok = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
     tok.decoder = decoders.WordPiece()  # joins tokens with spaces
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
         additional_special_tokens=specials[1:],
     )
     if chat_template:
         fast.chat_template = TINY_CHAT_TEMPLATE
     return fast
+
+
 def tiny_bpe_tokenizer():
     """A byte-level BPE tokenizer (vocab < 512) with a ChatML-style chat template, built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -32,8 +32,16 @@ def brute_density(rule, n, bs):
 
 
 @pytest.mark.parametrize("n", [1, 17, 64, 65, 200, 1000])
-@pytest.mark.parametrize("rule", [DenseRule(), StaticRule(1, 64, 0.0), StaticRule(0, 100, 0.25),
-                                  StaticRule(2, -64, 0.5), StaticRule(1, 0, 1.0)])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        DenseRule(),
+        StaticRule(1, 64, 0.0),
+        StaticRule(0, 100, 0.25),
+        StaticRule(2, -64, 0.5),
+        StaticRule(1, 0, 1.0),
+    ],
+)
 def test_density_exact_against_brute_force(n, rule):
     assert rule_density(rule, n, 64) == pytest.approx(brute_density(rule, n, 64), abs=1e-12)
 
@@ -50,8 +58,13 @@ def test_layout_matches_rule_mask():
 
 
 def test_round_trip(tmp_path):
-    plan = Plan(IDENT, ((StaticRule(1, 64.5, 0.125), DenseRule(), DenseRule()),) * 2, budget=0.5,
-                lengths=(128, 256), provenance={"seed": 3})
+    plan = Plan(
+        IDENT,
+        ((StaticRule(1, 64.5, 0.125), DenseRule(), DenseRule()),) * 2,
+        budget=0.5,
+        lengths=(128, 256),
+        provenance={"seed": 3},
+    )
     save_plan(plan, tmp_path)
     back = load_plan(tmp_path, IDENT)
     assert back == plan
@@ -59,12 +72,15 @@ def test_round_trip(tmp_path):
         save_plan(plan, tmp_path)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(schema_version=99), "newer"),
-    (lambda d: d["rules"][0].__setitem__(0, {"kind": "magic"}), "unknown rule kind"),
-    (lambda d: d.pop("model"), "missing"),
-    (lambda d: d["rules"].pop(), "layers"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(schema_version=99), "newer"),
+        (lambda d: d["rules"][0].__setitem__(0, {"kind": "magic"}), "unknown rule kind"),
+        (lambda d: d.pop("model"), "missing"),
+        (lambda d: d["rules"].pop(), "layers"),
+    ],
+)
 def test_bad_plans(tmp_path, mutate, message):
     plan = uniform_plan(IDENT, 0.5, [512])
     data = plan.to_dict()
@@ -114,5 +130,5 @@ def test_block_mask_runs_with_flex_attention_equal_to_reference():
     assert len(masks) == 2
     # Eager flex_attention on CPU is a debugging path; compiled is what users run.
     out = torch.compile(flex_attention)(q, k, v, block_mask=masks[1], enable_gqa=True)
-    ref = block_sparse_attention_reference(q, k, v, plan.layout(1, n), scale=16 ** -0.5)
+    ref = block_sparse_attention_reference(q, k, v, plan.layout(1, n), scale=16**-0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
