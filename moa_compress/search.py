@@ -532,14 +532,14 @@ def search_plan(
         min_span = default_min_span(budget, lengths, block, sink_blocks)
     if not math.isfinite(min_span) or min_span < 0:
         raise SearchError(f"min_span must be a number of tokens >= 0, got {min_span}")
-    floor = StaticRule(sink_blocks, float(min_span), 0.0)
     if budget < 1.0 and min_span > 0:
-        over = {n: rule_density(floor, n, block) for n in lengths if rule_density(floor, n, block) > budget}
+        floor = StaticRule(sink_blocks, float(min_span), 0.0)
+        over = [(n, d) for n in lengths if (d := rule_density(floor, n, block)) > budget]
         if over:
-            n = min(over)
+            n, density = over[0]
             raise SearchError(
                 f"budget {budget} is below the sparsest plan with bands of at least {min_span:g} tokens "
-                f"(density {over[n]:.4f} at {n} tokens); lower min_span"
+                f"(density {density:.4f} at {n} tokens); lower min_span"
             )
     groups = _groups(profile, per_head)
     rows = np.arange(len(groups))
