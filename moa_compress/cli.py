@@ -542,6 +542,12 @@ MinSpanOpt = Annotated[
         help="Narrowest band a rule may keep, in tokens (default: 3 blocks where the budget allows; 0: any)."
     ),
 ]
+CostOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Per-block cost: net (|sum of E| over the block; default) | entry (sum of |E|, MoA's)."
+    ),
+]
 
 
 @app.command("search")
@@ -554,6 +560,7 @@ def search_command(
     ] = None,
     per_head: PerHeadOpt = False,
     min_span: MinSpanOpt = None,
+    cost: CostOpt = None,
     out: Annotated[Path, typer.Option(help="Output folder: plan.json + pareto.json.")] = Path("plan"),
     force: Annotated[bool, typer.Option(help="Overwrite an existing plan.json / pareto.json.")] = False,
     as_json: JsonOpt = False,
@@ -575,6 +582,7 @@ def search_command(
         extend_lengths=extra,
         per_head=per_head,
         min_span=min_span,
+        cost=cost,
         progress=not as_json,
         provenance=provenance(command_line(), profile_path=str(profile_dir)),
     )
@@ -630,6 +638,7 @@ def compress_command(
     ] = None,
     per_head: PerHeadOpt = False,
     min_span: MinSpanOpt = None,
+    cost: CostOpt = None,
     profile: Annotated[
         Path | None, typer.Option(help="Reuse a `moa-compress profile` output instead of profiling.")
     ] = None,
@@ -663,6 +672,7 @@ def compress_command(
         extend_lengths=parse_lengths(extend_lengths, "--extend-lengths") if extend_lengths else None,
         per_head=per_head,
         min_span=min_span,
+        cost=cost,
         eval_data=eval_data,
         block_size=block_size,
         dtype=dtype,

@@ -74,6 +74,7 @@ class CompressSettings:
     each of them (one count per length, same order; an int means the same count everywhere).
     ``extend_lengths``: longer lengths the plan's density must also hold at (extrapolated rules).
     ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
+    ``cost``: the search's per-block measure (``"net"`` or ``"entry"``; None: the search's default).
     ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
     (:func:`moa_compress.data.calibration_set`; ``data=None`` is the built-in synthetic set).
     ``pareto_size``: weightings of the lengths the search solves (each distinct plan is validated).
@@ -94,6 +95,7 @@ class CompressSettings:
     extend_lengths: tuple[int, ...] = ()
     per_head: bool = False
     min_span: float | None = None
+    cost: str | None = None
     pareto_size: int = 7
     validation_samples: int = 1
     eval_limit: int = 2
@@ -133,6 +135,7 @@ class CompressSettings:
         """Raise :class:`CompressError` for settings that are wrong whatever the model."""
         from moa_compress.data import MODES
         from moa_compress.models import DTYPES
+        from moa_compress.search import COSTS
 
         if not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
             raise CompressError(f"--budget must be in (0, 1], got {self.budget}")
@@ -144,6 +147,8 @@ class CompressSettings:
             raise CompressError(f"--extend-lengths must be positive, got {list(self.extend_lengths)}")
         if self.mode not in MODES:
             raise CompressError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.cost is not None and self.cost not in COSTS:
+            raise CompressError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
         if self.dtype not in DTYPES:
             raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("pareto_size", "validation_samples", "eval_limit", "answer_tokens", "block_size"):
@@ -312,6 +317,7 @@ _SETTING_NAMES = {
     "extend_lengths": "--extend-lengths",
     "per_head": "--per-head",
     "min_span": "--min-span",
+    "cost": "--cost",
     "pareto_size": "pareto_size",
     "validation_samples": "validation_samples",
     "backend": "backend",
@@ -364,6 +370,7 @@ def _stage_settings(
             "extend_lengths": list(settings.extend_lengths),
             "per_head": settings.per_head,
             "min_span": settings.min_span,
+            "cost": settings.cost,
             "pareto_size": settings.pareto_size,
         },
         "validate": {
@@ -646,6 +653,7 @@ class _Context:
             extend_lengths=s.extend_lengths,
             per_head=s.per_head,
             min_span=s.min_span,
+            cost=s.cost,
             pareto_size=s.pareto_size,
             progress=self.progress,
             provenance=record,

@@ -57,8 +57,11 @@ class Profile:
     the mean over ``samples[N]`` calibration samples of the sum of ``|E_ij|`` over each block's causal
     entries (0 for blocks above the diagonal). ``mass[N]``: same shape, the mean of the sum of the
     attention probabilities over each block (a query block's row sums its rows' total mass, one per
-    row); the search uses it for the renormalisation a whole dropped set causes. Empty in profiles
-    written before it was recorded. ``provenance`` records tool, command, data and seed.
+    row); the search uses it for the renormalisation a whole dropped set causes. ``net[N]``: same
+    shape, the mean over samples of ``|sum E_ij|`` over each block, the first-order loss change of
+    dropping the block as a whole (signed effects inside a block cancel; see
+    :func:`moa_compress.search.rule_costs`). ``mass`` and ``net`` are empty in profiles written before
+    they were recorded. ``provenance`` records tool, command, data and seed.
     """
 
     model: ModelIdentity
@@ -67,6 +70,7 @@ class Profile:
     samples: dict[int, int]
     provenance: dict[str, Any] = field(default_factory=dict)
     mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    net: dict[int, torch.Tensor] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -90,6 +94,11 @@ class Profile:
             or any(self.mass[n].shape != self.influence[n].shape for n in self.mass)
         ):
             raise ProfileError("attention mass maps do not match the influence maps' lengths and shapes")
+        if self.net and (
+            set(self.net) != set(self.influence)
+            or any(self.net[n].shape != self.influence[n].shape for n in self.net)
+        ):
+            raise ProfileError("net influence maps do not match the influence maps' lengths and shapes")
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -109,11 +118,12 @@ def influence_backward(
     block_size: int,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal attention backward that also pools the influence ``|E|`` and the attention mass into blocks.
+    """Causal attention backward that also pools the influence ``E`` and the attention mass into blocks.
 
-    Returns ``(dq, dk, dv, pooled, mass)`` with the gradients in the inputs' dtypes, ``pooled`` float32
-    ``[Hq, nB, nB]`` the sum of ``|E|`` over each block and ``mass`` float32 ``[Hq, nB, nB]`` the sum of
-    the attention probabilities ``A`` over each block, both summed over the batch. Arithmetic is float32 (float64 for float64 inputs); ``A`` is
+    Returns ``(dq, dk, dv, pooled, mass, net)`` with the gradients in the inputs' dtypes and three
+    float32 ``[Hq, nB, nB]`` maps, each summed over the batch: ``pooled`` the sum of ``|E|`` over each
+    block, ``mass`` the sum of the attention probabilities ``A`` over each block and ``net`` the
+    absolute value of the block's signed sum ``|sum E|`` (one batch element at a time). Arithmetic is float32 (float64 for float64 inputs); ``A`` is
     recomputed in slabs of whole query blocks sized so that one ``[B, Hq, rows, S]`` map fits in
     ``slab_bytes``.
     """
@@ -130,6 +140,7 @@ def influence_backward(
     dv = torch.zeros_like(v)
     pooled = torch.zeros(hq, nb, nb, dtype=torch.float32, device=query.device)
     mass = torch.zeros(hq, nb, nb, dtype=torch.float32, device=query.device)
+    net = torch.zeros(hq, nb, nb, dtype=torch.float32, device=query.device)
     rows_per_slab = max(1, slab_bytes // (q.element_size() * b * hq * s * block_size)) * block_size
     positions = torch.arange(s, device=query.device)
     for r0 in range(0, s, rows_per_slab):
@@ -153,15 +164,17 @@ def influence_backward(
         grad_scores = grad_probs.sub_(row_dot).mul_(probs)  # A (G - rowdot) = dL/dscores
         # E_ij = A_ij (G_ij - rowdot) / (1 - A_ij), fine wherever A_ij <= 1/2 (every entry but the row's
         # largest); there E = A (G - mean of G over the other entries, weighted by A).
-        influence = torch.sub(1.0, probs).reciprocal_().mul_(grad_scores).abs_()
+        influence = torch.sub(1.0, probs).reciprocal_().mul_(grad_scores)
         top_mean = torch.where(rest_sum > 0, rest_dot / rest_sum.clamp_min(1e-30), top_grad)
-        influence.scatter_(-1, top, (probs.gather(-1, top) * (top_grad - top_mean)).abs_())
+        influence.scatter_(-1, top, probs.gather(-1, top) * (top_grad - top_mean))
         slab = (
             slice(None),
             slice(r0 // block_size, num_blocks(r1, block_size)),
             slice(0, num_blocks(r1, block_size)),
         )
-        pooled[slab] += _pool(influence, block_size).float()
+        # A slab holds whole query blocks, so each block's signed sum is complete here.
+        net[slab] += _pool(influence, block_size, per_item=True).abs_().sum(0).float()
+        pooled[slab] += _pool(influence.abs_(), block_size).float()
         mass[slab] += _pool(probs, block_size).float()
         del influence
         dq[:, :, r0:r1] = torch.matmul(grad_scores, k[:, :, :r1])
@@ -171,38 +184,43 @@ def influence_backward(
     dq.mul_(scale)  # q was pre-scaled, so dk needs no factor
     dk = dk.view(b, -1, group, s, d).sum(2)
     dv = dv.view(b, -1, group, s, d).sum(2)
-    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), pooled, mass
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), pooled, mass, net
 
 
-def _pool(values: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Sum ``[B, H, R, K]`` over the batch and over ``block_size`` squares -> ``[H, ceil(R/bs), ceil(K/bs)]``."""
+def _pool(values: torch.Tensor, block_size: int, per_item: bool = False) -> torch.Tensor:
+    """Sum ``[B, H, R, K]`` over ``block_size`` squares and over the batch -> ``[H, ceil(R/bs), ceil(K/bs)]``
+    (``per_item``: not over the batch -> ``[B, H, ...]``)."""
     b, h, r, k = values.shape
     pad_r, pad_k = -r % block_size, -k % block_size
     if pad_r or pad_k:
         values = F.pad(values, (0, pad_k, 0, pad_r))
     nr, nk = (r + pad_r) // block_size, (k + pad_k) // block_size
-    return values.view(b, h, nr, block_size, nk, block_size).sum(dim=(0, 3, 5))
+    pooled = values.view(b, h, nr, block_size, nk, block_size).sum(dim=(3, 5))
+    return pooled if per_item else pooled.sum(0)
 
 
 class _Recorder:
-    """Receives one pooled influence and one pooled mass ``[Hq, nB, nB]`` per layer during a backward pass."""
+    """Receives one pooled influence, mass and net influence ``[Hq, nB, nB]`` per layer during a backward."""
 
     def __init__(self, num_layers: int, num_heads: int, block_size: int, slab_bytes: int):
         self.num_layers, self.num_heads = num_layers, num_heads
         self.block_size, self.slab_bytes = block_size, slab_bytes
         self.pooled: torch.Tensor | None = None
         self.mass: torch.Tensor | None = None
+        self.net: torch.Tensor | None = None
         self.seen: list[int] = []
 
     def start(self, n: int) -> None:
         nb = num_blocks(n, self.block_size)
         self.pooled = torch.zeros(self.num_layers, self.num_heads, nb, nb, dtype=torch.float32)
         self.mass = torch.zeros_like(self.pooled)
+        self.net = torch.zeros_like(self.pooled)
         self.seen = []
 
-    def add(self, layer: int, pooled: torch.Tensor, mass: torch.Tensor) -> None:
+    def add(self, layer: int, pooled: torch.Tensor, mass: torch.Tensor, net: torch.Tensor) -> None:
         self.pooled[layer] += pooled.cpu()
         self.mass[layer] += mass.cpu()
+        self.net[layer] += net.cpu()
         self.seen.append(layer)
 
 
@@ -221,10 +239,10 @@ class _InfluenceAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value = ctx.saved_tensors
         recorder: _Recorder = ctx.recorder
-        dq, dk, dv, pooled, mass = influence_backward(
+        dq, dk, dv, *maps = influence_backward(
             query, key, value, grad_out, ctx.scale, recorder.block_size, recorder.slab_bytes
         )
-        recorder.add(ctx.layer, pooled, mass)
+        recorder.add(ctx.layer, *maps)
         return dq, dk, dv, None, None, None
 
 
@@ -327,13 +345,22 @@ def _check_sample(sample: CalibrationSample, n: int) -> None:
 
 
 def profile_sample(
-    model, sample: CalibrationSample, *, block_size: int = 64, slab_bytes: int = DEFAULT_SLAB_BYTES
+    model,
+    sample: CalibrationSample,
+    *,
+    block_size: int = 64,
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
+    kind: str = "influence",
 ) -> torch.Tensor:
-    """Pooled influence ``[layers, query_heads, nB, nB]`` (float32) of one sample."""
+    """One sample's pooled ``[layers, query_heads, nB, nB]`` float32 map: ``kind`` ``"influence"``
+    (sum of ``|E|``), ``"net"`` (``|sum E|``) or ``"mass"`` per block (see :class:`Profile`)."""
+    if kind not in _SAMPLE_MAPS:
+        raise ValueError(f"kind must be one of {_SAMPLE_MAPS}, got {kind!r}")
     identity = identity_of(model)
     recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
     with _profiling(model, recorder):
-        return _profile_one(model, sample, recorder)
+        _profile_one(model, sample, recorder)
+    return {"influence": recorder.pooled, "mass": recorder.mass, "net": recorder.net}[kind]
 
 
 def _profile_one(model, sample: CalibrationSample, recorder: _Recorder) -> torch.Tensor:
@@ -404,31 +431,35 @@ def profile_model(
     recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
     influence: dict[int, torch.Tensor] = {}
     mass: dict[int, torch.Tensor] = {}
+    net: dict[int, torch.Tensor] = {}
     total = sum(len(v) for v in samples.values())
     seconds: dict[int, list[float]] = {}  # wall time of each sample computed in this run
     with progress_steps(progress, total, "profiling") as step, _profiling(model, recorder):
         for n in sorted(samples):
             acc = torch.zeros(identity.num_layers, identity.num_heads, *(2 * [num_blocks(n, block_size)]))
-            acc_mass = torch.zeros_like(acc)
+            acc_mass, acc_net = torch.zeros_like(acc), torch.zeros_like(acc)
             for i, sample in enumerate(samples[n]):
                 path = work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
                 found = _load_sample_result(path, acc.shape) if path is not None else None
                 if found is None:
                     started = time.perf_counter()
-                    found = _profile_one(model, sample, recorder), recorder.mass
+                    found = _profile_one(model, sample, recorder), recorder.mass, recorder.net
                     seconds.setdefault(n, []).append(time.perf_counter() - started)
                     if path is not None:
                         _save_tensor(path, *found)
                 acc += found[0]
                 acc_mass += found[1]
+                acc_net += found[2]
                 step(f"profiling {n} tokens ({i + 1}/{len(samples[n])})")
             influence[n] = acc / len(samples[n])
             mass[n] = acc_mass / len(samples[n])
+            net[n] = acc_net / len(samples[n])
     return Profile(
         model=identity,
         block_size=block_size,
         influence=influence,
         mass=mass,
+        net=net,
         samples={n: len(samples[n]) for n in sorted(samples)},
         provenance={
             **dict(provenance or {}),
@@ -465,15 +496,18 @@ def _prepare_work_dir(work: Path, manifest: dict[str, Any], force: bool) -> None
     atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def _save_tensor(path: Path, influence: torch.Tensor, mass: torch.Tensor) -> None:
+_SAMPLE_MAPS = ("influence", "mass", "net")
+
+
+def _save_tensor(path: Path, *maps: torch.Tensor) -> None:
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save({"influence": influence.contiguous(), "mass": mass.contiguous()}))
+    atomic_write_bytes(path, save({name: t.contiguous() for name, t in zip(_SAMPLE_MAPS, maps, strict=True)}))
 
 
-def _load_sample_result(path: Path, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A finished sample's pooled influence and mass, or None if absent, unreadable or written before the
-    mass was recorded (then it is recomputed)."""
+def _load_sample_result(path: Path, shape: Sequence[int]) -> tuple[torch.Tensor, ...] | None:
+    """A finished sample's pooled influence, mass and net influence, or None if absent, unreadable or
+    written before all three were recorded (then it is recomputed)."""
     if not path.exists():
         return None
     from safetensors import SafetensorError
@@ -481,7 +515,7 @@ def _load_sample_result(path: Path, shape: Sequence[int]) -> tuple[torch.Tensor,
 
     try:
         tensors = load_file(str(path))
-        found = tensors["influence"], tensors["mass"]
+        found = tuple(tensors[name] for name in _SAMPLE_MAPS)
     except (OSError, KeyError, SafetensorError):  # a torn or foreign file: recompute rather than fail
         return None
     ok = all(tuple(t.shape) == tuple(shape) and t.dtype == torch.float32 for t in found)
@@ -505,6 +539,7 @@ def save_profile(profile: Profile, out_dir: str | Path, force: bool = False) -> 
         raise FileExistsError(f"{target} exists; pass --force to overwrite")
     tensors = {f"influence.{n}": profile.influence[n].contiguous() for n in profile.lengths}
     tensors.update({f"mass.{n}": profile.mass[n].contiguous() for n in profile.mass})
+    tensors.update({f"net.{n}": profile.net[n].contiguous() for n in profile.net})
     atomic_write_bytes(out / TENSOR_FILE, save(tensors))
     meta = {
         "format": FORMAT,
@@ -546,11 +581,13 @@ def load_profile(path: str | Path) -> Profile:
         lengths = [int(n) for n in meta["lengths"]]
         influence = {n: tensors[f"influence.{n}"] for n in lengths}
         mass = {n: tensors[f"mass.{n}"] for n in lengths if f"mass.{n}" in tensors}
+        net = {n: tensors[f"net.{n}"] for n in lengths if f"net.{n}" in tensors}
         return Profile(
             model=ModelIdentity(**meta["model"]),
             block_size=int(meta["block_size"]),
             influence=influence,
             mass=mass,
+            net=net,
             samples={int(n): int(k) for n, k in meta["samples"].items()},
             provenance=dict(meta.get("provenance", {})),
         )

@@ -190,28 +190,52 @@ def _groups(profile: Profile, per_head: bool) -> list[tuple[int, tuple[int, ...]
 # left this much: the renormalisation 1 / kept mass would otherwise grow without bound.
 MIN_KEPT_MASS = 0.02
 
+COSTS = ("net", "entry")
+
+
+def cost_kind(profile: Profile, cost: str | None) -> str:
+    """The per-block measure a search charges: ``cost``, or by default ``"net"`` where the profile
+    recorded it (profiles written before it was did not) and ``"entry"`` otherwise."""
+    if cost is None:
+        return "net" if profile.net else "entry"
+    if cost not in COSTS:
+        raise SearchError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+    if cost == "net" and not profile.net:
+        raise SearchError("this profile has no net influence (it predates it); profile again or use cost 'entry'")
+    return cost
+
 
 def rule_costs(
-    profile: Profile, rules: Sequence[Rule], per_head: bool = False, renormalise: bool = True
+    profile: Profile,
+    rules: Sequence[Rule],
+    per_head: bool = False,
+    renormalise: bool = True,
+    cost: str | None = None,
 ) -> dict[int, np.ndarray]:
     """Profiled length -> float64 ``[groups, rules]``: the fraction of the model's causal influence at
     that length that each group loses with each rule (groups in :func:`_groups` order).
 
-    The profile's ``|E_ij|`` is each entry's first-order effect when it alone is dropped and its row
-    renormalised by ``1 / (1 - A_ij)``. Dropping a whole set ``S`` renormalises the row by
-    ``1 / (1 - A_S)`` instead, so with ``renormalise`` (and a profile that recorded the attention mass)
-    each query block's lost influence is divided by the mean mass its rows keep under the rule,
-    at least :data:`MIN_KEPT_MASS`. Without it the cost is the plain sum of ``|E|`` over dropped blocks,
-    which underrates rules that keep little of a head's mass.
+    ``cost`` picks the per-block measure (default: :func:`cost_kind`). ``"entry"`` is MoA's: the sum
+    over the block of ``|E_ij|``, each entry's first-order effect when it alone is dropped and its row
+    renormalised by ``1 / (1 - A_ij)``. It counts every entry's effect as harm, so a block whose many
+    small effects have mixed signs (common in early layers, whose keys and values feed every later
+    position) is charged in proportion to its number of entries. ``"net"`` is ``|sum E_ij|`` over the
+    block, taken per calibration sample: the first-order loss change of dropping the block, the unit
+    a rule keeps or drops. Dropping a whole set ``S`` renormalises the row by ``1 / (1 - A_S)``
+    rather than entry by entry, so with ``renormalise`` (and a profile that recorded the attention mass)
+    each query block's lost influence is divided by the mean mass its rows keep under the rule, at
+    least :data:`MIN_KEPT_MASS`. Without it the cost is the plain sum over dropped blocks, which
+    underrates rules that keep little of a head's mass.
     """
     model = profile.model
     size = 1 if per_head else model.num_heads // model.num_kv_heads
     bs = profile.block_size
+    maps = profile.net if cost_kind(profile, cost) == "net" else profile.influence
     costs: dict[int, np.ndarray] = {}
     for n in profile.lengths:
         nb = num_blocks(n, bs)
         causal = torch.ones(nb, nb, dtype=torch.bool).tril()
-        influence = profile.influence[n].double() * causal  # [L, H, nB, nB]
+        influence = maps[n].double() * causal  # [L, H, nB, nB]
         dropped = torch.stack([causal & ~rule_block_mask(r, n, bs) for r in rules]).double()  # [R, nB, nB]
         heads = influence.reshape(-1, nb, nb)  # [L*H, nB, nB]
         if renormalise and profile.mass:
@@ -485,6 +509,7 @@ def search_plan(
     mip_gap: float = DEFAULT_MIP_GAP,
     renormalise: bool = True,
     min_span: float | None = None,
+    cost: str | None = None,
     progress: bool = False,
     provenance: Mapping[str, Any] | None = None,
 ) -> SearchResult:
@@ -497,7 +522,8 @@ def search_plan(
     most; distinct plans are returned sorted by mean predicted cost. ``renormalise``: charge each rule
     for the row renormalisation its whole dropped set causes (see :func:`rule_costs`). ``min_span``:
     the narrowest band (tokens, at every target length) a static rule may keep; None picks
-    :func:`default_min_span`, 0 allows any. ``provenance`` is the base of each plan's provenance
+    :func:`default_min_span`, 0 allows any. ``cost``: the per-block measure (see :func:`rule_costs`;
+    default :func:`cost_kind`). ``provenance`` is the base of each plan's provenance
     (default: tool and time).
     """
     from moa_compress.data import progress_steps
@@ -512,6 +538,7 @@ def search_plan(
         raise SearchError(f"pareto_size must be at least 1, got {pareto_size}")
     if not mip_gap >= 0.0 or not time_limit > 0.0:
         raise SearchError(f"mip_gap must be >= 0 and time_limit > 0, got {mip_gap} and {time_limit}")
+    cost = cost_kind(profile, cost)
     block = profile.block_size
     alphas = [a * block for a in DEFAULT_ALPHA_BLOCKS] if alphas is None else list(alphas)
     betas = list(DEFAULT_BETAS) if betas is None else list(betas)
@@ -557,7 +584,7 @@ def search_plan(
             for r in candidate_rules(lengths, block, alphas, betas, sink_blocks)
             if isinstance(r, DenseRule) or all(r.span(n) >= min_span for n in lengths)
         ]
-        costs = rule_costs(profile, rules, per_head, renormalise)
+        costs = rule_costs(profile, rules, per_head, renormalise, cost)
         densities = np.array([[rule_density(r, n, block) for r in rules] for n in lengths])  # [T, R]
         sizes = np.array([len(heads) for _, heads in groups], dtype=np.float64)  # [groups]
         total_heads = profile.model.num_layers * profile.model.num_heads
@@ -614,7 +641,7 @@ def search_plan(
         "candidates": len(rules),
         "pareto_size": pareto_size,
         "mip_gap": mip_gap,
-        "cost": "renormalised" if renormalise and profile.mass else "additive",
+        "cost": cost + (", renormalised" if renormalise and profile.mass else ", additive"),
         "min_span": float(min_span),
         "solver": "scipy.optimize.milp (HiGHS) after its LP relaxation",
     }

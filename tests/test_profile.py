@@ -84,8 +84,9 @@ def _loss(model, sample, inputs_embeds=None):
     return F.cross_entropy(logits[:-1][sample.loss_mask[1:]].double(), targets)
 
 
-def _reference_pooled(model, sample, block_size):
-    """Pooled |E| from materialised maps: eager attention, retain_grad on A, loops over blocks."""
+def _reference_pooled(model, sample, block_size, net=False):
+    """Pooled |E| (``net``: |sum E|) from materialised maps: eager attention, retain_grad on A, loops
+    over blocks."""
     _STATE["maps"] = {}
     _use(model, "test_materialised", _materialised_attention)
     embeds = model.get_input_embeddings()(sample.input_ids[None]).detach().requires_grad_(True)
@@ -95,7 +96,8 @@ def _reference_pooled(model, sample, block_size):
         a = _STATE["maps"][layer][0].detach()
         g = _STATE["maps"][layer].grad[0]
         e = a * (g - (g * a).sum(-1, keepdim=True)) / (1 - a)
-        e = torch.where(a < 1, e, torch.zeros_like(e)).abs()
+        e = torch.where(a < 1, e, torch.zeros_like(e))
+        e = e if net else e.abs()
         n = e.shape[-1]
         nb = -(-n // block_size)
         pooled = torch.zeros(e.shape[0], nb, nb, dtype=torch.float64)
@@ -103,7 +105,7 @@ def _reference_pooled(model, sample, block_size):
             for bj in range(bi + 1):
                 rows = slice(bi * block_size, (bi + 1) * block_size)
                 cols = slice(bj * block_size, (bj + 1) * block_size)
-                pooled[:, bi, bj] = e[:, rows, cols].sum((-1, -2))
+                pooled[:, bi, bj] = e[:, rows, cols].sum((-1, -2)).abs()
         layers.append(pooled)
     return torch.stack(layers), embeds.grad
 
@@ -126,6 +128,11 @@ def test_bounded_path_equals_materialised_maps(slab_rows):
     torch.testing.assert_close(bounded.double(), reference, rtol=1e-5, atol=1e-9)
     # above the diagonal there is nothing
     assert torch.all(bounded.triu(1) == 0)
+    net = profile_sample(model, sample, block_size=bs, slab_bytes=slab, kind="net")
+    net_reference, _ = _reference_pooled(model, sample, bs, net=True)
+    torch.testing.assert_close(net.double(), net_reference, rtol=1e-5, atol=1e-9)
+    # signed effects cancel inside blocks: |sum E| <= sum |E|, strictly somewhere
+    assert torch.all(net <= bounded * (1 + 1e-6)) and bool((net < 0.9 * bounded).any())
 
 
 def test_backward_gradients_are_exact():
@@ -136,7 +143,7 @@ def test_backward_gradients_are_exact():
     out = probs @ v.repeat_interleave(3, 1)
     d_out = torch.randn_like(out)
     out.backward(d_out)
-    dq, dk, dv, pooled, mass = influence_backward(
+    dq, dk, dv, pooled, mass, net = influence_backward(
         q.detach(), k.detach(), v.detach(), d_out, 8**-0.5, 8, slab_bytes=1
     )
     for mine, ref in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
@@ -146,6 +153,13 @@ def test_backward_gradients_are_exact():
     from moa_compress.profile import _pool
 
     torch.testing.assert_close(mass.double(), _pool(probs.detach(), 8).double(), rtol=1e-5, atol=1e-5)
+    # net: |sum E| per block, taken per batch element, then summed over the batch
+    g = torch.einsum("bhid,bhjd->bhij", d_out, v.detach().repeat_interleave(3, 1))
+    a = probs.detach()
+    e = a * (g - (g * a).sum(-1, keepdim=True)) / (1 - a)
+    e = torch.where(a < 1, e, torch.zeros_like(e))
+    expected = _pool(e, 8, per_item=True).abs().sum(0)
+    torch.testing.assert_close(net.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
         mass.sum(-1).double(),
         torch.tensor([[16.0] * 4 + [10.0]] * 6, dtype=torch.float64),
@@ -205,6 +219,61 @@ def test_influence_formula_against_brute_force():
             # really drop the entry: agrees to first order in A_ij
             dropped = loss_with(layer, head, i, j, 1.0) - base
             assert abs(dropped) == pytest.approx(e, rel=4 * a + 1e-3)
+            checked += 1
+    assert checked == 6
+
+
+def _block_scaling_attention(module, query, key, value, attention_mask, **kwargs):
+    """Scale a whole block of A[head] in one layer by (1 - t) and renormalise its rows."""
+    probs = _causal_probs(query, key)
+    edit = _STATE.get("block")
+    if edit is not None and edit[0] == module.layer_idx:
+        _, head, rows, cols, t = edit
+        probs = probs.clone()
+        probs[:, head, rows, cols] *= 1 - t
+        probs[:, head, rows] /= probs[:, head, rows].sum(-1, keepdim=True)
+    out = probs @ value.repeat_interleave(query.shape[1] // key.shape[1], 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_net_influence_is_the_block_drop_slope():
+    """|sum E| over a block against the loss's slope when the whole block is scaled down and its rows
+    renormalised: dL/dt = -sum E_ij (1 - A_ij), so the two differ by at most max(A) * sum |E|."""
+    model = tiny_model("llama", dtype=torch.float64, layers=2, heads=2, kv_heads=1, head_dim=16, vocab=64)
+    n, bs = 32, 4
+    sample = _sample(n, 64, seed=11, scored=8)
+    net = profile_sample(model, sample, block_size=bs, kind="net").double()
+    entry = profile_sample(model, sample, block_size=bs).double()
+    _STATE["maps"] = {}
+    _use(model, "test_materialised", _materialised_attention)
+    with torch.no_grad():
+        _loss(model, sample)
+    probs = {layer: a[0].detach() for layer, a in _STATE["maps"].items()}
+    _use(model, "test_block", _block_scaling_attention)
+
+    def loss_with(edit):
+        _STATE["block"] = edit
+        try:
+            with torch.no_grad():
+                return float(_loss(model, sample))
+        finally:
+            _STATE["block"] = None
+
+    nb = n // bs
+    checked = 0
+    for layer in range(2):
+        # the largest blocks below the diagonal, in query blocks with several keys
+        lower = net[layer].clone()
+        lower[:, :2] = 0
+        lower[:, torch.arange(nb), torch.arange(nb)] = 0
+        for flat in lower.flatten().topk(3).indices.tolist():
+            head, bi, bj = flat // (nb * nb), (flat // nb) % nb, flat % nb
+            rows, cols = slice(bi * bs, (bi + 1) * bs), slice(bj * bs, (bj + 1) * bs)
+            t = 1e-2
+            slope = (loss_with((layer, head, rows, cols, t)) - loss_with((layer, head, rows, cols, -t))) / (2 * t)
+            largest = probs[layer][head, rows, cols].max().item()
+            bound = largest * entry[layer, head, bi, bj].item() + 2e-3 * net[layer, head, bi, bj].item()
+            assert abs(abs(slope) - net[layer, head, bi, bj].item()) <= bound
             checked += 1
     assert checked == 6
 

@@ -13,6 +13,7 @@ import torch
 from moa_compress.plan import DenseRule, Plan, StaticRule, load_plan, rule_block_mask, rule_density
 from moa_compress.report import pareto_points
 from moa_compress.search import (
+    COSTS,
     MIN_KEPT_MASS,
     SearchError,
     candidate_rules,
@@ -358,6 +359,35 @@ def test_renormalised_cost_matches_the_row_formula():
             assert plain[h, r] == pytest.approx(plain_expected / total, rel=1e-9)
     assert got[:, 2].tolist() == [0.0, 0.0]  # dense drops nothing
     assert (got[:, :2] > plain[:, :2]).all()  # a dropped set costs more than its entries one by one
+
+
+def test_cost_kinds_pick_the_profile_map():
+    """"net" charges the profile's net map, "entry" its sum-of-|E| map; the default is net when the
+    profile recorded it; a search records which it used; a profile without net refuses "net"."""
+    base = random_profile(layers=2, heads=2, kv_heads=1, lengths=(256,), block_size=32, seed=5)
+    n = 256
+    shuffled = random_profile(layers=2, heads=2, kv_heads=1, lengths=(256,), block_size=32, seed=6)
+    net = {n: shuffled.influence[n] * 0.5}  # a different map, below the entry one nowhere in particular
+    profile = dataclasses.replace(base, net=net)
+    rules = [StaticRule(1, 32.0, 0.0), StaticRule(1, 96.0, 0.0), DenseRule()]
+    for kind, source in (("net", profile.net), ("entry", profile.influence)):
+        got = rule_costs(profile, rules, per_head=True, renormalise=False, cost=kind)[n]
+        maps = source[n].double().reshape(4, 8, 8)
+        for r, rule in enumerate(rules):
+            dropped = torch.ones(8, 8, dtype=torch.bool).tril() & ~rule_block_mask(rule, n, 32)
+            expected = (maps * dropped).sum((-1, -2)) / maps.sum()
+            assert got[:, r] == pytest.approx(expected.tolist(), rel=1e-9)
+    default = rule_costs(profile, rules, per_head=True, renormalise=False)[n]
+    assert default == pytest.approx(rule_costs(profile, rules, True, False, "net")[n])
+    assert search_plan(profile, 0.5, pareto_size=1).points[0].plan.provenance["search"]["cost"].startswith("net")
+    assert search_plan(base, 0.5, pareto_size=1).points[0].plan.provenance["search"]["cost"].startswith("entry")
+    with pytest.raises(SearchError, match="no net influence"):
+        search_plan(base, 0.5, cost="net")
+    with pytest.raises(SearchError, match="cost must be one of"):
+        search_plan(profile, 0.5, cost="abs")
+    # the two maps rank the rules differently here, so the plans differ
+    plans = {kind: search_plan(profile, 0.5, cost=kind, min_span=0, pareto_size=1).points[0].plan.rules for kind in COSTS}
+    assert plans["net"] != plans["entry"]
 
 
 def test_min_span_keeps_bands_at_least_that_wide():
