@@ -201,7 +201,9 @@ def cost_kind(profile: Profile, cost: str | None) -> str:
     if cost not in COSTS:
         raise SearchError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
     if cost == "net" and not profile.net:
-        raise SearchError("this profile has no net influence (it predates it); profile again or use cost 'entry'")
+        raise SearchError(
+            "this profile has no net influence (it predates it); profile again or use cost 'entry'"
+        )
     return cost
 
 

@@ -270,7 +270,9 @@ def test_net_influence_is_the_block_drop_slope():
             head, bi, bj = flat // (nb * nb), (flat // nb) % nb, flat % nb
             rows, cols = slice(bi * bs, (bi + 1) * bs), slice(bj * bs, (bj + 1) * bs)
             t = 1e-2
-            slope = (loss_with((layer, head, rows, cols, t)) - loss_with((layer, head, rows, cols, -t))) / (2 * t)
+            slope = (loss_with((layer, head, rows, cols, t)) - loss_with((layer, head, rows, cols, -t))) / (
+                2 * t
+            )
             largest = probs[layer][head, rows, cols].max().item()
             bound = largest * entry[layer, head, bi, bj].item() + 2e-3 * net[layer, head, bi, bj].item()
             assert abs(abs(slope) - net[layer, head, bi, bj].item()) <= bound

@@ -362,7 +362,7 @@ def test_renormalised_cost_matches_the_row_formula():
 
 
 def test_cost_kinds_pick_the_profile_map():
-    """"net" charges the profile's net map, "entry" its sum-of-|E| map; the default is net when the
+    """The "net" cost charges the profile's net map, "entry" its sum-of-|E| map; the default is net when the
     profile recorded it; a search records which it used; a profile without net refuses "net"."""
     base = random_profile(layers=2, heads=2, kv_heads=1, lengths=(256,), block_size=32, seed=5)
     n = 256
@@ -379,14 +379,21 @@ def test_cost_kinds_pick_the_profile_map():
             assert got[:, r] == pytest.approx(expected.tolist(), rel=1e-9)
     default = rule_costs(profile, rules, per_head=True, renormalise=False)[n]
     assert default == pytest.approx(rule_costs(profile, rules, True, False, "net")[n])
-    assert search_plan(profile, 0.5, pareto_size=1).points[0].plan.provenance["search"]["cost"].startswith("net")
-    assert search_plan(base, 0.5, pareto_size=1).points[0].plan.provenance["search"]["cost"].startswith("entry")
+    assert (
+        search_plan(profile, 0.5, pareto_size=1).points[0].plan.provenance["search"]["cost"].startswith("net")
+    )
+    assert (
+        search_plan(base, 0.5, pareto_size=1).points[0].plan.provenance["search"]["cost"].startswith("entry")
+    )
     with pytest.raises(SearchError, match="no net influence"):
         search_plan(base, 0.5, cost="net")
     with pytest.raises(SearchError, match="cost must be one of"):
         search_plan(profile, 0.5, cost="abs")
     # the two maps rank the rules differently here, so the plans differ
-    plans = {kind: search_plan(profile, 0.5, cost=kind, min_span=0, pareto_size=1).points[0].plan.rules for kind in COSTS}
+    plans = {
+        kind: search_plan(profile, 0.5, cost=kind, min_span=0, pareto_size=1).points[0].plan.rules
+        for kind in COSTS
+    }
     assert plans["net"] != plans["entry"]
 
 
