@@ -2,15 +2,19 @@
 
 :func:`compress` runs every stage on a loaded model and writes into ``out_dir``:
 
-* ``plan.json`` — the Pareto plan with the lowest answer loss on held-out calibration samples;
+* ``plan.json`` — the Pareto plan with the lowest held-out answer loss relative to dense (mean over
+  the profiled lengths);
 * ``results.json``, ``report.md`` (+ plots) — a short :func:`moa_compress.evaluate.evaluate_plan` of that
   plan against dense and the uniform baseline (perplexity and fidelity on natural text);
 * ``compress.json`` — the machine-readable summary (settings, densities, predicted costs, validation
   losses, stage times); written last, so its presence means the run finished.
 
-Validation: the search ranks plans by a first-order prediction of the loss; the held-out samples (the
-same recipe with another seed, at the longest profiled length) measure the real answer loss of every
-Pareto plan, of dense, and of the uniform baseline at the chosen plan's density.
+Validation: the search ranks plans by a first-order prediction of the loss; held-out samples (the same
+recipe with another seed) at every profiled length measure the real answer loss of every Pareto plan,
+of dense, and of the uniform baseline at the chosen plan's density. A plan's *score* is the mean over
+the lengths of its loss divided by dense's there (answer losses differ in scale from one length to the
+next); the lowest score wins. Scoring every length, not only the longest, matters: one sample at 8K
+picked the plan that was worst on prose at 4K and 8K among seven (BENCHMARKS.md).
 
 The work folder (default ``out_dir/work``) makes a run resumable::
 
@@ -78,7 +82,7 @@ class CompressSettings:
     ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
     (:func:`moa_compress.data.calibration_set`; ``data=None`` is the built-in synthetic set).
     ``pareto_size``: weightings of the lengths the search solves (each distinct plan is validated).
-    ``validation_samples``: held-out samples at the longest length. ``eval_limit``: text windows per
+    ``validation_samples``: held-out samples at each profiled length. ``eval_limit``: text windows per
     length in the closing eval, whose text is ``eval_data`` (None: Debian's python3.11-doc).
     ``dtype``: the dtype the model must be loaded in (checked). ``backend``: the plan's attention backend
     during validation and eval.
@@ -86,7 +90,7 @@ class CompressSettings:
 
     budget: float
     lengths: tuple[int, ...] = (2048, 4096, 8192)
-    samples: tuple[int, ...] | int = (2, 1, 1)
+    samples: tuple[int, ...] | int = (6, 2, 1)
     data: str | None = None
     text_field: str = "text"
     mode: str = "answers"
@@ -161,7 +165,7 @@ class CompressSettings:
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "lengths": (2048, 4096, 8192),
-        "samples": (2, 1, 1),
+        "samples": (6, 2, 1),
         "pareto_size": 7,
         "validation_samples": 1,
         "eval_limit": 2,
@@ -667,37 +671,42 @@ class _Context:
         from moa_compress.evaluate import uniform_baseline
 
         s = self.settings
-        n = profile.lengths[-1]
+        lengths = list(profile.lengths)
         path = self.state.root / "validation.json"
-        shape = {"length": n, "samples": s.validation_samples, "points": len(result.points)}
+        shape = {"lengths": lengths, "samples": s.validation_samples, "points": len(result.points)}
         record = _read_json(path) if self.state.recorded.get("validate") else None
         if not isinstance(record, dict) or any(record.get(k) != v for k, v in shape.items()):
             record = {**shape, "seed": s.seed + VALIDATION_SEED_OFFSET, "loss": {}}
-        losses: dict[str, float] = record["loss"]
-        if self.state.done("validate") and "uniform" in losses:
+        losses: dict[str, float] = record["loss"]  # "<variant>@<length>" -> answer loss
+        if self.state.done("validate") and all(f"uniform@{n}" in losses for n in lengths):
             _say(self.progress, f"validate: reusing {path}")
             self.resumed.add("validate")
         self.state.mark("validate", done=False)
 
-        held_out = None
-        variants: list[tuple[str, Plan | None]] = [("dense", None)]
-        variants += [(f"plan-{i}", point.plan) for i, point in enumerate(result.points)]
-        for name, plan in variants:
-            if name in losses:
-                continue
-            if held_out is None:
-                held_out = self.calibration([n], {n: s.validation_samples}, record["seed"])[n]
-            _say(self.progress, f"validate: answer loss of {name} at {n} tokens")
-            losses[name] = self.loss(plan, held_out)
+        held_out: dict[int, list] = {}
+
+        def measure(name: str, plan: Plan | None, n: int, label: str) -> None:
+            key = f"{name}@{n}"
+            if key in losses:
+                return
+            if not held_out:
+                held_out.update(
+                    self.calibration(lengths, dict.fromkeys(lengths, s.validation_samples), record["seed"])
+                )
+            _say(self.progress, f"validate: answer loss of {label} at {n} tokens")
+            losses[key] = self.loss(plan, held_out[n])
             atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
-        best = _best_point(losses, len(result.points))
-        uniform = uniform_baseline(result.points[best].plan, n)
-        record["uniform"] = {"density": uniform.density(n), "rule": _rule_name(uniform)}
-        if "uniform" not in losses:
-            if held_out is None:
-                held_out = self.calibration([n], {n: s.validation_samples}, record["seed"])[n]
-            _say(self.progress, f"validate: answer loss of uniform at density {uniform.density(n):.4f}")
-            losses["uniform"] = self.loss(uniform, held_out)
+
+        for n in lengths:
+            measure("dense", None, n, "dense")
+            for i, point in enumerate(result.points):
+                measure(f"plan-{i}", point.plan, n, f"plan-{i}")
+        best = _best_point(losses, len(result.points), lengths)
+        record["uniform"] = {}
+        for n in lengths:
+            uniform = uniform_baseline(result.points[best].plan, n)
+            record["uniform"][str(n)] = {"density": uniform.density(n), "rule": _rule_name(uniform)}
+            measure("uniform", uniform, n, f"uniform at density {uniform.density(n):.4f}")
         atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
         self.state.mark("validate", done=True)
         return {**record, "chosen": best}
@@ -725,9 +734,14 @@ def _rule_name(plan: Plan) -> str:
     return describe_rule(plan.rules[0][0])
 
 
-def _best_point(losses: Mapping[str, float], count: int) -> int:
-    """The Pareto point with the lowest validation loss; ties go to the lower predicted cost (index)."""
-    return min(range(count), key=lambda i: (losses[f"plan-{i}"], i))
+def validation_score(losses: Mapping[str, float], name: str, lengths: Sequence[int]) -> float:
+    """Mean over ``lengths`` of variant ``name``'s held-out answer loss divided by dense's."""
+    return sum(losses[f"{name}@{n}"] / losses[f"dense@{n}"] for n in lengths) / len(lengths)
+
+
+def _best_point(losses: Mapping[str, float], count: int, lengths: Sequence[int]) -> int:
+    """The Pareto point with the lowest validation score; ties go to the lower predicted cost (index)."""
+    return min(range(count), key=lambda i: (validation_score(losses, f"plan-{i}", lengths), i))
 
 
 def _chosen_plan(result, validation: Mapping[str, Any]) -> Plan:
@@ -737,14 +751,21 @@ def _chosen_plan(result, validation: Mapping[str, Any]) -> Plan:
     index = validation["chosen"]
     plan = with_choice(result, index)
     record = json.loads(json.dumps(dict(plan.provenance)))
-    losses = validation["loss"]
+    losses, lengths = validation["loss"], validation["lengths"]
     for i, entry in enumerate(record.get("pareto", [])):
-        entry["validation_loss"] = losses[f"plan-{i}"]
+        entry["validation_score"] = validation_score(losses, f"plan-{i}", lengths)
     record["validation"] = {
-        "length": validation["length"],
+        "lengths": lengths,
         "samples": validation["samples"],
         "seed": validation["seed"],
-        "loss": {"dense": losses["dense"], "uniform": losses["uniform"], "plan": losses[f"plan-{index}"]},
+        "loss": {
+            name: {str(n): losses[f"{key}@{n}"] for n in lengths}
+            for name, key in (("dense", "dense"), ("uniform", "uniform"), ("plan", f"plan-{index}"))
+        },
+        "score": {
+            "uniform": validation_score(losses, "uniform", lengths),
+            "plan": validation_score(losses, f"plan-{index}", lengths),
+        },
         "uniform": validation["uniform"],
         "chosen": index,
     }
@@ -802,7 +823,11 @@ def load_search_stage(path: Path):
 def _summary(settings, profile, result, validation, results, seconds, command, work) -> dict[str, Any]:
     index = validation["chosen"]
     point = result.points[index]
-    losses = validation["loss"]
+    losses, lengths = validation["loss"], validation["lengths"]
+
+    def per_length(name: str) -> dict[str, float]:
+        return {str(n): losses[f"{name}@{n}"] for n in lengths}
+
     ppl = {
         variant: {n: v["ppl"] for n, v in results["results"][variant].get("ppl", {}).items()}
         for variant in ("dense", "plan", "uniform")
@@ -821,16 +846,23 @@ def _summary(settings, profile, result, validation, results, seconds, command, w
         "density": {str(n): point.plan.density(n) for n in result.lengths},
         "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()},
         "validation": {
-            "length": validation["length"],
+            "lengths": lengths,
             "samples": validation["samples"],
             "seed": validation["seed"],
-            "dense": losses["dense"],
-            "uniform": {"loss": losses["uniform"], **validation["uniform"]},
-            "plan": losses[f"plan-{index}"],
+            "dense": per_length("dense"),
+            "uniform": {
+                "loss": per_length("uniform"),
+                "score": validation_score(losses, "uniform", lengths),
+                "density": {n: u["density"] for n, u in validation["uniform"].items()},
+                "rule": {n: u["rule"] for n, u in validation["uniform"].items()},
+            },
+            "plan": per_length(f"plan-{index}"),
+            "score": validation_score(losses, f"plan-{index}", lengths),
             "points": [
                 {
                     "index": i,
-                    "loss": losses[f"plan-{i}"],
+                    "loss": per_length(f"plan-{i}"),
+                    "score": validation_score(losses, f"plan-{i}", lengths),
                     "mean_predicted_cost": sum(p.predicted_cost.values()) / len(p.predicted_cost),
                     "density": {str(n): d for n, d in p.density.items()},
                 }
@@ -862,22 +894,28 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     v = summary["validation"]
     headline = (
         f"budget {summary['budget']:g}: chose Pareto plan {summary['chosen']} of {len(v['points'])} "
-        f"(lowest answer loss on {v['samples']} held-out sample(s) at {v['length']} tokens)"
+        f"(lowest held-out answer loss relative to dense, mean over {len(v['lengths'])} length(s), "
+        f"{v['samples']} sample(s) each)"
     )
     lines = [headline, "", f"{'length':>8}  {'density':>8}  {'predicted cost':>14}"]
     for n, d in summary["density"].items():
         cost = summary["predicted_cost"].get(n)
         lines.append(f"{n:>8}  {d:>8.4f}  {'(extended)' if cost is None else f'{cost:.4f}':>14}")
-    dense = v["dense"]
-    uniform_label = f"uniform (density {v['uniform']['density']:.4f})"
+    lengths = [str(n) for n in v["lengths"]]
+    densities = ", ".join(f"{v['uniform']['density'][n]:.3f}" for n in lengths)
     lines += [
         "",
-        f"{'validation':<28}  {'answer loss':>11}  {'vs dense':>8}",
-        f"{'dense':<28}  {dense:>11.4f}  {'':>8}",
-        f"{uniform_label:<28}  {v['uniform']['loss']:>11.4f}  {_relative(v['uniform']['loss'], dense):>8}",
-        f"{'chosen plan':<28}  {v['plan']:>11.4f}  {_relative(v['plan'], dense):>8}",
+        f"{'validation answer loss':<24}" + "".join(f"{n:>10}" for n in lengths) + f"{'vs dense':>10}",
+        f"{'dense':<24}" + "".join(f"{v['dense'][n]:>10.4f}" for n in lengths),
+        f"{'uniform':<24}"
+        + "".join(f"{v['uniform']['loss'][n]:>10.4f}" for n in lengths)
+        + f"{_relative(v['uniform']['score'], 1.0):>10}",
+        f"{'chosen plan':<24}"
+        + "".join(f"{v['plan'][n]:>10.4f}" for n in lengths)
+        + f"{_relative(v['score'], 1.0):>10}",
+        f"(uniform at density {densities}; vs dense: mean over lengths of the loss ratio)",
     ]
-    if v["uniform"]["loss"] < v["plan"]:
+    if v["uniform"]["score"] < v["score"]:
         lines.append("note: the uniform baseline beats every searched plan on the held-out samples")
     ppl = summary["eval"]["ppl"]
     if ppl.get("dense"):
@@ -912,4 +950,5 @@ __all__ = [
     "profile_digest",
     "save_search_stage",
     "summary_table",
+    "validation_score",
 ]

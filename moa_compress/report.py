@@ -258,6 +258,7 @@ def _pareto_section(results: Mapping[str, Any], plots: Mapping[str, str]) -> lis
 _DENSITY_KEYS = ("density", "budget")
 _OBJECTIVE_KEYS = (
     "loss",
+    "validation_score",
     "validation_loss",
     "predicted_loss",
     "predicted_cost",

@@ -104,16 +104,21 @@ def test_end_to_end_writes_plan_report_summary_within_budget(finished, model):
     assert set(summary["density"]) == {"256", "512", "1024"}
     assert set(summary["predicted_cost"]) == {"256", "512"}  # only profiled lengths have a cost
     validation = summary["validation"]
-    losses = [p["loss"] for p in validation["points"]]
-    assert validation["plan"] == min(losses) and losses[summary["chosen"]] == min(losses)
-    assert validation["length"] == 512 and validation["samples"] == 1
+    assert validation["lengths"] == [256, 512] and validation["samples"] == 1
+    # the score: mean over the profiled lengths of the loss relative to dense, recomputed here
+    dense = validation["dense"]
+    scores = [sum(p["loss"][n] / dense[n] for n in ("256", "512")) / 2 for p in validation["points"]]
+    assert [p["score"] for p in validation["points"]] == pytest.approx(scores)
+    assert validation["score"] == min(scores) and scores[summary["chosen"]] == min(scores)
+    assert validation["plan"] == validation["points"][summary["chosen"]]["loss"]
     uniform = validation["uniform"]
-    assert abs(uniform["density"] - plan.density(512)) <= 2 * 32 * 512 / (512 * 513 / 2)
+    for n in (256, 512):
+        assert abs(uniform["density"][str(n)] - plan.density(n)) <= 2 * 32 * n / (n * (n + 1) / 2)
     assert all(summary["seconds"][stage] is not None for stage in ("profile", "search", "validate", "eval"))
 
     provenance = plan.provenance
-    assert [e["chosen"] for e in provenance["pareto"]] == [i == summary["chosen"] for i in range(len(losses))]
-    assert [e["validation_loss"] for e in provenance["pareto"]] == losses
+    assert [e["chosen"] for e in provenance["pareto"]] == [i == summary["chosen"] for i in range(len(scores))]
+    assert [e["validation_score"] for e in provenance["pareto"]] == pytest.approx(scores)
     assert provenance["validation"]["loss"]["dense"] == validation["dense"]
     report = (out / "report.md").read_text()
     assert "Pareto" in report and "Perplexity" in report
@@ -169,7 +174,8 @@ def test_interrupted_run_resumes_to_the_same_plan(
     calls["loss"] = -100
     result = compress(model, tokenizer, settings(eval_text), out, progress=False)
     points = len(result.summary["validation"]["points"])
-    assert calls["loss"] == -100 + (points + 2) - 2  # dense + each point + uniform, less the two saved
+    # dense + each point + uniform at each of the 2 lengths, less the two saved
+    assert calls["loss"] == -100 + 2 * (points + 2) - 2
     assert calls["profile"] == -100 + 2
     assert result.summary["seconds"]["profile"] is None  # the finished profile was read back
     assert result.plan.rules == finished[1].plan.rules
@@ -224,13 +230,13 @@ def test_reused_profile_gives_the_same_plan(finished, model, tokenizer, eval_tex
 
 
 def test_presets_and_overrides():
-    assert PRESETS["full"]["lengths"] == (2048, 4096, 8192) and PRESETS["full"]["samples"] == (2, 1, 1)
+    assert PRESETS["full"]["lengths"] == (2048, 4096, 8192) and PRESETS["full"]["samples"] == (6, 2, 1)
     fast = preset_settings("fast", 0.25)
     assert fast.lengths == PRESETS["fast"]["lengths"] and fast.budget == 0.25
     custom = preset_settings("full", 0.3, lengths=[4096, 1024], seed=None, mode="plain")
-    assert custom.lengths == (1024, 4096) and custom.samples == (1, 1) and custom.mode == "plain"
+    assert custom.lengths == (1024, 4096) and custom.samples == (1, 2) and custom.mode == "plain"
     assert custom.seed == 0  # None means "not given"
-    assert preset_settings("full", 0.3, lengths=[8192, 2048]).samples == (2, 1)
+    assert preset_settings("full", 0.3, lengths=[8192, 2048]).samples == (6, 1)
     assert preset_settings("full", 0.3, samples=3).samples == (3, 3, 3)
     with pytest.raises(CompressError, match="--preset"):
         preset_settings("huge", 0.3)
