@@ -618,7 +618,7 @@ def compress_command(
         Path, typer.Option(help="Output folder: plan.json, report.md, results.json, compress.json.")
     ] = ...,
     preset: Annotated[
-        str, typer.Option(help="full (2048,4096,8192; 2,1,1 samples) | fast (1024,2048; minutes on a CPU)")
+        str, typer.Option(help="full (2048,4096,8192; 6,2,1 samples) | fast (1024,2048; minutes on a CPU)")
     ] = "full",
     lengths: Annotated[str | None, typer.Option(help="Profiled lengths (default: the preset's).")] = None,
     samples: Annotated[
