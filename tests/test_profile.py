@@ -47,7 +47,8 @@ def _materialised_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 def _dropping_attention(module, query, key, value, attention_mask, **kwargs):
-    """Scale A[head, i, j] of one layer by (1 - t) and renormalise the row (t = 1: drop the entry)."""
+    """Scale A[head, i, j] of one layer by (1 - t) and renormalise the row (t = 1: drop the entry); ``i``
+    and ``j`` may be slices (a block: its rows renormalised)."""
     probs = _causal_probs(query, key)
     drop = _STATE.get("drop")
     if drop is not None and drop[0] == module.layer_idx:
@@ -223,19 +224,6 @@ def test_influence_formula_against_brute_force():
     assert checked == 6
 
 
-def _block_scaling_attention(module, query, key, value, attention_mask, **kwargs):
-    """Scale a whole block of A[head] in one layer by (1 - t) and renormalise its rows."""
-    probs = _causal_probs(query, key)
-    edit = _STATE.get("block")
-    if edit is not None and edit[0] == module.layer_idx:
-        _, head, rows, cols, t = edit
-        probs = probs.clone()
-        probs[:, head, rows, cols] *= 1 - t
-        probs[:, head, rows] /= probs[:, head, rows].sum(-1, keepdim=True)
-    out = probs @ value.repeat_interleave(query.shape[1] // key.shape[1], 1)
-    return out.transpose(1, 2).contiguous(), None
-
-
 def test_net_influence_is_the_block_drop_slope():
     """|sum E| over a block against the loss's slope when the whole block is scaled down and its rows
     renormalised: dL/dt = -sum E_ij (1 - A_ij), so the two differ by at most max(A) * sum |E|."""
@@ -249,15 +237,15 @@ def test_net_influence_is_the_block_drop_slope():
     with torch.no_grad():
         _loss(model, sample)
     probs = {layer: a[0].detach() for layer, a in _STATE["maps"].items()}
-    _use(model, "test_block", _block_scaling_attention)
+    _use(model, "test_drop", _dropping_attention)
 
     def loss_with(edit):
-        _STATE["block"] = edit
+        _STATE["drop"] = edit
         try:
             with torch.no_grad():
                 return float(_loss(model, sample))
         finally:
-            _STATE["block"] = None
+            _STATE["drop"] = None
 
     nb = n // bs
     checked = 0
