@@ -48,7 +48,8 @@ from moa_compress.plan import PLAN_FILE, Plan, atomic_write_bytes, identity_of, 
 from moa_compress.profile import Profile
 
 SUMMARY_FILE = "compress.json"
-SUMMARY_SCHEMA_VERSION = 1
+# 2: validation at every profiled length (per-length losses and a score) instead of one length.
+SUMMARY_SCHEMA_VERSION = 2
 OUTPUT_FILES = (PLAN_FILE, "results.json", "report.md", SUMMARY_FILE)
 WORK_FORMAT = "moa-compress-work"
 MANIFEST_FILE = "manifest.json"

@@ -89,16 +89,12 @@ class Profile:
                 raise ProfileError(f"influence at {n} has dtype {tensor.dtype}, expected float32")
             if self.samples[n] <= 0:
                 raise ProfileError(f"influence at {n} averages {self.samples[n]} samples")
-        if self.mass and (
-            set(self.mass) != set(self.influence)
-            or any(self.mass[n].shape != self.influence[n].shape for n in self.mass)
-        ):
-            raise ProfileError("attention mass maps do not match the influence maps' lengths and shapes")
-        if self.net and (
-            set(self.net) != set(self.influence)
-            or any(self.net[n].shape != self.influence[n].shape for n in self.net)
-        ):
-            raise ProfileError("net influence maps do not match the influence maps' lengths and shapes")
+        for name, maps in (("attention mass", self.mass), ("net influence", self.net)):
+            if maps and (
+                set(maps) != set(self.influence)
+                or any(maps[n].shape != self.influence[n].shape for n in maps)
+            ):
+                raise ProfileError(f"{name} maps do not match the influence maps' lengths and shapes")
 
     @property
     def lengths(self) -> tuple[int, ...]:

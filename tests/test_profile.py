@@ -373,6 +373,13 @@ def test_profile_rejects_bad_shapes():
     identity = ModelIdentity("tiny", 2, 4, 2, 16, "0")
     with pytest.raises(ProfileError, match="shape"):
         Profile(identity, 64, {128: torch.zeros(2, 4, 3, 3)}, {128: 1})
+    good = {128: torch.zeros(2, 4, 2, 2)}
+    for field in ("mass", "net"):
+        with pytest.raises(ProfileError, match="maps do not match"):
+            Profile(identity, 64, good, {128: 1}, **{field: {128: torch.zeros(2, 4, 3, 3)}})
+        with pytest.raises(ProfileError, match="maps do not match"):
+            Profile(identity, 64, good, {128: 1}, **{field: {256: torch.zeros(2, 4, 4, 4)}})
+        Profile(identity, 64, good, {128: 1}, **{field: {128: torch.zeros(2, 4, 2, 2)}})
     with pytest.raises(ProfileError, match="at least one"):
         profile_model(tiny_model(layers=1), {64: []}, progress=False)
 
