@@ -43,6 +43,8 @@ FORMAT = "moa-compress-profile"
 ATTENTION_NAME = "moa_compress_profile"
 # Bytes of float32 scratch per slab of query rows in the backward (each of ~3 live [H, rows, N] maps).
 DEFAULT_SLAB_BYTES = 256 * 2**20
+# The pooled maps of one sample, in the order the backward, the recorder and the work files use.
+_SAMPLE_MAPS = ("influence", "mass", "net")
 
 
 class ProfileError(UserInputError):
@@ -113,7 +115,7 @@ def influence_backward(
     scale: float,
     block_size: int,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Causal attention backward that also pools the influence ``E`` and the attention mass into blocks.
 
     Returns ``(dq, dk, dv, pooled, mass, net)`` with the gradients in the inputs' dtypes and three
@@ -218,6 +220,10 @@ class _Recorder:
         self.mass[layer] += mass.cpu()
         self.net[layer] += net.cpu()
         self.seen.append(layer)
+
+    def maps(self) -> tuple[torch.Tensor, ...]:
+        """The last sample's pooled maps, in :data:`_SAMPLE_MAPS` order."""
+        return self.pooled, self.mass, self.net
 
 
 class _InfluenceAttention(torch.autograd.Function):
@@ -356,7 +362,7 @@ def profile_sample(
     recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
     with _profiling(model, recorder):
         _profile_one(model, sample, recorder)
-    return {"influence": recorder.pooled, "mass": recorder.mass, "net": recorder.net}[kind]
+    return dict(zip(_SAMPLE_MAPS, recorder.maps(), strict=True))[kind]
 
 
 def _profile_one(model, sample: CalibrationSample, recorder: _Recorder) -> torch.Tensor:
@@ -425,37 +431,32 @@ def profile_model(
         _prepare_work_dir(work, manifest, force)
 
     recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
-    influence: dict[int, torch.Tensor] = {}
-    mass: dict[int, torch.Tensor] = {}
-    net: dict[int, torch.Tensor] = {}
+    means: dict[str, dict[int, torch.Tensor]] = {name: {} for name in _SAMPLE_MAPS}  # over samples
     total = sum(len(v) for v in samples.values())
     seconds: dict[int, list[float]] = {}  # wall time of each sample computed in this run
     with progress_steps(progress, total, "profiling") as step, _profiling(model, recorder):
         for n in sorted(samples):
-            acc = torch.zeros(identity.num_layers, identity.num_heads, *(2 * [num_blocks(n, block_size)]))
-            acc_mass, acc_net = torch.zeros_like(acc), torch.zeros_like(acc)
+            shape = (identity.num_layers, identity.num_heads, *(2 * [num_blocks(n, block_size)]))
+            sums = [torch.zeros(shape) for _ in _SAMPLE_MAPS]
             for i, sample in enumerate(samples[n]):
                 path = work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
-                found = _load_sample_result(path, acc.shape) if path is not None else None
+                found = _load_sample_result(path, shape) if path is not None else None
                 if found is None:
                     started = time.perf_counter()
-                    found = _profile_one(model, sample, recorder), recorder.mass, recorder.net
+                    _profile_one(model, sample, recorder)
+                    found = recorder.maps()
                     seconds.setdefault(n, []).append(time.perf_counter() - started)
                     if path is not None:
                         _save_tensor(path, *found)
-                acc += found[0]
-                acc_mass += found[1]
-                acc_net += found[2]
+                for total_map, sample_map in zip(sums, found, strict=True):
+                    total_map += sample_map
                 step(f"profiling {n} tokens ({i + 1}/{len(samples[n])})")
-            influence[n] = acc / len(samples[n])
-            mass[n] = acc_mass / len(samples[n])
-            net[n] = acc_net / len(samples[n])
+            for name, total_map in zip(_SAMPLE_MAPS, sums, strict=True):
+                means[name][n] = total_map / len(samples[n])
     return Profile(
         model=identity,
         block_size=block_size,
-        influence=influence,
-        mass=mass,
-        net=net,
+        **means,
         samples={n: len(samples[n]) for n in sorted(samples)},
         provenance={
             **dict(provenance or {}),
@@ -490,9 +491,6 @@ def _prepare_work_dir(work: Path, manifest: dict[str, Any], force: bool) -> None
             for stale in work.glob("*/sample-*.safetensors"):
                 stale.unlink()
     atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
-
-
-_SAMPLE_MAPS = ("influence", "mass", "net")
 
 
 def _save_tensor(path: Path, *maps: torch.Tensor) -> None:
