@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from moa_compress.kernels.layout import BlockLayout, causal_mask
 
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
+from moa_compress.attention import AttentionInputError, block_sparse_attention
 from moa_compress.kernels.cpu import block_sparse_attention_torch, build_schedule, run_schedule
 from moa_compress.kernels.layout import BlockLayout, causal_layout
 from moa_compress.kernels.reference import block_sparse_attention_reference
-
-from moa_compress.attention import AttentionInputError, block_sparse_attention
 from moa_compress.plan import DenseRule, ModelIdentity, Plan, StaticRule
 from tests.factories import dense_masked_attention, random_layout, random_qkv
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-from moa_compress.kernels.layout import causal_mask
 
+from moa_compress.kernels.layout import causal_mask
 from moa_compress.plan import (
     DenseRule,
     ModelIdentity,
@@ -117,9 +117,9 @@ def test_uniform_is_widest_within_density():
 
 
 def test_block_mask_runs_with_flex_attention_equal_to_reference():
-    from moa_compress.kernels.reference import block_sparse_attention_reference
     from torch.nn.attention.flex_attention import flex_attention
 
+    from moa_compress.kernels.reference import block_sparse_attention_reference
     from tests.factories import random_qkv
 
     rules = ((StaticRule(1, 64, 0.0), DenseRule(), StaticRule(0, 10, 0.25)),) * 2

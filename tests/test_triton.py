@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from moa_compress.attention import block_sparse_attention
 from moa_compress.kernels.layout import BlockLayout, causal_layout
 from moa_compress.kernels.reference import block_sparse_attention_reference
 from moa_compress.kernels.triton_decode import (
@@ -23,8 +25,6 @@ from moa_compress.kernels.triton_decode import (
     block_sparse_decode_triton,
 )
 from moa_compress.kernels.triton_prefill import TritonInputError, block_sparse_prefill
-
-from moa_compress.attention import block_sparse_attention
 
 from .factories import random_layout, random_qkv
 

@@ -15,11 +15,12 @@ import time
 
 import torch
 import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
 from moa_compress.kernels import _triton_kernels as kernels
 from moa_compress.kernels.triton_decode import decode_launch_options
 from moa_compress.kernels.triton_prefill import launch_options
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # A few variants covering each kernel, dtype family and tile shape, for a check of ~15 s.
