@@ -85,7 +85,9 @@ TASKS = ("ppl", "fidelity", "passkey")
 VARIANTS = ("dense", "plan", "uniform")
 PASSKEY_DEPTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_PASSKEY_SAMPLES = len(PASSKEY_DEPTHS)
-DEFAULT_DATA = Path("/usr/share/doc/python3.11/html/_sources")
+# Twelve English Wikipedia articles carried in the package (CC BY-SA 3.0; texts/README.md): natural
+# prose, ~180K tokens of the embedded model's tokenizer, every article longer than 8K tokens.
+DEFAULT_DATA = Path(__file__).resolve().parent / "texts" / "wikipedia"
 LOGIT_CHUNK = 256  # positions per lm_head chunk: 256 x 49152 fp32 logits = 48 MiB
 
 PASSKEY_INTRO = (
@@ -133,13 +135,16 @@ def check_lengths(model: Any, lengths: Sequence[int]) -> list[int]:
 
 
 def default_texts(text_field: str = "text") -> tuple[list[str], str]:
-    """The default evaluation text: Debian's python3.11-doc reST sources, when installed."""
+    """The default evaluation text: the Wikipedia articles shipped in ``moa_compress/texts``.
+
+    Raises :class:`DataError` (one line) when this install lacks them, naming ``--data``.
+    """
     from moa_compress.data import load_texts
 
     if not DEFAULT_DATA.is_dir():
         raise DataError(
-            f"no --data given and the default text ({DEFAULT_DATA}, Debian package python3.11-doc) is "
-            "not installed; pass --data with a text file, folder or dataset"
+            f"no --data given and the default evaluation text ({DEFAULT_DATA}) is missing from this "
+            "install; pass --data with a text file, folder or dataset"
         )
     return load_texts(DEFAULT_DATA, text_field=text_field), str(DEFAULT_DATA)
 
