@@ -654,7 +654,7 @@ def compress_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Calibrate, profile, search, validate and export a plan under a density budget (resumable)."""
-    from moa_compress.compress import compress, preset_settings, summary_table
+    from moa_compress.pipeline import compress, preset_settings, summary_table
     from moa_compress.profile import load_profile
 
     counts = parse_lengths(samples, "--samples") if samples else None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moa_compress import profile as profile_module
-from moa_compress.compress import (
+from moa_compress.pipeline import (
     PRESETS,
     CompressError,
     CompressSettings,
@@ -68,7 +68,7 @@ def eval_text(tmp_path_factory):
 
 
 def settings(eval_text, **changes):
-    return CompressSettings(**{**SETTINGS, "eval_data": str(eval_text), **changes})
+    return CompressSettings(**{**SETTINGS, "eval_data": eval_text and str(eval_text), **changes})
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +227,30 @@ def test_reused_profile_gives_the_same_plan(finished, model, tokenizer, eval_tex
     with pytest.raises(CompressError, match="other weights"):
         compress(other, tokenizer, settings(eval_text), tmp_path / "x", profile=profile)
     assert not (tmp_path / "x").exists()
+
+
+def test_without_default_text_the_eval_is_skipped_and_the_plan_still_written(
+    finished, model, tokenizer, tmp_path, monkeypatch, capsys
+):
+    """No --eval-data and no default text: the plan, a report saying why, and the summary; the budget
+    form of the call (preset + overrides) gives the same plan as the settings object."""
+    from moa_compress import evaluate
+
+    out, first = finished
+    monkeypatch.setattr(evaluate, "DEFAULT_DATA", tmp_path / "no-such-text")
+    work = tmp_path / "work"
+    shutil.copytree(out / "work", work)  # finished stages: only the eval differs
+    overrides = {k: v for k, v in SETTINGS.items() if k != "budget"}
+    result = compress(model, tokenizer, SETTINGS["budget"], tmp_path / "o", work_dir=work, **overrides)
+    assert result.plan.rules == first.plan.rules
+    said = [line for line in capsys.readouterr().err.splitlines() if "eval skipped" in line]
+    assert len(said) == 1 and "--eval-data" in said[0]
+    assert (tmp_path / "o" / "plan.json").is_file() and not (tmp_path / "o" / "results.json").exists()
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "skipped" in report and "--eval-data" in report and "validation answer loss" in report
+    assert "skipped" in load_summary(tmp_path / "o")["eval"]
+    with pytest.raises(CompressError, match="not both"):
+        compress(model, tokenizer, settings(None), tmp_path / "p", seed=3)
 
 
 def test_presets_and_overrides():

@@ -16,14 +16,7 @@ the lengths of its loss divided by dense's there (answer losses differ in scale 
 next); the lowest score wins. Scoring every length, not only the longest, matters: one sample at 8K
 picked the plan that was worst on prose at 4K and 8K among seven (BENCHMARKS.md).
 
-The work folder (default ``out_dir/work``) makes a run resumable::
-
-    manifest.json      the settings each stage was made with, and whether it finished
-    profile-samples/   profile_model's pooled map of each calibration sample, saved as it finishes
-    profile/           the finished profile (profile.json + profile.safetensors)
-    search.json        the Pareto set: every plan with its weights, predicted costs and densities
-    validation.json    the answer loss of each variant, saved after each one
-
+The work folder (default ``out_dir/work``, :mod:`moa_compress.workdir`) makes a run resumable.
 Rerunning with the same settings skips finished stages and samples (the dense model's calibration
 answers are cached too, see :func:`moa_compress.data.calibration_set`). A setting that changes a stage
 already started raises :class:`StaleWorkError` naming it; ``force`` discards that stage and the ones
@@ -33,7 +26,6 @@ after it instead.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -43,172 +35,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa_compress.errors import UserInputError
 from moa_compress.plan import PLAN_FILE, Plan, atomic_write_bytes, identity_of, save_plan
 from moa_compress.profile import Profile
+from moa_compress.settings import PRESETS, CompressError, CompressSettings, preset_settings
+from moa_compress.workdir import (
+    StaleWorkError,
+    WorkFolder,
+    load_search_stage,
+    profile_digest,
+    read_json,
+    save_search_stage,
+    stage_settings,
+)
 
 SUMMARY_FILE = "compress.json"
 # 2: validation at every profiled length (per-length losses and a score) instead of one length.
 SUMMARY_SCHEMA_VERSION = 2
 OUTPUT_FILES = (PLAN_FILE, "results.json", "report.md", SUMMARY_FILE)
-WORK_FORMAT = "moa-compress-work"
-MANIFEST_FILE = "manifest.json"
-STAGES = ("profile", "search", "validate")
 # Held-out samples use the calibration recipe with this seed offset: other keys, facts and cuts.
 VALIDATION_SEED_OFFSET = 7919
 EVAL_TASKS = ("ppl", "fidelity")
-
-
-class CompressError(UserInputError):
-    """Settings or inputs that ``compress`` cannot work with."""
-
-
-class StaleWorkError(CompressError):
-    """The work folder holds a stage made with other settings."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings
-
-
-@dataclass(frozen=True)
-class CompressSettings:
-    """Everything that decides what :func:`compress` computes.
-
-    ``lengths``: profiled (and validated, evaluated) lengths, sorted; ``samples``: calibration samples at
-    each of them (one count per length, same order; an int means the same count everywhere).
-    ``extend_lengths``: longer lengths the plan's density must also hold at (extrapolated rules).
-    ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
-    ``cost``: the search's per-block measure (``"net"`` or ``"entry"``; None: the search's default).
-    ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
-    (:func:`moa_compress.data.calibration_set`; ``data=None`` is the built-in synthetic set).
-    ``pareto_size``: weightings of the lengths the search solves (each distinct plan is validated).
-    ``validation_samples``: held-out samples at each profiled length. ``eval_limit``: text windows per
-    length in the closing eval, whose text is ``eval_data`` (None: Debian's python3.11-doc).
-    ``dtype``: the dtype the model must be loaded in (checked). ``backend``: the plan's attention backend
-    during validation and eval.
-    """
-
-    budget: float
-    lengths: tuple[int, ...] = (2048, 4096, 8192)
-    samples: tuple[int, ...] | int = (6, 2, 1)
-    data: str | None = None
-    text_field: str = "text"
-    mode: str = "answers"
-    seed: int = 0
-    answer_tokens: int = 32
-    extend_lengths: tuple[int, ...] = ()
-    per_head: bool = False
-    min_span: float | None = None
-    cost: str | None = None
-    pareto_size: int = 7
-    validation_samples: int = 1
-    eval_limit: int = 2
-    eval_data: str | None = None
-    dtype: str = "bfloat16"
-    block_size: int = 64
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        lengths = tuple(int(n) for n in self.lengths)
-        samples = self.samples
-        if isinstance(samples, int):
-            samples = (samples,) * len(lengths)
-        if len(samples) != len(lengths):
-            raise CompressError(
-                f"--samples gives {len(samples)} counts for {len(lengths)} lengths; give one, or one per length"
-            )
-        # Sort lengths and keep each count with its length.
-        pairs = sorted(zip(lengths, (int(k) for k in samples), strict=True))
-        object.__setattr__(self, "lengths", tuple(n for n, _ in pairs))
-        object.__setattr__(self, "samples", tuple(k for _, k in pairs))
-        object.__setattr__(self, "extend_lengths", tuple(sorted({int(n) for n in self.extend_lengths})))
-        if self.data is not None:
-            object.__setattr__(self, "data", str(self.data))
-        if self.eval_data is not None:
-            object.__setattr__(self, "eval_data", str(self.eval_data))
-
-    @property
-    def target_lengths(self) -> tuple[int, ...]:
-        """The lengths the plan's density must hold at: profiled plus extended."""
-        return tuple(sorted(set(self.lengths) | set(self.extend_lengths)))
-
-    def samples_per_length(self) -> dict[int, int]:
-        return dict(zip(self.lengths, self.samples, strict=True))
-
-    def check(self) -> None:
-        """Raise :class:`CompressError` for settings that are wrong whatever the model."""
-        from moa_compress.data import MODES
-        from moa_compress.models import DTYPES
-        from moa_compress.search import COSTS
-
-        if not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
-            raise CompressError(f"--budget must be in (0, 1], got {self.budget}")
-        if not self.lengths or len(set(self.lengths)) != len(self.lengths) or self.lengths[0] <= 0:
-            raise CompressError(f"--lengths must be distinct positive lengths, got {list(self.lengths)}")
-        if any(k < 1 for k in self.samples):
-            raise CompressError(f"--samples must be at least 1 per length, got {list(self.samples)}")
-        if any(n <= 0 for n in self.extend_lengths):
-            raise CompressError(f"--extend-lengths must be positive, got {list(self.extend_lengths)}")
-        if self.mode not in MODES:
-            raise CompressError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.cost is not None and self.cost not in COSTS:
-            raise CompressError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
-        if self.dtype not in DTYPES:
-            raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("pareto_size", "validation_samples", "eval_limit", "answer_tokens", "block_size"):
-            if getattr(self, name) < 1:
-                raise CompressError(f"{name} must be positive, got {getattr(self, name)}")
-
-
-# Presets fill the settings a user does not give. "full" is the recipe for the embedded model's
-# shipped plans; "fast" fits in a few minutes on a 2-core CPU (see BENCHMARKS.md).
-PRESETS: dict[str, dict[str, Any]] = {
-    "full": {
-        "lengths": (2048, 4096, 8192),
-        "samples": (6, 2, 1),
-        "pareto_size": 7,
-        "validation_samples": 1,
-        "eval_limit": 2,
-    },
-    "fast": {
-        "lengths": (1024, 2048),
-        "samples": (1, 1),
-        "pareto_size": 3,
-        "validation_samples": 1,
-        "eval_limit": 1,
-    },
-}
-
-
-def preset_settings(
-    preset: str, budget: float, *, profile: Profile | None = None, **overrides: Any
-) -> CompressSettings:
-    """Settings from ``preset``, with every override that is not None taking precedence.
-
-    ``lengths`` without ``samples``: the preset's count at the lengths it names, 1 elsewhere. With a
-    reused ``profile``, its lengths, sample counts, block size and calibration recipe (data, mode, seed,
-    answer tokens: the held-out samples follow it) are the defaults.
-    """
-    if preset not in PRESETS:
-        raise CompressError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    base = dict(PRESETS[preset])
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if profile is not None:
-        base.update(
-            lengths=profile.lengths,
-            samples=tuple(profile.samples[n] for n in profile.lengths),
-            block_size=profile.block_size,
-        )
-        # Held-out samples follow the profile's calibration recipe unless told otherwise.
-        recipe = profile.provenance
-        base.update({key: recipe[key] for key in ("mode", "seed", "answer_tokens") if key in recipe})
-        if recipe.get("data") not in (None, "synthetic"):
-            base["data"] = recipe["data"]
-    if "lengths" in given and "samples" not in given:
-        counts = dict(zip(base["lengths"], base["samples"], strict=True))
-        given["samples"] = tuple(counts.get(int(n), 1) for n in given["lengths"])
-    return CompressSettings(budget=budget, **{**base, **given})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,175 +70,6 @@ class CompressResult:
     path: Path
     report: Path
     summary: dict[str, Any] = field(repr=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# The work folder
-
-
-class _Work:
-    """The work folder's manifest: per stage, the settings it was made with and whether it finished."""
-
-    def __init__(self, root: Path, stages: Mapping[str, Mapping[str, Any]]):
-        self.root = root
-        self.stages = {name: json.loads(json.dumps(value)) for name, value in stages.items()}
-        self.recorded: dict[str, Any] = {}
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / MANIFEST_FILE
-
-    def files(self, stage: str) -> list[Path]:
-        return {
-            "profile": [self.root / "profile-samples", self.root / "profile"],
-            "search": [self.root / "search.json"],
-            "validate": [self.root / "validation.json"],
-        }[stage]
-
-    def check(self, force: bool) -> list[str]:
-        """Compare the recorded stages with this run's; raise :class:`StaleWorkError` on the first that
-        differs, or with ``force`` discard it and every later stage. Returns the stages whose work was
-        discarded."""
-        if not self.manifest.exists():
-            if any(p.exists() for stage in STAGES for p in self.files(stage)) and not force:
-                raise StaleWorkError(
-                    f"{self.root} holds work files but no {MANIFEST_FILE}; pass --force to discard them"
-                )
-            return self._discard(STAGES) if force else []
-        try:
-            data = json.loads(self.manifest.read_text())
-        except (OSError, json.JSONDecodeError):
-            data = None
-        if not isinstance(data, dict) or data.get("format") != WORK_FORMAT:
-            if not force:
-                raise StaleWorkError(f"{self.manifest} is not a moa-compress work manifest; pass --force")
-            return self._discard(STAGES)
-        self.recorded = data.get("stages", {})
-        for i, stage in enumerate(STAGES):
-            old = self.recorded.get(stage)
-            if old is None or old.get("settings") == self.stages[stage]:
-                continue
-            if not force:
-                raise StaleWorkError(
-                    _stale_message(self.root, stage, old.get("settings", {}), self.stages[stage])
-                )
-            return self._discard(STAGES[i:])
-        return []
-
-    def _discard(self, stages: Sequence[str]) -> list[str]:
-        import shutil
-
-        discarded = []
-        for stage in stages:
-            found = self.recorded.pop(stage, None) is not None
-            for path in self.files(stage):
-                found |= path.exists()
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-            if found:
-                discarded.append(stage)
-        return discarded
-
-    def done(self, stage: str) -> bool:
-        old = self.recorded.get(stage)
-        return bool(old and old.get("done") and old.get("settings") == self.stages[stage])
-
-    def mark(self, stage: str, done: bool) -> None:
-        self.recorded[stage] = {"settings": self.stages[stage], "done": done}
-        body = {"format": WORK_FORMAT, "stages": self.recorded}
-        atomic_write_bytes(self.manifest, (json.dumps(body, indent=1) + "\n").encode())
-
-
-# How a stage setting is named to the user (the CLI option where there is one).
-_SETTING_NAMES = {
-    "model": "the model",
-    "weights": "the model's weights (or --dtype)",
-    "profile": "--profile",
-    "lengths": "--lengths",
-    "samples": "--samples",
-    "data": "--data",
-    "text_field": "--text-field",
-    "mode": "--mode",
-    "seed": "--seed",
-    "answer_tokens": "answer_tokens",
-    "block_size": "block_size",
-    "budget": "--budget",
-    "extend_lengths": "--extend-lengths",
-    "per_head": "--per-head",
-    "min_span": "--min-span",
-    "cost": "--cost",
-    "pareto_size": "pareto_size",
-    "validation_samples": "validation_samples",
-    "backend": "backend",
-}
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
-
-
-def _stale_message(root: Path, stage: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    changed = [key for key in new if old.get(key) != new[key]] or sorted(set(old) - set(new))
-    key = changed[0]
-    name = _SETTING_NAMES.get(key, key)
-    return (
-        f"{name} changed ({_show(old.get(key))} -> {_show(new.get(key))}) since the {stage} stage in {root} "
-        "was made; rerun with the same settings to resume, pass --force to redo that stage and the later "
-        "ones, or use another --work"
-    )
-
-
-def _stage_settings(
-    settings: CompressSettings, fingerprint: str, weights: str, profile: Profile | None
-) -> dict[str, dict[str, Any]]:
-    """Each stage's own inputs (a stage is also stale when an earlier one is)."""
-    recipe = {
-        "data": settings.data,
-        "text_field": settings.text_field if settings.data is not None else None,
-        "mode": settings.mode,
-        "seed": settings.seed,
-        "answer_tokens": settings.answer_tokens,
-    }
-    model = {"model": fingerprint, "weights": weights}
-    if profile is None:
-        profiled = {
-            **model,
-            "lengths": list(settings.lengths),
-            "samples": list(settings.samples),
-            **recipe,
-            "block_size": settings.block_size,
-        }
-    else:
-        profiled = {**model, "profile": profile_digest(profile)}
-    return {
-        "profile": profiled,
-        "search": {
-            "budget": settings.budget,
-            "extend_lengths": list(settings.extend_lengths),
-            "per_head": settings.per_head,
-            "min_span": settings.min_span,
-            "cost": settings.cost,
-            "pareto_size": settings.pareto_size,
-        },
-        "validate": {
-            **recipe,
-            "validation_samples": settings.validation_samples,
-            "backend": settings.backend,
-        },
-    }
-
-
-def profile_digest(profile: Profile) -> str:
-    """16 hex digits identifying a profile's influence tensors and sample counts."""
-    h = hashlib.sha256()
-    for n in profile.lengths:
-        h.update(f"{n}:{profile.samples[n]}:{profile.block_size}:".encode())
-        h.update(profile.influence[n].contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,15 +144,23 @@ def _check_outputs(out: Path, force: bool) -> None:
         raise FileExistsError(f"{out / existing[0]} exists; pass --force to overwrite, or use another --out")
 
 
-def _eval_texts(settings: CompressSettings, tokenizer: Any) -> tuple[list[str], str]:
+def _eval_texts(settings: CompressSettings, tokenizer: Any) -> tuple[list[str] | None, str]:
+    """The closing eval's texts and their source; ``(None, why)`` when no ``eval_data`` is given and the
+    default text is missing or too short (the eval is then skipped, the plan still written). Text the
+    user names must work: it raises :class:`DataError` otherwise."""
     from moa_compress.data import DataError, load_texts, token_windows
     from moa_compress.evaluate import default_texts
 
-    if settings.eval_data is None:
-        texts, source = default_texts()
-    else:
-        texts, source = load_texts(settings.eval_data, "text"), settings.eval_data
     longest = settings.lengths[-1]
+    if settings.eval_data is None:
+        try:
+            texts, source = default_texts()
+        except DataError as exc:
+            return None, str(exc).split(";")[0]
+        if not token_windows(texts, tokenizer, longest, limit=1):
+            return None, f"the default evaluation text has no text of {longest} tokens"
+        return texts, source
+    texts, source = load_texts(settings.eval_data, "text"), settings.eval_data
     if not token_windows(texts, tokenizer, longest, limit=1):
         raise DataError(f"the evaluation text ({source}) has no text of {longest} tokens; pass --eval-data")
     return texts, source
@@ -493,22 +178,40 @@ def _say(progress: bool, message: str) -> None:
 def compress(
     model: Any,
     tokenizer: Any,
-    settings: CompressSettings,
+    settings: CompressSettings | float,
     out_dir: str | Path,
     *,
+    preset: str = "full",
     work_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
     profile: Profile | None = None,
     command: str | None = None,
+    **overrides: Any,
 ) -> CompressResult:
-    """Compress ``model``'s attention under ``settings.budget``; write plan, report and summary to
-    ``out_dir`` (see the module docstring). ``profile``: reuse a profile instead of profiling (it must
-    match the model and ``settings.lengths``). ``force``: overwrite outputs and redo stale stages.
+    """Compress ``model``'s attention under a density budget; write plan, report and summary to
+    ``out_dir`` (see the module docstring) and return them.
 
-    Every input is checked before anything is written; existing outputs in ``out_dir`` are refused
-    unless ``force``.
+    ``settings``: a :class:`CompressSettings`, or the budget alone, in which case ``preset``
+    (``"full"`` or ``"fast"``) and any ``overrides`` (fields of :class:`CompressSettings`) fill the rest.
+    ``profile``: reuse a profile instead of profiling (it must match the model and the lengths).
+    ``force``: overwrite outputs and redo stale stages. Every input is checked before anything is
+    written; existing outputs in ``out_dir`` are refused unless ``force``.
+
+    Example::
+
+        import moa_compress as mc
+
+        model, tokenizer = mc.load_model()
+        result = mc.compress(model, tokenizer, 0.25, "out/b0.25", preset="fast")
+        print(result.plan.density(2048), result.path)
     """
+    if not isinstance(settings, CompressSettings):
+        settings = preset_settings(preset, settings, profile=profile, **overrides)
+    elif overrides:
+        raise CompressError(
+            f"give either CompressSettings or a budget with overrides, not both ({overrides})"
+        )
     from moa_compress.data import load_texts, model_digest
     from moa_compress.plan import provenance as make_provenance
 
@@ -519,7 +222,7 @@ def compress(
     calibration_texts = load_texts(settings.data, settings.text_field) if settings.data is not None else None
     eval_texts, eval_source = _eval_texts(settings, tokenizer)
     identity = identity_of(model)
-    state = _Work(work, _stage_settings(settings, identity.fingerprint, model_digest(model), profile))
+    state = WorkFolder(work, stage_settings(settings, identity.fingerprint, model_digest(model), profile))
     discarded = state.check(force)
     if discarded:
         _say(progress, f"discarded stale work: {', '.join(discarded)}")
@@ -542,32 +245,64 @@ def compress(
     seconds["validate"] = context.elapsed("validate", started)
     plan = _chosen_plan(result, validation)
 
-    from moa_compress.evaluate import evaluate_plan, write_report
+    path = save_plan(plan, out, force=True)
+    if eval_texts is None:
+        # One line whatever --progress says: the user must know why the report has no perplexity.
+        print(f"eval skipped: {eval_source}; pass --eval-data FILE_OR_FOLDER to evaluate", file=sys.stderr)
+        results = None
+        (out / "results.json").unlink(missing_ok=True)  # an earlier run's, for another plan
+        report = _write_skipped_report(out, eval_source)
+    else:
+        started = time.perf_counter()
+        results = _closing_eval(context, plan, profile.lengths, eval_texts, eval_source, command, out)
+        seconds["eval"] = round(time.perf_counter() - started, 2)
+        from moa_compress.evaluate import write_report
 
-    started = time.perf_counter()
-    _say(progress, "eval: perplexity and fidelity of dense, the plan and uniform on natural text")
+        report = write_report(results, out, plan)
+    summary = _summary(settings, profile, result, validation, results, seconds, command, work, eval_source)
+    atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode())
+    if eval_texts is None:  # the skipped report shows the summary table too
+        atomic_write_bytes(report, (report.read_text() + _fenced(summary_table(summary))).encode())
+    return CompressResult(plan=plan, path=path, report=report, summary=summary)
+
+
+def _closing_eval(context, plan: Plan, lengths, texts, source: str, command: str | None, out: Path):
+    """Perplexity and fidelity of dense, the plan and uniform on natural text (results.json's shape)."""
+    from moa_compress.evaluate import evaluate_plan
+
+    s = context.settings
+    _say(context.progress, "eval: perplexity and fidelity of dense, the plan and uniform on natural text")
     results = evaluate_plan(
-        model,
-        tokenizer,
+        context.model,
+        context.tokenizer,
         plan,
         tasks=EVAL_TASKS,
-        lengths=profile.lengths,
-        texts=eval_texts,
-        limit=settings.eval_limit,
-        seed=settings.seed,
-        backend=settings.backend,
-        progress=progress,
+        lengths=lengths,
+        texts=texts,
+        limit=s.eval_limit,
+        seed=s.seed,
+        backend=s.backend,
+        progress=context.progress,
     )
-    seconds["eval"] = round(time.perf_counter() - started, 2)
     results["command"] = command
     results["plan"]["path"] = str(out / PLAN_FILE)
-    results["settings"]["data"] = eval_source
+    results["settings"]["data"] = source
+    return results
 
-    path = save_plan(plan, out, force=True)
-    report = write_report(results, out, plan)
-    summary = _summary(settings, profile, result, validation, results, seconds, command, work)
-    atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode())
-    return CompressResult(plan=plan, path=path, report=report, summary=summary)
+
+def _write_skipped_report(out: Path, why: str) -> Path:
+    path = out / "report.md"
+    body = (
+        "# moa-compress report\n\nThe closing evaluation on natural text was skipped: "
+        f"{why}. Rerun with `--eval-data FILE_OR_FOLDER`, or run `moa-compress eval --plan "
+        f"{out / PLAN_FILE} --data FILE_OR_FOLDER`.\n\nThe compress summary:\n\n"
+    )
+    atomic_write_bytes(path, body.encode())
+    return path
+
+
+def _fenced(text: str) -> str:
+    return f"```\n{text}\n```\n"
 
 
 def _recipe(settings: CompressSettings) -> dict[str, Any]:
@@ -583,7 +318,7 @@ def _recipe(settings: CompressSettings) -> dict[str, Any]:
 class _Context:
     """The stages, sharing the model, the settings and the work folder."""
 
-    def __init__(self, model, tokenizer, settings, state: _Work, texts, progress: bool, force: bool):
+    def __init__(self, model, tokenizer, settings, state: WorkFolder, texts, progress: bool, force: bool):
         self.model, self.tokenizer, self.settings, self.state = model, tokenizer, settings, state
         self.texts, self.progress, self.force = texts, progress, force
         self.resumed: set[str] = set()
@@ -675,7 +410,7 @@ class _Context:
         lengths = list(profile.lengths)
         path = self.state.root / "validation.json"
         shape = {"lengths": lengths, "samples": s.validation_samples, "points": len(result.points)}
-        record = _read_json(path) if self.state.recorded.get("validate") else None
+        record = read_json(path) if self.state.recorded.get("validate") else None
         if not isinstance(record, dict) or any(record.get(k) != v for k, v in shape.items()):
             record = {**shape, "seed": s.seed + VALIDATION_SEED_OFFSET, "loss": {}}
         losses: dict[str, float] = record["loss"]  # "<variant>@<length>" -> answer loss
@@ -720,13 +455,6 @@ class _Context:
             return answer_loss(self.model, samples)
         with apply_plan(self.model, plan, backend=self.settings.backend):
             return answer_loss(self.model, samples)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _rule_name(plan: Plan) -> str:
@@ -774,54 +502,12 @@ def _chosen_plan(result, validation: Mapping[str, Any]) -> Plan:
 
 
 # ----------------------------------------------------------------------------------------------
-# The Pareto set on disk
-
-
-def save_search_stage(result, path: Path) -> None:
-    """Write a :class:`moa_compress.search.SearchResult` as JSON (plans, weights, costs, densities)."""
-    body = {
-        "lengths": list(result.lengths),
-        "points": [
-            {
-                "plan": point.plan.to_dict(),
-                "weights": {str(n): w for n, w in point.weights.items()},
-                "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()},
-                "density": {str(n): d for n, d in point.density.items()},
-            }
-            for point in result.points
-        ],
-    }
-    atomic_write_bytes(Path(path), (json.dumps(body, indent=1) + "\n").encode())
-
-
-def load_search_stage(path: Path):
-    """Read what :func:`save_search_stage` wrote."""
-    from moa_compress.search import ParetoPoint, SearchResult
-
-    data = _read_json(Path(path))
-    try:
-        points = [
-            ParetoPoint(
-                plan=Plan.from_dict(p["plan"]),
-                weights={int(n): float(w) for n, w in p["weights"].items()},
-                predicted_cost={int(n): float(c) for n, c in p["predicted_cost"].items()},
-                density={int(n): float(d) for n, d in p["density"].items()},
-            )
-            for p in data["points"]
-        ]
-        lengths = tuple(int(n) for n in data["lengths"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CompressError(f"{path}: malformed search result ({exc})") from None
-    if not points:
-        raise CompressError(f"{path}: no Pareto points")
-    return SearchResult(points=points, lengths=lengths)
-
-
-# ----------------------------------------------------------------------------------------------
 # Summary
 
 
-def _summary(settings, profile, result, validation, results, seconds, command, work) -> dict[str, Any]:
+def _summary(
+    settings, profile, result, validation, results, seconds, command, work, eval_source
+) -> dict[str, Any]:
     index = validation["chosen"]
     point = result.points[index]
     losses, lengths = validation["loss"], validation["lengths"]
@@ -829,11 +515,21 @@ def _summary(settings, profile, result, validation, results, seconds, command, w
     def per_length(name: str) -> dict[str, float]:
         return {str(n): losses[f"{name}@{n}"] for n in lengths}
 
-    ppl = {
-        variant: {n: v["ppl"] for n, v in results["results"][variant].get("ppl", {}).items()}
-        for variant in ("dense", "plan", "uniform")
-    }
-    fidelity = {variant: results["results"][variant].get("fidelity", {}) for variant in ("plan", "uniform")}
+    if results is None:
+        closing_eval: dict[str, Any] = {"skipped": eval_source}
+    else:
+        closing_eval = {
+            "lengths": results["settings"]["lengths"],
+            "limit": results["settings"]["limit"],
+            "data": results["settings"]["data"],
+            "ppl": {
+                variant: {n: v["ppl"] for n, v in results["results"][variant].get("ppl", {}).items()}
+                for variant in ("dense", "plan", "uniform")
+            },
+            "fidelity": {
+                variant: results["results"][variant].get("fidelity", {}) for variant in ("plan", "uniform")
+            },
+        }
     return {
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "command": command,
@@ -870,16 +566,14 @@ def _summary(settings, profile, result, validation, results, seconds, command, w
                 for i, p in enumerate(result.points)
             ],
         },
-        "eval": {
-            "lengths": results["settings"]["lengths"],
-            "limit": results["settings"]["limit"],
-            "data": results["settings"]["data"],
-            "ppl": ppl,
-            "fidelity": fidelity,
-        },
+        "eval": closing_eval,
         "seconds": seconds,
         "work_dir": str(work),
-        "files": {"plan": PLAN_FILE, "report": "report.md", "results": "results.json"},
+        "files": {
+            "plan": PLAN_FILE,
+            "report": "report.md",
+            **({} if results is None else {"results": "results.json"}),
+        },
     }
 
 
@@ -918,7 +612,9 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     ]
     if v["uniform"]["score"] < v["score"]:
         lines.append("note: the uniform baseline beats every searched plan on the held-out samples")
-    ppl = summary["eval"]["ppl"]
+    ppl = summary["eval"].get("ppl", {})
+    if "skipped" in summary["eval"]:
+        lines += ["", f"eval skipped: {summary['eval']['skipped']}"]
     if ppl.get("dense"):
         lines += ["", f"{'eval perplexity':<16}" + "".join(f"{n:>10}" for n in ppl["dense"])]
         for variant in ("dense", "uniform", "plan"):
@@ -931,7 +627,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
 def load_summary(out_dir: str | Path) -> dict[str, Any]:
     """Read ``compress.json`` from a finished run's folder."""
     path = Path(out_dir) / SUMMARY_FILE
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("schema_version") != SUMMARY_SCHEMA_VERSION:
         raise CompressError(f"{path} is missing or not a compress summary")
     return data

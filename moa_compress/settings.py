@@ -1,0 +1,158 @@
+"""What :func:`moa_compress.pipeline.compress` computes: its settings and the presets that fill them.
+
+:class:`CompressSettings` is frozen and checked before the model loads (:meth:`CompressSettings.check`);
+:func:`preset_settings` fills what a user does not give from a named preset (``full`` / ``fast``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moa_compress.errors import UserInputError
+from moa_compress.profile import Profile
+
+
+class CompressError(UserInputError):
+    """Settings or inputs that ``compress`` cannot work with."""
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """Everything that decides what :func:`compress` computes.
+
+    ``lengths``: profiled (and validated, evaluated) lengths, sorted; ``samples``: calibration samples at
+    each of them (one count per length, same order; an int means the same count everywhere).
+    ``extend_lengths``: longer lengths the plan's density must also hold at (extrapolated rules).
+    ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
+    ``cost``: the search's per-block measure (``"net"`` or ``"entry"``; None: the search's default).
+    ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
+    (:func:`moa_compress.data.calibration_set`; ``data=None`` is the built-in synthetic set).
+    ``pareto_size``: weightings of the lengths the search solves (each distinct plan is validated).
+    ``validation_samples``: held-out samples at each profiled length. ``eval_limit``: text windows per
+    length in the closing eval, whose text is ``eval_data`` (None: the Wikipedia articles shipped in
+    ``moa_compress/texts``).
+    ``dtype``: the dtype the model must be loaded in (checked). ``backend``: the plan's attention backend
+    during validation and eval.
+    """
+
+    budget: float
+    lengths: tuple[int, ...] = (2048, 4096, 8192)
+    samples: tuple[int, ...] | int = (6, 2, 1)
+    data: str | None = None
+    text_field: str = "text"
+    mode: str = "answers"
+    seed: int = 0
+    answer_tokens: int = 32
+    extend_lengths: tuple[int, ...] = ()
+    per_head: bool = False
+    min_span: float | None = None
+    cost: str | None = None
+    pareto_size: int = 7
+    validation_samples: int = 1
+    eval_limit: int = 2
+    eval_data: str | None = None
+    dtype: str = "bfloat16"
+    block_size: int = 64
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        lengths = tuple(int(n) for n in self.lengths)
+        samples = self.samples
+        if isinstance(samples, int):
+            samples = (samples,) * len(lengths)
+        if len(samples) != len(lengths):
+            raise CompressError(
+                f"--samples gives {len(samples)} counts for {len(lengths)} lengths; give one, or one per length"
+            )
+        # Sort lengths and keep each count with its length.
+        pairs = sorted(zip(lengths, (int(k) for k in samples), strict=True))
+        object.__setattr__(self, "lengths", tuple(n for n, _ in pairs))
+        object.__setattr__(self, "samples", tuple(k for _, k in pairs))
+        object.__setattr__(self, "extend_lengths", tuple(sorted({int(n) for n in self.extend_lengths})))
+        if self.data is not None:
+            object.__setattr__(self, "data", str(self.data))
+        if self.eval_data is not None:
+            object.__setattr__(self, "eval_data", str(self.eval_data))
+
+    @property
+    def target_lengths(self) -> tuple[int, ...]:
+        """The lengths the plan's density must hold at: profiled plus extended."""
+        return tuple(sorted(set(self.lengths) | set(self.extend_lengths)))
+
+    def samples_per_length(self) -> dict[int, int]:
+        return dict(zip(self.lengths, self.samples, strict=True))
+
+    def check(self) -> None:
+        """Raise :class:`CompressError` for settings that are wrong whatever the model."""
+        from moa_compress.data import MODES
+        from moa_compress.models import DTYPES
+        from moa_compress.search import COSTS
+
+        if not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
+            raise CompressError(f"--budget must be in (0, 1], got {self.budget}")
+        if not self.lengths or len(set(self.lengths)) != len(self.lengths) or self.lengths[0] <= 0:
+            raise CompressError(f"--lengths must be distinct positive lengths, got {list(self.lengths)}")
+        if any(k < 1 for k in self.samples):
+            raise CompressError(f"--samples must be at least 1 per length, got {list(self.samples)}")
+        if any(n <= 0 for n in self.extend_lengths):
+            raise CompressError(f"--extend-lengths must be positive, got {list(self.extend_lengths)}")
+        if self.mode not in MODES:
+            raise CompressError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.cost is not None and self.cost not in COSTS:
+            raise CompressError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
+        if self.dtype not in DTYPES:
+            raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("pareto_size", "validation_samples", "eval_limit", "answer_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise CompressError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+# Presets fill the settings a user does not give. "full" is the recipe for the embedded model's
+# shipped plans; "fast" fits in a few minutes on a 2-core CPU (see BENCHMARKS.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {
+        "lengths": (2048, 4096, 8192),
+        "samples": (6, 2, 1),
+        "pareto_size": 7,
+        "validation_samples": 1,
+        "eval_limit": 2,
+    },
+    "fast": {
+        "lengths": (1024, 2048),
+        "samples": (1, 1),
+        "pareto_size": 3,
+        "validation_samples": 1,
+        "eval_limit": 1,
+    },
+}
+
+
+def preset_settings(
+    preset: str, budget: float, *, profile: Profile | None = None, **overrides: Any
+) -> CompressSettings:
+    """Settings from ``preset``, with every override that is not None taking precedence.
+
+    ``lengths`` without ``samples``: the preset's count at the lengths it names, 1 elsewhere. With a
+    reused ``profile``, its lengths, sample counts, block size and calibration recipe (data, mode, seed,
+    answer tokens: the held-out samples follow it) are the defaults.
+    """
+    if preset not in PRESETS:
+        raise CompressError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    base = dict(PRESETS[preset])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if profile is not None:
+        base.update(
+            lengths=profile.lengths,
+            samples=tuple(profile.samples[n] for n in profile.lengths),
+            block_size=profile.block_size,
+        )
+        # Held-out samples follow the profile's calibration recipe unless told otherwise.
+        recipe = profile.provenance
+        base.update({key: recipe[key] for key in ("mode", "seed", "answer_tokens") if key in recipe})
+        if recipe.get("data") not in (None, "synthetic"):
+            base["data"] = recipe["data"]
+    if "lengths" in given and "samples" not in given:
+        counts = dict(zip(base["lengths"], base["samples"], strict=True))
+        given["samples"] = tuple(counts.get(int(n), 1) for n in given["lengths"])
+    return CompressSettings(budget=budget, **{**base, **given})
