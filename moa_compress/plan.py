@@ -355,7 +355,7 @@ class Plan:
 
 
 def uniform_plan(
-    identity: ModelIdentity,
+    identity: ModelIdentity | Any,
     density: float,
     lengths: Sequence[int],
     block_size: int = 64,
@@ -363,7 +363,11 @@ def uniform_plan(
     provenance: Mapping[str, Any] | None = None,
 ) -> Plan:
     """StreamingLLM-style baseline: one sink plus the widest fixed window (``alpha`` tokens,
-    ``beta = 0``) for every head that keeps density <= ``density`` at every length."""
+    ``beta = 0``) for every head that keeps density <= ``density`` at every length.
+
+    ``identity``: a :class:`ModelIdentity`, a transformers model or its config.
+    """
+    identity = identity_of(identity)
     if not 0.0 < density <= 1.0:
         raise PlanError(f"density must be in (0, 1], got {density}")
     if not lengths:
