@@ -333,7 +333,7 @@ def eval_command(
     data: Annotated[
         str | None,
         typer.Option(
-            help="Text for ppl/fidelity: file, folder or dataset. Default: Debian's python3.11-doc."
+            help="Text for ppl/fidelity: file, folder or dataset. Default: the shipped Wikipedia articles."
         ),
     ] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text in structured data.")] = "text",
@@ -644,7 +644,7 @@ def compress_command(
     ] = None,
     work: Annotated[Path | None, typer.Option(help="Work folder for resuming (default: OUT/work).")] = None,
     eval_data: Annotated[
-        str | None, typer.Option(help="Text for the closing eval. Default: Debian's python3.11-doc.")
+        str | None, typer.Option(help="Text for the closing eval. Default: the shipped Wikipedia articles.")
     ] = None,
     block_size: Annotated[int | None, typer.Option(help="Block size in tokens (default 64).")] = None,
     dtype: DtypeOpt = "bfloat16",
