@@ -43,17 +43,32 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from moa_compress import distributed
+
         try:
             return fn(*args, **kwargs)
         except UserInputError as exc:
-            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _fail_once(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
         except (FileExistsError, FileNotFoundError) as exc:
-            fail(str(exc).splitlines()[0])
+            _fail_once(str(exc).splitlines()[0], 2)
+        except distributed.RankFailedError as exc:
+            _fail_once(str(exc), 1)
         except KeyboardInterrupt:
             typer.echo("interrupted; rerun the same command to resume", err=True)
             raise typer.Exit(130) from None
+        finally:
+            distributed.close()
 
     return wrapper
+
+
+def _fail_once(message: str, code: int) -> None:
+    """Under torchrun only rank 0 prints the error (every rank exits with ``code``)."""
+    from moa_compress import distributed
+
+    if distributed.current().is_main:
+        typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
 
 
 def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
@@ -79,11 +94,22 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load(model: str | None, dtype: str):
-    from moa_compress.models import load_model
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(help="Spread a model too big for one device: auto (accelerate's device map)."),
+]
+MaxMemoryOpt = Annotated[
+    str | None, typer.Option(help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+]
 
+
+def load(model: str | None, dtype: str, device_map: str | None = None, max_memory: str | None = None):
+    from moa_compress.models import ModelLoadError, load_model, parse_max_memory
+
+    if max_memory and not device_map:
+        raise ModelLoadError("--max-memory needs --device-map")
     quiet_transformers()
-    return load_model(model, dtype=dtype)
+    return load_model(model, dtype=dtype, device_map=device_map, max_memory=parse_max_memory(max_memory))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,36 +506,31 @@ def profile_command(
     answer_tokens: Annotated[int, typer.Option(help="Most tokens of each generated answer.")] = 32,
     block_size: Annotated[int, typer.Option(help="Block size in tokens.")] = 64,
     dtype: DtypeOpt = "bfloat16",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     force: Annotated[
         bool, typer.Option(help="Overwrite a profile and discard a stale work/ folder.")
     ] = False,
 ) -> None:
-    """Measure each head's block influence on the loss of calibration answers (bounded memory, resumable)."""
+    """Measure each head's block influence on the loss of calibration answers (bounded memory, resumable).
+
+    Under `torchrun --nproc-per-node N moa-compress profile ...` the samples are shared among the ranks.
+    """
     import time
 
+    from moa_compress import distributed
     from moa_compress.data import calibration_set
     from moa_compress.plan import provenance
-    from moa_compress.profile import PROFILE_FILE, profile_model, save_profile
+    from moa_compress.profile import PROFILE_FILE, broadcast_samples, profile_model, save_profile
 
     ns = parse_lengths(lengths)
     counts = parse_counts(samples, ns)
-    if (out / PROFILE_FILE).exists() and not force:
+    group = distributed.init()  # a group of one unless launched by torchrun
+    if group.is_main and (out / PROFILE_FILE).exists() and not force:
         fail(f"{out / PROFILE_FILE} exists; pass --force to overwrite")
     started = time.monotonic()
-    lm, tokenizer = load(model, dtype)
-    calibration = calibration_set(
-        lm,
-        tokenizer,
-        lengths=ns,
-        samples_per_length=counts,
-        data=data,
-        text_field=text_field,
-        mode=mode,
-        seed=seed,
-        progress=progress,
-        answer_tokens=answer_tokens,
-    )
+    lm, tokenizer = load(model, dtype, device_map, max_memory)
     record = provenance(
         " ".join(["moa-compress", *sys.argv[1:]]),
         data=data or "synthetic",
@@ -518,18 +539,39 @@ def profile_command(
         answer_tokens=answer_tokens,
         dtype=dtype,
     )
+
+    def make_samples():
+        return calibration_set(
+            lm,
+            tokenizer,
+            lengths=ns,
+            samples_per_length=counts,
+            data=data,
+            text_field=text_field,
+            mode=mode,
+            seed=seed,
+            progress=progress,
+            answer_tokens=answer_tokens,
+        )
+
+    # Rank 0 builds the samples (and generates the answers) once; every rank profiles its share.
+    calibration = broadcast_samples(
+        distributed.on_main(group, "building calibration samples", make_samples),
+        counts if isinstance(counts, dict) else dict.fromkeys(ns, counts),
+    )
     profile = profile_model(
         lm,
         calibration,
         block_size=block_size,
         work_dir=out / "work",
-        progress=progress,
+        progress=progress and group.is_main,
         force=force,
         provenance=record,
     )
-    path = save_profile(profile, out, force=force)
-    summary = ", ".join(f"{n} ({profile.samples[n]} samples)" for n in profile.lengths)
-    typer.echo(f"wrote {path}: {summary} in {time.monotonic() - started:.0f} s")
+    if group.is_main:
+        path = save_profile(profile, out, force=force)
+        summary = ", ".join(f"{n} ({profile.samples[n]} samples)" for n in profile.lengths)
+        typer.echo(f"wrote {path}: {summary} in {time.monotonic() - started:.0f} s")
 
 
 # --- search
@@ -648,12 +690,18 @@ def compress_command(
     ] = None,
     block_size: Annotated[int | None, typer.Option(help="Block size in tokens (default 64).")] = None,
     dtype: DtypeOpt = "bfloat16",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     force: Annotated[
         bool, typer.Option(help="Overwrite outputs and redo stages made with other settings.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Calibrate, profile, search, validate and export a plan under a density budget (resumable)."""
+    """Calibrate, profile, search, validate and export a plan under a density budget (resumable).
+
+    Under `torchrun --nproc-per-node N moa-compress compress ...` the profile is shared among the ranks.
+    """
+    from moa_compress import distributed
     from moa_compress.pipeline import compress, preset_settings, summary_table
     from moa_compress.profile import load_profile
 
@@ -678,7 +726,8 @@ def compress_command(
         dtype=dtype,
     )
     settings.check()  # before the model loads: a bad option fails at once
-    net, tokenizer = load(model, dtype)
+    group = distributed.init()  # a group of one unless launched by torchrun
+    net, tokenizer = load(model, dtype, device_map, max_memory)
     result = compress(
         net,
         tokenizer,
@@ -686,10 +735,12 @@ def compress_command(
         out,
         work_dir=work,
         force=force,
-        progress=progress,
+        progress=progress and group.is_main,
         profile=reused,
         command=command_line(),
     )
+    if result is None:  # a rank other than 0: its share of the profile is done
+        return
     typer.echo(f"wrote {result.path}, {result.report} and {out / 'compress.json'}\n")
     typer.echo(summary_table(result.summary))
 

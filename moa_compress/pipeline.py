@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moa_compress.errors import UserInputError
 from moa_compress.plan import PLAN_FILE, Plan, atomic_write_bytes, identity_of, save_plan
 from moa_compress.profile import Profile
 from moa_compress.settings import PRESETS, CompressError, CompressSettings, preset_settings
@@ -188,7 +189,7 @@ def compress(
     profile: Profile | None = None,
     command: str | None = None,
     **overrides: Any,
-) -> CompressResult:
+) -> CompressResult | None:
     """Compress ``model``'s attention under a density budget; write plan, report and summary to
     ``out_dir`` (see the module docstring) and return them.
 
@@ -197,6 +198,10 @@ def compress(
     ``profile``: reuse a profile instead of profiling (it must match the model and the lengths).
     ``force``: overwrite outputs and redo stale stages. Every input is checked before anything is
     written; existing outputs in ``out_dir`` are refused unless ``force``.
+
+    Under ``torchrun`` (:mod:`moa_compress.distributed`, after :func:`moa_compress.distributed.init`)
+    every rank calls this: profiling is shared among the ranks, the rest runs on rank 0, which alone
+    writes; the other ranks return None once the profile is done.
 
     Example::
 
@@ -212,28 +217,27 @@ def compress(
         raise CompressError(
             f"give either CompressSettings or a budget with overrides, not both ({overrides})"
         )
-    from moa_compress.data import load_texts, model_digest
-    from moa_compress.plan import provenance as make_provenance
+    from moa_compress import distributed
 
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out / "work"
-    check_inputs(model, settings, profile)
-    _check_outputs(out, force)
-    calibration_texts = load_texts(settings.data, settings.text_field) if settings.data is not None else None
-    eval_texts, eval_source = _eval_texts(settings, tokenizer)
-    identity = identity_of(model)
-    state = WorkFolder(work, stage_settings(settings, identity.fingerprint, model_digest(model), profile))
-    discarded = state.check(force)
-    if discarded:
-        _say(progress, f"discarded stale work: {', '.join(discarded)}")
-
-    record = make_provenance(command or "", **_recipe(settings))
-    context = _Context(model, tokenizer, settings, state, calibration_texts, progress, force)
+    group = distributed.current()
+    if not group.is_main:
+        _join_profile(model, settings, work, profile, force)
+        return None
+    try:
+        context, record, eval_texts, eval_source = _prepare(
+            model, tokenizer, settings, out, work, profile, force, progress, command
+        )
+        reused = profile if profile is not None else context.finished_profile()
+    except UserInputError as exc:
+        distributed.broadcast_json(group, {"ok": False, "message": str(exc)}, "the checks")
+        raise
+    distributed.broadcast_json(group, {"ok": True, "profile": reused is None}, "the checks")
     seconds: dict[str, float | None] = {}
 
     started = time.perf_counter()
-    if profile is None:
-        profile = context.profile_stage(record)
+    profile = reused if reused is not None else context.profile_stage(record)
     seconds["profile"] = context.elapsed("profile", started)
 
     started = time.perf_counter()
@@ -264,6 +268,48 @@ def compress(
     if eval_texts is None:  # the skipped report shows the summary table too
         atomic_write_bytes(report, (report.read_text() + _fenced(summary_table(summary))).encode())
     return CompressResult(plan=plan, path=path, report=report, summary=summary)
+
+
+def _prepare(model, tokenizer, settings, out, work, profile, force, progress, command):
+    """Every check before anything is written, the texts, and the work folder's state (rank 0)."""
+    from moa_compress.data import load_texts, model_digest
+    from moa_compress.plan import provenance as make_provenance
+
+    check_inputs(model, settings, profile)
+    _check_outputs(out, force)
+    calibration_texts = load_texts(settings.data, settings.text_field) if settings.data is not None else None
+    eval_texts, eval_source = _eval_texts(settings, tokenizer)
+    identity = identity_of(model)
+    state = WorkFolder(work, stage_settings(settings, identity.fingerprint, model_digest(model), profile))
+    discarded = state.check(force)
+    if discarded:
+        _say(progress, f"discarded stale work: {', '.join(discarded)}")
+    record = make_provenance(command or "", **_recipe(settings))
+    context = _Context(model, tokenizer, settings, state, calibration_texts, progress, force)
+    return context, record, eval_texts, eval_source
+
+
+def _join_profile(
+    model, settings: CompressSettings, work: Path, profile: Profile | None, force: bool
+) -> None:
+    """A rank other than 0: wait for rank 0's checks, then profile this rank's share of the samples."""
+    from moa_compress import distributed
+    from moa_compress.profile import broadcast_samples, profile_model
+
+    group = distributed.current()
+    outcome = distributed.broadcast_json(group, None, "the checks")
+    if not outcome["ok"]:
+        raise CompressError(outcome["message"].splitlines()[0])
+    if outcome["profile"]:
+        samples = broadcast_samples(None, settings.samples_per_length())
+        profile_model(
+            model,
+            samples,
+            block_size=settings.block_size,
+            work_dir=work / "profile-samples",
+            progress=False,
+            force=force,
+        )
 
 
 def _closing_eval(context, plan: Plan, lengths, texts, source: str, command: str | None, out: Path):
@@ -343,22 +389,31 @@ class _Context:
             answer_tokens=s.answer_tokens,
         )
 
-    def profile_stage(self, record: Mapping[str, Any]) -> Profile:
-        from moa_compress.profile import ProfileError, load_profile, profile_model, save_profile
+    def finished_profile(self) -> Profile | None:
+        """The profile stage's result when it finished in an earlier run (else None: profile)."""
+        from moa_compress.profile import ProfileError, load_profile
 
         folder = self.state.root / "profile"
-        if self.state.done("profile"):
-            try:
-                profile = load_profile(folder)
-            except ProfileError:
-                pass  # damaged or missing: profile again (finished samples are still reused)
-            else:
-                _say(self.progress, f"profile: reusing {folder}")
-                self.resumed.add("profile")
-                return profile
+        if not self.state.done("profile"):
+            return None
+        try:
+            profile = load_profile(folder)
+        except ProfileError:
+            return None  # damaged or missing: profile again (finished samples are still reused)
+        _say(self.progress, f"profile: reusing {folder}")
+        self.resumed.add("profile")
+        return profile
+
+    def profile_stage(self, record: Mapping[str, Any]) -> Profile:
+        """Profile the calibration samples (data-parallel under torchrun: the other ranks are in
+        :func:`_join_profile`), then save the profile and mark the stage done."""
+        from moa_compress.profile import broadcast_samples, profile_model, save_profile
+
         self.state.mark("profile", done=False)
         s = self.settings
-        calibration = self.calibration(s.lengths, s.samples_per_length(), s.seed)
+        calibration = broadcast_samples(
+            self.calibration(s.lengths, s.samples_per_length(), s.seed), s.samples_per_length()
+        )
         profile = profile_model(
             self.model,
             calibration,
@@ -368,7 +423,7 @@ class _Context:
             force=self.force,
             provenance=record,
         )
-        save_profile(profile, folder, force=True)
+        save_profile(profile, self.state.root / "profile", force=True)
         self.state.mark("profile", done=True)
         return profile
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moa_compress import distributed
 from moa_compress.data import CalibrationSample, model_digest, progress_steps
 from moa_compress.errors import UserInputError
 from moa_compress.plan import ModelIdentity, atomic_write_bytes, identity_of, num_blocks
@@ -427,31 +428,64 @@ def profile_model(
         "data": {str(n): samples_digest(samples[n]) for n in sorted(samples)},
     }
     work = Path(work_dir) if work_dir is not None else None
-    if work is not None:
-        _prepare_work_dir(work, manifest, force)
+    group = distributed.current()
+    if work is not None:  # rank 0 alone reads and writes the work folder
+        distributed.on_main(group, "profiling", lambda: _prepare_work_dir(work, manifest, force))
 
     recorder = _Recorder(identity.num_layers, identity.num_heads, block_size, slab_bytes)
     means: dict[str, dict[int, torch.Tensor]] = {name: {} for name in _SAMPLE_MAPS}  # over samples
     total = sum(len(v) for v in samples.values())
     seconds: dict[int, list[float]] = {}  # wall time of each sample computed in this run
-    with progress_steps(progress, total, "profiling") as step, _profiling(model, recorder):
+    show = progress and group.is_main
+    with progress_steps(show, total, "profiling") as step, _profiling(model, recorder):
         for n in sorted(samples):
-            shape = (identity.num_layers, identity.num_heads, *(2 * [num_blocks(n, block_size)]))
-            sums = [torch.zeros(shape) for _ in _SAMPLE_MAPS]
-            for i, sample in enumerate(samples[n]):
-                path = work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
-                found = _load_sample_result(path, shape) if path is not None else None
-                if found is None:
-                    started = time.perf_counter()
-                    _profile_one(model, sample, recorder)
-                    found = recorder.maps()
-                    seconds.setdefault(n, []).append(time.perf_counter() - started)
-                    if path is not None:
-                        _save_tensor(path, *found)
-                for total_map, sample_map in zip(sums, found, strict=True):
-                    total_map += sample_map
-                step(f"profiling {n} tokens ({i + 1}/{len(samples[n])})")
-            for name, total_map in zip(_SAMPLE_MAPS, sums, strict=True):
+            shape = (
+                len(_SAMPLE_MAPS),
+                identity.num_layers,
+                identity.num_heads,
+                *(2 * [num_blocks(n, block_size)]),
+            )
+
+            def path_of(i: int, n: int = n) -> Path | None:
+                return work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
+
+            # Finished samples, read by rank 0; every rank learns which are left.
+            found: dict[int, torch.Tensor] = {}  # sample index -> [3, layers, heads, nB, nB]
+            if group.is_main and work is not None:
+                for i in range(len(samples[n])):
+                    maps = _load_sample_result(path_of(i), shape[1:])
+                    if maps is not None:
+                        found[i] = torch.stack(maps)
+            done = set(distributed.broadcast_json(group, sorted(found), "profiling"))
+            todo = [i for i in range(len(samples[n])) if i not in done]
+            for i in done:
+                step(f"profiling {n} tokens (sample {i + 1}/{len(samples[n])}, saved)")
+            # Round r: rank k profiles todo[r * world + k]; rank 0 gathers the round's maps.
+            for start in range(0, len(todo), group.world_size):
+                index = start + group.rank
+                maps = torch.zeros(shape)
+                if index < len(todo):
+                    began = time.perf_counter()
+                    _profile_one(model, samples[n][todo[index]], recorder)
+                    maps = torch.stack(recorder.maps())
+                    seconds.setdefault(n, []).append(time.perf_counter() - began)
+                gathered = distributed.gather_tensor(group, maps, f"profiling at {n} tokens")
+                for k, sample_maps in enumerate(gathered or []):
+                    if start + k >= len(todo):
+                        break
+                    i = todo[start + k]
+                    found[i] = sample_maps
+                    if work is not None:
+                        _save_tensor(path_of(i), *sample_maps.unbind(0))
+                    step(f"profiling {n} tokens (sample {i + 1}/{len(samples[n])})")
+            # Summed in sample order on rank 0, then shared, so every rank holds the same profile and
+            # it equals a one-process run's sum up to each sample's own float rounding.
+            sums = torch.zeros(shape)
+            if group.is_main:
+                for i in range(len(samples[n])):
+                    sums += found[i]
+            sums = distributed.broadcast_tensor(group, sums, "profiling")
+            for name, total_map in zip(_SAMPLE_MAPS, sums.unbind(0), strict=True):
                 means[name][n] = total_map / len(samples[n])
     return Profile(
         model=identity,
@@ -463,8 +497,29 @@ def profile_model(
             "data_digest": manifest["data"],
             "model_weights": manifest["model_weights"],
             "seconds_per_sample": {str(n): round(sum(t) / len(t), 2) for n, t in seconds.items()},
+            "ranks": group.world_size,
         },
     )
+
+
+def broadcast_samples(
+    samples: Mapping[int, Sequence[CalibrationSample]] | None, counts: Mapping[int, int]
+) -> dict[int, list[CalibrationSample]]:
+    """Rank 0's calibration ``samples`` (``{N: [sample] * counts[N]}``) on every rank of the current
+    group; ``samples`` is None on the other ranks. A no-op in a single process."""
+    group = distributed.current()
+    if not group.enabled:
+        return {n: list(v) for n, v in samples.items()}
+    shared: dict[int, list[CalibrationSample]] = {}
+    for n in sorted(counts):
+        shared[n] = []
+        for i in range(counts[n]):
+            ids = samples[n][i].input_ids if group.is_main else torch.zeros(n, dtype=torch.int64)
+            mask = samples[n][i].loss_mask if group.is_main else torch.zeros(n, dtype=torch.bool)
+            ids = distributed.broadcast_tensor(group, ids.to(torch.int64), "sharing calibration samples")
+            mask = distributed.broadcast_tensor(group, mask.to(torch.uint8), "sharing calibration samples")
+            shared[n].append(CalibrationSample(input_ids=ids, loss_mask=mask.bool()))
+    return shared
 
 
 def _model_name(model) -> str:
