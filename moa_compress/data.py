@@ -114,15 +114,20 @@ class CalibrationSample:
 def model_digest(model) -> str:
     """16 hex digits identifying a model's weights (names, shapes, dtypes and value statistics).
 
-    Cheap (one pass of sums) and enough to tell a cache made with other weights from ours.
+    Cheap (one pass of sums) and enough to tell a cache made with other weights from ours. Weights
+    spread over devices are read where they are; weights offloaded by a device map (on the ``meta``
+    device here) count by name, shape and dtype only.
     """
     h = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
+            if tensor.is_meta:
+                h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:offloaded".encode())
+                continue
             flat = tensor.detach().reshape(-1)
             stats = flat.double().sum().item(), flat.double().square().sum().item()
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{stats[0]:.9e}:{stats[1]:.9e}".encode())
-            h.update(flat[:: max(1, flat.numel() // 256)].double().numpy().tobytes())
+            h.update(flat[:: max(1, flat.numel() // 256)].double().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

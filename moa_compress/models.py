@@ -131,26 +131,61 @@ def resolve_model_source(spec: str | None) -> tuple[str, dict[str, Any]]:
     raise ModelLoadError(f"no model folder, .gguf file or hub id {spec!r}")
 
 
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``--max-memory "0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``."""
+    if not text:
+        return None
+    limits: dict[int | str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ModelLoadError(f"--max-memory must look like 0=70GiB,cpu=200GiB, got {text!r}")
+        limits[int(key) if key.isdigit() else key] = value
+    return limits
+
+
 def load_model(
     spec: str | None = None,
     dtype: str | torch.dtype = "bfloat16",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, str] | None = None,
 ):
-    """Return ``(model, tokenizer)`` in eval mode. ``spec``: folder, hub id, ``.gguf`` file or None."""
+    """Return ``(model, tokenizer)`` in eval mode. ``spec``: folder, hub id, ``.gguf`` file or None.
+
+    ``device_map`` (``"auto"`` or a module -> device mapping, as in transformers / accelerate) spreads a
+    model that fits no single device over several, within ``max_memory`` per device; ``device`` is then
+    ignored. Modules mapped to ``"disk"`` are offloaded to a temporary folder.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     source, extra = resolve_model_source(spec)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement = {
+            "device_map": device_map,
+            "offload_folder": tempfile.mkdtemp(prefix="moa-compress-offload-"),
+        }
+        if max_memory:
+            placement["max_memory"] = max_memory
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra, **placement
         )
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {spec!r}: {first}") from None
-    model.eval().to(device)
+    except ValueError as exc:  # a device map or memory limit that cannot be met
+        if device_map is None:
+            raise
+        raise ModelLoadError(f"--device-map {device_map}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    if device_map is None:
+        model.to(device)
     if spec is None or spec in ("", "default", DEFAULT_MODEL):
         model.config._name_or_path = "SmolLM2-135M-Instruct"
     return model, tokenizer
