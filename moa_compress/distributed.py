@@ -128,9 +128,10 @@ def device() -> torch.device:
 
 
 def _failed(stage: str, exc: BaseException) -> RankFailedError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # The backend's own message names its C++ source file and socket state: nothing a user acts on.
     return RankFailedError(
-        f"another rank stopped during {stage} ({first[:160]}); rerun the same command to resume"
+        f"another rank stopped during {stage} ({type(exc).__name__} in a collective); "
+        "rerun the same command to resume"
     )
 
 

@@ -85,9 +85,9 @@ def test_two_ranks_give_the_one_process_plan_and_a_dead_rank_resumes(setup):
     # Rank 1 dies at its second sample: no hang, one line from rank 0, nothing finished.
     dead = torchrun(env, "--die-rank", "1", *compress_args(folder, folder / "two"), timeout=300)
     assert dead.returncode != 0
-    assert "error: torchrun stopped this rank because another rank failed; rerun the same command" in (
-        dead.stderr
-    )
+    # Rank 0 learns of it from torchrun's SIGTERM or from its next collective, whichever comes first.
+    said = [line for line in dead.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and said[0].endswith("rerun the same command to resume"), said
     assert not (folder / "two" / "plan.json").exists()
     saved = sorted((folder / "two" / "work" / "profile-samples").glob("*/sample-*.safetensors"))
     assert 0 < len(saved) < 5  # the first round's samples were written by rank 0
@@ -100,6 +100,14 @@ def test_two_ranks_give_the_one_process_plan_and_a_dead_rank_resumes(setup):
     assert plans[0]["rules"] == plans[1]["rules"]
     profile = load_profile(folder / "two" / "work" / "profile")
     assert profile.provenance["ranks"] == 2
+
+    # `moa-compress profile` shares its samples the same way (same recipe as compress's profile stage).
+    alone = torchrun(
+        env, "profile", folder / "model", "--out", folder / "prof", "--lengths", "256,512",
+        "--samples", "3,2", "--block-size", "32", "--dtype", "float32", "--no-progress",
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    profiles_equal(folder / "one" / "work" / "profile", folder / "prof")
 
 
 def test_a_model_split_by_a_device_map_profiles_to_the_unsplit_maps(tmp_path):
