@@ -51,7 +51,8 @@ from moa_compress.workdir import (
 
 SUMMARY_FILE = "compress.json"
 # 2: validation at every profiled length (per-length losses and a score) instead of one length.
-SUMMARY_SCHEMA_VERSION = 2
+# 3: the uniform plan within the budget is validated too ("fallback") and written when it wins ("written").
+SUMMARY_SCHEMA_VERSION = 3
 OUTPUT_FILES = (PLAN_FILE, "results.json", "report.md", SUMMARY_FILE)
 # Held-out samples use the calibration recipe with this seed offset: other keys, facts and cuts.
 VALIDATION_SEED_OFFSET = 7919
@@ -247,7 +248,13 @@ def compress(
     started = time.perf_counter()
     validation = context.validate_stage(profile, result)
     seconds["validate"] = context.elapsed("validate", started)
-    plan = _chosen_plan(result, validation)
+    plan = _chosen_plan(result, validation, context.fallback)
+    if validation["written"] == "uniform":
+        print(
+            "note: the uniform plan within the budget validated better than every searched plan; "
+            "wrote it instead (compress.json says by how much)",
+            file=sys.stderr,
+        )
 
     path = save_plan(plan, out, force=True)
     if eval_texts is None:
@@ -263,7 +270,9 @@ def compress(
         from moa_compress.evaluate import write_report
 
         report = write_report(results, out, plan)
-    summary = _summary(settings, profile, result, validation, results, seconds, command, work, eval_source)
+    summary = _summary(
+        settings, profile, result, validation, plan, results, seconds, command, work, eval_source
+    )
     atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode())
     if eval_texts is None:  # the skipped report shows the summary table too
         atomic_write_bytes(report, (report.read_text() + _fenced(summary_table(summary))).encode())
@@ -368,6 +377,7 @@ class _Context:
         self.model, self.tokenizer, self.settings, self.state = model, tokenizer, settings, state
         self.texts, self.progress, self.force = texts, progress, force
         self.resumed: set[str] = set()
+        self.fallback: Plan | None = None  # the uniform plan within the budget (validate_stage)
 
     def elapsed(self, stage: str, started: float) -> float | None:
         """Seconds the stage took in this run; None when it was read back from the work folder."""
@@ -469,7 +479,9 @@ class _Context:
         if not isinstance(record, dict) or any(record.get(k) != v for k, v in shape.items()):
             record = {**shape, "seed": s.seed + VALIDATION_SEED_OFFSET, "loss": {}}
         losses: dict[str, float] = record["loss"]  # "<variant>@<length>" -> answer loss
-        if self.state.done("validate") and all(f"uniform@{n}" in losses for n in lengths):
+        if self.state.done("validate") and all(
+            f"{name}@{n}" in losses for name in ("uniform", "fallback") for n in lengths
+        ):
             _say(self.progress, f"validate: reusing {path}")
             self.resumed.add("validate")
         self.state.mark("validate", done=False)
@@ -498,9 +510,34 @@ class _Context:
             uniform = uniform_baseline(result.points[best].plan, n)
             record["uniform"][str(n)] = {"density": uniform.density(n), "rule": _rule_name(uniform)}
             measure("uniform", uniform, n, f"uniform at density {uniform.density(n):.4f}")
+        # The plan a user gets if no searched plan beats it: one window for every head, within the
+        # budget at every target length. Validated like the Pareto plans, never handed out worse.
+        self.fallback = self.fallback_plan(result)
+        record["fallback"] = {
+            "rule": _rule_name(self.fallback),
+            "density": {str(n): self.fallback.density(n) for n in result.lengths},
+        }
+        for n in lengths:
+            measure("fallback", self.fallback, n, f"uniform within the budget ({record['fallback']['rule']})")
         atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
         self.state.mark("validate", done=True)
-        return {**record, "chosen": best}
+        searched = validation_score(losses, f"plan-{best}", lengths)
+        fallback = validation_score(losses, "fallback", lengths)
+        return {**record, "chosen": best, "written": "uniform" if fallback < searched else "searched"}
+
+    def fallback_plan(self, result) -> Plan:
+        from moa_compress.evaluate import plan_sink_blocks
+        from moa_compress.plan import uniform_plan
+
+        first = result.points[0].plan
+        return uniform_plan(
+            first.model,
+            self.settings.budget,
+            result.lengths,
+            first.block_size,
+            sink_blocks=plan_sink_blocks(first),
+            provenance=first.provenance,
+        )
 
     def loss(self, plan: Plan | None, samples) -> float:
         from moa_compress.profile import answer_loss
@@ -528,17 +565,21 @@ def _best_point(losses: Mapping[str, float], count: int, lengths: Sequence[int])
     return min(range(count), key=lambda i: (validation_score(losses, f"plan-{i}", lengths), i))
 
 
-def _chosen_plan(result, validation: Mapping[str, Any]) -> Plan:
-    """The chosen point's plan, its Pareto entries carrying their validation losses."""
+def _chosen_plan(result, validation: Mapping[str, Any], fallback: Plan) -> Plan:
+    """The plan to write — the best-validated Pareto point's, or ``fallback`` (the uniform plan within
+    the budget) where that validated better — its Pareto entries carrying their validation losses."""
     from moa_compress.search import with_choice
 
     index = validation["chosen"]
-    plan = with_choice(result, index)
+    plan = with_choice(result, index) if validation["written"] == "searched" else fallback
     record = json.loads(json.dumps(dict(plan.provenance)))
     losses, lengths = validation["loss"], validation["lengths"]
     for i, entry in enumerate(record.get("pareto", [])):
         entry["validation_score"] = validation_score(losses, f"plan-{i}", lengths)
+        entry["chosen"] = entry.get("chosen", False) and validation["written"] == "searched"
     record["validation"] = {
+        "written": validation["written"],
+        "fallback": {**validation["fallback"], "score": validation_score(losses, "fallback", lengths)},
         "lengths": lengths,
         "samples": validation["samples"],
         "seed": validation["seed"],
@@ -561,10 +602,11 @@ def _chosen_plan(result, validation: Mapping[str, Any]) -> Plan:
 
 
 def _summary(
-    settings, profile, result, validation, results, seconds, command, work, eval_source
+    settings, profile, result, validation, written, results, seconds, command, work, eval_source
 ) -> dict[str, Any]:
     index = validation["chosen"]
     point = result.points[index]
+    searched = validation["written"] == "searched"
     losses, lengths = validation["loss"], validation["lengths"]
 
     def per_length(name: str) -> dict[str, float]:
@@ -595,8 +637,9 @@ def _summary(
         "profiled_lengths": list(profile.lengths),
         "profile_samples": {str(n): profile.samples[n] for n in profile.lengths},
         "chosen": index,
-        "density": {str(n): point.plan.density(n) for n in result.lengths},
-        "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()},
+        "written": validation["written"],
+        "density": {str(n): written.density(n) for n in result.lengths},
+        "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()} if searched else {},
         "validation": {
             "lengths": lengths,
             "samples": validation["samples"],
@@ -607,6 +650,11 @@ def _summary(
                 "score": validation_score(losses, "uniform", lengths),
                 "density": {n: u["density"] for n, u in validation["uniform"].items()},
                 "rule": {n: u["rule"] for n, u in validation["uniform"].items()},
+            },
+            "fallback": {
+                "loss": per_length("fallback"),
+                "score": validation_score(losses, "fallback", lengths),
+                "rule": validation["fallback"]["rule"],
             },
             "plan": per_length(f"plan-{index}"),
             "score": validation_score(losses, f"plan-{index}", lengths),
@@ -642,15 +690,23 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     """The closing table: budget; density at each target length; predicted cost; validation losses of
     dense, the uniform baseline at the same density and the chosen plan; eval perplexities."""
     v = summary["validation"]
-    headline = (
-        f"budget {summary['budget']:g}: chose Pareto plan {summary['chosen']} of {len(v['points'])} "
-        f"(lowest held-out answer loss relative to dense, mean over {len(v['lengths'])} length(s), "
-        f"{v['samples']} sample(s) each)"
+    basis = (
+        f"held-out answer loss relative to dense, mean over {len(v['lengths'])} length(s), "
+        f"{v['samples']} sample(s) each"
     )
+    if summary["written"] == "uniform":
+        headline = (
+            f"budget {summary['budget']:g}: wrote the uniform plan ({v['fallback']['rule']} for every head), "
+            f"not a searched one: it validated better than all {len(v['points'])} Pareto plans ({basis}: "
+            f"{_relative(v['fallback']['score'], 1.0)} vs the best searched plan's {_relative(v['score'], 1.0)})"
+        )
+    else:
+        headline = f"budget {summary['budget']:g}: chose Pareto plan {summary['chosen']} of {len(v['points'])} (lowest {basis})"
     lines = [headline, "", f"{'length':>8}  {'density':>8}  {'predicted cost':>14}"]
     for n, d in summary["density"].items():
         cost = summary["predicted_cost"].get(n)
-        lines.append(f"{n:>8}  {d:>8.4f}  {'(extended)' if cost is None else f'{cost:.4f}':>14}")
+        missing = "(extended)" if summary["written"] == "searched" else "(uniform)"
+        lines.append(f"{n:>8}  {d:>8.4f}  {missing if cost is None else f'{cost:.4f}':>14}")
     lengths = [str(n) for n in v["lengths"]]
     densities = ", ".join(f"{v['uniform']['density'][n]:.3f}" for n in lengths)
     lines += [
@@ -660,13 +716,18 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         f"{'uniform':<24}"
         + "".join(f"{v['uniform']['loss'][n]:>10.4f}" for n in lengths)
         + f"{_relative(v['uniform']['score'], 1.0):>10}",
-        f"{'chosen plan':<24}"
+        f"{'uniform within budget':<24}"
+        + "".join(f"{v['fallback']['loss'][n]:>10.4f}" for n in lengths)
+        + f"{_relative(v['fallback']['score'], 1.0):>10}",
+        f"{'best searched plan':<24}"
         + "".join(f"{v['plan'][n]:>10.4f}" for n in lengths)
         + f"{_relative(v['score'], 1.0):>10}",
         f"(uniform at density {densities}; vs dense: mean over lengths of the loss ratio)",
     ]
     if v["uniform"]["score"] < v["score"]:
         lines.append("note: the uniform baseline beats every searched plan on the held-out samples")
+    if summary["written"] == "uniform":
+        lines.append("the uniform plan within the budget was written (plan.json); eval rows are for it")
     ppl = summary["eval"].get("ppl", {})
     if "skipped" in summary["eval"]:
         lines += ["", f"eval skipped: {summary['eval']['skipped']}"]

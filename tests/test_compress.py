@@ -174,8 +174,9 @@ def test_interrupted_run_resumes_to_the_same_plan(
     calls["loss"] = -100
     result = compress(model, tokenizer, settings(eval_text), out, progress=False)
     points = len(result.summary["validation"]["points"])
-    # dense + each point + uniform at each of the 2 lengths, less the two saved
-    assert calls["loss"] == -100 + 2 * (points + 2) - 2
+    # dense, each point, uniform and the uniform plan within the budget at each of the 2 lengths,
+    # less the two saved
+    assert calls["loss"] == -100 + 2 * (points + 3) - 2
     assert calls["profile"] == -100 + 2
     assert result.summary["seconds"]["profile"] is None  # the finished profile was read back
     assert result.plan.rules == finished[1].plan.rules
@@ -227,6 +228,38 @@ def test_reused_profile_gives_the_same_plan(finished, model, tokenizer, eval_tex
     with pytest.raises(CompressError, match="other weights"):
         compress(other, tokenizer, settings(eval_text), tmp_path / "x", profile=profile)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_uniform_plan_is_written_when_it_validates_better(
+    finished, model, tokenizer, eval_text, tmp_path, monkeypatch
+):
+    """Never hand a user a plan that validates worse than the simple baseline: when the uniform plan
+    within the budget has the lower held-out loss, it is what plan.json holds, and the summary says so."""
+    from moa_compress import pipeline
+
+    out, _ = finished
+    summary = load_summary(out)
+    assert (
+        summary["written"] == "searched"
+        or summary["validation"]["fallback"]["score"] < summary["validation"]["score"]
+    )
+    real = pipeline._Context.loss
+
+    def fallback_wins(self, plan, samples):
+        loss = real(self, plan, samples)
+        return loss / 100 if plan is not None and plan == self.fallback else loss
+
+    monkeypatch.setattr(pipeline._Context, "loss", fallback_wins)
+    result = compress(model, tokenizer, settings(eval_text), tmp_path / "out", progress=False)
+    plan = load_plan(tmp_path / "out", model)
+    assert plan.rules == result.plan.rules and len({r for heads in plan.rules for r in heads}) == 1
+    assert all(plan.density(n) <= 0.5 + 1e-9 for n in (256, 512, 1024))
+    written = load_summary(tmp_path / "out")
+    assert written["written"] == "uniform" and written["predicted_cost"] == {}
+    assert written["validation"]["fallback"]["score"] < written["validation"]["score"]
+    assert plan.provenance["validation"]["written"] == "uniform"
+    assert not any(entry["chosen"] for entry in plan.provenance["pareto"])
+    assert "wrote the uniform plan" in pipeline.summary_table(written)
 
 
 def test_without_default_text_the_eval_is_skipped_and_the_plan_still_written(
