@@ -104,12 +104,20 @@ MaxMemoryOpt = Annotated[
 
 
 def load(model: str | None, dtype: str, device_map: str | None = None, max_memory: str | None = None):
+    """The model and tokenizer; under torchrun with NCCL on this rank's GPU (see moa_compress.distributed)."""
+    from moa_compress import distributed
     from moa_compress.models import ModelLoadError, load_model, parse_max_memory
 
     if max_memory and not device_map:
         raise ModelLoadError("--max-memory needs --device-map")
     quiet_transformers()
-    return load_model(model, dtype=dtype, device_map=device_map, max_memory=parse_max_memory(max_memory))
+    return load_model(
+        model,
+        dtype=dtype,
+        device=distributed.device(),
+        device_map=device_map,
+        max_memory=parse_max_memory(max_memory),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
