@@ -19,6 +19,19 @@ def env(tmp_path_factory):
     return {**os.environ, "MOA_COMPRESS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
+def run_python(code: str, env: dict, folder: Path) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter in ``folder`` (so relative output paths land in a temp dir)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
 def test_the_readme_has_snippets():
     assert len(SNIPPETS) >= 3
 
@@ -27,22 +40,14 @@ def test_the_readme_has_snippets():
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_snippet_runs(index, env, tmp_path):
     code = SNIPPETS[index]
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    result = run_python(code, env, tmp_path)
     assert result.returncode == 0, f"snippet {index}:\n{code}\n{result.stderr[-3000:]}"
 
 
 @pytest.mark.slow
 def test_default_eval_text_gives_six_windows_of_8k_tokens(env, tmp_path):
     """The shipped evaluation text is enough for ``eval --lengths 8192 --limit 6`` on the embedded
-    model's tokenizer, and it is natural prose, not the synthetic calibration set."""
+    model's tokenizer."""
     code = (
         "from moa_compress.data import token_windows\n"
         "from moa_compress.evaluate import default_texts\n"
@@ -51,15 +56,7 @@ def test_default_eval_text_gives_six_windows_of_8k_tokens(env, tmp_path):
         "texts, _ = default_texts()\n"
         "print(len(texts), len(token_windows(texts, tokenizer, 8192)))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    result = run_python(code, env, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     articles, windows = map(int, result.stdout.split()[-2:])
     assert articles == 12 and windows >= 6, (articles, windows)
