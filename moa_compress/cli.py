@@ -582,6 +582,61 @@ def profile_command(
         typer.echo(f"wrote {path}: {summary} in {time.monotonic() - started:.0f} s")
 
 
+@app.command("train-gates")
+@user_errors
+def train_gates_command(
+    model: ModelArg = None,
+    out: Annotated[
+        Path, typer.Option(help="Output folder: gates.json + gates.safetensors (work/ resumes).")
+    ] = Path("gates"),
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Text to distil on: file, folder or dataset (default: the built-in synthetic set)."
+        ),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of structured --data.")] = "text",
+    lengths: Annotated[str, typer.Option(help="Comma-separated sequence lengths.")] = "2048,4096,8192",
+    samples: Annotated[str, typer.Option(help="Samples per length: one count, or one per length.")] = "2,1,1",
+    seed: Annotated[int, typer.Option(help="Seed of the samples and of the gates' initialisation.")] = 0,
+    block_size: Annotated[int, typer.Option(help="Block size in tokens.")] = 64,
+    gate_dim: Annotated[int, typer.Option(help="Width of the gate's projected block vectors.")] = 64,
+    per_query_head: Annotated[
+        bool, typer.Option(help="A gate head per query head (default: one per KV group).")
+    ] = False,
+    steps: Annotated[int, typer.Option(help="AdamW steps (each over every sample).")] = 300,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
+    dtype: DtypeOpt = "bfloat16",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    force: Annotated[bool, typer.Option(help="Overwrite existing gates.")] = False,
+) -> None:
+    """Distil SeerAttention-style block gates from the dense model's attention (base model frozen)."""
+    from moa_compress.data import calibration_set
+    from moa_compress.gates import GATES_FILE, GateSettings, save_gates, train_gates
+    from moa_compress.report import gate_loss_report
+
+    ns = parse_lengths(lengths)
+    counts = parse_counts(samples, ns)
+    settings = GateSettings(
+        block_size=block_size, gate_dim=gate_dim, per_query_head=per_query_head, steps=steps, lr=lr, seed=seed
+    )
+    settings.check()
+    if (out / GATES_FILE).exists() and not force:
+        fail(f"{out / GATES_FILE} exists; pass --force to overwrite")
+    lm, tokenizer = load(model, dtype)
+    texts = calibration_set(
+        lm, tokenizer, lengths=ns, samples_per_length=counts, data=data, text_field=text_field,
+        mode="plain", seed=seed, progress=progress,
+    )  # fmt: skip
+    trained = train_gates(lm, texts, settings, work_dir=out / "work", progress=progress)
+    path = save_gates(trained, out, force=force)
+    report = gate_loss_report(trained, out)
+    typer.echo(
+        f"wrote {path} and {report}: KL per query-block row {trained.initial_loss:.4f} -> {trained.losses[-1]:.4f} "
+        f"(targets {trained.seconds['targets']:.0f} s, training {trained.seconds['training']:.0f} s)"
+    )
+
+
 # --- search
 
 

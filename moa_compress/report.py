@@ -428,3 +428,53 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
     finally:
         plt.close("all")
     return plots
+
+
+def gate_loss_report(trained, out_dir: str | Path) -> Path:
+    """``report.md`` for :func:`moa_compress.gates.train_gates`: the settings, the distillation loss
+    before and after, and the loss curve (``gate_loss.png`` when matplotlib is installed)."""
+    out = Path(out_dir)
+    s = trained.settings
+    curve = trained.losses
+    marks = sorted({0, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1})
+    lines = [
+        "# moa-compress gates",
+        "",
+        (
+            f"Model `{trained.model.name}`: {trained.model.num_layers} layers, one gate per layer, "
+            f"{'a gate head per query head' if s.per_query_head else 'a gate head per KV group'}; "
+            f"blocks of {s.block_size} tokens, gate width {s.gate_dim}."
+        ),
+        (
+            f"Distilled on {', '.join(f'{k} sample(s) of {n} tokens' for n, k in trained.samples.items())}; "
+            f"{s.steps} AdamW steps, lr {s.lr:g}. Targets {trained.seconds['targets']:.0f} s, "
+            f"training {trained.seconds['training']:.0f} s."
+        ),
+        "",
+        "Distillation loss, KL(dense block attention ‖ gate) per query-block row (nats):",
+        "",
+        *_table(
+            ["step", "loss"],
+            [["0 (initial)", f"{trained.initial_loss:.4f}"]]
+            + [[str(i + 1), f"{curve[i]:.4f}"] for i in marks],
+        ),
+    ]
+    if importlib.util.find_spec("matplotlib") is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3))
+        try:
+            ax.plot(range(len(curve) + 1), [trained.initial_loss, *curve])
+            ax.set_xlabel("step")
+            ax.set_ylabel("KL per query-block row (nats)")
+            ax.set_title("gate distillation loss")
+            _save(fig, out / "gate_loss.png")
+        finally:
+            plt.close(fig)
+        lines += ["", "![loss curve](gate_loss.png)"]
+    path = out / "report.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path

@@ -1,0 +1,553 @@
+"""Learned block gates (SeerAttention-style): which key blocks a query block needs, from pooled Q and K.
+
+A gate per layer looks at the layer's queries and keys *before* RoPE, pooled over blocks of
+``block_size`` tokens — queries by their mean, keys by their mean, max and min (concatenated, so a
+block with one sharp key still stands out) — projects them per head with small linear maps to
+``gate_dim``, applies RoPE at the blocks' first positions (so the score can still prefer nearby
+blocks), and scores ``q · kᵀ / √gate_dim`` with a block-causal mask → ``[B, H_gate, nQ, nK]``.
+
+GQA: by default a gate head per **KV group** (its query heads' pooled queries averaged), so one
+selection serves every query head that shares the KV head — a decode cache can then keep one set of
+blocks per KV head. ``per_query_head=True`` gives every query head its own gate head instead.
+
+Ground truth, from the dense model (:func:`block_targets`): per head, the 2-D max-pool of the
+softmax attention over each ``block_size × block_size`` block, each query-block row normalised to
+sum 1; for a KV group, the max over its query heads before normalising. Computed layer by layer and
+slab by slab of query rows (the profiler's way), so memory holds one slab of one layer's map.
+
+Training (:func:`train_gates`): distillation, ``KL(target ‖ softmax(gate scores))`` per query-block
+row, the base model frozen (only the gates see gradients), AdamW. The targets and pooled Q/K of each
+sample are computed once (one dense forward) and kept in the work folder, so an interrupted run
+resumes without another forward.
+
+Files (:func:`save_gates`): ``gates.safetensors`` with ``layers.{i}.q_proj`` ``[H_gate, D, gate_dim]``
+and ``layers.{i}.k_proj`` ``[H_gate, 3·D, gate_dim]`` float32, and ``gates.json`` recording those
+shapes and dtype, the settings, the model identity and the loss curve. No pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa_compress.data import CalibrationSample, progress_steps
+from moa_compress.errors import UserInputError
+from moa_compress.plan import ModelIdentity, atomic_write_bytes, identity_of, num_blocks
+
+GATES_FILE = "gates.json"
+GATES_TENSORS = "gates.safetensors"
+FORMAT = "moa-compress-gates"
+SCHEMA_VERSION = 1
+ATTENTION_NAME = "moa_compress_gate_targets"
+DEFAULT_SLAB_BYTES = 128 * 2**20  # float32 scratch of one slab of query rows in block_targets
+
+
+class GateError(UserInputError):
+    """Gate settings or files that cannot be used."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling and the gate
+
+
+def pool_queries(q: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of ``q [B, H, S, D]`` over each block of tokens -> ``[B, H, nB, D]`` (a ragged last block
+    averages the tokens it has)."""
+    b, h, s, d = q.shape
+    nb = num_blocks(s, block_size)
+    padded = F.pad(q, (0, 0, 0, nb * block_size - s)).view(b, h, nb, block_size, d)
+    counts = torch.full((nb,), float(block_size), device=q.device, dtype=q.dtype)
+    counts[-1] = s - (nb - 1) * block_size
+    return padded.sum(3) / counts[:, None]
+
+
+def pool_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean, max and min of ``k [B, H, S, D]`` over each block -> ``[B, H, nB, 3·D]``."""
+    b, h, s, d = k.shape
+    nb = num_blocks(s, block_size)
+    pad = nb * block_size - s
+    mean = pool_queries(k, block_size)
+    high = F.pad(k, (0, 0, 0, pad), value=float("-inf")).view(b, h, nb, block_size, d).amax(3)
+    low = F.pad(k, (0, 0, 0, pad), value=float("inf")).view(b, h, nb, block_size, d).amin(3)
+    return torch.cat([mean, high, low], dim=-1)
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE (half-split convention) of ``x [B, H, n, E]`` at ``positions [n]``."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # [n, E/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+class AttnGate(nn.Module):
+    """One layer's gate: pooled pre-RoPE Q/K -> block scores ``[B, H_gate, nQ, nK]`` (masked above the
+    block diagonal with ``-inf``).
+
+    ``num_heads``/``num_kv_heads``/``head_dim``: the layer's attention shape. ``H_gate`` is
+    ``num_kv_heads`` (default: one gate head per KV group) or ``num_heads`` (``per_query_head``).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        gate_dim: int = 64,
+        block_size: int = 64,
+        rope_theta: float = 10000.0,
+        per_query_head: bool = False,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise GateError(f"{num_heads} query heads do not split into {num_kv_heads} KV groups")
+        if gate_dim % 2:
+            raise GateError(f"gate_dim must be even (RoPE pairs), got {gate_dim}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.gate_dim, self.block_size, self.rope_theta = gate_dim, block_size, rope_theta
+        self.per_query_head = per_query_head
+        heads = num_heads if per_query_head else num_kv_heads
+        self.q_proj = nn.Parameter(torch.randn(heads, head_dim, gate_dim) / math.sqrt(head_dim))
+        self.k_proj = nn.Parameter(torch.randn(heads, 3 * head_dim, gate_dim) / math.sqrt(3 * head_dim))
+
+    @property
+    def gate_heads(self) -> int:
+        return self.q_proj.shape[0]
+
+    def forward(self, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
+        """``q_blocks [B, Hq, nQ, D]`` (pooled queries), ``k_blocks [B, Hkv, nK, 3·D]`` (pooled keys);
+        query block ``i`` is the ``nK - nQ + i``-th block of the sequence (bottom-right aligned)."""
+        b, hq, nq, d = q_blocks.shape
+        nk = k_blocks.shape[2]
+        group = hq // self.num_kv_heads
+        if self.per_query_head:
+            k_blocks = k_blocks.repeat_interleave(group, dim=1)  # [B, Hq, nK, 3D]
+        else:
+            q_blocks = q_blocks.view(b, self.num_kv_heads, group, nq, d).mean(2)  # [B, Hkv, nQ, D]
+        qg = torch.einsum("bhnd,hde->bhne", q_blocks.to(self.q_proj.dtype), self.q_proj)
+        kg = torch.einsum("bhnd,hde->bhne", k_blocks.to(self.k_proj.dtype), self.k_proj)
+        key_pos = torch.arange(nk, device=qg.device) * self.block_size
+        qg = _rotate(qg, key_pos[nk - nq :], self.rope_theta)
+        kg = _rotate(kg, key_pos, self.rope_theta)
+        scores = torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(self.gate_dim)  # [B, Hg, nQ, nK]
+        rows = torch.arange(nq, device=qg.device)[:, None] + (nk - nq)
+        return scores.masked_fill(torch.arange(nk, device=qg.device)[None, :] > rows, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ground truth from the dense model
+
+
+def block_targets(
+    query: torch.Tensor,  # [B, Hq, S, D] after RoPE
+    key: torch.Tensor,  # [B, Hkv, S, D] after RoPE
+    scale: float,
+    block_size: int,
+    per_query_head: bool = False,
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
+) -> torch.Tensor:
+    """The gate's target ``[B, H_gate, nB, nB]``: the max of the causal softmax attention over each block,
+    max over each KV group's query heads (unless ``per_query_head``), each row normalised to sum 1.
+
+    Slabs of whole query blocks bound the float32 scratch to about ``slab_bytes``.
+    """
+    b, hq, s, _ = query.shape
+    hkv = key.shape[1]
+    group = hq // hkv
+    nb = num_blocks(s, block_size)
+    work = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(work) * scale
+    k = key.to(work).repeat_interleave(group, dim=1)
+    pooled = torch.zeros(b, hq, nb, nb, dtype=work, device=query.device)
+    rows_per_slab = max(1, slab_bytes // (q.element_size() * b * hq * s * block_size)) * block_size
+    positions = torch.arange(s, device=query.device)
+    for r0 in range(0, s, rows_per_slab):
+        r1 = min(s, r0 + rows_per_slab)
+        scores = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2))  # [B, Hq, R, K]
+        scores[..., r0:].masked_fill_(positions[None, r0:r1] > positions[r0:r1, None], float("-inf"))
+        probs = scores.softmax(-1)
+        pad_r, pad_k = -(r1 - r0) % block_size, -r1 % block_size
+        probs = F.pad(probs, (0, pad_k, 0, pad_r))
+        nr, nk = probs.shape[2] // block_size, probs.shape[3] // block_size
+        pooled[:, :, r0 // block_size : r0 // block_size + nr, :nk] = probs.view(
+            b, hq, nr, block_size, nk, block_size
+        ).amax(dim=(3, 5))
+        del scores, probs
+    if not per_query_head:
+        pooled = pooled.view(b, hkv, group, nb, nb).amax(2)
+    return pooled / pooled.sum(-1, keepdim=True)
+
+
+@dataclass
+class _Capture:
+    """One forward's per-layer pooled queries/keys (pre-RoPE) and targets, filled by hooks."""
+
+    block_size: int
+    per_query_head: bool
+    slab_bytes: int
+    q_blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # [Hq, nB, D]
+    k_blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # [Hkv, nB, 3D]
+    targets: dict[int, torch.Tensor] = field(default_factory=dict)  # [H_gate, nB, nB]
+
+
+_ACTIVE: _Capture | None = None
+
+
+def _target_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function while computing targets: dense causal SDPA, plus the layer's target."""
+    if _ACTIVE is None:
+        raise RuntimeError("the gate-target attention ran outside gate_samples")
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError("gate targets need a full causal prefill (no KV cache)")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    cap = _ACTIVE
+    cap.targets[module.layer_idx] = (
+        block_targets(query, key, scale, cap.block_size, cap.per_query_head, cap.slab_bytes)[0].float().cpu()
+    )
+    out = F.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_layers(model) -> list[nn.Module]:
+    """The model's attention modules in layer order: those with a ``layer_idx`` and q/k projections."""
+    layers = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "q_proj") and hasattr(m, "k_proj")
+    ]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+@contextlib.contextmanager
+def _capturing(model, capture: _Capture) -> Iterator[None]:
+    """Hooks on each layer's q/k projections (their outputs are the pre-RoPE queries and keys) and the
+    target attention function; undone on exit."""
+    global _ACTIVE
+    from transformers import AttentionInterface
+
+    identity = identity_of(model)
+    d = identity.head_dim
+
+    def hook(layer: int, which: str):
+        def record(module, inputs, output):  # output [B, S, H * D]
+            x = output.detach().view(output.shape[0], output.shape[1], -1, d).transpose(1, 2).float()
+            pooled = pool_queries(x, capture.block_size) if which == "q" else pool_keys(x, capture.block_size)
+            (capture.q_blocks if which == "q" else capture.k_blocks)[layer] = pooled[0].cpu()
+
+        return record
+
+    handles = []
+    for attention in _attention_layers(model):
+        handles.append(attention.q_proj.register_forward_hook(hook(attention.layer_idx, "q")))
+        handles.append(attention.k_proj.register_forward_hook(hook(attention.layer_idx, "k")))
+    AttentionInterface.register(ATTENTION_NAME, _target_attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    _ACTIVE = capture
+    try:
+        yield
+    finally:
+        _ACTIVE = None
+        model.set_attn_implementation(previous)
+        for handle in handles:
+            handle.remove()
+
+
+def sample_targets(
+    model, input_ids: torch.Tensor, block_size: int = 64, per_query_head: bool = False,
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One dense forward of ``input_ids [S]``: per layer ``i``, ``q.{i}`` ``[Hq, nB, D]`` and ``k.{i}``
+    ``[Hkv, nB, 3D]`` (pooled pre-RoPE) and ``target.{i}`` ``[H_gate, nB, nB]`` (float32, CPU)."""
+    capture = _Capture(block_size, per_query_head, slab_bytes)
+    num_layers = identity_of(model).num_layers
+    with _capturing(model, capture), torch.no_grad():
+        model(input_ids=input_ids.to(model.device)[None], use_cache=False, logits_to_keep=1)
+    missing = [i for i in range(num_layers) if i not in capture.targets or i not in capture.q_blocks]
+    if missing:
+        raise GateError(
+            f"layers {missing} gave no queries/keys or attention; the model must call its attention through "
+            "AttentionInterface and name its projections q_proj / k_proj"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for i in range(num_layers):
+        out[f"q.{i}"], out[f"k.{i}"], out[f"target.{i}"] = (
+            capture.q_blocks[i],
+            capture.k_blocks[i],
+            capture.targets[i],
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """``gate_dim``: width of the projected block vectors; ``per_query_head``: a gate head per query head
+    (default: per KV group); ``steps``/``lr``/``weight_decay``: AdamW over all layers' gates at once,
+    every step on every sample; ``seed``: the gates' initialisation."""
+
+    block_size: int = 64
+    gate_dim: int = 64
+    per_query_head: bool = False
+    steps: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("block_size", "gate_dim", "steps"):
+            if getattr(self, name) < 1:
+                raise GateError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.gate_dim % 2:
+            raise GateError(f"--gate-dim must be even, got {self.gate_dim}")
+        if not self.lr > 0:
+            raise GateError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainedGates:
+    """``gates[i]``: layer ``i``'s :class:`AttnGate`; ``losses``: the mean distillation loss (KL per
+    query-block row, nats) after each step; ``initial_loss``: before training."""
+
+    model: ModelIdentity
+    settings: GateSettings
+    gates: list[AttnGate]
+    losses: list[float]
+    initial_loss: float
+    lengths: tuple[int, ...]
+    samples: dict[int, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def distillation_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over query-block rows of ``KL(target ‖ softmax(scores))``; ``scores`` and ``target``
+    ``[..., nQ, nK]``, masked scores are ``-inf`` (target 0 there)."""
+    log_q = scores.log_softmax(-1)
+    kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_q), torch.zeros_like(target))
+    return kl.sum(-1).mean()
+
+
+def _make_gates(identity: ModelIdentity, settings: GateSettings, rope_theta: float) -> list[AttnGate]:
+    torch.manual_seed(settings.seed)
+    return [
+        AttnGate(
+            identity.num_heads,
+            identity.num_kv_heads,
+            identity.head_dim,
+            settings.gate_dim,
+            settings.block_size,
+            rope_theta,
+            settings.per_query_head,
+        )
+        for _ in range(identity.num_layers)
+    ]
+
+
+def _rope_theta(model) -> float:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get(
+        "rope_theta"
+    )
+    return float(theta or 10000.0)
+
+
+def train_gates(
+    model,
+    samples: Mapping[int, Sequence[CalibrationSample]],
+    settings: GateSettings | None = None,
+    *,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainedGates:
+    """Distil one :class:`AttnGate` per layer from ``model``'s dense attention on ``samples``
+    (``{N: [sample, ...]}``; only their ``input_ids`` are used).
+
+    With ``work_dir`` each sample's pooled Q/K and targets are written there as they are computed and
+    read back on a rerun with the same model and settings (training itself takes seconds).
+    """
+    from moa_compress.data import model_digest
+
+    settings = settings or GateSettings()
+    settings.check()
+    if not samples or any(len(v) == 0 for v in samples.values()):
+        raise GateError("gate training needs at least one sample per length")
+    identity = identity_of(model)
+    work = Path(work_dir) if work_dir is not None else None
+    key = {"model_weights": model_digest(model), "block_size": settings.block_size,
+           "per_query_head": settings.per_query_head}  # fmt: skip
+    started = time.perf_counter()
+    data: list[dict[str, torch.Tensor]] = []
+    total = sum(len(v) for v in samples.values())
+    with progress_steps(progress, total, "gate targets") as step:
+        for n in sorted(samples):
+            for i, sample in enumerate(samples[n]):
+                path = work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
+                found = _load_targets(path, key) if path is not None else None
+                if found is None:
+                    found = sample_targets(
+                        model, sample.input_ids, settings.block_size, settings.per_query_head
+                    )
+                    if path is not None:
+                        _save_targets(path, found, key)
+                data.append(found)
+                step(f"gate targets at {n} tokens ({i + 1}/{len(samples[n])})")
+    targets_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    gates = _make_gates(identity, settings, _rope_theta(model))
+    params = [p for gate in gates for p in gate.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def loss_of_all() -> torch.Tensor:
+        total_loss = torch.zeros(())
+        for item in data:
+            for layer, gate in enumerate(gates):
+                scores = gate(item[f"q.{layer}"][None], item[f"k.{layer}"][None])[0]
+                total_loss = total_loss + distillation_loss(scores, item[f"target.{layer}"])
+        return total_loss / (len(data) * len(gates))
+
+    with torch.no_grad():
+        initial = float(loss_of_all())
+    losses: list[float] = []
+    with progress_steps(progress, settings.steps, "training gates") as step:
+        for _ in range(settings.steps):
+            optimizer.zero_grad()
+            loss = loss_of_all()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step(f"training gates (KL {losses[-1]:.4f})")
+    for gate in gates:
+        gate.requires_grad_(False)
+    return TrainedGates(
+        model=identity,
+        settings=settings,
+        gates=gates,
+        losses=losses,
+        initial_loss=initial,
+        lengths=tuple(sorted(samples)),
+        samples={n: len(samples[n]) for n in sorted(samples)},
+        seconds={"targets": round(targets_s, 2), "training": round(time.perf_counter() - started, 2)},
+    )
+
+
+def _save_targets(path: Path, tensors: Mapping[str, torch.Tensor], key: Mapping[str, Any]) -> None:
+    from safetensors.torch import save
+
+    body = save(
+        {k: v.contiguous() for k, v in tensors.items()}, metadata={"key": json.dumps(key, sort_keys=True)}
+    )
+    atomic_write_bytes(path, body)
+
+
+def _load_targets(path: Path, key: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """A finished sample's tensors, or None when absent, torn or made with another model/settings."""
+    if not path.exists():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != json.dumps(key, sort_keys=True):
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    except (OSError, SafetensorError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def save_gates(trained: TrainedGates, out_dir: str | Path, force: bool = False) -> Path:
+    """Write ``gates.json`` + ``gates.safetensors`` atomically; returns the JSON path."""
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    target = out / GATES_FILE
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists; pass --force to overwrite")
+    tensors = {}
+    for i, gate in enumerate(trained.gates):
+        tensors[f"layers.{i}.q_proj"] = gate.q_proj.detach().float().contiguous()
+        tensors[f"layers.{i}.k_proj"] = gate.k_proj.detach().float().contiguous()
+    atomic_write_bytes(out / GATES_TENSORS, save(tensors))
+    body = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "model": asdict(trained.model),
+        "settings": asdict(trained.settings),
+        "rope_theta": trained.gates[0].rope_theta,
+        "tensors": {name: {"shape": list(t.shape), "dtype": "float32"} for name, t in tensors.items()},
+        "lengths": list(trained.lengths),
+        "samples": {str(n): k for n, k in trained.samples.items()},
+        "initial_loss": trained.initial_loss,
+        "losses": trained.losses,
+        "seconds": trained.seconds,
+    }
+    atomic_write_bytes(target, (json.dumps(body, indent=1) + "\n").encode())
+    return target
+
+
+def load_gates(path: str | Path, model: Any = None) -> list[AttnGate]:
+    """Read :func:`save_gates`' files (a folder or its ``gates.json``); with ``model``, check the gates
+    were trained for it. Every tensor's shape is checked against the JSON; errors are one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    json_path = path / GATES_FILE if path.is_dir() else path
+    try:
+        body = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GateError(f"{json_path}: cannot read gates ({type(exc).__name__})") from None
+    if (
+        not isinstance(body, dict)
+        or body.get("format") != FORMAT
+        or body.get("schema_version") != SCHEMA_VERSION
+    ):
+        raise GateError(f"{json_path} is not a moa-compress gates file (format {FORMAT} v{SCHEMA_VERSION})")
+    identity = ModelIdentity(**body["model"])
+    if model is not None and identity_of(model).fingerprint != identity.fingerprint:
+        raise GateError(f"{json_path}: the gates were trained for another model ({identity.name})")
+    try:
+        tensors = load_file(str(json_path.parent / GATES_TENSORS))
+    except (OSError, SafetensorError) as exc:
+        raise GateError(
+            f"{json_path.parent / GATES_TENSORS}: missing or damaged ({type(exc).__name__})"
+        ) from None
+    settings = GateSettings(**body["settings"])
+    gates = _make_gates(identity, settings, float(body["rope_theta"]))
+    for i, gate in enumerate(gates):
+        for name in ("q_proj", "k_proj"):
+            key = f"layers.{i}.{name}"
+            found = tensors.get(key)
+            expected = tuple(getattr(gate, name).shape)
+            if (
+                found is None
+                or tuple(found.shape) != expected
+                or tuple(body["tensors"][key]["shape"]) != expected
+            ):
+                raise GateError(
+                    f"{json_path.parent / GATES_TENSORS}: {key} is missing or not of shape {expected}"
+                )
+            getattr(gate, name).data.copy_(found)
+        gate.requires_grad_(False)
+    return gates

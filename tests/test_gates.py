@@ -1,0 +1,179 @@
+"""Learned block gates: pooling, targets against brute force, gate shapes with GQA, training, files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moa_compress.data import CalibrationSample
+from moa_compress.gates import (
+    AttnGate,
+    GateError,
+    GateSettings,
+    block_targets,
+    distillation_loss,
+    load_gates,
+    pool_keys,
+    pool_queries,
+    sample_targets,
+    save_gates,
+    train_gates,
+)
+from tests.factories import tiny_model
+
+MODEL = {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 128, "max_pos": 1024}
+
+
+def test_pooling_over_ragged_blocks_by_brute_force():
+    x = torch.randn(2, 3, 70, 8, dtype=torch.float64)  # 70 tokens: blocks of 32, 32 and 6
+    q, k = pool_queries(x, 32), pool_keys(x, 32)
+    assert q.shape == (2, 3, 3, 8) and k.shape == (2, 3, 3, 24)
+    for i, (a, b) in enumerate(((0, 32), (32, 64), (64, 70))):
+        part = x[:, :, a:b]
+        torch.testing.assert_close(q[:, :, i], part.mean(2))
+        torch.testing.assert_close(k[:, :, i], torch.cat([part.mean(2), part.amax(2), part.amin(2)], -1))
+
+
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_targets_equal_brute_force_block_max_of_softmax(per_query_head):
+    torch.manual_seed(0)
+    b, hq, hkv, s, d, bs = 1, 6, 2, 75, 8, 16
+    q, k = torch.randn(b, hq, s, d, dtype=torch.float64), torch.randn(b, hkv, s, d, dtype=torch.float64)
+    scale = d**-0.5
+    # tiny slabs: several slabs, the last one ragged
+    got = block_targets(q, k, scale, bs, per_query_head, slab_bytes=1)
+    scores = (q @ k.repeat_interleave(3, 1).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    probs = scores.softmax(-1)
+    nb = -(-s // bs)
+    expected = torch.zeros(b, hq, nb, nb, dtype=torch.float64)
+    for i in range(nb):
+        for j in range(i + 1):
+            expected[:, :, i, j] = probs[:, :, i * bs : (i + 1) * bs, j * bs : (j + 1) * bs].amax((-1, -2))
+    if not per_query_head:
+        expected = expected.view(b, hkv, 3, nb, nb).amax(2)
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(got, expected)
+    assert torch.all(got.triu(1) == 0)
+    torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_gate_scores_shape_and_block_causal_mask_with_gqa(per_query_head):
+    gate = AttnGate(
+        num_heads=6, num_kv_heads=2, head_dim=8, gate_dim=4, block_size=16, per_query_head=per_query_head
+    )
+    q_blocks, k_blocks = torch.randn(3, 6, 5, 8), torch.randn(3, 2, 5, 24)
+    scores = gate(q_blocks, k_blocks)
+    assert scores.shape == (3, 6 if per_query_head else 2, 5, 5)
+    above = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    assert torch.isinf(scores[..., above]).all() and torch.isfinite(scores[..., ~above]).all()
+    # decode-style: the last query block against all key blocks, bottom-right aligned
+    last = gate(q_blocks[:, :, -1:], k_blocks)
+    torch.testing.assert_close(last, scores[:, :, -1:])
+    with pytest.raises(GateError, match="KV groups"):
+        AttnGate(num_heads=5, num_kv_heads=2, head_dim=8)
+
+
+def test_distillation_loss_is_zero_for_a_matching_gate_and_positive_otherwise():
+    target = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    scores = torch.tensor([[0.0, float("-inf")], [0.25, 0.75]]).log()
+    scores[0] = torch.tensor([0.0, float("-inf")])
+    assert float(distillation_loss(scores, target)) == pytest.approx(0.0, abs=1e-7)
+    assert float(distillation_loss(torch.tensor([[0.0, float("-inf")], [0.0, 0.0]]), target)) > 0.05
+
+
+def samples(n: int, count: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        CalibrationSample(
+            torch.randint(0, MODEL["vocab"], (n,), generator=g), torch.ones(n, dtype=torch.bool)
+        )
+        for _ in range(count)
+    ]
+
+
+def test_sample_targets_match_the_model_and_training_lowers_the_loss(tmp_path):
+    model = tiny_model("llama", **MODEL)
+    ids = samples(100, 1)[0].input_ids
+    found = sample_targets(model, ids, block_size=32)
+    assert found["q.0"].shape == (4, 4, 16) and found["k.1"].shape == (2, 4, 48)
+    assert found["target.0"].shape == (2, 4, 4)
+    # the model's pre-RoPE queries, pooled: q_proj of the normed embeddings, by hand for layer 0
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        x = layer.input_layernorm(model.model.embed_tokens(ids[None]))
+        q = layer.self_attn.q_proj(x).view(1, 100, 4, 16).transpose(1, 2)
+    torch.testing.assert_close(found["q.0"], pool_queries(q, 32)[0])
+
+    settings = GateSettings(block_size=32, gate_dim=8, steps=60, lr=1e-2)
+    trained = train_gates(model, {100: samples(100, 2), 160: samples(160, 1, seed=1)}, settings,
+                          work_dir=tmp_path / "work", progress=False)  # fmt: skip
+    assert len(trained.losses) == 60 and len(trained.gates) == 2
+    assert trained.losses[-1] < 0.7 * trained.initial_loss
+    assert len(list((tmp_path / "work").rglob("sample-*.safetensors"))) == 3
+
+    path = save_gates(trained, tmp_path / "gates")
+    body = json.loads(path.read_text())
+    assert body["tensors"]["layers.1.k_proj"] == {"shape": [2, 48, 8], "dtype": "float32"}
+    loaded = load_gates(tmp_path / "gates", model)
+    for a, b in zip(loaded, trained.gates, strict=True):
+        torch.testing.assert_close(a.q_proj, b.q_proj)
+        torch.testing.assert_close(a.k_proj, b.k_proj)
+    with pytest.raises(FileExistsError):
+        save_gates(trained, tmp_path / "gates")
+
+
+def test_damaged_gate_files_are_one_line_errors(tmp_path):
+    model = tiny_model("llama", **MODEL)
+    trained = train_gates(model, {64: samples(64, 1)}, GateSettings(block_size=32, gate_dim=8, steps=2),
+                          progress=False)  # fmt: skip
+    save_gates(trained, tmp_path)
+    tensors = tmp_path / "gates.safetensors"
+    good = tensors.read_bytes()
+    tensors.write_bytes(good[: len(good) // 2])
+    with pytest.raises(GateError, match="missing or damaged"):
+        load_gates(tmp_path)
+    tensors.unlink()
+    with pytest.raises(GateError, match="missing or damaged"):
+        load_gates(tmp_path)
+    from safetensors.torch import save
+
+    tensors.write_bytes(save({"layers.0.q_proj": torch.zeros(3, 3)}))
+    with pytest.raises(GateError, match="not of shape"):
+        load_gates(tmp_path)
+    other = tiny_model("llama", **{**MODEL, "heads": 2, "kv_heads": 1})
+    tensors.write_bytes(good)
+    with pytest.raises(GateError, match="another model"):
+        load_gates(tmp_path, other)
+    with pytest.raises(GateError, match="--gate-dim must be even"):
+        GateSettings(gate_dim=3).check()
+
+
+def test_train_gates_command_writes_gates_and_a_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+    from tests.factories import tiny_bpe_tokenizer
+
+    folder = tmp_path / "model"
+    tokenizer = tiny_bpe_tokenizer()
+    tiny_model("llama", **{**MODEL, "vocab": len(tokenizer)}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"The fox number {i} jumps over the lazy dog." for i in range(200)))
+    out = tmp_path / "gates"
+    args = ["train-gates", str(folder), "--out", str(out), "--data", str(text), "--lengths", "128,256",
+            "--samples", "1", "--block-size", "32", "--gate-dim", "8", "--steps", "20", "--dtype", "float32",
+            "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "KL per query-block row" in result.output
+    assert (out / "gates.json").is_file() and (out / "gates.safetensors").is_file()
+    assert "Distillation loss" in (out / "report.md").read_text()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "exists; pass --force" in again.output
+    bad = CliRunner().invoke(app, [*args, "--force", "--gate-dim", "7"])
+    assert bad.exit_code == 2 and "--gate-dim must be even" in bad.output and "Traceback" not in bad.output
