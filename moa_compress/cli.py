@@ -624,15 +624,22 @@ def train_gates_command(
     if (out / GATES_FILE).exists() and not force:
         fail(f"{out / GATES_FILE} exists; pass --force to overwrite")
     lm, tokenizer = load(model, dtype)
-    texts = calibration_set(
-        lm, tokenizer, lengths=ns, samples_per_length=counts, data=data, text_field=text_field,
-        mode="plain", seed=seed, progress=progress,
-    )  # fmt: skip
-    trained = train_gates(lm, texts, settings, work_dir=out / "work", progress=progress)
+
+    def windows(lengths, count, seed):
+        return calibration_set(
+            lm, tokenizer, lengths=lengths, samples_per_length=count, data=data, text_field=text_field,
+            mode="plain", seed=seed, progress=progress,
+        )  # fmt: skip
+
+    # One held-out window at the shortest length (another seed) says whether the gates generalise.
+    heldout = windows(ns[:1], 1, seed + 7919)
+    trained = train_gates(lm, windows(ns, counts, seed), settings, work_dir=out / "work", progress=progress,
+                          heldout=heldout)  # fmt: skip
     path = save_gates(trained, out, force=force)
     report = gate_loss_report(trained, out)
     typer.echo(
         f"wrote {path} and {report}: KL per query-block row {trained.initial_loss:.4f} -> {trained.losses[-1]:.4f} "
+        f"on the training samples, {trained.heldout['initial']:.4f} -> {trained.heldout['final']:.4f} held out "
         f"(targets {trained.seconds['targets']:.0f} s, training {trained.seconds['training']:.0f} s)"
     )
 

@@ -324,7 +324,8 @@ class GateSettings:
 @dataclass(frozen=True)
 class TrainedGates:
     """``gates[i]``: layer ``i``'s :class:`AttnGate`; ``losses``: the mean distillation loss (KL per
-    query-block row, nats) after each step; ``initial_loss``: before training."""
+    query-block row, nats) on the training samples at each step; ``initial_loss``: before training;
+    ``heldout``: the loss on held-out samples before and after training (when given)."""
 
     model: ModelIdentity
     settings: GateSettings
@@ -334,6 +335,7 @@ class TrainedGates:
     lengths: tuple[int, ...]
     samples: dict[int, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    heldout: dict[str, float] = field(default_factory=dict)  # "initial" / "final" loss on held-out samples
 
 
 def distillation_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -375,12 +377,14 @@ def train_gates(
     *,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    heldout: Mapping[int, Sequence[CalibrationSample]] | None = None,
 ) -> TrainedGates:
     """Distil one :class:`AttnGate` per layer from ``model``'s dense attention on ``samples``
-    (``{N: [sample, ...]}``; only their ``input_ids`` are used).
+    (``{N: [sample, ...]}``; only their ``input_ids`` are used). ``heldout`` samples, never trained on,
+    measure the loss before and after.
 
     With ``work_dir`` each sample's pooled Q/K and targets are written there as they are computed and
-    read back on a rerun with the same model and settings (training itself takes seconds).
+    read back on a rerun with the same model and settings (training itself takes a minute or two).
     """
     from moa_compress.data import model_digest
 
@@ -393,21 +397,24 @@ def train_gates(
     key = {"model_weights": model_digest(model), "block_size": settings.block_size,
            "per_query_head": settings.per_query_head}  # fmt: skip
     started = time.perf_counter()
-    data: list[dict[str, torch.Tensor]] = []
-    total = sum(len(v) for v in samples.values())
+    sets = {"train": samples, "heldout": heldout or {}}
+    data: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in sets}
+    total = sum(len(v) for group in sets.values() for v in group.values())
     with progress_steps(progress, total, "gate targets") as step:
-        for n in sorted(samples):
-            for i, sample in enumerate(samples[n]):
-                path = work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
-                found = _load_targets(path, key) if path is not None else None
-                if found is None:
-                    found = sample_targets(
-                        model, sample.input_ids, settings.block_size, settings.per_query_head
-                    )
-                    if path is not None:
-                        _save_targets(path, found, key)
-                data.append(found)
-                step(f"gate targets at {n} tokens ({i + 1}/{len(samples[n])})")
+        for name, group in sets.items():
+            for n in sorted(group):
+                for i, sample in enumerate(group[n]):
+                    folder = work / name / str(n) if work is not None else None
+                    path = folder / f"sample-{i:04d}.safetensors" if folder is not None else None
+                    found = _load_targets(path, key) if path is not None else None
+                    if found is None:
+                        found = sample_targets(
+                            model, sample.input_ids, settings.block_size, settings.per_query_head
+                        )
+                        if path is not None:
+                            _save_targets(path, found, key)
+                    data[name].append(found)
+                    step(f"gate targets ({name}) at {n} tokens ({i + 1}/{len(group[n])})")
     targets_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -415,27 +422,31 @@ def train_gates(
     params = [p for gate in gates for p in gate.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
-    def loss_of_all() -> torch.Tensor:
+    def loss_of_all(items: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         total_loss = torch.zeros(())
-        for item in data:
+        for item in items:
             for layer, gate in enumerate(gates):
                 scores = gate(item[f"q.{layer}"][None], item[f"k.{layer}"][None])[0]
                 total_loss = total_loss + distillation_loss(scores, item[f"target.{layer}"])
-        return total_loss / (len(data) * len(gates))
+        return total_loss / (len(items) * len(gates))
 
     with torch.no_grad():
-        initial = float(loss_of_all())
+        initial = float(loss_of_all(data["train"]))
+        heldout_losses = {"initial": float(loss_of_all(data["heldout"]))} if data["heldout"] else {}
     losses: list[float] = []
     with progress_steps(progress, settings.steps, "training gates") as step:
         for _ in range(settings.steps):
             optimizer.zero_grad()
-            loss = loss_of_all()
+            loss = loss_of_all(data["train"])
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
             step(f"training gates (KL {losses[-1]:.4f})")
     for gate in gates:
         gate.requires_grad_(False)
+    if data["heldout"]:
+        with torch.no_grad():
+            heldout_losses["final"] = float(loss_of_all(data["heldout"]))
     return TrainedGates(
         model=identity,
         settings=settings,
@@ -445,6 +456,7 @@ def train_gates(
         lengths=tuple(sorted(samples)),
         samples={n: len(samples[n]) for n in sorted(samples)},
         seconds={"targets": round(targets_s, 2), "training": round(time.perf_counter() - started, 2)},
+        heldout=heldout_losses,
     )
 
 
@@ -500,6 +512,7 @@ def save_gates(trained: TrainedGates, out_dir: str | Path, force: bool = False) 
         "samples": {str(n): k for n, k in trained.samples.items()},
         "initial_loss": trained.initial_loss,
         "losses": trained.losses,
+        "heldout_loss": trained.heldout,
         "seconds": trained.seconds,
     }
     atomic_write_bytes(target, (json.dumps(body, indent=1) + "\n").encode())

@@ -459,6 +459,14 @@ def gate_loss_report(trained, out_dir: str | Path) -> Path:
             + [[str(i + 1), f"{curve[i]:.4f}"] for i in marks],
         ),
     ]
+    if trained.heldout:
+        lines += [
+            "",
+            (
+                f"On held-out samples (never trained on): {trained.heldout['initial']:.4f} before, "
+                f"{trained.heldout['final']:.4f} after."
+            ),
+        ]
     if importlib.util.find_spec("matplotlib") is not None:
         import matplotlib
 
