@@ -147,6 +147,55 @@ class AttnGate(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Selection: top-k key blocks per query-block row, density exact for any input
+
+
+def selection_density(k: int, n: int, block_size: int) -> float:
+    """Exact fraction of the causal pairs at length ``n`` computed when every query-block row keeps
+    ``min(k, row + 1)`` key blocks, the diagonal among them (``k >= 1``). Input-independent: off-diagonal
+    key blocks are all full (only the last block may be ragged, and it is only ever a diagonal)."""
+    nb = num_blocks(n, block_size)
+    sizes = torch.clamp(n - torch.arange(nb, dtype=torch.float64) * block_size, max=block_size)  # rows
+    off_diagonal = torch.clamp(
+        torch.minimum(torch.arange(nb, dtype=torch.float64) + 1, torch.tensor(k)) - 1, min=0
+    )
+    kept = sizes * (sizes + 1) / 2 + off_diagonal * block_size * sizes
+    return float(kept.sum() / (n * (n + 1) / 2))
+
+
+def blocks_for_density(density: float, n: int, block_size: int) -> int:
+    """The most key blocks per row (at least 2: the sink and the diagonal) whose
+    :func:`selection_density` at ``n`` stays within ``density``; 2 when even that exceeds it."""
+    nb = num_blocks(n, block_size)
+    best = min(2, nb)
+    for k in range(2, nb + 1):
+        if selection_density(k, n, block_size) <= density + 1e-12:
+            best = k
+        else:
+            break
+    return best
+
+
+def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Block mask ``[B, H, nQ, nK]`` (bool) from gate ``scores`` (``-inf`` above the block diagonal,
+    bottom-right aligned): each row keeps the sink block 0, its diagonal block and the ``k - 2``
+    best-scoring others (``k < 2`` counts as 2); rows with at most ``k`` causal blocks keep them all.
+    Density at length N is :func:`selection_density` of ``k``, whatever the scores. Batched over every head
+    and row (no Python loop); a row is never empty."""
+    b, h, nq, nk = scores.shape
+    rows = torch.arange(nq, device=scores.device)[:, None] + (nk - nq)  # each row's diagonal block
+    cols = torch.arange(nk, device=scores.device)[None, :]
+    causal = cols <= rows
+    forced = (cols == 0) | (cols == rows)
+    ranked = scores.masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
+    take = min(max(k, 2), nk)  # the sink and the diagonal are never dropped
+    top = ranked.topk(take, dim=-1).indices  # [B, H, nQ, take]
+    mask = torch.zeros(b, h, nq, nk, dtype=torch.bool, device=scores.device)
+    mask.scatter_(-1, top, True)
+    return mask & causal
+
+
+# ----------------------------------------------------------------------------------------------
 # Ground truth from the dense model
 
 

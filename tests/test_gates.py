@@ -179,3 +179,35 @@ def test_train_gates_command_writes_gates_and_a_report(tmp_path):
     assert again.exit_code == 2 and "exists; pass --force" in again.output
     bad = CliRunner().invoke(app, [*args, "--force", "--gate-dim", "7"])
     assert bad.exit_code == 2 and "--gate-dim must be even" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("n", [64, 200, 1000, 1029])
+def test_selection_keeps_sink_and_diagonal_never_empties_a_row_and_meets_its_density(n):
+    from moa_compress.gates import blocks_for_density, select_blocks, selection_density
+    from moa_compress.plan import causal_block_pairs, num_blocks
+
+    bs = 64
+    nb = num_blocks(n, bs)
+    pairs = causal_block_pairs(n, bs)
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    for k in range(1, nb + 2):
+        scores = torch.randn(2, 3, nb, nb).masked_fill(~causal, float("-inf"))
+        mask = select_blocks(scores, k)
+        assert not (mask & ~causal).any()
+        assert mask.diagonal(dim1=-2, dim2=-1).all() and mask[..., 0].all()
+        assert (mask.sum(-1) == torch.clamp(torch.arange(nb) + 1, max=max(k, 2))).all()
+        # the best-scoring free blocks are the ones kept
+        free = causal & ~torch.eye(nb, dtype=torch.bool)
+        free[:, 0] = False
+        weakest_kept = scores.masked_fill(~(mask & free), float("inf")).amin(-1)
+        best_dropped = scores.masked_fill(~(free & ~mask), float("-inf")).amax(-1)
+        assert (best_dropped <= weakest_kept).all()
+        counted = (pairs * mask[0, 0]).sum() / pairs.sum()
+        assert float(counted) == pytest.approx(
+            selection_density(max(k, 2) if nb > 1 else 1, n, bs), abs=1e-12
+        )
+    for density in (0.1, 0.25, 0.5, 1.0):
+        k = blocks_for_density(density, n, bs)
+        assert selection_density(k, n, bs) <= density + 1e-12 or k == min(2, nb)
+        if k < nb:
+            assert selection_density(k + 1, n, bs) > density
