@@ -393,3 +393,30 @@ def _run_gather(q, k, v, layout: BlockLayout, scale: float, out: torch.Tensor) -
                 )
                 keep = (rows < sq).flatten()
                 out_rows[q_at[keep]] = o.reshape(-1, d)[keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode: one new token per sequence against a planned cache
+
+
+def decode_attention_torch(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, C, D]
+    v: torch.Tensor,  # [B, Hkv, C, D]
+    visible: torch.Tensor,  # [B, Hq, C] bool
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D]
+    """:func:`reference.decode_attention_reference` as one fused SDPA call: a GQA group's query
+    heads become the rows of one query tile, so K/V are read once per group and never repeated.
+    Assumes every head sees at least one slot (in a planned cache a query always sees its own token)."""
+    b, hq, d = q.shape
+    hkv, capacity = k.shape[1], k.shape[2]
+    group = hq // hkv
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(b, hkv, group, d),  # [B, Hkv, G, D]: the group's heads as query rows
+        k,
+        v,
+        attn_mask=visible.view(b, hkv, group, capacity),
+        scale=scale,
+    )
+    return out.view(b, hq, d)
