@@ -145,8 +145,9 @@ def decode_attention(
     The decode step of a planned cache (:class:`moa_compress.runtime.PlanKVCache`): ``k``/``v``
     are its storage, ``visible`` says which slots hold keys the head's rule reaches. Slot order is
     irrelevant (a ring buffer is fine). Backends: ``reference`` (float64-capable specification) and
-    ``torch`` (one fused SDPA call, any device); ``auto`` is ``torch``. Shapes are checked, values
-    not (a check would cost a device sync per token): every head must see at least one slot.
+    ``torch`` (one fused SDPA call, any device); ``auto``, ``flex`` and ``triton`` run ``torch``
+    (the Triton decode kernel takes ``kv_lens`` + block lists, not a slot mask). Shapes are checked,
+    values not (a check would cost a device sync per token): every head must see at least one slot.
 
     Example::
 
