@@ -22,6 +22,11 @@ left-padded rows with different lengths are exact) and makes one fused attention
 Multi-token calls (the prompt, chunks of a long prompt) attend with the block-sparse kernels over
 the retained tokens in position order plus the new ones, then write what the storage keeps.
 
+How another rule kind joins (e.g. learned block gates, whose selection depends on the input): a
+storage class of its own — a full buffer, plus whatever state it updates per token (pooled key
+blocks) — whose :meth:`ClassStorage.visible` computes the step's selection; the step, the attention
+call and the Cache API stay as they are.
+
 Planned length and growth: rings are planned at ``max_length`` when given, else at the model's
 ``max_position_embeddings``, so their window is the one the rules ask for at that length (memory
 bounded by the rules). Full buffers start at ``max_length`` (else the prompt length plus
@@ -167,6 +172,12 @@ class ClassStorage:
         self.q_index = torch.tensor(kv.q_heads, device=device)
         self.all_heads = False
         self.rows = torch.arange(batch, device=device)
+
+    def visible(self, positions: torch.Tensor, block_size: int) -> torch.Tensor:  # [B, Hq_c, C] bool
+        """Slots each of the class's query heads sees from a query at ``positions`` [B]."""
+        return visible_slots(
+            self.slot_positions, positions, self.sink_tokens, self.alpha, self.beta, block_size
+        )
 
     def grow(self, capacity: int) -> None:
         """Enlarge a full buffer (slot = position) to ``capacity`` slots, keeping its contents."""
