@@ -227,12 +227,13 @@ class ClassStorage:
         evicted = (s // block_size, first_kept // block_size) if first_kept > s else (0, 0)
         return self.keys.index_select(2, slots), self.values.index_select(2, slots), evicted
 
-    def batch_map(self, fn) -> None:
-        """Apply a batch reordering ``fn`` to every buffer, in place when the batch size stays."""
+    def batch_map(self, fn, in_place: bool = True) -> None:
+        """Apply ``fn`` (a batch reordering, a device move) to every buffer; a reordering that keeps
+        the batch size writes back into the same buffers (beam search reorders at every step)."""
         for name in ("keys", "values", "slot_positions"):
             buf = getattr(self, name)
             new = fn(buf)
-            if new.shape == buf.shape:
+            if in_place and new.shape == buf.shape and new.device == buf.device:
                 buf.copy_(new)
             else:
                 setattr(self, name, new.contiguous())
@@ -386,9 +387,9 @@ class PlanKVLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise PlanRuntimeError("PlanKVCache drops keys for good and cannot be cropped")
 
-    def _batch_map(self, fn) -> None:
+    def _batch_map(self, fn, in_place: bool = True) -> None:
         for s in self.storage:
-            s.batch_map(fn)
+            s.batch_map(fn, in_place)
         if self.padding is not None:
             self.padding = fn(self.padding)
 
@@ -402,10 +403,10 @@ class PlanKVLayer(CacheLayerMixin):
         self._batch_map(lambda b: b[indices])
 
     def offload(self) -> None:
-        self._batch_map(lambda b: b.to("cpu", non_blocking=True))
+        self._batch_map(lambda b: b.to("cpu", non_blocking=True), in_place=False)
 
     def prefetch(self) -> None:
-        self._batch_map(lambda b: b.to(self.device, non_blocking=True))
+        self._batch_map(lambda b: b.to(self.device, non_blocking=True), in_place=False)
 
     def nbytes(self) -> tuple[int, int]:
         live = allocated = 0

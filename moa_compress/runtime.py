@@ -345,6 +345,8 @@ class PlanHandle:
           retained keys in position order plus the new ones, absent blocks skipped, then stored.
         """
         layer = stored.layer
+        if stored.start > 0 and query.shape[2] == 1:  # the per-step path: padding is known already
+            return layer.decode_step(query, stored, scale, self.backend)
         mask = None if attention_mask is None else as_bool_mask(attention_mask, stored.length)
         padded = mask is not None and not is_plain_causal(mask)
         if stored.start == 0:
@@ -358,8 +360,6 @@ class PlanHandle:
             layer.check_length(stored.length)
             layer.store(stored)
             return out
-        if query.shape[2] == 1:
-            return layer.decode_step(query, stored, scale, self.backend)
         if layer.padding is not None or padded:
             raise PlanRuntimeError(
                 "PlanKVCache takes a padded batch's prompt in one call; later calls must be single tokens"
