@@ -76,6 +76,8 @@ class Task:
 class Schedule:
     tasks: tuple[Task, ...]  # empty when ``gather`` is chosen
     gather: bool
+    # Every query row belongs to some task, so the output needs no zero fill first.
+    covers_all_rows: bool = False
 
 
 def block_sparse_attention_torch(
@@ -99,7 +101,9 @@ def block_sparse_attention_torch(
 def run_schedule(q, k, v, layout: BlockLayout, schedule: Schedule, scale: float) -> torch.Tensor:
     """Execute ``schedule`` (from :func:`build_schedule` for ``layout``) on CPU tensors."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.zeros_like(q)
+    # Zero-filling an 8K output is a memory pass that barely scales with threads: skip it when
+    # the tasks write every row (rows that see no key are written as zeros by the merge).
+    out = torch.empty_like(q) if schedule.covers_all_rows else torch.zeros_like(q)
     if schedule.gather:
         _run_gather(q, k, v, layout, scale, out)
     else:
@@ -173,7 +177,9 @@ def build_schedule(layout: BlockLayout, num_kv_heads: int, allow_gather: bool = 
     calls = sum(len(t.pieces) * len(head_ranges(t.heads, layout.num_heads // num_kv_heads)) for t in tasks)
     if allow_gather and calls > max(16, units * _MAX_CALLS_PER_UNIT):
         return Schedule((), gather=True)
-    return Schedule(tuple(tasks), gather=False)
+    return Schedule(
+        tuple(tasks), gather=False, covers_all_rows=units == selected.shape[0] * layout.num_heads * nq
+    )
 
 
 def _split_run(a: int, e: int, p0: int, p1: int) -> list[tuple[str, int, int, str, int]]:
@@ -336,8 +342,14 @@ def merge_partials(partial: list[tuple[torch.Tensor, torch.Tensor]], out: torch.
         return
     acc = torch.promote_types(partial[0][0].dtype, torch.float32)
     lse = torch.stack([p[1] for p in partial]).to(acc)  # [P, ..., S]
-    weights = (lse - torch.logsumexp(lse, 0)).exp_().nan_to_num_(0.0).unsqueeze(-1)
-    merged = partial[0][0] * weights[0]
+    weights = lse.sub_(torch.logsumexp(lse, 0)).exp_().nan_to_num_(0.0).unsqueeze(-1)
+    # Accumulate into the first partial (the op's own output, ours to overwrite) when it can hold
+    # the sum at full precision: no new output-sized buffers, each a memory pass and page faults.
+    merged = partial[0][0]
+    if merged.dtype == acc:
+        merged.mul_(weights[0])
+    else:
+        merged = merged * weights[0]
     for (o, _), w in zip(partial[1:], weights[1:], strict=True):
         merged.addcmul_(o, w)
     out.copy_(merged.view(out.shape))
@@ -381,3 +393,30 @@ def _run_gather(q, k, v, layout: BlockLayout, scale: float, out: torch.Tensor) -
                 )
                 keep = (rows < sq).flatten()
                 out_rows[q_at[keep]] = o.reshape(-1, d)[keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode: one new token per sequence against a planned cache
+
+
+def decode_attention_torch(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, C, D]
+    v: torch.Tensor,  # [B, Hkv, C, D]
+    visible: torch.Tensor,  # [B, Hq, C] bool
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D]
+    """:func:`reference.decode_attention_reference` as one fused SDPA call: a GQA group's query
+    heads become the rows of one query tile, so K/V are read once per group and never repeated.
+    Assumes every head sees at least one slot (in a planned cache a query always sees its own token)."""
+    b, hq, d = q.shape
+    hkv, capacity = k.shape[1], k.shape[2]
+    group = hq // hkv
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(b, hkv, group, d),  # [B, Hkv, G, D]: the group's heads as query rows
+        k,
+        v,
+        attn_mask=visible.view(b, hkv, group, capacity),
+        scale=scale,
+    )
+    return out.view(b, hq, d)

@@ -123,3 +123,64 @@ def block_sparse_attention(
     module_name, fn_name = _IMPLEMENTATIONS[name]
     fn = getattr(importlib.import_module(module_name), fn_name)
     return fn(q, k, v, layout.to(q.device), scale)
+
+
+_DECODE_IMPLEMENTATIONS = {
+    "reference": ("moa_compress.kernels.reference", "decode_attention_reference"),
+    "torch": ("moa_compress.kernels.cpu", "decode_attention_torch"),
+}
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, C, D]
+    v: torch.Tensor,  # [B, Hkv, C, D]
+    visible: torch.Tensor,  # [B, Hq, C] bool
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:  # [B, Hq, D]
+    """Attention of one new token per sequence over the cache slots each query head may see.
+
+    The decode step of a planned cache (:class:`moa_compress.runtime.PlanKVCache`): ``k``/``v``
+    are its storage, ``visible`` says which slots hold keys the head's rule reaches. Slot order is
+    irrelevant (a ring buffer is fine). Backends: ``reference`` (float64-capable specification) and
+    ``torch`` (one fused SDPA call, any device); ``auto``, ``flex`` and ``triton`` run ``torch``
+    (the Triton decode kernel takes ``kv_lens`` + block lists, not a slot mask). Shapes are checked,
+    values not (a check would cost a device sync per token): every head must see at least one slot.
+
+    Example::
+
+        >>> q = torch.randn(2, 9, 64); k = v = torch.randn(2, 3, 128, 64)
+        >>> visible = torch.ones(2, 9, 128, dtype=torch.bool)
+        >>> decode_attention(q, k, v, visible).shape
+        torch.Size([2, 9, 64])
+    """
+    if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape:
+        raise AttentionInputError(
+            f"decode takes q [B, Hq, D] and k, v [B, Hkv, C, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    b, hq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or k.shape[1] == 0 or hq % k.shape[1]:
+        raise AttentionInputError(
+            f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} (Hq a multiple of Hkv)"
+        )
+    if tuple(visible.shape) != (b, hq, k.shape[2]) or visible.dtype != torch.bool:
+        raise AttentionInputError(
+            f"visible must be bool [B, Hq, C] = {[b, hq, k.shape[2]]}; got {visible.dtype} {tuple(visible.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise AttentionInputError(
+            f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device == visible.device):
+        raise AttentionInputError("q, k, v, visible must be on one device")
+    name = "torch" if backend in ("auto", "flex", "triton") else backend
+    if name not in _DECODE_IMPLEMENTATIONS:
+        raise AttentionInputError(
+            f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}"
+        )
+    module_name, fn_name = _DECODE_IMPLEMENTATIONS[name]
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    return fn(q, k, v, visible, 1.0 / math.sqrt(d) if scale is None else scale)

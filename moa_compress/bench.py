@@ -283,95 +283,166 @@ def dynamic_cache_bytes(cache: Any) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
-def time_decode(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> float:
-    """Prefill ``ids`` into ``cache``, then greedy-decode ``new_tokens`` one at a time; returns
-    seconds per decoded token (the prefill not counted)."""
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def random_kv(model: Any, batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random keys/values ``[B, Hkv, length, D]`` in the model's dtype, shared by every layer (the
+    speed of a step does not depend on the values)."""
+    config = model.config
+    kv_heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, kv_heads, length, head_dim)
+    return tuple(torch.randn(shape, generator=g).to(model.dtype).to(model.device) for _ in range(2))
+
+
+def filled_dynamic_cache(model: Any, batch: int, length: int) -> Any:
+    """A ``DynamicCache`` holding ``length`` random tokens per layer (one copy per layer)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    keys, values = random_kv(model, batch, length)
+    for layer in range(model.config.num_hidden_layers):
+        cache.update(keys.clone(), values.clone(), layer)
+    return cache
+
+
+def filled_plan_cache(model: Any, plan: Any, batch: int, length: int, max_length: int) -> Any:
+    """A :class:`PlanKVCache` planned for ``max_length`` and filled as after a ``length``-token
+    prompt: every layer stores what it keeps of random keys/values (no model forward)."""
+    from moa_compress.kvcache import PlanKVCache
+
+    cache = PlanKVCache(model.config, plan, max_length=max_length)
+    keys, values = random_kv(model, batch, length)
+    for layer in cache.layers:
+        stored = layer.update(keys, values)[0]
+        layer.plan_storage(keys, None)
+        layer.store(stored)
+    return cache
+
+
+def time_steps(model: Any, cache: Any, batch: int, steps: int) -> float:
+    """Seconds per decode step of ``batch`` sequences through ``cache`` (one untimed step first)."""
     from moa_compress.runtime import cache_kwarg
 
-    with_cache = {cache_kwarg(model): cache, "use_cache": True}
+    kwargs = {cache_kwarg(model): cache, "use_cache": True}
+    token = torch.ones(batch, 1, dtype=torch.long, device=model.device)
     with torch.no_grad():
-        logits = model(input_ids=ids, logits_to_keep=1, **with_cache).logits
+        model(input_ids=token, **kwargs)
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            token = logits[:, -1:].argmax(-1)
-            logits = model(input_ids=token, **with_cache).logits
-        return (time.perf_counter() - start) / new_tokens
+        for _ in range(steps):
+            model(input_ids=token, **kwargs)
+        return (time.perf_counter() - start) / steps
 
 
 def bench_decode(
     model: Any,
-    contexts: Sequence[int] = (2048, 4096),
-    density: float = 0.25,
+    contexts: Sequence[int] = (2048, 8192),
+    densities: Sequence[float] = (0.5, 0.25),
+    batches: Sequence[int] = (1, 16, 32),
     backend: str = "torch",
     *,
-    new_tokens: int = 32,
-    repeats: int = 2,
+    steps: int = 8,
+    budget_bytes: int = 4 << 30,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Decoding after a prompt of each length: dense attention with a full ``DynamicCache`` vs a
-    uniform plan of ``density`` with :class:`PlanKVCache`. Per context: ms per token (best of
-    ``repeats`` runs of ``new_tokens`` tokens) and KV-cache bytes after decoding."""
-    from transformers import DynamicCache
+    """Decode steps after a context of each length: dense attention with a ``DynamicCache`` vs a
+    uniform plan of each density with :class:`PlanKVCache`, at each batch size.
+
+    The caches are filled with random keys/values of the shapes a prompt would leave (no prefill of
+    32 x 8K tokens); the timed steps are real model forwards. One row per (context, variant, batch):
+    ``ms_per_step``, ``tokens_per_s``, ``kv_bytes`` (allocated), ``rss_bytes`` (process RSS after
+    the steps), and per (context, variant) a row with ``budget_batch``: the largest batch whose KV
+    fits ``budget_bytes``, timed at that batch.
+    """
+    import gc
 
     from moa_compress.plan import identity_of, uniform_plan
-    from moa_compress.runtime import PlanKVCache, apply_plan
+    from moa_compress.runtime import apply_plan
 
     check_backends([backend])
+    for d in densities:
+        if not 0.0 < d < 1.0:
+            raise BenchError(f"densities must be in (0, 1), got {d}")
+    if min(batches) < 1 or steps < 1:
+        raise BenchError("batches and steps must be positive")
     identity = identity_of(model)
-    rows = []
-    for n in contexts:
-        plan = uniform_plan(identity, density, [n + new_tokens], block_size=64)
-        ids = random_tokens(model, n)
-        dense_s = plan_s = float("inf")
-        for _ in range(repeats):
-            dense_cache = DynamicCache(config=model.config)
-            dense_s = min(dense_s, time_decode(model, ids, dense_cache, new_tokens))
+    config = model.config
+    rows: list[dict[str, Any]] = []
+
+    def run(context: int, name: str, batch: int, make_cache, plan=None, density=1.0, budget=False):
+        gc.collect()
+        cache = make_cache(batch)
+        if plan is None:
+            seconds = time_steps(model, cache, batch, steps)
+            kv = dynamic_cache_bytes(cache)
+        else:
             with apply_plan(model, plan, backend=backend):
-                plan_cache = PlanKVCache(model.config, plan)
-                plan_s = min(plan_s, time_decode(model, ids, plan_cache, new_tokens))
-        memory = plan_cache.memory()
+                seconds = time_steps(model, cache, batch, steps)
+            kv = cache.memory()["allocated_bytes"]
         row = {
-            "context": n,
-            "new_tokens": new_tokens,
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "density": round(plan.density(n + new_tokens), 4),
-            "dense_ms_per_token": dense_s * 1e3,
-            "plan_ms_per_token": plan_s * 1e3,
-            "speedup": dense_s / plan_s,
-            "dense_kv_bytes": dynamic_cache_bytes(dense_cache),
-            "plan_kv_bytes": memory["stored_bytes"],
-            "kv_fraction": memory["stored_bytes"] / dynamic_cache_bytes(dense_cache),
+            "context": context,
+            "variant": name,
+            "density": round(density, 4),
+            "batch": batch,
+            "budget_row": budget,
+            "ms_per_step": seconds * 1e3,
+            "tokens_per_s": batch / seconds,
+            "kv_bytes": kv,
+            "rss_bytes": rss_bytes(),
         }
+        del cache
         rows.append(row)
         if progress:
             progress(decode_table([row]).splitlines()[-1])
+        return row
+
+    element = torch.empty((), dtype=model.dtype).element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for n in contexts:
+        final = n + steps + 1
+        variants: list[tuple[str, Any, float]] = [("dense", None, 1.0)]
+        for d in densities:
+            plan = uniform_plan(identity, d, [final], block_size=64)
+            variants.append((f"plan d={d}", plan, plan.density(final)))
+        for name, plan, density in variants:
+            if plan is None:
+                make = lambda b, n=n: filled_dynamic_cache(model, b, n)
+                per_sequence = (
+                    2 * config.num_hidden_layers * config.num_key_value_heads * final * head_dim * element
+                )
+            else:
+                make = lambda b, n=n, plan=plan, final=final: filled_plan_cache(model, plan, b, n, final)
+                probe = make(1)
+                per_sequence = probe.memory()["allocated_bytes"]
+                del probe
+            for batch in batches:
+                run(n, name, batch, make, plan, density)
+            run(n, name, max(1, budget_bytes // per_sequence), make, plan, density, budget=True)
     return rows
 
 
 def decode_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = [
-        "context",
-        "dtype",
-        "plan density",
-        "dense ms/token",
-        "plan ms/token",
-        "speedup",
-        "dense KV MiB",
-        "plan KV MiB",
-        "KV fraction",
-    ]
+    header = ["context", "variant", "density", "batch", "ms/step", "tokens/s", "KV MiB", "RSS MiB", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
             str(r["context"]),
-            r["dtype"],
+            r["variant"],
             f"{r['density']:.3f}",
-            f"{r['dense_ms_per_token']:.1f}",
-            f"{r['plan_ms_per_token']:.1f}",
-            f"{r['speedup']:.2f}x",
-            f"{r['dense_kv_bytes'] / 2**20:.1f}",
-            f"{r['plan_kv_bytes'] / 2**20:.1f}",
-            f"{r['kv_fraction']:.3f}",
+            str(r["batch"]),
+            f"{r['ms_per_step']:.1f}",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['kv_bytes'] / 2**20:.1f}",
+            f"{r['rss_bytes'] / 2**20:.0f}",
+            "largest batch in the KV budget" if r["budget_row"] else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

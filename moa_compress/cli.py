@@ -317,33 +317,39 @@ def bench_prefill_cmd(
 @user_errors
 def bench_decode_cmd(
     model: ModelArg = None,
-    contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "2048,4096",
-    density: Annotated[float, typer.Option(help="Density of the uniform plan.")] = 0.25,
+    contexts: Annotated[str, typer.Option(help="Comma-separated context lengths.")] = "2048,8192",
+    densities: Annotated[str, typer.Option(help="Densities of the uniform plans.")] = "0.5,0.25",
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16,32",
+    budget_gib: Annotated[float, typer.Option(help="KV budget for the largest-batch rows, GiB.")] = 4.0,
     backend: Annotated[str, typer.Option(help="Attention backend for the plan: torch or flex.")] = "torch",
-    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per timed run.")] = 32,
+    steps: Annotated[int, typer.Option(help="Timed decode steps per row.")] = 8,
     dtype: ModelDtypeOpt = "bfloat16",
-    repeats: RepeatsOpt = 2,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Decoding: ms/token and KV-cache bytes, dense DynamicCache vs plan + PlanKVCache."""
+    """Decode steps: ms/step, tokens/s, KV bytes and RSS, dense DynamicCache vs plans + PlanKVCache,
+    per batch size, and the largest batch whose KV fits the budget."""
     import torch
 
     from moa_compress.bench import bench_decode, decode_table, machine
 
-    check_fraction(density, "--density")
-    if new_tokens < 1:
-        fail(f"--new-tokens must be positive, got {new_tokens}")
+    density_list = parse_list(densities, "--densities")
+    for d in density_list:
+        check_fraction(d, "--densities")
+    batches = parse_list(batch, "--batch", int)
+    if steps < 1 or min(batches) < 1 or budget_gib <= 0:
+        fail("--steps, --batch and --budget-gib must be positive")
     torch.set_num_threads(threads)
     net, _ = load(model, dtype)
     typer.echo(f"machine: {machine()}", err=True)
     rows = bench_decode(
         net,
         parse_lengths(contexts, "--contexts"),
-        density,
+        density_list,
+        batches,
         backend,
-        new_tokens=new_tokens,
-        repeats=repeats,
+        steps=steps,
+        budget_bytes=int(budget_gib * 2**30),
         progress=echo_progress,
     )
     if as_json:

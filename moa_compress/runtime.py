@@ -34,11 +34,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_compress.attention import block_sparse_attention
-from moa_compress.errors import UserInputError
+from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
+from moa_compress.kvcache import PlanKVCache, StoredKV
 from moa_compress.plan import DenseRule, Plan, Rule, StaticRule, identity_of, rule_key_blocks
 
 __all__ = [
@@ -51,10 +51,6 @@ __all__ = [
     "generate_reply",
     "remove_plan",
 ]
-
-
-class PlanRuntimeError(UserInputError):
-    """A plan cannot run on this model or these inputs (unsupported feature, mismatched plan)."""
 
 
 _HANDLE_ATTR = "_moa_plan_handle"
@@ -246,6 +242,16 @@ def is_plain_causal(mask: torch.Tensor) -> bool:  # mask [B, 1|H, Sq, Sk] bool
     return bool(mask[:, :, -1, :].all()) and bool((mask == causal_mask(q_len, kv_len, mask.device)).all())
 
 
+def left_padding(mask: torch.Tensor) -> torch.Tensor:  # mask [B, 1|H, Sq, Sk] bool -> [B] int64
+    """Padding columns at the start of each row, from the last query row of a padded batch's mask;
+    right or inner padding is refused (positions would not be a row's count of earlier tokens)."""
+    valid = mask[:, 0, -1, :]  # [B, Sk]: the last query sees every non-padding key
+    pad = (~valid).sum(-1)
+    if not torch.equal(valid, torch.arange(valid.shape[-1], device=valid.device)[None, :] >= pad[:, None]):
+        raise PlanRuntimeError("PlanKVCache supports left-padded batches only (padding before the tokens)")
+    return pad
+
+
 def as_bool_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:  # [B, 1|H, Sq, Sk]
     mask = attention_mask[..., :kv_len]
     if mask.dtype == torch.bool:
@@ -306,14 +312,10 @@ class PlanHandle:
             )
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
 
-        if isinstance(key, StoredKV):  # a PlanKVCache: per-KV-head storage without evicted blocks
+        if isinstance(key, StoredKV):  # a PlanKVCache layer: planned storage, see moa_compress.kvcache
             if key.plan != self.plan:
                 raise PlanRuntimeError("this PlanKVCache was built for a different plan than the applied one")
-            if attention_mask is not None and not is_plain_causal(as_bool_mask(attention_mask, key.length)):
-                raise PlanRuntimeError(
-                    "PlanKVCache does not support padded batches; generate without it (a DynamicCache)"
-                )
-            out = self.attend_stored(rules, query, key, scale)
+            out = self.attend_stored(rules, query, key, attention_mask, scale)
             return out.transpose(1, 2).contiguous(), None
 
         kv_len = key.shape[2]
@@ -331,32 +333,62 @@ class PlanHandle:
         rules: tuple[Rule, ...],
         query: torch.Tensor,  # [B, Hq, Sq, D]
         stored: StoredKV,
+        attention_mask: torch.Tensor | None,
         scale: float,
     ) -> torch.Tensor:  # [B, Hq, Sq, D]
-        """Attention over a PlanKVCache layer: one block-sparse call per KV head, whose storage
-        lacks the evicted blocks; the layout skips them (see :func:`plan_pieces`)."""
-        q_len = query.shape[2]
-        group = query.shape[1] // len(stored.keys)
-        outs = []
-        for h, (keys, values) in enumerate(zip(stored.keys, stored.values)):
-            head_rules = rules[h * group : (h + 1) * group]
-            pieces = self.layouts.get(
-                head_rules, self.plan.block_size, q_len, stored.length, query.device, stored.evicted[h]
+        """A call through a :class:`PlanKVCache` layer, one of three kinds:
+
+        * the first call (the prompt, possibly left-padded): attention over this call's keys as
+          without a cache, then the layer plans its storage and stores what it keeps;
+        * one token (decoding): the layer's per-step path, one fused call per storage class;
+        * later multi-token calls (chunked prefill, unpadded): block-sparse attention over the
+          retained keys in position order plus the new ones, absent blocks skipped, then stored.
+        """
+        layer = stored.layer
+        if stored.start > 0 and query.shape[2] == 1:  # the per-step path: padding is known already
+            return layer.decode_step(query, stored, scale, self.backend)
+        mask = None if attention_mask is None else as_bool_mask(attention_mask, stored.length)
+        padded = mask is not None and not is_plain_causal(mask)
+        if stored.start == 0:
+            if padded:
+                out = padded_attention(
+                    rules, self.plan.block_size, query, stored.keys, stored.values, mask, scale
+                )
+            else:
+                out = self.block_sparse(rules, query, stored.keys, stored.values, scale)
+            layer.plan_storage(stored.keys, left_padding(mask) if padded else None)
+            layer.check_length(stored.length)
+            layer.store(stored)
+            return out
+        if layer.padding is not None or padded:
+            raise PlanRuntimeError(
+                "PlanKVCache takes a padded batch's prompt in one call; later calls must be single tokens"
             )
-            q = query[:, h * group : (h + 1) * group]
+        layer.check_length(stored.length)
+        out = torch.empty_like(query)
+        for s in layer.storage:
+            keys, values, evicted = s.ordered(stored.start, self.plan.block_size)
+            keys = torch.cat([keys, stored.keys.index_select(1, s.kv_index)], dim=2)
+            values = torch.cat([values, stored.values.index_select(1, s.kv_index)], dim=2)
+            class_rules = tuple(rules[q] for q in s.kv.q_heads)
+            pieces = self.layouts.get(
+                class_rules, self.plan.block_size, query.shape[2], stored.length, query.device, evicted
+            )
+            q = query.index_select(1, s.q_index)
             rows = [
                 block_sparse_attention(
                     q[:, :, q_start:q_end],
-                    keys[:, None, : layout.kv_len],
-                    values[:, None, : layout.kv_len],
+                    keys[:, :, : layout.kv_len],
+                    values[:, :, : layout.kv_len],
                     layout,
                     scale=scale,
                     backend=self.backend,
                 )
                 for q_start, q_end, layout in pieces
             ]
-            outs.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=2))
-        return torch.cat(outs, dim=1)
+            out.index_copy_(1, s.q_index, rows[0] if len(rows) == 1 else torch.cat(rows, dim=2))
+        layer.store(stored)
+        return out
 
     def block_sparse(
         self,
@@ -505,237 +537,6 @@ def active_plan(model: Any) -> Plan | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding with per-KV-head windows
-
-
-def kept_blocks(
-    rules: Sequence[Rule], seen: int, incoming: int, block_size: int, max_length: int | None = None
-) -> tuple[int, int]:
-    """``(sink, start)``: the key blocks a KV head shared by ``rules`` must keep when ``incoming``
-    new tokens arrive after ``seen``: blocks ``< sink`` and ``>= start``; ``[sink, start)`` can go.
-
-    A call with queries at positions ``p`` and total length ``N`` needs, per static rule, key
-    blocks from ``p // block_size - band(N) + 1``. The current call has ``N = seen + incoming``.
-    Later calls are covered too, in two regimes:
-
-    * one token per call (decoding): a query in block ``b`` needs the most at the block's last
-      length ``(b + 1) * block_size``; from one block to the next ``b`` grows by one and ``band`` by
-      at most ``ceil(beta) <= 1``, so the current block's bound holds for every later token;
-    * with ``max_length``: any later call with ``N <= max_length`` (e.g. chunked prefill).
-
-    A later multi-token call beyond what was kept is refused by :func:`plan_pieces`. Dense rules
-    keep everything (``start = 0``).
-    """
-    if any(isinstance(r, DenseRule) for r in rules):
-        return 0, 0
-    b = seen // block_size
-    horizon = max(seen + incoming, (b + 1) * block_size, max_length or 0)
-    start = min(b - r.band_blocks(horizon, block_size) + 1 for r in rules)
-    return max(r.sink_blocks for r in rules), max(start, 0)
-
-
-class StoredKV:
-    """What :class:`PlanKVCache` hands the attention function in place of key/value tensors.
-
-    ``keys[h]``/``values[h]``: ``[B, L_h, D]`` stored tokens of KV head ``h`` in position order;
-    ``evicted[h] = (first, end)``: absolute key blocks ``[first, end)`` missing from them;
-    ``length``: tokens seen including the current call's; ``plan``: the plan the cache follows.
-    Only the plan's attention function understands it.
-    """
-
-    __slots__ = ("evicted", "keys", "length", "plan", "values")
-
-    def __init__(self, keys, values, evicted, length, plan):
-        self.keys, self.values, self.evicted, self.length, self.plan = keys, values, evicted, length, plan
-
-    def __getattr__(self, name: str):
-        raise PlanRuntimeError(
-            f"PlanKVCache storage has no tensor attribute {name!r}: it only works under apply_plan(model, plan) "
-            "with the same plan"
-        )
-
-
-class PlanKVLayer(CacheLayerMixin):
-    """One layer of a :class:`PlanKVCache`: per KV head a buffer ``[B, capacity, D]`` holding the
-    sink tokens followed by the kept window; evicted blocks are cut out once per block."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, groups: list[tuple[Rule, ...]], block_size: int, plan: Plan, max_length: int | None):
-        super().__init__()
-        self.groups = groups
-        self.block_size = block_size
-        self.plan = plan
-        self.max_length = max_length
-        self.reset()
-
-    def reset(self) -> None:
-        hkv = len(self.groups)
-        self.key_buffers: list[torch.Tensor | None] = [None] * hkv
-        self.value_buffers: list[torch.Tensor | None] = [None] * hkv
-        self.stored = [0] * hkv  # tokens in each buffer
-        self.evicted = [(0, 0)] * hkv
-        self.seen = 0
-        self.is_initialized = False
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-
-    def evict(self, h: int, incoming: int) -> None:
-        """Drop the blocks of KV head ``h`` that neither the incoming call nor later ones can see."""
-        sink, start = kept_blocks(self.groups[h], self.seen, incoming, self.block_size, self.max_length)
-        end = max(self.evicted[h][1], sink)
-        if start <= end:
-            return
-        bs = self.block_size
-        # Stored tokens: [0, sink*bs) then absolute [end*bs, seen); cut [end*bs, start*bs).
-        cut_from, cut = sink * bs, (start - end) * bs
-        for buf in (self.key_buffers[h], self.value_buffers[h]):
-            live = buf[:, cut_from + cut : self.stored[h]].clone()
-            buf[:, cut_from : cut_from + live.shape[1]] = live
-        self.stored[h] -= cut
-        self.evicted[h] = (sink, start)
-
-    def append(self, h: int, keys: torch.Tensor, values: torch.Tensor) -> None:  # [B, S, D]
-        need = self.stored[h] + keys.shape[1]
-        buf = self.key_buffers[h]
-        if buf is None or buf.shape[1] < need:
-            # Grow by a quarter (at least a block): amortised O(1) per token, little slack.
-            capacity = need + max(need // 4, self.block_size)
-            for name, new in (("key_buffers", keys), ("value_buffers", values)):
-                grown = new.new_empty(new.shape[0], capacity, new.shape[2])
-                old = getattr(self, name)[h]
-                if old is not None:
-                    grown[:, : self.stored[h]] = old[:, : self.stored[h]]
-                getattr(self, name)[h] = grown
-        self.key_buffers[h][:, self.stored[h] : need] = keys
-        self.value_buffers[h][:, self.stored[h] : need] = values
-        self.stored[h] = need
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[B, Hkv, S, D]`` keys/values; return :class:`StoredKV` for both."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        for h in range(len(self.groups)):
-            self.evict(h, key_states.shape[2])
-            self.append(h, key_states[:, h], value_states[:, h])
-        self.seen += key_states.shape[2]
-        view = StoredKV(
-            [buf[:, :n] for buf, n in zip(self.key_buffers, self.stored)],
-            [buf[:, :n] for buf, n in zip(self.value_buffers, self.stored)],
-            list(self.evicted),
-            self.seen,
-            self.plan,
-        )
-        return view, view
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise PlanRuntimeError("PlanKVCache drops keys for good and cannot be cropped")
-
-    def _map_buffers(self, fn) -> None:
-        self.key_buffers = [None if b is None else fn(b) for b in self.key_buffers]
-        self.value_buffers = [None if b is None else fn(b) for b in self.value_buffers]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_buffers(lambda b: b.index_select(0, beam_idx.to(b.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_buffers(lambda b: b.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_buffers(lambda b: b[indices])
-
-    def offload(self) -> None:
-        self._map_buffers(lambda b: b.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        self._map_buffers(lambda b: b.to(self.device, non_blocking=True))
-
-    def nbytes(self) -> tuple[int, int]:
-        """(bytes of stored tokens, bytes allocated) for keys and values together."""
-        live = allocated = 0
-        for bufs in (self.key_buffers, self.value_buffers):
-            for buf, n in zip(bufs, self.stored):
-                if buf is not None:
-                    per_token = buf.shape[0] * buf.shape[2] * buf.element_size()
-                    live += n * per_token
-                    allocated += buf.shape[1] * per_token
-        return live, allocated
-
-
-class PlanKVCache(Cache):
-    """A transformers ``Cache`` that keeps, per layer and KV head, only the keys/values the plan's
-    rules can still see: the sink blocks plus the band window (the union over the KV head's query
-    heads; a dense head keeps everything). Memory shrinks with the plan's density.
-
-    Use it under ``apply_plan(model, plan)`` with the same plan; generation then matches a full
-    cache token for token. Storage is ragged per KV head (``[B, L_h, D]`` buffers), so the attention
-    function runs one block-sparse call per KV head. Padded batches are not supported (the rules
-    count positions per row, the storage is shared by the batch): the attention function raises.
-    The whole prompt's KV is held during the prefill call and trimmed before the next one.
-
-    What is kept: for the prompt, then one token per call (``generate``), exactly what later
-    tokens can see. Rules whose band grows with the length (``beta > 0``) apply the band at a
-    call's total length to all its queries, so several *multi-token* calls (chunked prefill after
-    eviction) need ``max_length``: the cache then keeps what any call up to that length needs
-    (more memory for growing bands; no difference for fixed windows). A call that needs dropped
-    keys raises :class:`PlanRuntimeError` rather than compute something else.
-
-    Example::
-
-        with apply_plan(model, plan):
-            cache = PlanKVCache(model.config, plan)
-            model.generate(input_ids, past_key_values=cache, max_new_tokens=100)
-            print(cache.memory())
-    """
-
-    def __init__(self, config: Any, plan: Plan, max_length: int | None = None):
-        plan.check_model(identity_of(config))
-        self.plan = plan
-        kv_heads = plan.model.num_kv_heads
-        group = plan.model.num_heads // kv_heads
-        layers = [
-            PlanKVLayer(
-                [heads[h * group : (h + 1) * group] for h in range(kv_heads)],
-                plan.block_size,
-                plan,
-                max_length,
-            )
-            for heads in plan.rules
-        ]
-        super().__init__(layers=layers)
-
-    def memory(self) -> dict[str, int | float]:
-        """Bytes of stored keys/values, bytes allocated, the bytes a full cache would hold for the
-        same tokens, and ``fraction = stored / full``."""
-        live = allocated = full = 0
-        for layer in self.layers:
-            stored, alloc = layer.nbytes()
-            live, allocated = live + stored, allocated + alloc
-            for buf in layer.key_buffers:
-                if buf is not None:
-                    full += 2 * layer.seen * buf.shape[0] * buf.shape[2] * buf.element_size()
-        return {
-            "stored_bytes": live,
-            "allocated_bytes": allocated,
-            "full_bytes": full,
-            "fraction": live / full if full else 0.0,
-        }
-
-
-# ----------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -791,6 +592,7 @@ def generate_reply(
         else:
             with apply_plan(model, plan, backend=backend):
                 if plan_cache:
-                    options[cache_kwarg(model)] = PlanKVCache(model.config, plan)
+                    length = inputs["input_ids"].shape[1] + max_new_tokens
+                    options[cache_kwarg(model)] = PlanKVCache(model.config, plan, max_length=length)
                 out = model.generate(**inputs, **options)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

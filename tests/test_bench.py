@@ -65,7 +65,11 @@ def test_bench_prefill_and_decode_on_a_tiny_model():
     rows = bench_prefill(model, [512], density=0.5, backends=["torch"], repeats=1)
     assert rows[0]["n"] == 512 and rows[0]["density"] <= 0.5 and rows[0]["torch_s"] > 0
     assert "torch CPU-time speedup" in prefill_table(rows, ["torch"])
-    rows = bench_decode(model, [512], density=0.5, new_tokens=2, repeats=1)
-    assert 0 < rows[0]["kv_fraction"] < 1 and rows[0]["plan_ms_per_token"] > 0
-    assert "KV fraction" in decode_table(rows)
+    rows = bench_decode(model, [1024], [0.5], [1, 3], steps=2, budget_bytes=1 << 20)
+    by = {(r["variant"], r["batch"], r["budget_row"]): r for r in rows}
+    dense, plan = by[("dense", 3, False)], by[("plan d=0.5", 3, False)]
+    assert 0 < plan["kv_bytes"] < 0.75 * dense["kv_bytes"] and plan["ms_per_step"] > 0
+    budget = {r["variant"]: r["batch"] for r in rows if r["budget_row"]}
+    assert budget["plan d=0.5"] > budget["dense"]  # more sequences fit the same KV budget
+    assert "tokens/s" in decode_table(rows)
     assert model.config._attn_implementation == "sdpa"  # plans removed afterwards

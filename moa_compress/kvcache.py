@@ -1,0 +1,475 @@
+"""A decode cache planned once from the plan's rules, then filled and read in place at every step.
+
+Plan once, run per step. When a :class:`PlanKVCache` layer sees its first call (the prompt: batch
+size, dtype, device and padding are then known) it plans its storage. The KV heads of the layer are
+sorted into *classes* of equal capacity; each class owns one buffer pair ``[B, Hkv_c, capacity, D]``
+and a slot-position table ``[B, capacity]`` (the absolute position held by each slot, ``-1`` when
+empty). Two kinds of class:
+
+* **ring** — every query head of the KV head has a static rule. Capacity = sink + window: the sink
+  region holds positions ``[0, S)`` with ``S = max sink_blocks * block_size``; the ring holds the
+  last ``W`` positions from ``S`` on, ``W = max band_blocks(L) * block_size`` at the planned length
+  ``L``: a query at position ``p`` needs band blocks from ``p // bs - band + 1``, all inside the last
+  ``band * bs`` positions. Position ``t >= S`` lives in slot ``S + (t - S) % W``.
+* **full** — a KV head serving a dense head (or whose ring would not be smaller): slot = position.
+
+A decode step writes the new token's keys/values into its slot (one indexed write per class, no
+allocation of storage), updates the slot-position table, derives from it which slots each query
+head may see (a few elementwise ops on ``[B, Hq, capacity]``: positions, sinks and bands, per row, so
+left-padded rows with different lengths are exact) and makes one fused attention call per class
+(:func:`moa_compress.attention.decode_attention`). Nothing is built on the host per step.
+
+Multi-token calls (the prompt, chunks of a long prompt) attend with the block-sparse kernels over
+the retained tokens in position order plus the new ones, then write what the storage keeps.
+
+How another rule kind joins (e.g. learned block gates, whose selection depends on the input): a
+storage class of its own — a full buffer, plus whatever state it updates per token (pooled key
+blocks) — whose :meth:`ClassStorage.visible` computes the step's selection; the step, the attention
+call and the Cache API stay as they are.
+
+Planned length and growth: rings are planned at ``max_length`` when given, else at the model's
+``max_position_embeddings``, so their window is the one the rules ask for at that length (memory
+bounded by the rules). Full buffers start at ``max_length`` (else the prompt length plus
+:data:`FULL_HEADROOM` tokens) and double when a call would overflow them: a reallocation every
+doubling, amortised, and never otherwise. A ring whose band grows with the length (``beta > 0``)
+cannot follow a sequence past its planned length exactly (the keys it would need were overwritten):
+that call raises :class:`PlanRuntimeError`. Rings with fixed bands never change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from moa_compress.errors import PlanRuntimeError
+from moa_compress.plan import DenseRule, Plan, Rule, identity_of
+
+# Tokens a full buffer holds beyond the prompt before its first doubling (without max_length).
+FULL_HEADROOM = 256
+
+
+@dataclass(frozen=True)
+class KVClass:
+    """KV heads of one layer that share a buffer.
+
+    kv_heads: the layer's KV head indices stored here, ascending.
+    q_heads: the query heads that read them, ascending (GQA: ``group`` per KV head).
+    rules: the rules of ``q_heads``.
+    sink_tokens: ``S``, the sink region (ring only; 0 for full).
+    window: ``W`` tokens of the ring; 0 for a full buffer.
+    capacity: slots per KV head: ``S + W`` (ring) or the current length limit (full).
+    valid_until: the longest sequence the class follows exactly (None: any).
+    """
+
+    kv_heads: tuple[int, ...]
+    q_heads: tuple[int, ...]
+    rules: tuple[Rule, ...]
+    sink_tokens: int
+    window: int
+    capacity: int
+    valid_until: int | None
+
+    @property
+    def is_ring(self) -> bool:
+        return self.window > 0
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Slot of each absolute position (same shape)."""
+        if not self.is_ring:
+            return positions
+        s = self.sink_tokens
+        return torch.where(positions < s, positions, s + (positions - s).remainder(self.window))
+
+    def keeps(self, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Which of ``positions`` [B, T] stay stored once rows reach ``lengths`` [B, 1]."""
+        if not self.is_ring:
+            return positions >= 0
+        return (positions >= 0) & ((positions < self.sink_tokens) | (positions >= lengths - self.window))
+
+
+def plan_layer(
+    groups: list[tuple[Rule, ...]], block_size: int, ring_length: int, full_capacity: int
+) -> list[KVClass]:
+    """The storage classes of one layer: ``groups[h]`` are the rules of KV head ``h``'s query heads."""
+    group = len(groups[0])
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for h, rules in enumerate(groups):
+        shape = (0, 0)
+        if not any(isinstance(r, DenseRule) for r in rules):
+            sink = max(r.sink_blocks for r in rules) * block_size
+            window = max(r.band_blocks(ring_length, block_size) for r in rules) * block_size
+            if sink + window < ring_length:  # else a ring would hold no less than a full buffer
+                shape = (sink, window)
+        shapes.setdefault(shape, []).append(h)
+    classes = []
+    for (sink, window), heads in sorted(shapes.items()):
+        q_heads = tuple(q for h in heads for q in range(h * group, (h + 1) * group))
+        rules = tuple(r for h in heads for r in groups[h])
+        grows = any(getattr(r, "beta", 0.0) > 0 for r in rules)
+        classes.append(
+            KVClass(
+                tuple(heads),
+                q_heads,
+                rules,
+                sink,
+                window,
+                sink + window if window else full_capacity,
+                ring_length if window and grows else None,
+            )
+        )
+    return classes
+
+
+def visible_slots(
+    slot_positions: torch.Tensor,  # [B, C] int64, -1 for empty slots
+    positions: torch.Tensor,  # [B] int64: the query's position in each row
+    sink_tokens: torch.Tensor,  # [Hq] int64
+    alpha: torch.Tensor,  # [Hq] float64 (inf for dense heads)
+    beta: torch.Tensor,  # [Hq] float64
+    block_size: int,
+) -> torch.Tensor:  # [B, Hq, C] bool
+    """Slots each query head may see: the plan's rule at the row's length ``position + 1``, key
+    blocks ``< sink_blocks`` or ``>= p // bs - band + 1``, causal, over filled slots."""
+    n = (positions + 1).to(torch.float64)[:, None]  # [B, 1]
+    # band_blocks() of plan.py, in the same float64 arithmetic so the two agree exactly.
+    band = torch.ceil((alpha + beta * n) / block_size - 1e-9).clamp(min=1)  # [B, Hq]
+    first_band_token = ((positions // block_size)[:, None] - band + 1) * block_size  # [B, Hq]
+    held = slot_positions[:, None, :]  # [B, 1, C]
+    return (
+        (held >= 0)
+        & (held <= positions[:, None, None])
+        & ((held < sink_tokens[None, :, None]) | (held >= first_band_token[:, :, None]))
+    )
+
+
+class ClassStorage:
+    """The buffers of one :class:`KVClass` and the per-head rule tensors its steps read."""
+
+    def __init__(self, kv: KVClass, batch: int, head_dim: int, dtype, device, block_size: int):
+        self.kv = kv
+        shape = (batch, len(kv.kv_heads), kv.capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [B, Hkv_c, C, D]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_positions = torch.full((batch, kv.capacity), -1, dtype=torch.long, device=device)  # [B, C]
+        dense = [isinstance(r, DenseRule) for r in kv.rules]
+        self.sink_tokens = torch.tensor(
+            [0 if d else r.sink_blocks * block_size for d, r in zip(dense, kv.rules)], device=device
+        )
+        self.alpha = torch.tensor(
+            [float("inf") if d else r.alpha for d, r in zip(dense, kv.rules)],
+            dtype=torch.float64,
+            device=device,
+        )
+        self.beta = torch.tensor(
+            [0.0 if d else r.beta for d, r in zip(dense, kv.rules)], dtype=torch.float64, device=device
+        )
+        # Index tensors a step reuses: which KV / query heads of the layer belong here.
+        self.kv_index = torch.tensor(kv.kv_heads, device=device)
+        self.q_index = torch.tensor(kv.q_heads, device=device)
+        self.all_heads = False
+        self.rows = torch.arange(batch, device=device)
+
+    def visible(self, positions: torch.Tensor, block_size: int) -> torch.Tensor:  # [B, Hq_c, C] bool
+        """Slots each of the class's query heads sees from a query at ``positions`` [B]."""
+        return visible_slots(
+            self.slot_positions, positions, self.sink_tokens, self.alpha, self.beta, block_size
+        )
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge a full buffer (slot = position) to ``capacity`` slots, keeping its contents."""
+        old_k, old_v, old_pos = self.keys, self.values, self.slot_positions
+        b, h, c, d = old_k.shape
+        self.keys = old_k.new_zeros(b, h, capacity, d)
+        self.values = old_v.new_zeros(b, h, capacity, d)
+        self.slot_positions = old_pos.new_full((b, capacity), -1)
+        self.keys[:, :, :c], self.values[:, :, :c], self.slot_positions[:, :c] = old_k, old_v, old_pos
+        self.kv = dataclasses.replace(self.kv, capacity=capacity)
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
+        """Store ``keys``/``values`` [B, Hkv_layer, T, D] of absolute ``positions`` [B, T] (-1:
+        padding) that the class keeps once rows reach ``lengths`` [B, 1]."""
+        if not self.all_heads:
+            keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
+        keep = self.kv.keeps(positions, lengths)  # [B, T]
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = self.kv.slots(positions[rows, cols])
+        # [B, C, Hkv_c, D] views: one indexed write per buffer, in place.
+        self.keys.transpose(1, 2).index_put_((rows, slots), keys.transpose(1, 2)[rows, cols])
+        self.values.transpose(1, 2).index_put_((rows, slots), values.transpose(1, 2)[rows, cols])
+        self.slot_positions.index_put_((rows, slots), positions[rows, cols])
+
+    def write_token(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """The decode step's write: one token per row, ``keys``/``values`` [B, Hkv_layer, 1, D] at
+        ``positions`` [B]."""
+        if not self.all_heads:
+            keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
+        slots = self.kv.slots(positions)
+        self.keys.transpose(1, 2).index_put_((self.rows, slots), keys[:, :, 0])
+        self.values.transpose(1, 2).index_put_((self.rows, slots), values[:, :, 0])
+        self.slot_positions.index_put_((self.rows, slots), positions)
+
+    def ordered(self, length: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Retained keys/values of an unpadded batch at ``length`` in position order
+        ``[B, Hkv_c, L, D]``, and the absent key blocks ``(first, end)`` (see ``plan_pieces``)."""
+        if not self.kv.is_ring:
+            return self.keys[:, :, :length], self.values[:, :, :length], (0, 0)
+        s = self.kv.sink_tokens
+        if length <= s:
+            return self.keys[:, :, :length], self.values[:, :, :length], (0, 0)
+        first_kept = max(s, length - self.kv.window)
+        first_kept = -(-first_kept // block_size) * block_size  # whole blocks only
+        positions = torch.cat([torch.arange(s), torch.arange(first_kept, length)]).to(self.keys.device)
+        slots = self.kv.slots(positions)
+        evicted = (s // block_size, first_kept // block_size) if first_kept > s else (0, 0)
+        return self.keys.index_select(2, slots), self.values.index_select(2, slots), evicted
+
+    def batch_map(self, fn, in_place: bool = True) -> None:
+        """Apply ``fn`` (a batch reordering, a device move) to every buffer; a reordering that keeps
+        the batch size writes back into the same buffers (beam search reorders at every step)."""
+        for name in ("keys", "values", "slot_positions"):
+            buf = getattr(self, name)
+            new = fn(buf)
+            if in_place and new.shape == buf.shape and new.device == buf.device:
+                buf.copy_(new)
+            else:
+                setattr(self, name, new.contiguous())
+        self.rows = torch.arange(self.keys.shape[0], device=self.keys.device)
+
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes of filled slots, bytes allocated), keys and values together."""
+        per_slot = 2 * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+        return int((self.slot_positions >= 0).sum()) * per_slot, self.slot_positions.numel() * per_slot
+
+
+class StoredKV:
+    """What :class:`PlanKVCache` hands the attention function in place of key/value tensors: the
+    layer and this call's new keys/values ``[B, Hkv, T, D]`` (not stored yet: the attention function
+    stores them, since only it sees the padding mask). Only the plan's attention function
+    understands it."""
+
+    __slots__ = ("keys", "layer", "plan", "start", "values")
+
+    def __init__(self, layer: PlanKVLayer, keys: torch.Tensor, values: torch.Tensor, start: int):
+        self.layer, self.keys, self.values, self.start, self.plan = layer, keys, values, start, layer.plan
+
+    @property
+    def length(self) -> int:
+        """Columns seen including this call's (padding included): the mask's key length."""
+        return self.start + self.keys.shape[2]
+
+    def __getattr__(self, name: str):
+        raise PlanRuntimeError(
+            f"PlanKVCache storage has no tensor attribute {name!r}: it only works under apply_plan(model, plan) "
+            "with the same plan"
+        )
+
+
+class PlanKVLayer(CacheLayerMixin):
+    """One layer of a :class:`PlanKVCache` (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, groups: list[tuple[Rule, ...]], plan: Plan, ring_length: int, max_length: int | None):
+        super().__init__()
+        self.groups = groups
+        self.plan = plan
+        self.block_size = plan.block_size
+        self.ring_length = ring_length
+        self.max_length = max_length
+        self.reset()
+
+    def reset(self) -> None:
+        self.storage: list[ClassStorage] = []
+        self.padding: torch.Tensor | None = None  # [B] left-padding columns per row
+        self.seen = 0  # columns seen, padding included
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plan_storage(self, keys: torch.Tensor, padding: torch.Tensor | None) -> None:
+        """Plan and allocate the buffers for batch ``keys.shape[0]`` (the first call)."""
+        b, hkv, t, d = keys.shape
+        full = self.max_length or t + FULL_HEADROOM
+        full = -(-max(full, t) // self.block_size) * self.block_size
+        classes = plan_layer(self.groups, self.block_size, self.ring_length, full)
+        self.storage = [ClassStorage(c, b, d, keys.dtype, keys.device, self.block_size) for c in classes]
+        for s in self.storage:
+            s.all_heads = len(s.kv.kv_heads) == hkv
+        self.padding = padding
+
+    def lengths(self, columns: int) -> torch.Tensor:  # [B] int64
+        """Each row's length (tokens, padding excluded) once ``columns`` columns are seen."""
+        if self.padding is None:
+            return torch.full((self.storage[0].keys.shape[0],), columns, dtype=torch.long, device=self.device)
+        return columns - self.padding
+
+    def check_length(self, length: int) -> None:
+        """Grow full buffers for ``length`` columns; refuse rings that cannot follow."""
+        for s in self.storage:
+            if s.kv.valid_until is not None and length > s.kv.valid_until:
+                raise PlanRuntimeError(
+                    f"the sequence reached {length} tokens, past the {s.kv.valid_until} its PlanKVCache was "
+                    "planned for (bands growing with the length need the keys it dropped); create it with "
+                    "PlanKVCache(config, plan, max_length=<longest sequence>)"
+                )
+            if not s.kv.is_ring and length > s.kv.capacity:
+                s.grow(max(2 * s.kv.capacity, -(-length // self.block_size) * self.block_size))
+
+    # -- the three kinds of call (the attention function picks one) ----------------------------
+
+    def store(self, stored: StoredKV) -> None:
+        """Write this call's keys/values (padding columns skipped)."""
+        b = stored.keys.shape[0]
+        columns = torch.arange(stored.start, stored.length, device=self.device)  # [T]
+        pad = (
+            self.padding if self.padding is not None else torch.zeros(b, dtype=torch.long, device=self.device)
+        )
+        positions = columns[None, :] - pad[:, None]  # [B, T]; < 0 on padding
+        lengths = self.lengths(stored.length)[:, None]
+        for s in self.storage:
+            s.write(stored.keys, stored.values, positions, lengths)
+
+    def decode_step(
+        self,
+        query: torch.Tensor,  # [B, Hq, 1, D]
+        stored: StoredKV,
+        scale: float,
+        backend: str,
+    ) -> torch.Tensor:  # [B, Hq, 1, D]
+        """Write the new token, then one attention call per class over its slots."""
+        from moa_compress.attention import decode_attention
+
+        self.check_length(stored.length)
+        positions = self.lengths(stored.start)  # [B]: the new token's position in each row
+        q = query[:, :, 0]  # [B, Hq, D]
+        out = torch.empty_like(q) if len(self.storage) > 1 else None
+        for s in self.storage:
+            s.write_token(stored.keys, stored.values, positions)
+            visible = visible_slots(
+                s.slot_positions, positions, s.sink_tokens, s.alpha, s.beta, self.block_size
+            )
+            q_class = q if s.all_heads else q.index_select(1, s.q_index)
+            o = decode_attention(q_class, s.keys, s.values, visible, scale=scale, backend=backend)
+            if out is None:
+                return o[:, :, None]
+            out.index_copy_(1, s.q_index, o)
+        return out[:, :, None]
+
+    # -- Cache API ------------------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Hand ``[B, Hkv, S, D]`` keys/values to the attention function (which stores them)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        view = StoredKV(self, key_states, value_states, self.seen)
+        self.seen += key_states.shape[2]
+        return view, view
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise PlanRuntimeError("PlanKVCache drops keys for good and cannot be cropped")
+
+    def _batch_map(self, fn, in_place: bool = True) -> None:
+        for s in self.storage:
+            s.batch_map(fn, in_place)
+        if self.padding is not None:
+            self.padding = fn(self.padding)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch_map(lambda b: b.index_select(0, beam_idx.to(b.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_map(lambda b: b.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_map(lambda b: b[indices])
+
+    def offload(self) -> None:
+        self._batch_map(lambda b: b.to("cpu", non_blocking=True), in_place=False)
+
+    def prefetch(self) -> None:
+        self._batch_map(lambda b: b.to(self.device, non_blocking=True), in_place=False)
+
+    def nbytes(self) -> tuple[int, int]:
+        live = allocated = 0
+        for s in self.storage:
+            stored, alloc = s.nbytes()
+            live, allocated = live + stored, allocated + alloc
+        return live, allocated
+
+
+class PlanKVCache(Cache):
+    """A transformers ``Cache`` whose storage is planned from the plan's rules: per layer, ring
+    buffers (sink + window at the planned length) for KV heads whose query heads all have static
+    rules, full buffers for the others (see :mod:`moa_compress.kvcache`). Memory follows the rules.
+
+    Use it under ``apply_plan(model, plan)`` with the same plan; generation (greedy, sampling, beam
+    search, left-padded batches) then matches a full cache token for token. ``max_length`` (prompt
+    plus new tokens) sizes everything at once; without it rings are planned at the model's
+    ``max_position_embeddings`` and full buffers double as needed. Chunked prefill: several
+    multi-token calls of an unpadded batch; a padded batch takes its prompt in one call.
+
+    Example::
+
+        with apply_plan(model, plan):
+            cache = PlanKVCache(model.config, plan, max_length=input_ids.shape[1] + 100)
+            model.generate(input_ids, past_key_values=cache, max_new_tokens=100)
+            print(cache.memory())
+    """
+
+    def __init__(self, config: Any, plan: Plan, max_length: int | None = None):
+        plan.check_model(identity_of(config))
+        if max_length is not None and max_length < 1:
+            raise PlanRuntimeError(f"max_length must be positive, got {max_length}")
+        self.plan = plan
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        ring_length = max_length or getattr(text, "max_position_embeddings", None)
+        if ring_length is None:
+            raise PlanRuntimeError(
+                "the model config has no max_position_embeddings: give PlanKVCache a max_length"
+            )
+        kv_heads = plan.model.num_kv_heads
+        group = plan.model.num_heads // kv_heads
+        layers = [
+            PlanKVLayer(
+                [heads[h * group : (h + 1) * group] for h in range(kv_heads)], plan, ring_length, max_length
+            )
+            for heads in plan.rules
+        ]
+        super().__init__(layers=layers)
+
+    def memory(self) -> dict[str, int | float]:
+        """Bytes of filled slots, bytes allocated, the bytes a full cache would hold for the same
+        columns (padding included, as a ``DynamicCache`` holds them), and
+        ``fraction = allocated / full``."""
+        live = allocated = full = 0
+        for layer in self.layers:
+            stored, alloc = layer.nbytes()
+            live, allocated = live + stored, allocated + alloc
+            if layer.storage:
+                k = layer.storage[0].keys
+                full += 2 * layer.seen * k.shape[0] * len(layer.groups) * k.shape[3] * k.element_size()
+        return {
+            "stored_bytes": live,
+            "allocated_bytes": allocated,
+            "full_bytes": full,
+            "fraction": allocated / full if full else 0.0,
+        }
