@@ -10,7 +10,7 @@ DEMO_OUT ?= out/demo
 FLOOR_VENV ?= .venv-floor
 FLOOR_TRANSFORMERS ?= 5.17.*
 # The tests whose code paths depend on the transformers release (attention interface, cache, loading).
-FLOOR_TESTS ?= tests/test_runtime.py tests/test_plan.py tests/test_models.py tests/test_profile.py \
+FLOOR_TESTS ?= tests/test_runtime.py tests/test_kvcache.py tests/test_plan.py tests/test_models.py tests/test_profile.py \
 	tests/test_packaging.py tests/test_api.py
 
 .PHONY: setup demo test test-floor clean
