@@ -349,13 +349,13 @@ def eval_command(
     samples: Annotated[
         int | None,
         typer.Option(
-            help="Prompts per generation task and length. Default: 30 for passkey, 8 per ruler task."
+            help="Prompts per generation task and length. Default: 30 for passkey, 5 per ruler task."
         ),
     ] = None,
     limit: Annotated[
         int | None, typer.Option(help="At most K text windows and K samples per task and length.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass in passkey and ruler tasks.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass in passkey and ruler tasks.")] = 4,
     backend: Annotated[
         str, typer.Option(help="Attention backend for the plan: auto, torch, flex, triton, reference.")
     ] = "auto",

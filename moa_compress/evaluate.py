@@ -110,8 +110,8 @@ VARIANTS = ("dense", "plan", "uniform")
 DEFAULT_PASSKEY_SAMPLES = 5 * len(PASSKEY_DEPTHS)  # 30: five keys per depth
 # Per ruler task and length: sized so that `--tasks ruler,passkey --lengths 1024,2048` of one plan
 # (three variants) stays under 15 minutes on a 2-core CPU (BENCHMARKS.md).
-DEFAULT_RULER_SAMPLES = 8
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_RULER_SAMPLES = 5
+DEFAULT_BATCH_SIZE = 4
 REPLY_MARGIN = 8  # greedy tokens allowed past the reference answer's length
 # Twelve English Wikipedia articles carried in the package (CC BY-SA 3.0; texts/README.md): natural
 # prose, ~180K tokens of the embedded model's tokenizer, every article longer than 8K tokens.

@@ -342,7 +342,7 @@ def _needle_sample(task: str, tokenizer: Any, length: int, rng: random.Random, p
             (d, f" A secret {noun} of the {keys[0]} is {v}.") for d, v in zip(depths, values, strict=True)
         ]
         question = f" List every secret {noun} of the {keys[0]}."
-        prefix, answers, ordered = f"The secret {noun}s of the {keys[0]} are", values, False
+        prefix, answers, ordered = f"The secret {noun}s of the {keys[0]} are:", values, False
     else:
         needles = [
             (d, NEEDLE.format(kind=noun, key=k, value=v))
@@ -351,7 +351,7 @@ def _needle_sample(task: str, tokenizer: Any, length: int, rng: random.Random, p
         if task == "needle_multiquery":
             asked = ", the ".join(keys[:-1]) + f" and the {keys[-1]}"
             question = f" What are the secret {noun}s of the {asked}? Answer in that order."
-            prefix, answers, ordered = f"In that order, the secret {noun}s are", values, True
+            prefix, answers, ordered = f"In that order, the secret {noun}s are:", values, True
         else:  # one key asked: the first needle's (the others, in multikey, are distractors)
             question = f" What is the secret {noun} of the {keys[0]}?"
             prefix, answers, ordered = f"The secret {noun} of the {keys[0]} is", values[:1], True
@@ -393,7 +393,7 @@ def _tracking_sample(tokenizer: Any, length: int, rng: random.Random) -> TaskSam
         chains.append(names)
     needles.sort(key=lambda pair: pair[0])
     question = f" Which variables are assigned the value {values[0]}, directly or through other variables?"
-    prefix = f"The variables assigned the value {values[0]} are"
+    prefix = f"The variables assigned the value {values[0]} are:"
     return _sample(
         "variable_tracking",
         tokenizer,
@@ -416,7 +416,7 @@ def _common_words_sample(tokenizer: Any, length: int, rng: random.Random) -> Tas
     rng.shuffle(words)
     common, rare = words[:COMMON_WORD_COUNT], words[COMMON_WORD_COUNT:]
     question = f" What are the {COMMON_WORD_COUNT} most frequent words in the list?"
-    prefix = f"The {COMMON_WORD_COUNT} most frequent words are"
+    prefix = f"The {COMMON_WORD_COUNT} most frequent words are:"
     head, tail, _ = prompt_parts(tokenizer, COMMON_INTRO, question, prefix)
     head_ids, tail_ids = encode(tokenizer, head + " "), encode(tokenizer, tail)
     item_ids = {w: encode(tokenizer, f" {w},") for w in words}
