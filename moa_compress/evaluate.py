@@ -52,7 +52,8 @@ Tasks (``N`` is each requested length):
           "passkey" | <ruler task>: {N: {
               "accuracy": float, "answer_logprob": float, "samples": int,
               "correct": [bool],                  # per sample, in generation order (paired across variants)
-              "replies": [str],                   # ruler tasks: the greedy replies
+              "replies": [str],                   # ruler tasks: the greedy replies, cut where they
+                                                  # ended or could no longer match
               "by_depth": {depth: {"accuracy": float, "answer_logprob": float, "samples": int}}}}
                                                   # passkey only: the depth grid
         }
@@ -70,7 +71,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ from moa_compress.tasks import (
     PasskeySample,
     Prose,
     TaskSample,
+    can_still_match,
     has_chat_template,
     is_exact_match,
     passkey_samples,
@@ -496,6 +498,8 @@ def _score_replies(model: Any, tokenizer: Any, batch: Sequence[TaskSample], devi
         [s.reference_ids for s in batch],
         max_new,
         device,
+        # A reply that can no longer match is scored already: decoding it further costs time only.
+        give_up=lambda row, reply: not can_still_match(reply, batch[row]),
     )
     return [
         {"correct": is_exact_match(reply, sample), "logprob": lp, "reply": reply}
@@ -536,6 +540,7 @@ def greedy_replies(
     references: Sequence[Sequence[int]],
     max_new_tokens: int,
     device: Any = None,
+    give_up: Callable[[int, str], bool] | None = None,
 ) -> tuple[list[str], list[float]]:
     """Greedy replies to a batch of prompts and each reference continuation's mean log-probability.
 
@@ -543,8 +548,8 @@ def greedy_replies(
     from each row's first real token (the plan's runtime computes for such a row what it computes
     unpadded). One prefill serves both jobs: the references are scored teacher-forced on top of it,
     the cache is cropped back to the prompt, and greedy decoding continues from the prompt until
-    every row has ended (end-of-sequence, a line break, or a finished sentence) or
-    ``max_new_tokens`` are produced.
+    every row has ended (end-of-sequence, a line break, or a finished sentence), ``give_up(row,
+    reply so far)`` is true for it, or ``max_new_tokens`` are produced.
     """
     device = device if device is not None else next(model.parameters()).device
     body = decoder_body(model)
@@ -594,7 +599,15 @@ def greedy_replies(
     stop = _stop_ids(model, tokenizer)
     token = first.argmax(-1)  # [B]
     generated = [[int(t)] for t in token]
-    done = [_finished(tokenizer, g, stop) for g in generated]
+
+    def ended(row: int) -> bool:
+        if _finished(tokenizer, generated[row], stop):
+            return True
+        return give_up is not None and give_up(
+            row, tokenizer.decode(generated[row], skip_special_tokens=True)
+        )
+
+    done = [ended(row) for row in range(batch)]
     for step in range(max_new_tokens - 1):
         if all(done):
             break
@@ -604,7 +617,7 @@ def greedy_replies(
         for row in range(batch):
             if not done[row]:
                 generated[row].append(int(token[row]))
-                done[row] = _finished(tokenizer, generated[row], stop)
+                done[row] = ended(row)
     replies = [tokenizer.decode([t for t in g if t not in stop], skip_special_tokens=True) for g in generated]
     return replies, logprobs
 

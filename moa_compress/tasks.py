@@ -30,6 +30,7 @@ import itertools
 import random
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,27 @@ def is_exact_match(reply: str, sample: TaskSample) -> bool:
     return got == want if sample.ordered else sorted(got) == sorted(want)
 
 
+def can_still_match(reply: str, sample: TaskSample) -> bool:
+    """False once no continuation of ``reply`` can make it an exact match: a finished item is not an
+    answer (or one too many), or the unfinished last item starts no answer that is left. Greedy
+    decoding of a reply stops there; its score is already decided."""
+    items = answer_items(reply, sample.ignored)
+    finished_last = bool(re.search(r"[,;\s]$", reply))
+    done, partial = (items, "") if finished_last or not items else (items[:-1], items[-1])
+    want = [a.lower() for a in sample.answers]
+    if sample.ordered:
+        if done != want[: len(done)]:
+            return False
+        left = want[len(done) : len(done) + 1]  # the next answer only
+    else:
+        remaining = Counter(want)
+        remaining.subtract(done)
+        if min(remaining.values(), default=0) < 0 or len(done) > len(want):
+            return False
+        left = [a for a, k in remaining.items() if k > 0]
+    return not partial or any(w.startswith(partial) for w in [*left, "and", *sample.ignored])
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompt pieces
 
@@ -234,11 +256,8 @@ class Prose:
         ]
         if not sentences:
             raise TaskError("the natural text for the needle tasks is empty (--data)")
-        self.units = [
-            list(ids)
-            for ids in tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]
-        ]
-        self.units = [u for u in self.units if u]
+        encoded = tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]
+        self.units = [list(ids) for ids in encoded]  # each non-empty: a sentence has a visible character
 
     def stream(self, rng: random.Random) -> Iterator[list[int]]:
         """Sentences from a random one onwards, wrapping around the text."""

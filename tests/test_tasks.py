@@ -14,6 +14,7 @@ from moa_compress.tasks import (
     TaskError,
     TaskSample,
     answer_items,
+    can_still_match,
     is_exact_match,
     task_samples,
 )
@@ -158,3 +159,20 @@ def test_exact_match_order_extras_and_ignored_words():
     assert not is_exact_match(" ABCDE, ABCDE", unordered)
     single = TaskSample("needle_word", (1,), ("otter",), True, (1,))
     assert is_exact_match(" Otter.", single) and not is_exact_match(" otter, which", single)
+
+
+def test_a_reply_is_given_up_only_when_no_continuation_can_match():
+    ordered = TaskSample("needle_multiquery", (1,), ("1234", "5678"), True, (1,))
+    for alive in ("", " ", " 12", " 1234", " 1234,", " 1234, 56", " 1234 an", " 1234 and 5678"):
+        assert can_still_match(alive, ordered), alive
+    for dead in (" 5", " 1234, 1", " The", " 1234, 5678, 9", " 12345"):
+        assert not can_still_match(dead, ordered), dead
+    unordered = TaskSample("variable_tracking", (1,), ("ABCDE", "FGHIJ"), False, (1,), ("var",))
+    for alive in (" VA", " VAR FG", " VAR FGHIJ, VAR AB", " fghij and"):
+        assert can_still_match(alive, unordered), alive
+    for dead in (" VAR FGHIJ, VAR FGHIJ", " VAR X", " ABCDE FGHIJ ABCDE"):
+        assert not can_still_match(dead, unordered), dead
+    # Giving up never changes a score: every prefix of an exact match is alive.
+    reply = " VAR FGHIJ, and VAR ABCDE."
+    assert is_exact_match(reply, unordered)
+    assert all(can_still_match(reply[:i], unordered) for i in range(len(reply)))
