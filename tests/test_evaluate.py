@@ -321,6 +321,17 @@ def test_greedy_replies_left_padded_batch_matches_one_prompt_at_a_time(bpe):
                         assert logprob == pytest.approx(expected, rel=1e-9)
 
 
+def test_greedy_replies_give_up_rows_early_without_touching_the_log_probs(bpe):
+    model = tiny_model("llama", dtype=torch.float64, vocab=len(bpe))
+    prompts, references = [[5] * 30, [6] * 30], [[7, 8], [9]]
+    with torch.no_grad():
+        full, full_lp = greedy_replies(model, bpe, prompts, references, 6)
+        cut, cut_lp = greedy_replies(model, bpe, prompts, references, 6, give_up=lambda row, reply: row == 0)
+    assert cut_lp == full_lp and cut[1] == full[1]
+    first = bpe(full[0], add_special_tokens=False)["input_ids"][:1]
+    assert cut[0] == bpe.decode(first) != full[0]
+
+
 def test_a_reply_ends_at_end_of_sequence_a_line_break_or_a_sentence_end(bpe):
     def finished(text, extra=()):
         return evaluate._finished(bpe, bpe(text, add_special_tokens=False)["input_ids"] + list(extra), {2})
@@ -382,7 +393,7 @@ def test_ruler_replies_are_scored_by_exact_match(bpe, monkeypatch):
         made[task] = real(task, *args, **kw)
         return made[task]
 
-    def oracle(model, tokenizer, prompts, references, max_new, device=None):
+    def oracle(model, tokenizer, prompts, references, max_new, device=None, give_up=None):
         by_prompt = {s.input_ids: s for samples in made.values() for s in samples}
         answers = [by_prompt[tuple(p)].answers for p in prompts]
         return ["  " + " ,  ".join(a).upper() + " .\nmore" for a in answers], [-1.0] * len(prompts)
@@ -396,7 +407,7 @@ def test_ruler_replies_are_scored_by_exact_match(bpe, monkeypatch):
     monkeypatch.setattr(
         evaluate,
         "greedy_replies",
-        lambda m, t, prompts, r, n, device=None: (["0"] * len(prompts), [-1.0] * len(prompts)),
+        lambda m, t, prompts, r, n, device=None, give_up=None: (["0"] * len(prompts), [-1.0] * len(prompts)),
     )
     by = ruler_run(model, bpe, sparse_plan(model))["results"]
     assert all(
