@@ -367,13 +367,18 @@ def eval_command(
     model: ModelArg = None,
     plan: Annotated[str, typer.Option("--plan", help="Plan folder, plan.json, or shipped plan name.")] = ...,
     tasks: Annotated[
-        str, typer.Option(help="Comma-separated: ppl, fidelity, passkey.")
+        str,
+        typer.Option(
+            help="Comma-separated: ppl, fidelity, passkey, ruler (all of: needle_number, needle_word, "
+            "needle_uuid, needle_multikey, needle_multivalue, needle_multiquery, variable_tracking, "
+            "common_words) or any of those."
+        ),
     ] = "ppl,fidelity,passkey",
     lengths: Annotated[str, typer.Option(help="Comma-separated lengths in tokens.")] = "2048,4096,8192",
     data: Annotated[
         str | None,
         typer.Option(
-            help="Text for ppl/fidelity: file, folder or dataset. Default: the shipped Wikipedia articles."
+            help="Text for ppl/fidelity and the needle tasks' haystack: file, folder or dataset. Default: the shipped Wikipedia articles."
         ),
     ] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text in structured data.")] = "text",
@@ -381,30 +386,46 @@ def eval_command(
         "eval-report"
     ),
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
-    limit: Annotated[
-        int | None, typer.Option(help="At most K text windows and K passkey samples per length.")
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            help="Prompts per generation task and length. Default: 30 for passkey, 5 per ruler task."
+        ),
     ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="At most K text windows and K samples per task and length.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass in passkey and ruler tasks.")] = 4,
     backend: Annotated[
         str, typer.Option(help="Attention backend for the plan: auto, torch, flex, triton, reference.")
     ] = "auto",
     dtype: DtypeOpt = "bfloat16",
-    seed: Annotated[int, typer.Option(help="Seed for the passkey keys.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the generated prompts (keys, needles, lists).")] = 0,
 ) -> None:
-    """Quality of a plan vs dense and the uniform baseline: perplexity, KL/top-1 fidelity, passkey."""
-    from moa_compress.evaluate import check_lengths, default_texts, evaluate_plan, parse_tasks, write_report
+    """Quality of a plan vs dense and the uniform baseline: perplexity, KL/top-1 fidelity, passkey,
+    and RULER-style retrieval tasks."""
+    from moa_compress.evaluate import (
+        check_lengths,
+        default_texts,
+        evaluate_plan,
+        needs_text,
+        parse_tasks,
+        write_report,
+    )
     from moa_compress.plan import load_plan, resolve_plan_path
     from moa_compress.report import summary_text
 
     task_names = parse_tasks(tasks)
     ns = parse_lengths(lengths)
-    if limit is not None and limit < 1:
-        fail(f"--limit must be a positive number, got {limit}")
+    for value, option in ((limit, "--limit"), (samples, "--samples"), (batch_size, "--batch-size")):
+        if value is not None and value < 1:
+            fail(f"{option} must be a positive number, got {value}")
     plan_path = resolve_plan_path(plan)
     net, tokenizer = load(model, dtype)
     check_lengths(net, ns)
     the_plan = load_plan(plan_path, net)
     texts, source = None, None
-    if {"ppl", "fidelity"} & set(task_names):
+    if needs_text(task_names):
         if data is None:
             texts, source = default_texts(text_field)
         else:
@@ -418,7 +439,9 @@ def eval_command(
         tasks=task_names,
         lengths=ns,
         texts=texts,
+        samples=samples,
         limit=limit,
+        batch_size=batch_size,
         seed=seed,
         backend=backend,
         progress=True,

@@ -1,4 +1,5 @@
-"""Quality of a plan against dense attention and the uniform baseline: perplexity, fidelity, passkey.
+"""Quality of a plan against dense attention and the uniform baseline: perplexity, fidelity, passkey
+and RULER-style retrieval tasks.
 
 Every task runs three *variants* of one model in one call:
 
@@ -19,32 +20,42 @@ Tasks (``N`` is each requested length):
   distributions (nats per token) and the fraction of positions whose top-1 token agrees with dense.
   Dense final hidden states are computed once per window; logits are formed in chunks of positions
   through the output embedding, so an 8K window never holds a full ``[N, vocab]`` logits tensor.
-* ``passkey`` — a 5-digit key hidden at a depth (0.1 … 0.9) of filler text, asked through the chat
+* ``passkey`` — a 5-digit key hidden at a depth (0, 0.2, … 1) of filler text, asked through the chat
   template; the assistant turn starts with ``"The pass key is"`` and the key's tokens follow, for an
   input of exactly ``N`` tokens. Greedy accuracy is teacher-forced: a sample counts as correct when
   the argmax at every key position is the key's token — exactly the condition for greedy decoding to
-  produce the key. ``key_logprob`` is the mean log-probability of the key's tokens. ``K`` samples per
-  length are spread evenly over the depths; keys come from a seeded generator.
+  produce the key. ``answer_logprob`` is the mean log-probability of the key's tokens. Samples
+  (default 30) are spread evenly over the depths; keys come from a seeded generator.
+* the ruler tasks (:data:`moa_compress.tasks.RULER_TASKS`; ``ruler`` names them all) — prompts of
+  exactly ``N`` tokens from :func:`moa_compress.tasks.task_samples`, answered by greedy decoding
+  (batched; :func:`greedy_replies`) and scored by exact match; ``answer_logprob`` is the mean
+  log-probability of the reference answer's tokens, teacher-forced on the same prefill.
 
-``results.json`` schema (``schema_version`` 1; lengths are JSON object keys, i.e. strings)::
+``results.json`` schema (``schema_version`` 2; lengths are JSON object keys, i.e. strings)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "model": {ModelIdentity fields of the evaluated model},
       "plan": {"name": str, "path": str | null, "fingerprint": str, "block_size": int,
                "budget": float | null, "density": {N: float}, "provenance": {...}},
       "uniform": {"density": {N: float}, "rule": {N: str},        # the baseline actually run
                   "same_as_plan": {N: bool}},     # true: the plan is that window; figures copied
-      "settings": {"tasks": [str], "lengths": [int], "limit": int | null, "seed": int,
-                   "backend": str, "dtype": str, "data": str | null, "chat_template": bool},
+      "settings": {"tasks": [str], "lengths": [int], "samples": int | null, "limit": int | null,
+                   "batch_size": int, "seed": int, "backend": str, "dtype": str,
+                   "data": str | null, "chat_template": bool},
       "command": str | null,                                     # set by the CLI
       "time": str,                                               # ISO 8601, when the run finished
       "results": {
         "dense" | "plan" | "uniform": {
           "ppl": {N: {"ppl": float, "nll": float, "windows": int, "tokens": int}},
           "fidelity": {N: {"kl": float, "top1": float, "windows": int, "tokens": int}},  # not for dense
-          "passkey": {N: {"accuracy": float, "key_logprob": float, "samples": int,
-                          "by_depth": {depth: {"accuracy": float, "key_logprob": float, "samples": int}}}}
+          "passkey" | <ruler task>: {N: {
+              "accuracy": float, "answer_logprob": float, "samples": int,
+              "correct": [bool],                  # per sample, in generation order (paired across variants)
+              "replies": [str],                   # ruler tasks: the greedy replies, cut where they
+                                                  # ended or could no longer match
+              "by_depth": {depth: {"accuracy": float, "answer_logprob": float, "samples": int}}}}
+                                                  # passkey only: the depth grid
         }
       }
     }
@@ -57,11 +68,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
+import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,26 +89,36 @@ from moa_compress.plan import (
     rule_density,
     uniform_plan,
 )
+from moa_compress.tasks import (
+    PASSKEY_DEPTHS,
+    PROSE_TASKS,
+    RULER_TASKS,
+    PasskeySample,
+    Prose,
+    TaskSample,
+    can_still_match,
+    has_chat_template,
+    is_exact_match,
+    passkey_samples,
+    task_samples,
+)
 
-RESULTS_SCHEMA_VERSION = 1
-TASKS = ("ppl", "fidelity", "passkey")
+RESULTS_SCHEMA_VERSION = 2
+TEXT_TASKS = ("ppl", "fidelity")
+TASKS = (*TEXT_TASKS, "passkey", *RULER_TASKS)
+DEFAULT_TASKS = (*TEXT_TASKS, "passkey")
+TASK_GROUPS = {"ruler": RULER_TASKS}
 VARIANTS = ("dense", "plan", "uniform")
-PASSKEY_DEPTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-DEFAULT_PASSKEY_SAMPLES = len(PASSKEY_DEPTHS)
+DEFAULT_PASSKEY_SAMPLES = 5 * len(PASSKEY_DEPTHS)  # 30: five keys per depth
+# Per ruler task and length: sized so that `--tasks ruler,passkey --lengths 1024,2048` of one plan
+# (three variants) stays under 15 minutes on a 2-core CPU (BENCHMARKS.md).
+DEFAULT_RULER_SAMPLES = 5
+DEFAULT_BATCH_SIZE = 4
+REPLY_MARGIN = 8  # greedy tokens allowed past the reference answer's length
 # Twelve English Wikipedia articles carried in the package (CC BY-SA 3.0; texts/README.md): natural
 # prose, ~180K tokens of the embedded model's tokenizer, every article longer than 8K tokens.
 DEFAULT_DATA = Path(__file__).resolve().parent / "texts" / "wikipedia"
 LOGIT_CHUNK = 256  # positions per lm_head chunk: 256 x 49152 fp32 logits = 48 MiB
-
-PASSKEY_INTRO = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it."
-)
-PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = " What is the pass key?"
-PASSKEY_ANSWER_PREFIX = "The pass key is"
-_HAYSTACK = "@@HAYSTACK@@"
 
 
 class EvalError(UserInputError):
@@ -110,12 +130,22 @@ class EvalError(UserInputError):
 
 
 def parse_tasks(text: str | Sequence[str]) -> tuple[str, ...]:
-    """``"ppl,fidelity"`` or a sequence of names -> validated tuple in canonical order."""
+    """``"ppl,ruler"`` or a sequence of names (``ruler`` stands for all :data:`RULER_TASKS`) ->
+    validated tuple in canonical order."""
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = sorted(set(names) - set(TASKS))
+    expanded = {task for name in names for task in TASK_GROUPS.get(name, (name,))}
+    unknown = sorted(expanded - set(TASKS))
     if unknown or not names:
-        raise EvalError(f"--tasks must list some of {', '.join(TASKS)}; got {','.join(names) or 'nothing'}")
-    return tuple(t for t in TASKS if t in names)
+        raise EvalError(
+            f"--tasks must list some of {', '.join([*TASKS[:3], *TASK_GROUPS])} or a ruler task "
+            f"({', '.join(RULER_TASKS)}); got {','.join(names) or 'nothing'}"
+        )
+    return tuple(t for t in TASKS if t in expanded)
+
+
+def needs_text(tasks: Sequence[str]) -> bool:
+    """True when ``tasks`` read natural text: ppl/fidelity windows, or the needle tasks' haystack."""
+    return bool(set(tasks) & {*TEXT_TASKS, *PROSE_TASKS})
 
 
 def max_length(model: Any) -> int | None:
@@ -195,107 +225,20 @@ def _uniform_with(plan: Plan, rule: StaticRule, n: int) -> Plan:
 
 
 # ----------------------------------------------------------------------------------------------
-# Passkey
-
-
-@dataclass(frozen=True)
-class PasskeySample:
-    """One passkey prompt of exactly ``len(input_ids)`` tokens.
-
-    ``input_ids``: the chat prompt, the assistant's ``"The pass key is"`` and then the key's tokens,
-    which occupy ``input_ids[key_start:]``. ``needle_start`` is where the sentence holding the key
-    begins, at ``depth`` (a fraction) of the filler.
-    """
-
-    input_ids: tuple[int, ...]
-    key: str
-    depth: float
-    key_start: int
-    needle_start: int
-
-
-def passkey_depths(count: int) -> list[float]:
-    """``count`` depths spread evenly over :data:`PASSKEY_DEPTHS` (cycling when count > 9)."""
-    m = len(PASSKEY_DEPTHS)
-    if count >= m:
-        return [PASSKEY_DEPTHS[j % m] for j in range(count)]
-    if count == 1:
-        return [PASSKEY_DEPTHS[m // 2]]
-    return [PASSKEY_DEPTHS[round(j * (m - 1) / (count - 1))] for j in range(count)]
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _prompt_parts(tokenizer: Any) -> tuple[str, str, bool]:
-    """Text before and after the haystack, through the chat template when the tokenizer has one."""
-    content = PASSKEY_INTRO + _HAYSTACK + PASSKEY_QUESTION
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-        templated = True
-    else:
-        text = f"User: {content}\nAssistant: "
-        templated = False
-    head, tail = text.split(_HAYSTACK)
-    return head, tail + PASSKEY_ANSWER_PREFIX, templated
-
-
-def _key_tokens(tokenizer: Any, key: str) -> list[int]:
-    """The key's tokens as they follow the answer prefix."""
-    prefix = _encode(tokenizer, PASSKEY_ANSWER_PREFIX)
-    full = _encode(tokenizer, f"{PASSKEY_ANSWER_PREFIX} {key}")
-    if full[: len(prefix)] == prefix:
-        return full[len(prefix) :]
-    return _encode(tokenizer, f" {key}")
-
-
-def passkey_samples(tokenizer: Any, length: int, count: int, seed: int = 0) -> list[PasskeySample]:
-    """``count`` seeded passkey prompts of exactly ``length`` tokens, depths from :func:`passkey_depths`."""
-    head, tail = (_encode(tokenizer, part) for part in _prompt_parts(tokenizer)[:2])
-    filler = _encode(tokenizer, PASSKEY_FILLER)
-    rng = random.Random(f"passkey/{seed}/{length}")
-    samples = []
-    for depth in passkey_depths(count):
-        key = str(rng.randint(10000, 99999))
-        needle = _encode(tokenizer, PASSKEY_NEEDLE.format(key=key))
-        answer = _key_tokens(tokenizer, key)
-        n_filler = length - len(head) - len(needle) - len(tail) - len(answer)
-        if n_filler < len(filler):
-            raise EvalError(
-                f"--lengths {length} is too short for the passkey prompt "
-                f"(needs at least {length - n_filler + len(filler)} tokens)"
-            )
-        # Whole filler units end the haystack (so the question follows a full sentence); the
-        # partial unit opens it. The needle goes on a unit boundary at the requested depth.
-        units, partial = divmod(n_filler, len(filler))
-        hay = filler[len(filler) - partial :] + filler * units
-        cut = partial + round(depth * units) * len(filler)
-        ids = head + hay[:cut] + needle + hay[cut:] + tail + answer
-        samples.append(
-            PasskeySample(
-                input_ids=tuple(ids),
-                key=key,
-                depth=depth,
-                key_start=len(ids) - len(answer),
-                needle_start=len(head) + cut,
-            )
-        )
-    return samples
-
-
-# ----------------------------------------------------------------------------------------------
 # Model pieces
+
+
+def decoder_body(model: Any) -> Any:
+    """The decoder without its output head: returns hidden states after the final norm."""
+    body = model.base_model
+    if body is model:
+        raise EvalError(f"{type(model).__name__} has no separate decoder body to read hidden states from")
+    return body
 
 
 def final_hidden(model: Any, input_ids: torch.Tensor) -> torch.Tensor:  # [1, S] -> [S, hidden]
     """Last-layer hidden states (after the final norm), without forming logits."""
-    body = model.base_model
-    if body is model:
-        raise EvalError(f"{type(model).__name__} has no separate decoder body to read hidden states from")
-    return body(input_ids=input_ids, use_cache=False).last_hidden_state[0]
+    return decoder_body(model)(input_ids=input_ids, use_cache=False).last_hidden_state[0]
 
 
 def log_probs(model: Any, hidden: torch.Tensor) -> torch.Tensor:  # [P, hidden] -> [P, vocab], >= fp32
@@ -369,10 +312,12 @@ def evaluate_plan(
     tokenizer: Any,
     plan: Plan,
     *,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = DEFAULT_TASKS,
     lengths: Sequence[int],
     texts: Sequence[str] | None = None,
+    samples: int | None = None,
     limit: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     backend: str = "auto",
     progress: bool = True,
@@ -380,14 +325,20 @@ def evaluate_plan(
     """Run ``tasks`` at ``lengths`` for dense, ``plan`` and the uniform baseline; return the
     ``results.json`` object (schema in the module docstring).
 
-    ``texts`` feed ``ppl``/``fidelity`` (required for them); ``limit`` caps windows and passkey
-    samples per length (passkey default: one per depth). Deterministic for a given ``seed``.
+    ``texts`` (natural prose) feed ``ppl``/``fidelity`` and are the needle tasks' haystack; they are
+    required for those. ``samples`` is the number of prompts per generation task and length
+    (default :data:`DEFAULT_PASSKEY_SAMPLES` for passkey, :data:`DEFAULT_RULER_SAMPLES` for each
+    ruler task); ``limit`` caps windows and samples per length. Prompts run ``batch_size`` at a
+    time. Deterministic for a given ``seed`` and ``batch_size``.
     """
     tasks = parse_tasks(tasks)
     lengths = check_lengths(model, lengths)
     plan.check_model(identity_of(model))
-    if limit is not None and limit < 1:
-        raise EvalError(f"--limit must be a positive number, got {limit}")
+    for value, option in ((limit, "--limit"), (samples, "--samples"), (batch_size, "--batch-size")):
+        if value is not None and value < 1:
+            raise EvalError(f"{option} must be a positive number, got {value}")
+    if needs_text(tasks) and not texts:
+        raise DataError(f"{', '.join(t for t in tasks if needs_text([t]))} need natural text (--data)")
     uniforms = {n: uniform_baseline(plan, n) for n in lengths}
     # A plan that is itself one window for all heads *is* its baseline: run it once.
     same_as_plan = {
@@ -399,10 +350,9 @@ def evaluate_plan(
         "uniform": uniforms,
     }
 
+    # Every input is built before the model runs, so a length too short for a prompt fails at once.
     windows: dict[int, list[list[int]]] = {}
-    if "ppl" in tasks or "fidelity" in tasks:
-        if not texts:
-            raise DataError("ppl and fidelity need evaluation text (--data)")
+    if set(tasks) & set(TEXT_TASKS):
         longest = lengths[-1]
         cuts = token_windows(texts, tokenizer, longest, limit=limit)
         if not cuts:
@@ -410,31 +360,55 @@ def evaluate_plan(
         # Every length reads the same cuts (their last n tokens), so the curves over length differ
         # by context only, not by which text was read: the tokens scored at n are among those at 2n.
         windows = {n: [cut[longest - n :] for cut in cuts] for n in lengths}
-    samples: dict[int, list[PasskeySample]] = {}
+
+    def count(default: int) -> int:
+        wanted = samples if samples is not None else default
+        return min(wanted, limit) if limit is not None else wanted
+
+    keys: dict[int, list[PasskeySample]] = {}
     if "passkey" in tasks:
-        count = limit if limit is not None else DEFAULT_PASSKEY_SAMPLES
-        samples = {n: passkey_samples(tokenizer, n, count, seed) for n in lengths}
+        keys = {n: passkey_samples(tokenizer, n, count(DEFAULT_PASSKEY_SAMPLES), seed) for n in lengths}
+    prose = Prose(texts, tokenizer) if set(tasks) & set(PROSE_TASKS) else None
+    prompts: dict[str, dict[int, list[TaskSample]]] = {
+        task: {
+            n: task_samples(task, tokenizer, n, count(DEFAULT_RULER_SAMPLES), seed, prose) for n in lengths
+        }
+        for task in tasks
+        if task in RULER_TASKS
+    }
 
     torch.manual_seed(seed)
     results: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in VARIANTS}
-    total = sum(len(w) for w in windows.values()) + sum(len(s) for s in samples.values())
+    total = (
+        sum(len(w) for w in windows.values())
+        + sum(len(k) for k in keys.values())
+        + sum(len(p) for by_length in prompts.values() for p in by_length.values())
+    )
     device = next(model.parameters()).device
+
+    def run(task: str, n: int, items: Sequence, score) -> None:
+        """``score(batch) -> [per-sample records]`` for each variant; the uniform baseline that
+        ``same_as_plan`` copies the plan's figures."""
+        for name in VARIANTS:
+            label = f"{task} {n} {name}"
+            if name == "uniform" and same_as_plan[n]:
+                _skip(advance(_batches(items, batch_size), label))
+                results[name].setdefault(task, {})[str(n)] = results["plan"][task][str(n)]
+                continue
+            with variant(model, plans[name][n], backend):
+                records = [r for batch in advance(_batches(items, batch_size), label) for r in score(batch)]
+            results[name].setdefault(task, {})[str(n)] = _summary(items, records)
+
     with _progress(progress, 3 * total) as advance, torch.no_grad():
         for n in lengths:
             if n in windows:
                 _run_windows(
                     model, windows[n], n, plans, same_as_plan[n], tasks, backend, device, results, advance
                 )
-            if n in samples:
-                for name in VARIANTS:
-                    label = f"passkey {n} {name}"
-                    if name == "uniform" and same_as_plan[n]:
-                        _skip(advance(samples[n], label))
-                        results[name].setdefault("passkey", {})[str(n)] = results["plan"]["passkey"][str(n)]
-                        continue
-                    with variant(model, plans[name][n], backend):
-                        stats = [_run_passkey(model, s, device) for s in advance(samples[n], label)]
-                    results[name].setdefault("passkey", {})[str(n)] = _passkey_summary(samples[n], stats)
+            if n in keys:
+                run("passkey", n, keys[n], lambda batch: _score_passkeys(model, batch, device))
+            for task, by_length in prompts.items():
+                run(task, n, by_length[n], lambda batch: _score_replies(model, tokenizer, batch, device))
 
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -456,17 +430,23 @@ def evaluate_plan(
         "settings": {
             "tasks": list(tasks),
             "lengths": lengths,
+            "samples": samples,
             "limit": limit,
+            "batch_size": batch_size,
             "seed": seed,
             "backend": backend,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "data": None,
-            "chat_template": _prompt_parts(tokenizer)[2],
+            "chat_template": has_chat_template(tokenizer),
         },
         "command": None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": {v: r for v, r in results.items()},
     }
+
+
+def _batches(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _run_windows(model, windows, n, plans, same_as_plan, tasks, backend, device, results, advance) -> None:
@@ -479,7 +459,7 @@ def _run_windows(model, windows, n, plans, same_as_plan, tasks, backend, device,
         sums = _Sums()
         if name == "uniform" and same_as_plan:
             _skip(advance(windows, f"text {n} {name}"))
-            for task in set(tasks) & {"ppl", "fidelity"}:
+            for task in set(tasks) & set(TEXT_TASKS):
                 results[name].setdefault(task, {})[str(n)] = results["plan"][task][str(n)]
             continue
         with variant(model, plans[name][n], backend):
@@ -495,27 +475,169 @@ def _run_windows(model, windows, n, plans, same_as_plan, tasks, backend, device,
             results[name].setdefault("fidelity", {})[str(n)] = sums.fidelity()
 
 
-def _run_passkey(model: Any, sample: PasskeySample, device) -> tuple[bool, float]:
-    ids = torch.tensor([sample.input_ids], device=device)
-    hidden = final_hidden(model, ids)[sample.key_start - 1 : -1]
-    lp = log_probs(model, hidden)
-    answer = ids[0, sample.key_start :]
-    correct = bool((lp.argmax(-1) == answer).all())
-    return correct, float(lp.gather(1, answer[:, None]).mean())
+def _score_passkeys(model: Any, batch: Sequence[PasskeySample], device) -> list[dict[str, Any]]:
+    """Teacher-forced: correct when the argmax at every key position is the key's token."""
+    ids = torch.tensor([s.input_ids for s in batch], device=device)  # [B, N]: one length, no padding
+    hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state  # [B, N, hidden]
+    records = []
+    for row, sample in enumerate(batch):
+        lp = log_probs(model, hidden[row, sample.key_start - 1 : -1])  # [key tokens, vocab]
+        answer = ids[row, sample.key_start :]
+        correct = bool((lp.argmax(-1) == answer).all())
+        records.append({"correct": correct, "logprob": float(lp.gather(1, answer[:, None]).mean())})
+    return records
 
 
-def _passkey_summary(samples: Sequence[PasskeySample], stats: Sequence[tuple[bool, float]]) -> dict[str, Any]:
-    def summary(pairs: list[tuple[bool, float]]) -> dict[str, Any]:
+def _score_replies(model: Any, tokenizer: Any, batch: Sequence[TaskSample], device) -> list[dict[str, Any]]:
+    """Greedy replies, exact match and the reference answer's mean token log-probability."""
+    max_new = max(len(s.reference_ids) for s in batch) + REPLY_MARGIN
+    replies, logprobs = greedy_replies(
+        model,
+        tokenizer,
+        [s.input_ids for s in batch],
+        [s.reference_ids for s in batch],
+        max_new,
+        device,
+        # A reply that can no longer match is scored already: decoding it further costs time only.
+        give_up=lambda row, reply: not can_still_match(reply, batch[row]),
+    )
+    return [
+        {"correct": is_exact_match(reply, sample), "logprob": lp, "reply": reply}
+        for sample, reply, lp in zip(batch, replies, logprobs, strict=True)
+    ]
+
+
+def _summary(items: Sequence, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, mean answer log-prob and per-sample records of one (variant, task, length); passkey
+    also by depth."""
+
+    def stats(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {
-            "accuracy": sum(c for c, _ in pairs) / len(pairs),
-            "key_logprob": sum(lp for _, lp in pairs) / len(pairs),
-            "samples": len(pairs),
+            "accuracy": sum(r["correct"] for r in rs) / len(rs),
+            "answer_logprob": sum(r["logprob"] for r in rs) / len(rs),
+            "samples": len(rs),
         }
 
-    by_depth: dict[str, list[tuple[bool, float]]] = {}
-    for sample, stat in zip(samples, stats, strict=True):
-        by_depth.setdefault(f"{sample.depth:g}", []).append(stat)
-    return summary(list(stats)) | {"by_depth": {d: summary(by_depth[d]) for d in sorted(by_depth)}}
+    out = stats(records) | {"correct": [r["correct"] for r in records]}
+    if "reply" in records[0]:
+        out["replies"] = [r["reply"] for r in records]
+    if isinstance(items[0], PasskeySample):  # the depth grid
+        by_depth: dict[float, list[dict[str, Any]]] = {}
+        for item, record in zip(items, records, strict=True):
+            by_depth.setdefault(item.depth, []).append(record)
+        out["by_depth"] = {f"{d:g}": stats(by_depth[d]) for d in sorted(by_depth)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy generation
+
+
+def greedy_replies(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    references: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    device: Any = None,
+    give_up: Callable[[int, str], bool] | None = None,
+) -> tuple[list[str], list[float]]:
+    """Greedy replies to a batch of prompts and each reference continuation's mean log-probability.
+
+    Prompts of different lengths are left-padded, with the padding masked and positions counted
+    from each row's first real token (the plan's runtime computes for such a row what it computes
+    unpadded). One prefill serves both jobs: the references are scored teacher-forced on top of it,
+    the cache is cropped back to the prompt, and greedy decoding continues from the prompt until
+    every row has ended (end-of-sequence, a line break, or a finished sentence), ``give_up(row,
+    reply so far)`` is true for it, or ``max_new_tokens`` are produced.
+    """
+    device = device if device is not None else next(model.parameters()).device
+    body = decoder_body(model)
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, S]
+    mask = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, S]: 1 on real tokens
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[row, width - len(prompt) :] = 1
+    padded = not bool(mask.all())
+    prompt_lengths = mask.sum(-1, keepdim=True)  # [B, 1]
+
+    from transformers import DynamicCache
+
+    from moa_compress.runtime import cache_kwarg
+
+    cache = DynamicCache(config=model.config)  # filled in place by every forward below
+    cache_name = cache_kwarg(body)
+
+    def forward(tokens, positions, mask):  # [B, T], [B, T], [B, past + T] -> [B, T, hidden]
+        return body(
+            input_ids=tokens,
+            attention_mask=mask if padded else None,  # unpadded: the plain causal (fast) path
+            position_ids=positions,
+            use_cache=True,
+            **{cache_name: cache},
+        ).last_hidden_state
+
+    hidden = forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
+    first = log_probs(model, hidden[:, -1])  # [B, vocab]: the first reply token
+
+    # The references, teacher-forced after the prompt (right-padded; causality keeps padding inert).
+    steps = max(len(r) for r in references)
+    refs = torch.zeros(batch, steps, dtype=torch.long, device=device)  # [B, A]
+    for row, ref in enumerate(references):
+        refs[row, : len(ref)] = torch.tensor(ref, device=device)
+    ref_mask = torch.cat([mask, mask.new_ones(batch, steps)], dim=1)
+    ref_hidden = forward(refs, prompt_lengths + torch.arange(steps, device=device), ref_mask)
+    logprobs = []
+    for row, ref in enumerate(references):
+        lp = torch.cat(
+            [first[row : row + 1], log_probs(model, ref_hidden[row, : len(ref) - 1])]
+        )  # [a, vocab]
+        logprobs.append(float(lp.gather(1, refs[row, : len(ref), None]).mean()))
+    cache.crop(-steps)  # back to the prompt: greedy decoding starts there
+
+    stop = _stop_ids(model, tokenizer)
+    token = first.argmax(-1)  # [B]
+    generated = [[int(t)] for t in token]
+
+    def ended(row: int) -> bool:
+        if _finished(tokenizer, generated[row], stop):
+            return True
+        return give_up is not None and give_up(
+            row, tokenizer.decode(generated[row], skip_special_tokens=True)
+        )
+
+    done = [ended(row) for row in range(batch)]
+    for step in range(max_new_tokens - 1):
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        hidden = forward(token[:, None], prompt_lengths + step, mask)
+        token = log_probs(model, hidden[:, -1]).argmax(-1)
+        for row in range(batch):
+            if not done[row]:
+                generated[row].append(int(token[row]))
+                done[row] = ended(row)
+    replies = [tokenizer.decode([t for t in g if t not in stop], skip_special_tokens=True) for g in generated]
+    return replies, logprobs
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids of the tokenizer and the model's generation config."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    return ids
+
+
+def _finished(tokenizer: Any, tokens: Sequence[int], stop: set[int]) -> bool:
+    """A reply has ended at an end-of-sequence token, a line break or a sentence end (scoring reads
+    no further: :func:`moa_compress.tasks.answer_items`)."""
+    if tokens[-1] in stop:
+        return True
+    text = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+    return "\n" in text or bool(re.search(r"\.\s", text))
 
 
 def _skip(items: Iterable) -> None:
@@ -526,14 +648,15 @@ def _skip(items: Iterable) -> None:
 
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int):
-    """Yield ``advance(items, label)``: iterates ``items`` while a rich bar on stderr counts them."""
+    """Yield ``advance(batches, label)``: iterates ``batches`` while a rich bar on stderr counts their
+    items (a batch that is not a sequence counts as one item)."""
     if not enabled:
         yield lambda items, label: items
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task("eval", total=total)
 
@@ -541,7 +664,7 @@ def _progress(enabled: bool, total: int):
             bar.update(task, description=label)
             for item in items:
                 yield item
-                bar.advance(task)
+                bar.advance(task, len(item) if isinstance(item, Sequence) else 1)
 
         yield advance
 

@@ -60,12 +60,17 @@ def summary_text(results: Mapping[str, Any]) -> str:
             parts.append("ppl " + " / ".join(f"{by[v]['ppl'][n]['ppl']:.3f}" for v in VARIANTS))
         if "fidelity" in by["plan"]:
             parts.append("KL " + " / ".join(f"{by[v]['fidelity'][n]['kl']:.4f}" for v in VARIANTS[1:]))
-        if "passkey" in by["dense"]:
+        for task in _generation_tasks(results):
             parts.append(
-                "passkey " + " / ".join(f"{100 * by[v]['passkey'][n]['accuracy']:.0f}%" for v in VARIANTS)
+                f"{task} " + " / ".join(f"{100 * by[v][task][n]['accuracy']:.0f}%" for v in VARIANTS)
             )
         lines.append(f"{n:>6}: " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def _generation_tasks(results: Mapping[str, Any]) -> list[str]:
+    """The tasks scored by accuracy (passkey and the ruler tasks), in the run's order."""
+    return [t for t in results["settings"]["tasks"] if t not in ("ppl", "fidelity")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,20 +107,24 @@ def render_markdown(
         f"- command: `{results.get('command') or 'evaluate_plan(...) (library call)'}`",
         (
             f"- finished: {results['time']}; dtype {settings['dtype']}; backend {settings['backend']}; "
-            f"seed {settings['seed']}; limit {settings['limit']}"
+            f"seed {settings['seed']}; samples {settings.get('samples') or 'default'}; limit "
+            f"{settings['limit']}; batch size {settings.get('batch_size', 1)}"
         ),
         (
             f"- plan: {results['plan'].get('path') or results['plan']['name']} (fingerprint "
             f"{results['plan']['fingerprint']}, block {results['plan']['block_size']}, budget "
             f"{results['plan']['budget']})"
         ),
-        f"- text for ppl/fidelity: {settings.get('data') or 'passed by the caller'}",
+        f"- natural text (ppl/fidelity, needle haystacks): {settings.get('data') or 'passed by the caller'}",
         "",
         (
             "Variants: **dense** (the model's own attention), **plan**, and **uniform**: one sink + one "
             "fixed window for every head, at the density nearest to the plan's at each length."
         ),
         "",
+    ]
+    lines += summary_section(results)
+    lines += [
         "## Density",
         "",
         "Fraction of the causal attention matrix computed, mean over layers and heads.",
@@ -194,27 +203,7 @@ def render_markdown(
             ),
             "",
         ]
-        rows = []
-        for n in lengths:
-            stats = [_get(results, v, "passkey", n) for v in VARIANTS]
-            rows.append(
-                [n, str(stats[0]["samples"])]
-                + [f"{100 * s['accuracy']:.0f}%" for s in stats]
-                + [f"{s['key_logprob']:.3f}" for s in stats]
-            )
-        lines += _table(
-            [
-                "length",
-                "samples",
-                "acc dense",
-                "acc plan",
-                "acc uniform",
-                "log-prob dense",
-                "log-prob plan",
-                "log-prob uniform",
-            ],
-            rows,
-        )
+        lines += _accuracy_table(results, "passkey")
         rows = []
         for n in lengths:
             depths = _get(results, "dense", "passkey", n)["by_depth"]
@@ -223,15 +212,114 @@ def render_markdown(
                 rows.append(
                     [n, depth, str(stats[0]["samples"])] + [f"{100 * s['accuracy']:.0f}%" for s in stats]
                 )
-        lines += ["Accuracy by depth:", ""]
+        lines += ["Accuracy by depth (0: right after the instruction, 1: right before the question):", ""]
         lines += _table(["length", "depth", "samples", "dense", "plan", "uniform"], rows)
-        if "passkey" in plots:
-            lines += [f"![passkey]({plots['passkey']})", ""]
+        if "needle_heatmap" in plots:
+            lines += [
+                f"![passkey accuracy and key log-prob over length and depth]({plots['needle_heatmap']})",
+                "",
+            ]
+
+    ruler = [t for t in _generation_tasks(results) if t != "passkey"]
+    if ruler:
+        lines += [
+            "## Retrieval tasks (RULER-style)",
+            "",
+            (
+                "Greedy replies through the chat template after an answer prefix, scored by exact match "
+                "(case, whitespace and surrounding punctuation ignored; list order only where the task "
+                "asks for it). Log-prob is the mean over the reference answer's tokens, teacher-forced. "
+                "Haystacks: natural prose for the needle tasks, repeated filler for variable tracking."
+            ),
+            "",
+        ]
+        for task in ruler:
+            lines += [f"### {task}", ""] + _accuracy_table(results, task)
 
     lines += _pareto_section(results, plots)
     if plot_note:
         lines += [plot_note, ""]
     return "\n".join(lines)
+
+
+def _accuracy_table(results: Mapping[str, Any], task: str) -> list[str]:
+    rows = []
+    for n in _lengths(results):
+        stats = [_get(results, v, task, n) for v in VARIANTS]
+        rows.append(
+            [n, str(stats[0]["samples"])]
+            + [f"{100 * s['accuracy']:.0f}%" for s in stats]
+            + [f"{s['answer_logprob']:.3f}" for s in stats]
+        )
+    header = ["length", "samples", "acc dense", "acc plan", "acc uniform"]
+    return _table(header + ["log-prob dense", "log-prob plan", "log-prob uniform"], rows)
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}" if base else "—"  # nothing to compare against a zero
+
+
+def _verdict(plan: float, uniform: float, higher_is_better: bool) -> str:
+    if plan == uniform:
+        return "= tie"
+    return "▲ win" if (plan > uniform) == higher_is_better else "▼ loss"
+
+
+def summary_section(results: Mapping[str, Any]) -> list[str]:
+    """One row per task and length: the plan against dense and uniform, the gap as a ratio, the
+    number of samples, and whether the plan beats the uniform baseline (marked either way)."""
+    tasks = results["settings"]["tasks"]
+    rows = []
+    for task in tasks:
+        for n in _lengths(results):
+            if task == "ppl":
+                d, p, u = (_get(results, v, "ppl", n)["ppl"] for v in VARIANTS)
+                count = _get(results, "dense", "ppl", n)["windows"]
+                cells = [
+                    f"{d:.3f}",
+                    f"{p:.3f}",
+                    f"{u:.3f}",
+                    _ratio(p, d),
+                    _ratio(p, u),
+                    "",
+                    _verdict(p, u, False),
+                ]
+                rows.append([task + " (perplexity)", n, f"{count} windows", *cells])
+            elif task == "fidelity":
+                p, u = (_get(results, v, "fidelity", n)["kl"] for v in ("plan", "uniform"))
+                count = _get(results, "plan", "fidelity", n)["windows"]
+                cells = [
+                    "0 (reference)",
+                    f"{p:.4f}",
+                    f"{u:.4f}",
+                    "—",
+                    _ratio(p, u),
+                    "",
+                    _verdict(p, u, False),
+                ]
+                rows.append([task + " (KL, nats/token)", n, f"{count} windows", *cells])
+            else:
+                d, p, u = (_get(results, v, task, n) for v in VARIANTS)
+                won = sum(a and not b for a, b in zip(p["correct"], u["correct"], strict=True))
+                lost = sum(b and not a for a, b in zip(p["correct"], u["correct"], strict=True))
+                cells = [f"{100 * x['accuracy']:.0f}%" for x in (d, p, u)]
+                cells += [_ratio(p["accuracy"], d["accuracy"]), _ratio(p["accuracy"], u["accuracy"])]
+                cells += [f"+{won} / −{lost}", _verdict(p["accuracy"], u["accuracy"], True)]
+                rows.append([task + " (accuracy)", n, str(d["samples"]), *cells])
+    lines = [
+        "## Summary",
+        "",
+        (
+            "Per task and length: the plan against dense and the uniform baseline; ratios are plan ÷ "
+            "dense and plan ÷ uniform (lower is better for perplexity and KL, higher for accuracy). "
+            '"Samples won / lost" counts the prompts the plan answers right and uniform wrong, and '
+            "the reverse. The verdict compares the plan with uniform; with n samples, accuracy "
+            "differences below about 1/√n are within noise."
+        ),
+        "",
+    ]
+    header = ["task", "length", "samples", "dense", "plan", "uniform", "plan ÷ dense", "plan ÷ uniform"]
+    return lines + _table([*header, "samples won / lost", "plan vs uniform"], rows)
 
 
 def _pareto_section(results: Mapping[str, Any], plots: Mapping[str, str]) -> list[str]:
@@ -367,49 +455,8 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
             plt.close(fig)
 
         if "passkey" in tasks:
-            depths = list(_get(results, "dense", "passkey", lengths[0])["by_depth"])
-            fig, axes = plt.subplots(1, 4, figsize=(19, 3.8), layout="constrained")
-            for ax, v in zip(axes[:3], VARIANTS, strict=True):
-                grid = [
-                    [
-                        _get(results, v, "passkey", n)["by_depth"].get(d, {}).get("accuracy", math.nan)
-                        for d in depths
-                    ]
-                    for n in lengths
-                ]
-                image = ax.imshow(
-                    grid, aspect="auto", cmap="RdYlGn", vmin=0.0, vmax=1.0, interpolation="nearest"
-                )
-                ax.set(
-                    title=f"passkey accuracy: {v}",
-                    xlabel="depth",
-                    ylabel="length",
-                    xticks=range(len(depths)),
-                    xticklabels=depths,
-                    yticks=range(len(lengths)),
-                    yticklabels=lengths,
-                )
-            fig.colorbar(image, ax=axes[2])
-            for v in VARIANTS:
-                axes[3].plot(
-                    xs,
-                    [_get(results, v, "passkey", n)["key_logprob"] for n in lengths],
-                    STYLES[v],
-                    color=COLORS[v],
-                    label=v,
-                )
-            axes[3].set(
-                xscale="log",
-                xlabel="length (tokens)",
-                ylabel="mean key log-prob",
-                xticks=xs,
-                xticklabels=lengths,
-            )
-            axes[3].minorticks_off()
-            axes[3].legend()
-            _save(fig, out / "passkey.png")
-            plots["passkey"] = "passkey.png"
-            plt.close(fig)
+            _needle_heatmap(plt, results, out / "needle_heatmap.png")
+            plots["needle_heatmap"] = "needle_heatmap.png"
 
         found = pareto_points(results["plan"].get("provenance") or {})
         if found:
@@ -486,3 +533,56 @@ def gate_loss_report(trained, out_dir: str | Path) -> Path:
     path = out / "report.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
+
+
+def _needle_heatmap(plt, results: Mapping[str, Any], path: Path) -> None:
+    """Passkey accuracy (top row) and mean key log-prob (bottom row) over length x depth, one column
+    per variant; each cell is annotated with its value and sample count."""
+    lengths = _lengths(results)
+    depths = list(_get(results, "dense", "passkey", lengths[0])["by_depth"])
+    fig, axes = plt.subplots(
+        2,
+        len(VARIANTS),
+        figsize=(4.2 * len(VARIANTS), 1.2 * len(lengths) + 4.5),
+        squeeze=False,
+        layout="constrained",
+    )
+    grids = {
+        (key, v): [
+            [_get(results, v, "passkey", n)["by_depth"].get(d, {}).get(key, math.nan) for d in depths]
+            for n in lengths
+        ]
+        for key in ("accuracy", "answer_logprob")
+        for v in VARIANTS
+    }
+    lowest = min((x for g in grids.values() for row in g for x in row if not math.isnan(x)), default=-1.0)
+    for r, (key, title, cmap, limits) in enumerate(
+        (
+            ("accuracy", "passkey accuracy", "RdYlGn", (0.0, 1.0)),
+            ("answer_logprob", "mean key log-prob", "viridis", (min(lowest, -1e-3), 0.0)),
+        )
+    ):
+        for c, v in enumerate(VARIANTS):
+            ax = axes[r][c]
+            grid = grids[(key, v)]
+            image = ax.imshow(
+                grid, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest"
+            )
+            for i, n in enumerate(lengths):
+                for j, d in enumerate(depths):
+                    cell = _get(results, v, "passkey", n)["by_depth"].get(d)
+                    if cell:
+                        text = f"{100 * cell[key]:.0f}%" if key == "accuracy" else f"{cell[key]:.2f}"
+                        ax.text(j, i, f"{text}\nn={cell['samples']}", ha="center", va="center", fontsize=7)
+            ax.set(
+                title=f"{title}: {v}",
+                xlabel="needle depth",
+                ylabel="length (tokens)",
+                xticks=range(len(depths)),
+                xticklabels=depths,
+                yticks=range(len(lengths)),
+                yticklabels=lengths,
+            )
+        fig.colorbar(image, ax=axes[r][-1])
+    _save(fig, path)
+    plt.close(fig)

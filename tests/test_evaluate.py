@@ -10,17 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moa_compress import evaluate, report
+from moa_compress import evaluate, report, tasks
 from moa_compress.cli import app
 from moa_compress.data import DataError
 from moa_compress.evaluate import (
     EvalError,
-    PasskeySample,
     evaluate_plan,
     final_hidden,
+    greedy_replies,
     log_probs,
-    passkey_depths,
-    passkey_samples,
     uniform_baseline,
 )
 from moa_compress.plan import (
@@ -33,7 +31,8 @@ from moa_compress.plan import (
     save_plan,
     uniform_plan,
 )
-from tests.factories import tiny_model, tiny_tokenizer
+from moa_compress.tasks import PasskeySample, TaskError, passkey_depths, passkey_samples
+from tests.factories import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 
 PROSE = (
     "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees near "
@@ -55,12 +54,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    prompts = [
-        evaluate.PASSKEY_INTRO,
-        evaluate.PASSKEY_FILLER,
-        evaluate.PASSKEY_NEEDLE,
-        evaluate.PASSKEY_QUESTION,
-    ]
+    prompts = [tasks.PASSKEY_INTRO, tasks.PASSKEY_FILLER, tasks.PASSKEY_NEEDLE, tasks.PASSKEY_QUESTION]
     return tiny_tokenizer([PROSE, *prompts])
 
 
@@ -99,8 +93,8 @@ def dense_plan(model) -> Plan:
 
 @pytest.mark.parametrize("length", [160, 301])
 def test_passkey_samples_answers_check_out(tokenizer, length):
-    samples = passkey_samples(tokenizer, length, 9, seed=3)
-    assert [s.depth for s in samples] == list(evaluate.PASSKEY_DEPTHS)
+    samples = passkey_samples(tokenizer, length, 6, seed=3)
+    assert [s.depth for s in samples] == list(tasks.PASSKEY_DEPTHS)
     needle_starts = []
     for s in samples:
         assert isinstance(s, PasskeySample)
@@ -109,7 +103,7 @@ def test_passkey_samples_answers_check_out(tokenizer, length):
         # The answer at the end is the key, digit for digit.
         assert tokenizer.decode(s.input_ids[s.key_start :]).replace(" ", "") == s.key
         # The needle sentence sits at needle_start and names the same key.
-        needle = tokenizer(evaluate.PASSKEY_NEEDLE.format(key=s.key), add_special_tokens=False)["input_ids"]
+        needle = tokenizer(tasks.PASSKEY_NEEDLE.format(key=s.key), add_special_tokens=False)["input_ids"]
         assert list(s.input_ids[s.needle_start : s.needle_start + len(needle)]) == needle
         assert tokenizer.decode(s.input_ids).count(" ".join(s.key)) == 3  # twice in the needle, once answered
         needle_starts.append(s.needle_start)
@@ -134,14 +128,15 @@ def test_passkey_samples_through_the_chat_template(tokenizer):
 
 
 def test_passkey_depths_spread_evenly():
-    assert passkey_depths(1) == [0.5]
-    assert passkey_depths(3) == [0.1, 0.5, 0.9]
-    assert passkey_depths(9) == list(evaluate.PASSKEY_DEPTHS)
-    assert passkey_depths(11)[9:] == [0.1, 0.2]
+    assert passkey_depths(1) == [0.6]
+    assert passkey_depths(3) == [0.0, 0.4, 1.0]
+    assert passkey_depths(6) == list(tasks.PASSKEY_DEPTHS)
+    assert passkey_depths(8)[6:] == [0.0, 0.2]
+    assert sorted(passkey_depths(evaluate.DEFAULT_PASSKEY_SAMPLES)) == sorted(5 * tasks.PASSKEY_DEPTHS)
 
 
 def test_passkey_too_short_length_is_an_error(tokenizer):
-    with pytest.raises(EvalError, match="too short for the passkey prompt"):
+    with pytest.raises(TaskError, match="too short for the passkey prompt"):
         passkey_samples(tokenizer, 40, 1)
 
 
@@ -206,7 +201,7 @@ def test_evaluate_plan_fills_the_schema(tokenizer):
     texts = make_texts()
     kw = {"texts": texts, "limit": 3, "backend": "reference", "progress": False}
     results = evaluate_plan(model, tokenizer, plan, lengths=(176, 112), **kw)
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2
     assert results["settings"]["lengths"] == [112, 176]
     assert results["model"]["fingerprint"] == plan.model.fingerprint
     assert set(results["results"]) == {"dense", "plan", "uniform"}
@@ -219,8 +214,9 @@ def test_evaluate_plan_fills_the_schema(tokenizer):
             assert ppl["windows"] == 3 and ppl["tokens"] == 3 * int(n) // 2
             assert math.isfinite(ppl["ppl"]) and ppl["ppl"] == pytest.approx(math.exp(ppl["nll"]))
             passkey = results["results"][variant]["passkey"][n]
-            assert passkey["samples"] == 3 and 0 <= passkey["accuracy"] <= 1 and passkey["key_logprob"] < 0
-            assert list(passkey["by_depth"]) == ["0.1", "0.5", "0.9"]
+            assert passkey["samples"] == 3 and 0 <= passkey["accuracy"] <= 1 and passkey["answer_logprob"] < 0
+            assert passkey["accuracy"] == sum(passkey["correct"]) / 3
+            assert list(passkey["by_depth"]) == ["0", "0.4", "1"]
         assert "fidelity" not in results["results"]["dense"]
         for variant in ("plan", "uniform"):
             fid = results["results"][variant]["fidelity"][n]
@@ -250,9 +246,10 @@ def test_density_one_plan_equals_dense(tokenizer):
         assert by[variant]["fidelity"]["128"]["kl"] == pytest.approx(0.0, abs=1e-10)
         assert by[variant]["fidelity"]["128"]["top1"] == 1.0
         assert by[variant]["ppl"]["128"]["ppl"] == pytest.approx(by["dense"]["ppl"]["128"]["ppl"], rel=1e-9)
-        assert by[variant]["passkey"]["128"]["key_logprob"] == pytest.approx(
-            by["dense"]["passkey"]["128"]["key_logprob"], rel=1e-9
+        assert by[variant]["passkey"]["128"]["answer_logprob"] == pytest.approx(
+            by["dense"]["passkey"]["128"]["answer_logprob"], rel=1e-9
         )
+        assert by[variant]["passkey"]["128"]["correct"] == by["dense"]["passkey"]["128"]["correct"]
 
 
 def test_dense_ppl_matches_a_direct_computation(tokenizer, monkeypatch):
@@ -284,6 +281,141 @@ def test_dense_ppl_matches_a_direct_computation(tokenizer, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# Greedy generation and the ruler tasks
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return tiny_bpe_tokenizer()
+
+
+def slow_greedy(model, prompt, reference, steps):
+    """One prompt, no cache, no batch: full forwards, the spec for greedy_replies."""
+    ids = torch.tensor([list(prompt) + list(reference)])
+    lp = torch.log_softmax(model(ids).logits[0].double(), -1)[len(prompt) - 1 : -1]
+    logprob = float(lp.gather(1, ids[0, len(prompt) :, None]).mean())
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt) :], logprob
+
+
+def test_greedy_replies_left_padded_batch_matches_one_prompt_at_a_time(bpe):
+    model = tiny_model("llama", dtype=torch.float64, vocab=len(bpe))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, len(bpe), (n,), generator=g).tolist() for n in (70, 45, 70)]
+    references = [[5, 6, 7], [8], [9, 10]]
+    plan = sparse_plan(model)
+    with torch.no_grad():
+        for applied in (None, plan):
+            with evaluate.variant(model, applied, "reference"):
+                replies, logprobs = greedy_replies(model, bpe, prompts, references, 5)
+                for prompt, reference, reply, logprob in zip(
+                    prompts, references, replies, logprobs, strict=True
+                ):
+                    alone, alone_lp = greedy_replies(model, bpe, [prompt], [reference], 5)
+                    assert alone == [reply] and alone_lp[0] == pytest.approx(logprob, rel=1e-9)
+                    if applied is None:
+                        tokens, expected = slow_greedy(model, prompt, reference, 5)
+                        assert reply == bpe.decode(tokens, skip_special_tokens=True)
+                        assert logprob == pytest.approx(expected, rel=1e-9)
+
+
+def test_greedy_replies_give_up_rows_early_without_touching_the_log_probs(bpe):
+    model = tiny_model("llama", dtype=torch.float64, vocab=len(bpe))
+    prompts, references = [[5] * 30, [6] * 30], [[7, 8], [9]]
+    with torch.no_grad():
+        full, full_lp = greedy_replies(model, bpe, prompts, references, 6)
+        cut, cut_lp = greedy_replies(model, bpe, prompts, references, 6, give_up=lambda row, reply: row == 0)
+    assert cut_lp == full_lp and cut[1] == full[1]
+    first = bpe(full[0], add_special_tokens=False)["input_ids"][:1]
+    assert cut[0] == bpe.decode(first) != full[0]
+
+
+def test_a_reply_ends_at_end_of_sequence_a_line_break_or_a_sentence_end(bpe):
+    def finished(text, extra=()):
+        return evaluate._finished(bpe, bpe(text, add_special_tokens=False)["input_ids"] + list(extra), {2})
+
+    assert not finished(" 1234567") and not finished(" 3.5") and not finished(" 11, 22")
+    assert finished(" 1234567. The") and finished(" 1234567\n") and finished(" 12", [2])
+    assert not finished("\n 12")  # leading whitespace is no line break: scoring skips it too
+
+
+def ruler_run(model, bpe, plan, **kw):
+    return evaluate_plan(
+        model,
+        bpe,
+        plan,
+        tasks="ruler",
+        lengths=[512],
+        texts=make_texts(count=2, words=300),
+        samples=2,
+        batch_size=2,
+        backend="reference",
+        progress=False,
+        **kw,
+    )
+
+
+def test_ruler_tasks_fill_the_schema_and_reproduce(bpe):
+    model = tiny_model("llama", vocab=len(bpe))
+    results = ruler_run(model, bpe, sparse_plan(model))
+    assert results["settings"]["tasks"] == list(tasks.RULER_TASKS)
+    assert results["settings"]["samples"] == 2 and results["settings"]["batch_size"] == 2
+    for variant in ("dense", "plan", "uniform"):
+        for task in tasks.RULER_TASKS:
+            entry = results["results"][variant][task]["512"]
+            assert entry["samples"] == 2 and len(entry["correct"]) == 2 and len(entry["replies"]) == 2
+            assert entry["accuracy"] == sum(entry["correct"]) / 2
+            assert math.isfinite(entry["answer_logprob"]) and entry["answer_logprob"] < 0
+            assert "by_depth" not in entry
+    json.dumps(results)
+    again = ruler_run(model, bpe, sparse_plan(model))
+    assert again["results"] == results["results"]
+
+
+def test_density_one_plan_scores_the_ruler_tasks_exactly_like_dense(bpe):
+    model = tiny_model("llama", dtype=torch.float64, vocab=len(bpe))
+    by = ruler_run(model, bpe, dense_plan(model))["results"]
+    for task in tasks.RULER_TASKS:
+        dense, plan = by["dense"][task]["512"], by["plan"][task]["512"]
+        assert plan["replies"] == dense["replies"] and plan["correct"] == dense["correct"]
+        assert plan["answer_logprob"] == pytest.approx(dense["answer_logprob"], rel=1e-9)
+
+
+def test_ruler_replies_are_scored_by_exact_match(bpe, monkeypatch):
+    """Replies that are the answers with other spacing, case and punctuation score 1; wrong ones 0."""
+    model = tiny_model("llama", vocab=len(bpe))
+    made = {}
+    real = evaluate.task_samples
+
+    def remember(task, *args, **kw):
+        made[task] = real(task, *args, **kw)
+        return made[task]
+
+    def oracle(model, tokenizer, prompts, references, max_new, device=None, give_up=None):
+        by_prompt = {s.input_ids: s for samples in made.values() for s in samples}
+        answers = [by_prompt[tuple(p)].answers for p in prompts]
+        return ["  " + " ,  ".join(a).upper() + " .\nmore" for a in answers], [-1.0] * len(prompts)
+
+    monkeypatch.setattr(evaluate, "task_samples", remember)
+    monkeypatch.setattr(evaluate, "greedy_replies", oracle)
+    by = ruler_run(model, bpe, sparse_plan(model))["results"]
+    assert all(
+        by[v][t]["512"]["accuracy"] == 1.0 for v in ("dense", "plan", "uniform") for t in tasks.RULER_TASKS
+    )
+    monkeypatch.setattr(
+        evaluate,
+        "greedy_replies",
+        lambda m, t, prompts, r, n, device=None, give_up=None: (["0"] * len(prompts), [-1.0] * len(prompts)),
+    )
+    by = ruler_run(model, bpe, sparse_plan(model))["results"]
+    assert all(
+        by[v][t]["512"]["accuracy"] == 0.0 for v in ("dense", "plan", "uniform") for t in tasks.RULER_TASKS
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad inputs
 
 
@@ -296,8 +428,19 @@ def test_bad_inputs_are_clear_errors(tokenizer):
         evaluate_plan(
             model, tokenizer, plan, tasks="ppl,speed", lengths=[128], texts=make_texts(), progress=False
         )
-    with pytest.raises(DataError, match="need evaluation text"):
+    with pytest.raises(DataError, match="need natural text"):
         evaluate_plan(model, tokenizer, plan, tasks="ppl", lengths=[128], texts=None, progress=False)
+    with pytest.raises(DataError, match="needle_word need natural text"):
+        evaluate_plan(model, tokenizer, plan, tasks="needle_word", lengths=[128], texts=None, progress=False)
+    with pytest.raises(EvalError, match="--tasks"):
+        evaluate_plan(model, tokenizer, plan, tasks="ruler,needle_nope", lengths=[128], progress=False)
+    with pytest.raises(TaskError, match="--lengths 40 is too short for variable_tracking"):
+        evaluate_plan(model, tokenizer, plan, tasks="variable_tracking", lengths=[40], progress=False)
+    for option in ("samples", "batch_size", "limit"):
+        with pytest.raises(EvalError, match=f"--{option.replace('_', '-')} must be a positive number"):
+            evaluate_plan(
+                model, tokenizer, plan, tasks="passkey", lengths=[128], progress=False, **{option: 0}
+            )
     with pytest.raises(DataError, match="no window of 256 tokens"):
         evaluate_plan(model, tokenizer, plan, tasks="ppl", lengths=[256], texts=["too short"], progress=False)
     other = tiny_model("llama", vocab=len(tokenizer), layers=3)
@@ -333,11 +476,43 @@ def test_write_report_tables_and_plots(tokenizer, monkeypatch, tmp_path):
     text = path.read_text()
     for heading in ("## Density", "## Perplexity", "## Fidelity to dense", "## Passkey retrieval", "Pareto"):
         assert heading in text
-    for png in ("plan_heatmap.png", "quality_vs_length.png", "passkey.png", "pareto.png"):
+    for png in ("plan_heatmap.png", "quality_vs_length.png", "needle_heatmap.png", "pareto.png"):
         assert f"]({png})" in text
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
     assert "Plots skipped" not in text
+
+
+def test_summary_leads_the_report_and_marks_wins_and_losses(tokenizer, monkeypatch, tmp_path):
+    results, plan = fake_results(tokenizer, monkeypatch)
+    by = results["results"]
+    # Make the plan win one passkey sample at 128 and lose one at 256 against uniform.
+    by["plan"]["passkey"]["128"] = by["plan"]["passkey"]["128"] | {"correct": [True, False], "accuracy": 0.5}
+    by["uniform"]["passkey"]["128"] = by["uniform"]["passkey"]["128"] | {
+        "correct": [False, False],
+        "accuracy": 0.0,
+    }
+    by["dense"]["passkey"]["128"] = by["dense"]["passkey"]["128"] | {"correct": [True, True], "accuracy": 1.0}
+    by["plan"]["passkey"]["256"] = by["plan"]["passkey"]["256"] | {"correct": [False, False], "accuracy": 0.0}
+    by["uniform"]["passkey"]["256"] = by["uniform"]["passkey"]["256"] | {
+        "correct": [False, True],
+        "accuracy": 0.5,
+    }
+    by["dense"]["passkey"]["256"] = by["dense"]["passkey"]["256"] | {
+        "correct": [False, False],
+        "accuracy": 0.0,
+    }
+    text = evaluate.write_report(results, tmp_path, plan).read_text()
+    assert text.index("## Summary") < text.index("## Density") < text.index("## Passkey retrieval")
+    rows = {
+        tuple(c.strip() for c in line.split("|")[1:3]): line
+        for line in text.splitlines()
+        if "(accuracy)" in line
+    }
+    win, loss = rows[("passkey (accuracy)", "128")], rows[("passkey (accuracy)", "256")]
+    assert "| 2 | 100% | 50% | 0% | 0.50 | — | +1 / −0 | ▲ win |" in win
+    assert "| 2 | 0% | 0% | 50% | — | 0.00 | +0 / −1 | ▼ loss |" in loss
+    assert "ppl (perplexity) | 128 | 2 windows" in text and "fidelity (KL, nats/token) | 256" in text
 
 
 def test_report_without_matplotlib_says_plots_were_skipped(tokenizer, monkeypatch, tmp_path):
@@ -411,6 +586,11 @@ def test_cli_bad_inputs_exit_2(tokenizer, model_dir, data_file, tmp_path, monkey
         ([*common, "--lengths", "128", "--data", tmp_path / "missing.txt"], "--data"),
         ([*common, "--lengths", "128", "--tasks", "ppl,nope"], "--tasks"),
         ([*common, "--lengths", "128", "--limit", "0"], "--limit"),
+        ([*common, "--lengths", "128", "--samples", "0"], "--samples"),
+        ([*common, "--lengths", "128", "--batch-size", "0"], "--batch-size"),
+        ([*common, "--lengths", "128", "--tasks", "ruler,needle_nope"], "--tasks"),
+        ([*common, "--lengths", "40", "--tasks", "passkey"], "is too short for the passkey prompt"),
+        ([*common, "--lengths", "40", "--tasks", "common_words"], "is too short for common_words"),
         ([model_dir, "--plan", tmp_path / "nowhere", "--lengths", "128"], "no plan at"),
     ]
     for args, message in cases:
