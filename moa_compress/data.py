@@ -364,9 +364,11 @@ def _prompt_parts(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
     return list(prefix), tokenizer(f"\n\n{instruction}\nAnswer:", add_special_tokens=False)["input_ids"]
 
 
-def _max_positions(model) -> int | None:
+def max_positions(model) -> int | None:
+    """The most positions ``model`` takes (its text config's ``max_position_embeddings``), if it says."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def _counts(lengths: Sequence[int], samples_per_length: int | Mapping[int, int]) -> dict[int, int]:
@@ -387,7 +389,7 @@ def _check_request(model, lengths: Sequence[int], mode: str) -> None:
         raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not lengths or any(n <= 0 for n in lengths):
         raise DataError(f"--lengths must be positive, got {list(lengths)}")
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and max(lengths) > limit:
         raise DataError(f"length {max(lengths)} is over the model's maximum positions ({limit})")
 

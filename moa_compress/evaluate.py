@@ -77,7 +77,7 @@ from typing import Any
 
 import torch
 
-from moa_compress.data import DataError, token_windows
+from moa_compress.data import DataError, max_positions, token_windows
 from moa_compress.errors import UserInputError
 from moa_compress.plan import (
     DenseRule,
@@ -148,17 +148,11 @@ def needs_text(tasks: Sequence[str]) -> bool:
     return bool(set(tasks) & {*TEXT_TASKS, *PROSE_TASKS})
 
 
-def max_length(model: Any) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if value else None
-
-
 def check_lengths(model: Any, lengths: Sequence[int]) -> list[int]:
     lengths = sorted({int(n) for n in lengths})
     if not lengths or lengths[0] < 4:
         raise EvalError(f"--lengths must be at least 4 tokens, got {lengths}")
-    limit = max_length(model)
+    limit = max_positions(model)
     if limit is not None and lengths[-1] > limit:
         raise EvalError(f"--lengths {lengths[-1]} exceeds the model's maximum of {limit} positions")
     return lengths

@@ -78,12 +78,6 @@ class CompressResult:
 # Checks before anything is written
 
 
-def _max_positions(model: Any) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if value else None
-
-
 def _model_dtype(model: Any) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
@@ -91,10 +85,11 @@ def _model_dtype(model: Any) -> str:
 def check_inputs(model: Any, settings: CompressSettings, profile: Profile | None = None) -> None:
     """Every check that needs no data: settings, lengths against the model, the budget against the
     smallest possible plan, a reused profile against the model and lengths."""
+    from moa_compress.data import max_positions
     from moa_compress.search import SearchError, minimum_density
 
     settings.check()
-    limit = _max_positions(model)
+    limit = max_positions(model)
     for option, values in (("--lengths", settings.lengths), ("--extend-lengths", settings.extend_lengths)):
         if limit is not None and values and max(values) > limit:
             raise CompressError(f"{option} {max(values)} is over the model's maximum positions ({limit})")
