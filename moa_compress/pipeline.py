@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa_compress.errors import UserInputError
 from moa_compress.plan import PLAN_FILE, Plan, atomic_write_bytes, identity_of, save_plan
 from moa_compress.profile import Profile
 from moa_compress.settings import PRESETS, CompressError, CompressSettings, preset_settings
@@ -218,18 +217,18 @@ def compress(
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out / "work"
     group = distributed.current()
+    # Rank 0 checks and reads the work folder; every rank learns how that went and whether to profile.
+    prepared = distributed.on_main(
+        group,
+        "the checks",
+        lambda: _prepare(model, tokenizer, settings, out, work, profile, force, progress, command),
+    )
+    reused = prepared[0].finished_profile() if prepared is not None and profile is None else profile
+    if distributed.broadcast_json(group, reused is None, "the checks") and not group.is_main:
+        _join_profile(model, settings, work, force)
     if not group.is_main:
-        _join_profile(model, settings, work, profile, force)
         return None
-    try:
-        context, record, eval_texts, eval_source = _prepare(
-            model, tokenizer, settings, out, work, profile, force, progress, command
-        )
-        reused = profile if profile is not None else context.finished_profile()
-    except UserInputError as exc:
-        distributed.broadcast_json(group, {"ok": False, "message": str(exc)}, "the checks")
-        raise
-    distributed.broadcast_json(group, {"ok": True, "profile": reused is None}, "the checks")
+    context, record, eval_texts, eval_source = prepared
     seconds: dict[str, float | None] = {}
 
     started = time.perf_counter()
@@ -252,25 +251,25 @@ def compress(
         )
 
     path = save_plan(plan, out, force=True)
+    results = None
     if eval_texts is None:
         # One line whatever --progress says: the user must know why the report has no perplexity.
         print(f"eval skipped: {eval_source}; pass --eval-data FILE_OR_FOLDER to evaluate", file=sys.stderr)
-        results = None
         (out / "results.json").unlink(missing_ok=True)  # an earlier run's, for another plan
-        report = _write_skipped_report(out, eval_source)
     else:
         started = time.perf_counter()
         results = _closing_eval(context, plan, profile.lengths, eval_texts, eval_source, command, out)
         seconds["eval"] = round(time.perf_counter() - started, 2)
-        from moa_compress.evaluate import write_report
-
-        report = write_report(results, out, plan)
     summary = _summary(
         settings, profile, result, validation, plan, results, seconds, command, work, eval_source
     )
+    if results is None:
+        report = _write_skipped_report(out, eval_source, summary_table(summary))
+    else:
+        from moa_compress.evaluate import write_report
+
+        report = write_report(results, out, plan)
     atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode())
-    if eval_texts is None:  # the skipped report shows the summary table too
-        atomic_write_bytes(report, (report.read_text() + _fenced(summary_table(summary))).encode())
     return CompressResult(plan=plan, path=path, report=report, summary=summary)
 
 
@@ -293,27 +292,19 @@ def _prepare(model, tokenizer, settings, out, work, profile, force, progress, co
     return context, record, eval_texts, eval_source
 
 
-def _join_profile(
-    model, settings: CompressSettings, work: Path, profile: Profile | None, force: bool
-) -> None:
-    """A rank other than 0: wait for rank 0's checks, then profile this rank's share of the samples."""
-    from moa_compress import distributed
+def _join_profile(model, settings: CompressSettings, work: Path, force: bool) -> None:
+    """A rank other than 0: profile this rank's share of the samples rank 0 sends (its profile_stage)."""
     from moa_compress.profile import broadcast_samples, profile_model
 
-    group = distributed.current()
-    outcome = distributed.broadcast_json(group, None, "the checks")
-    if not outcome["ok"]:
-        raise CompressError(outcome["message"].splitlines()[0])
-    if outcome["profile"]:
-        samples = broadcast_samples(None, settings.samples_per_length())
-        profile_model(
-            model,
-            samples,
-            block_size=settings.block_size,
-            work_dir=work / "profile-samples",
-            progress=False,
-            force=force,
-        )
+    samples = broadcast_samples(None, settings.samples_per_length())
+    profile_model(
+        model,
+        samples,
+        block_size=settings.block_size,
+        work_dir=work / "profile-samples",
+        progress=False,
+        force=force,
+    )
 
 
 def _closing_eval(context, plan: Plan, lengths, texts, source: str, command: str | None, out: Path):
@@ -340,19 +331,16 @@ def _closing_eval(context, plan: Plan, lengths, texts, source: str, command: str
     return results
 
 
-def _write_skipped_report(out: Path, why: str) -> Path:
+def _write_skipped_report(out: Path, why: str, table: str) -> Path:
+    """``report.md`` when the closing eval was skipped: why, how to evaluate, and the summary table."""
     path = out / "report.md"
     body = (
         "# moa-compress report\n\nThe closing evaluation on natural text was skipped: "
         f"{why}. Rerun with `--eval-data FILE_OR_FOLDER`, or run `moa-compress eval --plan "
-        f"{out / PLAN_FILE} --data FILE_OR_FOLDER`.\n\nThe compress summary:\n\n"
+        f"{out / PLAN_FILE} --data FILE_OR_FOLDER`.\n\nThe compress summary:\n\n```\n{table}\n```\n"
     )
     atomic_write_bytes(path, body.encode())
     return path
-
-
-def _fenced(text: str) -> str:
-    return f"```\n{text}\n```\n"
 
 
 def _recipe(settings: CompressSettings) -> dict[str, Any]:
