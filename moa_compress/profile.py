@@ -449,14 +449,18 @@ def profile_model(
             def path_of(i: int, n: int = n) -> Path | None:
                 return work / str(n) / f"sample-{i:04d}.safetensors" if work is not None else None
 
-            # Finished samples, read by rank 0; every rank learns which are left.
+            # Finished samples, read by rank 0; every rank learns which are left. Rank 0 sums the maps in
+            # sample order as they become available (so every rank holds the same profile and it equals
+            # a one-process run's sum) and keeps only those still waiting for an earlier sample.
             found: dict[int, torch.Tensor] = {}  # sample index -> [3, layers, heads, nB, nB]
+            sums, summed = torch.zeros(shape), 0
             if group.is_main and work is not None:
                 for i in range(len(samples[n])):
                     maps = _load_sample_result(path_of(i), shape[1:])
                     if maps is not None:
                         found[i] = torch.stack(maps)
             done = set(distributed.broadcast_json(group, sorted(found), "profiling"))
+            summed = _add_in_order(sums, found, summed)
             todo = [i for i in range(len(samples[n])) if i not in done]
             for i in done:
                 step(f"profiling {n} tokens (sample {i + 1}/{len(samples[n])}, saved)")
@@ -478,12 +482,9 @@ def profile_model(
                     if work is not None:
                         _save_tensor(path_of(i), *sample_maps.unbind(0))
                     step(f"profiling {n} tokens (sample {i + 1}/{len(samples[n])})")
-            # Summed in sample order on rank 0, then shared, so every rank holds the same profile and
-            # it equals a one-process run's sum up to each sample's own float rounding.
-            sums = torch.zeros(shape)
-            if group.is_main:
-                for i in range(len(samples[n])):
-                    sums += found[i]
+                summed = _add_in_order(sums, found, summed)
+            if group.is_main and summed != len(samples[n]):
+                raise RuntimeError(f"profiling at {n} tokens summed {summed} of {len(samples[n])} samples")
             sums = distributed.broadcast_tensor(group, sums, "profiling")
             for name, total_map in zip(_SAMPLE_MAPS, sums.unbind(0), strict=True):
                 means[name][n] = total_map / len(samples[n])
@@ -500,6 +501,15 @@ def profile_model(
             "ranks": group.world_size,
         },
     )
+
+
+def _add_in_order(sums: torch.Tensor, found: dict[int, torch.Tensor], summed: int) -> int:
+    """Add ``found[summed]``, ``found[summed + 1]``, … to ``sums`` while they are there, dropping each;
+    returns how many samples are now summed."""
+    while summed in found:
+        sums += found.pop(summed)
+        summed += 1
+    return summed
 
 
 def broadcast_samples(
