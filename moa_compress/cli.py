@@ -510,11 +510,11 @@ def generate_command(
 # --- profile
 
 
-def parse_counts(text: str, lengths: list[int]) -> int | dict[int, int]:
-    """``--samples``: one count for every length, or one per length (``4,2,1``)."""
+def parse_counts(text: str, lengths: list[int]) -> dict[int, int]:
+    """``--samples``: one count for every length, or one per length (``4,2,1``) -> ``{length: count}``."""
     counts = parse_lengths(text, "--samples")
     if len(counts) == 1:
-        return counts[0]
+        return dict.fromkeys(lengths, counts[0])
     if len(counts) != len(lengths):
         fail(f"--samples gives {len(counts)} counts for {len(lengths)} lengths; give one, or one per length")
     return dict(zip(sorted(lengths), counts, strict=True))
@@ -564,8 +564,12 @@ def profile_command(
     ns = parse_lengths(lengths)
     counts = parse_counts(samples, ns)
     group = distributed.init()  # a group of one unless launched by torchrun
-    if group.is_main and (out / PROFILE_FILE).exists() and not force:
-        fail(f"{out / PROFILE_FILE} exists; pass --force to overwrite")
+
+    def check_out() -> None:
+        if (out / PROFILE_FILE).exists() and not force:
+            raise FileExistsError(f"{out / PROFILE_FILE} exists; pass --force to overwrite")
+
+    distributed.on_main(group, "the checks", check_out)  # before the model loads; every rank stops
     started = time.monotonic()
     lm, tokenizer = load(model, dtype, device_map, max_memory)
     record = provenance(
@@ -593,8 +597,7 @@ def profile_command(
 
     # Rank 0 builds the samples (and generates the answers) once; every rank profiles its share.
     calibration = broadcast_samples(
-        distributed.on_main(group, "building calibration samples", make_samples),
-        counts if isinstance(counts, dict) else dict.fromkeys(ns, counts),
+        distributed.on_main(group, "building calibration samples", make_samples), counts
     )
     profile = profile_model(
         lm,
