@@ -586,7 +586,13 @@ def load_gates(path: str | Path, model: Any = None) -> list[AttnGate]:
         or body.get("schema_version") != SCHEMA_VERSION
     ):
         raise GateError(f"{json_path} is not a moa-compress gates file (format {FORMAT} v{SCHEMA_VERSION})")
-    identity = ModelIdentity(**body["model"])
+    try:
+        identity = ModelIdentity(**body["model"])
+        settings = GateSettings(**body["settings"])
+        rope_theta = float(body["rope_theta"])
+        shapes = {key: tuple(entry["shape"]) for key, entry in body["tensors"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise GateError(f"{json_path}: malformed gates file ({type(exc).__name__}: {exc})") from None
     if model is not None and identity_of(model).fingerprint != identity.fingerprint:
         raise GateError(f"{json_path}: the gates were trained for another model ({identity.name})")
     try:
@@ -595,18 +601,13 @@ def load_gates(path: str | Path, model: Any = None) -> list[AttnGate]:
         raise GateError(
             f"{json_path.parent / GATES_TENSORS}: missing or damaged ({type(exc).__name__})"
         ) from None
-    settings = GateSettings(**body["settings"])
-    gates = _make_gates(identity, settings, float(body["rope_theta"]))
+    gates = _make_gates(identity, settings, rope_theta)
     for i, gate in enumerate(gates):
         for name in ("q_proj", "k_proj"):
             key = f"layers.{i}.{name}"
             found = tensors.get(key)
             expected = tuple(getattr(gate, name).shape)
-            if (
-                found is None
-                or tuple(found.shape) != expected
-                or tuple(body["tensors"][key]["shape"]) != expected
-            ):
+            if found is None or tuple(found.shape) != expected or shapes.get(key) != expected:
                 raise GateError(
                     f"{json_path.parent / GATES_TENSORS}: {key} is missing or not of shape {expected}"
                 )

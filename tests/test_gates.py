@@ -150,6 +150,11 @@ def test_damaged_gate_files_are_one_line_errors(tmp_path):
     tensors.write_bytes(good)
     with pytest.raises(GateError, match="another model"):
         load_gates(tmp_path, other)
+    body = json.loads((tmp_path / "gates.json").read_text())
+    del body["settings"]
+    (tmp_path / "gates.json").write_text(json.dumps(body))
+    with pytest.raises(GateError, match="malformed gates file"):
+        load_gates(tmp_path)
     with pytest.raises(GateError, match="--gate-dim must be even"):
         GateSettings(gate_dim=3).check()
 
