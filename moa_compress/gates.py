@@ -42,7 +42,14 @@ from torch import nn
 
 from moa_compress.data import CalibrationSample, progress_steps
 from moa_compress.errors import UserInputError
-from moa_compress.plan import ModelIdentity, atomic_write_bytes, identity_of, num_blocks
+from moa_compress.plan import (
+    ModelIdentity,
+    atomic_write_bytes,
+    blocks_for_density,  # noqa: F401 - re-exported; the density math lives with GateRule
+    identity_of,
+    num_blocks,
+    selection_density,  # noqa: F401 - re-exported
+)
 
 GATES_FILE = "gates.json"
 GATES_TENSORS = "gates.safetensors"
@@ -150,32 +157,6 @@ class AttnGate(nn.Module):
 # Selection: top-k key blocks per query-block row, density exact for any input
 
 
-def selection_density(k: int, n: int, block_size: int) -> float:
-    """Exact fraction of the causal pairs at length ``n`` computed when every query-block row keeps
-    ``min(k, row + 1)`` key blocks, the diagonal among them (``k >= 1``). Input-independent: off-diagonal
-    key blocks are all full (only the last block may be ragged, and it is only ever a diagonal)."""
-    nb = num_blocks(n, block_size)
-    sizes = torch.clamp(n - torch.arange(nb, dtype=torch.float64) * block_size, max=block_size)  # rows
-    off_diagonal = torch.clamp(
-        torch.minimum(torch.arange(nb, dtype=torch.float64) + 1, torch.tensor(k)) - 1, min=0
-    )
-    kept = sizes * (sizes + 1) / 2 + off_diagonal * block_size * sizes
-    return float(kept.sum() / (n * (n + 1) / 2))
-
-
-def blocks_for_density(density: float, n: int, block_size: int) -> int:
-    """The most key blocks per row (at least 2: the sink and the diagonal) whose
-    :func:`selection_density` at ``n`` stays within ``density``; 2 when even that exceeds it."""
-    nb = num_blocks(n, block_size)
-    best = min(2, nb)
-    for k in range(2, nb + 1):
-        if selection_density(k, n, block_size) <= density + 1e-12:
-            best = k
-        else:
-            break
-    return best
-
-
 def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Block mask ``[B, H, nQ, nK]`` (bool) from gate ``scores`` (``-inf`` above the block diagonal,
     bottom-right aligned): each row keeps the sink block 0, its diagonal block and the ``k - 2``
@@ -193,6 +174,102 @@ def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(b, h, nq, nk, dtype=torch.bool, device=scores.device)
     mask.scatter_(-1, top, True)
     return mask & causal
+
+
+def gate_selections(
+    scores: torch.Tensor,  # [B, H_gate, nQ, nK], -inf above the block diagonal (bottom-right aligned)
+    blocks: torch.Tensor,  # [H] int: key blocks per row of each query head (0 for heads without a gate)
+    gate_of_head: torch.Tensor,  # [H] int: the gate head whose scores each query head follows
+) -> torch.Tensor:  # [B, H, nQ, nK] bool
+    """Every query head's block mask from its gate head's scores: the sink, the diagonal and the best
+    others, ``blocks[h]`` per row (rows with fewer causal blocks keep them all). The ranking is done
+    once per gate head and shared by the query heads that follow it; batched over heads and rows."""
+    b, _, nq, nk = scores.shape
+    device = scores.device
+    rows = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    cols = torch.arange(nk, device=device)[None, :]
+    causal = cols <= rows
+    forced = (cols == 0) | (cols == rows)
+    ranked = scores.masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
+    take = max(1, min(int(blocks.max()) if blocks.numel() else 1, nk))
+    top = ranked.topk(take, dim=-1).indices[:, gate_of_head.to(device)]  # [B, H, nQ, take]
+    keep = torch.arange(take, device=device) < blocks.to(device)[:, None, None].clamp(min=2)  # [H, 1, take]
+    mask = torch.zeros(b, len(blocks), nq, nk + 1, dtype=torch.bool, device=device)
+    spare = torch.full_like(top, nk)  # dropped picks land in a spare column
+    mask.scatter_(-1, torch.where(keep[None], top, spare), True)
+    return mask[..., :nk] & causal & (blocks.to(device) > 0)[None, :, None, None]
+
+
+def pool_queries_at(q: torch.Tensor, first: int, block_size: int) -> torch.Tensor:
+    """Mean of the queries ``q [B, H, S, D]`` whose first sits at absolute position ``first``, per
+    absolute block they touch -> ``[B, H, nQ, D]`` (a block averages the queries it has)."""
+    head = first % block_size
+    if head == 0:
+        return pool_queries(q, block_size)
+    b, h, s, d = q.shape
+    padded = torch.cat([q.new_zeros(b, h, head, d), q], dim=2)
+    sums = pool_queries(padded, block_size) * _block_counts(head + s, block_size, q)[:, None]
+    counts = _block_counts(head + s, block_size, q)
+    counts[0] -= head
+    return sums / counts[:, None]
+
+
+def _block_counts(s: int, block_size: int, like: torch.Tensor) -> torch.Tensor:
+    nb = num_blocks(s, block_size)
+    counts = torch.full((nb,), float(block_size), device=like.device, dtype=like.dtype)
+    counts[-1] = s - (nb - 1) * block_size
+    return counts
+
+
+def gates_to_plan_tensors(gates: Sequence[AttnGate], layers: Sequence[int]):
+    """``(GateConfig, tensors)`` carrying the gates of ``layers`` in a plan (float32, contiguous)."""
+    from moa_compress.plan import GateConfig, gate_tensor_name
+
+    first = gates[0]
+    config = GateConfig(
+        gate_dim=first.gate_dim,
+        per_query_head=first.per_query_head,
+        rope_theta=first.rope_theta,
+        layers=tuple(sorted(int(i) for i in layers)),
+    )
+    tensors = {}
+    for layer in config.layers:
+        tensors[gate_tensor_name(layer, "q_proj")] = gates[layer].q_proj.detach().float().contiguous().clone()
+        tensors[gate_tensor_name(layer, "k_proj")] = gates[layer].k_proj.detach().float().contiguous().clone()
+    return config, tensors
+
+
+def gates_from_plan(plan) -> dict[int, AttnGate]:
+    """The :class:`AttnGate` of every layer with gate heads, from the plan's tensors (frozen)."""
+    from moa_compress.plan import gate_tensor_name
+
+    out: dict[int, AttnGate] = {}
+    if plan.gates is None:
+        return out
+    m = plan.model
+    for layer in plan.gate_layers:
+        gate = AttnGate(
+            m.num_heads, m.num_kv_heads, m.head_dim, plan.gates.gate_dim, plan.block_size,
+            plan.gates.rope_theta, plan.gates.per_query_head,
+        )  # fmt: skip
+        with torch.no_grad():
+            gate.q_proj.copy_(plan.tensors[gate_tensor_name(layer, "q_proj")])
+            gate.k_proj.copy_(plan.tensors[gate_tensor_name(layer, "k_proj")])
+        out[layer] = gate.requires_grad_(False)
+    return out
+
+
+def layer_gate_heads(plan, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks [H], gate_of_head [H])`` of ``layer`` at total length ``n``: key blocks per row of each
+    gate head (0 for other heads) and the gate head each query head follows."""
+    m = plan.model
+    blocks = torch.tensor(
+        [r.blocks_per_row(n, plan.block_size) if r.input_dependent else 0 for r in plan.rules[layer]]
+    )
+    group = m.num_heads // m.num_kv_heads
+    per_query = plan.gates is not None and plan.gates.per_query_head
+    gate_of_head = torch.arange(m.num_heads) if per_query else torch.arange(m.num_heads) // group
+    return blocks, gate_of_head
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,13 +26,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from moa_compress.errors import UserInputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest plan.json this version reads (2: plans with gate rules)
 PLAN_FILE = "plan.json"
 TENSOR_FILE = "plan.safetensors"
 
@@ -105,16 +105,85 @@ def config_fingerprint(config: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rules
+# Rules: one class per kind behind one protocol, found through a registry
 
 
+def num_blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size)
+
+
+class RuleKind(Protocol):
+    """What every rule kind provides. A new kind is one class registered with :func:`register_rule`.
+
+    ``kind`` names it in ``plan.json``. ``input_dependent`` kinds choose blocks per input
+    (:meth:`block_mask` returns None; the runtime calls the kind's selection with the layer's gate
+    scores); the others have a fixed block mask at every length. ``density(n, block_size)`` is exact
+    for every input. ``kv_keep(n, block_size)`` says what a decode cache must keep at total length
+    ``n``: ``(sink_blocks, window_blocks)`` for a ring buffer, or None for every key.
+    """
+
+    kind: ClassVar[str]
+    input_dependent: ClassVar[bool]
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> Any: ...
+
+    def density(self, n: int, block_size: int) -> float: ...
+
+    def block_mask(self, n: int, block_size: int) -> torch.Tensor | None: ...
+
+    def kv_keep(self, n: int, block_size: int) -> tuple[int, int] | None: ...
+
+    def describe(self) -> str: ...
+
+
+RULE_KINDS: dict[str, type] = {}
+
+
+def register_rule(cls: type) -> type:
+    """Class decorator: make ``cls`` (a :class:`RuleKind`) readable from ``plan.json`` by its ``kind``."""
+    if cls.kind in RULE_KINDS:
+        raise ValueError(f"rule kind {cls.kind!r} is registered twice")
+    RULE_KINDS[cls.kind] = cls
+    return cls
+
+
+def _fields(rule: Any) -> dict[str, Any]:
+    return {"kind": rule.kind, **dataclasses.asdict(rule)}
+
+
+@register_rule
 @dataclass(frozen=True)
 class DenseRule:
     """The head computes every causal pair."""
 
-    kind: str = field(default="dense", init=False)
+    kind: ClassVar[str] = "dense"
+    input_dependent: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> DenseRule:
+        return cls()
+
+    def density(self, n: int, block_size: int) -> float:
+        return 1.0
+
+    def block_mask(self, n: int, block_size: int) -> torch.Tensor:
+        nb = num_blocks(n, block_size)
+        return torch.ones(nb, nb, dtype=torch.bool).tril()
+
+    def kv_keep(self, n: int, block_size: int) -> None:
+        return None
+
+    def describe(self) -> str:
+        return "dense"
 
 
+@register_rule
 @dataclass(frozen=True)
 class StaticRule:
     """Sink blocks plus a band whose span grows with the sequence length: S(N) = alpha + beta * N.
@@ -127,7 +196,8 @@ class StaticRule:
     sink_blocks: int
     alpha: float
     beta: float
-    kind: str = field(default="static", init=False)
+    kind: ClassVar[str] = "static"
+    input_dependent: ClassVar[bool] = False
 
     def band_blocks(self, n: int, block_size: int) -> int:
         return max(1, math.ceil((self.alpha + self.beta * n) / block_size - 1e-9))
@@ -135,61 +205,150 @@ class StaticRule:
     def span(self, n: int) -> float:
         return self.alpha + self.beta * n
 
+    def to_dict(self) -> dict[str, Any]:
+        return _fields(self)
 
-Rule = DenseRule | StaticRule
-RULE_KINDS: dict[str, type] = {"dense": DenseRule, "static": StaticRule}
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> StaticRule:
+        try:
+            rule = cls(int(data["sink_blocks"]), float(data["alpha"]), float(data["beta"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"{where}: static rule needs sink_blocks, alpha, beta ({exc})") from None
+        if rule.sink_blocks < 0 or not 0.0 <= rule.beta <= 1.0 or not math.isfinite(rule.alpha):
+            raise PlanError(f"{where}: static rule out of range: {dict(data)}")
+        return rule
+
+    def density(self, n: int, block_size: int) -> float:
+        return _mask_density(self.block_mask(n, block_size), n, block_size)
+
+    def block_mask(self, n: int, block_size: int) -> torch.Tensor:
+        nq = num_blocks(n, block_size)
+        rows = torch.arange(nq)[:, None]
+        cols = torch.arange(nq)[None, :]
+        lo = rows - self.band_blocks(n, block_size) + 1
+        return (cols <= rows) & ((cols >= lo) | (cols < self.sink_blocks))
+
+    def kv_keep(self, n: int, block_size: int) -> tuple[int, int]:
+        return self.sink_blocks, self.band_blocks(n, block_size)
+
+    def describe(self) -> str:
+        return f"sink{self.sink_blocks}+({self.alpha:g}+{self.beta:g}N)"
+
+
+@register_rule
+@dataclass(frozen=True)
+class GateRule:
+    """A learned block gate (SeerAttention-style) chooses the blocks per input.
+
+    At total length ``N`` every query-block row keeps :meth:`blocks_per_row` key blocks — the sink
+    block 0, its diagonal block and the best-scoring others by the layer's gate (rows with fewer causal
+    blocks keep them all) — so the density at ``N`` is exact whatever the input, and at most
+    ``target`` (or the smallest possible, two blocks per row, where that exceeds it). The gate's weights
+    are the plan's tensors ``gates.{layer}.q_proj`` / ``gates.{layer}.k_proj`` (:class:`GateConfig`).
+    """
+
+    target: float
+    kind: ClassVar[str] = "gate"
+    input_dependent: ClassVar[bool] = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> GateRule:
+        try:
+            rule = cls(float(data["target"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"{where}: gate rule needs target ({exc})") from None
+        if not 0.0 < rule.target <= 1.0:
+            raise PlanError(f"{where}: gate rule target must be in (0, 1], got {rule.target}")
+        return rule
+
+    def blocks_per_row(self, n: int, block_size: int) -> int:
+        return blocks_for_density(self.target, n, block_size)
+
+    def density(self, n: int, block_size: int) -> float:
+        return selection_density(self.blocks_per_row(n, block_size), n, block_size)
+
+    def block_mask(self, n: int, block_size: int) -> None:
+        return None
+
+    def kv_keep(self, n: int, block_size: int) -> None:
+        return None
+
+    def describe(self) -> str:
+        return f"gate@{self.target:g}"
+
+
+Rule = DenseRule | StaticRule | GateRule
 
 
 def rule_to_dict(rule: Rule) -> dict[str, Any]:
-    return dataclasses.asdict(rule)
+    return rule.to_dict()
 
 
 def rule_from_dict(data: Mapping[str, Any], where: str) -> Rule:
-    kind = data.get("kind")
+    kind = data.get("kind") if isinstance(data, Mapping) else None
     if kind not in RULE_KINDS:
         raise PlanError(f"{where}: unknown rule kind {kind!r} (known: {', '.join(RULE_KINDS)})")
-    if kind == "dense":
-        return DenseRule()
-    try:
-        rule = StaticRule(
-            sink_blocks=int(data["sink_blocks"]), alpha=float(data["alpha"]), beta=float(data["beta"])
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PlanError(f"{where}: static rule needs sink_blocks, alpha, beta ({exc})") from None
-    if rule.sink_blocks < 0 or not 0.0 <= rule.beta <= 1.0 or not math.isfinite(rule.alpha):
-        raise PlanError(f"{where}: static rule out of range: {data}")
-    return rule
+    return RULE_KINDS[kind].from_dict(data, where)
+
+
+def selection_density(k: int, n: int, block_size: int) -> float:
+    """Exact fraction of the causal pairs at length ``n`` computed when every query-block row keeps
+    ``min(k, row + 1)`` key blocks, the diagonal among them (``k >= 1``). Input-independent: off-diagonal
+    key blocks are all full (only the last block may be ragged, and it is only ever a diagonal)."""
+    nb = num_blocks(n, block_size)
+    sizes = torch.clamp(n - torch.arange(nb, dtype=torch.float64) * block_size, max=block_size)  # rows
+    off_diagonal = torch.clamp(
+        torch.minimum(torch.arange(nb, dtype=torch.float64) + 1, torch.tensor(float(k))) - 1, min=0
+    )
+    kept = sizes * (sizes + 1) / 2 + off_diagonal * block_size * sizes
+    return float(kept.sum() / (n * (n + 1) / 2))
+
+
+@functools.lru_cache(maxsize=65536)
+def blocks_for_density(density: float, n: int, block_size: int) -> int:
+    """The most key blocks per row (at least 2: the sink and the diagonal) whose
+    :func:`selection_density` at ``n`` stays within ``density``; 2 when even that exceeds it."""
+    nb = num_blocks(n, block_size)
+    lo, hi = min(2, nb), nb  # selection_density grows with k: bisect for the last k within density
+    if selection_density(hi, n, block_size) <= density + 1e-12:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if selection_density(mid, n, block_size) <= density + 1e-12:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 # ----------------------------------------------------------------------------------------------
 # Block sets and density
 
 
-def num_blocks(n: int, block_size: int) -> int:
-    return -(-n // block_size)
-
-
 def rule_key_blocks(rule: Rule, n: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allowed key blocks of every query block at length ``n`` (absolute positions).
-
-    Returns ``(lo_band [nQ], sink [])``: query block ``i`` sees key blocks ``j`` with
-    ``j < sink`` or ``lo_band[i] <= j <= i``.
-    """
+    """Allowed key blocks of every query block at length ``n`` for a rule whose mask is a band plus
+    sinks (dense: the whole causal row). Returns ``(lo_band [nQ], sink [])``: query block ``i`` sees key
+    blocks ``j`` with ``j < sink`` or ``lo_band[i] <= j <= i``."""
     nq = num_blocks(n, block_size)
-    rows = torch.arange(nq)
-    if isinstance(rule, DenseRule):
+    keep = rule.kv_keep(n, block_size)
+    if rule.input_dependent:
+        raise PlanError(f"rule kind {rule.kind!r} chooses its blocks per input; it has no fixed band")
+    if keep is None:
         return torch.zeros(nq, dtype=torch.long), torch.tensor(0)
-    band = rule.band_blocks(n, block_size)
-    return (rows - band + 1).clamp(min=0), torch.tensor(rule.sink_blocks)
+    sink, band = keep
+    return (torch.arange(nq) - band + 1).clamp(min=0), torch.tensor(sink)
 
 
 def rule_block_mask(rule: Rule, n: int, block_size: int) -> torch.Tensor:
-    """Boolean ``[nQ, nK]`` matrix of computed blocks (lower-triangular part only)."""
-    nq = num_blocks(n, block_size)
-    lo, sink = rule_key_blocks(rule, n, block_size)
-    cols = torch.arange(nq)[None, :]
-    rows = torch.arange(nq)[:, None]
-    return (cols <= rows) & ((cols >= lo[:, None]) | (cols < sink))
+    """Boolean ``[nQ, nK]`` matrix of computed blocks (lower-triangular part only) of an
+    input-independent rule."""
+    mask = rule.block_mask(n, block_size)
+    if mask is None:
+        raise PlanError(f"rule kind {rule.kind!r} chooses its blocks per input; it has no fixed block mask")
+    return mask
 
 
 def causal_block_pairs(n: int, block_size: int) -> torch.Tensor:
@@ -204,27 +363,85 @@ def causal_block_pairs(n: int, block_size: int) -> torch.Tensor:
     return out
 
 
+def _mask_density(mask: torch.Tensor, n: int, block_size: int) -> float:
+    pairs = causal_block_pairs(n, block_size)
+    return float(pairs[mask].sum() / pairs.sum())
+
+
 # Cached: the search checks hundreds of plans made of the same few rules, at up to 16K tokens.
 @functools.lru_cache(maxsize=65536)
 def rule_density(rule: Rule, n: int, block_size: int) -> float:
-    """Exact fraction of the causal pairs at length ``n`` that ``rule`` computes."""
-    pairs = causal_block_pairs(n, block_size)
-    kept = pairs[rule_block_mask(rule, n, block_size)].sum()
-    return float(kept / pairs.sum())
+    """Exact fraction of the causal pairs at length ``n`` that ``rule`` computes (for any input)."""
+    return rule.density(n, block_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gates carried by a plan
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The shape of the learned gates a plan's ``gate`` rules use (see :mod:`moa_compress.gates`).
+
+    ``gate_dim``: width of the projected block vectors; ``per_query_head``: one gate head per query
+    head (default: per KV group, so heads sharing a KV head share one ranking); ``rope_theta``: the RoPE
+    base applied at block positions; ``layers``: the layers whose weights the plan carries, as
+    ``gates.{layer}.q_proj [H_gate, head_dim, gate_dim]`` and ``gates.{layer}.k_proj
+    [H_gate, 3 * head_dim, gate_dim]`` (``dtype``) in ``plan.safetensors``.
+    """
+
+    gate_dim: int
+    per_query_head: bool
+    rope_theta: float
+    layers: tuple[int, ...]
+    dtype: str = "float32"
+
+    def to_dict(self, model: ModelIdentity) -> dict[str, Any]:
+        heads = model.num_heads if self.per_query_head else model.num_kv_heads
+        return {
+            **dataclasses.asdict(self),
+            "layers": list(self.layers),
+            "shapes": {
+                "q_proj": [heads, model.head_dim, self.gate_dim],
+                "k_proj": [heads, 3 * model.head_dim, self.gate_dim],
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateConfig:
+        try:
+            return cls(
+                gate_dim=int(data["gate_dim"]),
+                per_query_head=bool(data["per_query_head"]),
+                rope_theta=float(data["rope_theta"]),
+                layers=tuple(int(i) for i in data["layers"]),
+                dtype=str(data.get("dtype", "float32")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"plan's gates entry is missing or has a malformed field: {exc}") from None
+
+    def shapes(self, model: ModelIdentity) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(shape) for name, shape in self.to_dict(model)["shapes"].items()}
+
+
+def gate_tensor_name(layer: int, which: str) -> str:
+    return f"gates.{layer}.{which}"
 
 
 # ----------------------------------------------------------------------------------------------
 # The plan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
     """A per-layer, per-query-head attention plan bound to one model.
 
     ``rules[layer][head]`` is the rule of query head ``head`` in layer ``layer``.
     ``lengths`` are the sequence lengths the plan was made (and its budget checked) for.
     ``provenance`` records tool version, command, data, seed and time.
-    ``tensors`` holds named tensors for rules that need them (saved to ``plan.safetensors``).
+    ``gates`` describes the learned gates of ``gate`` rules (None when the plan has none) and
+    ``tensors`` holds their weights (saved to ``plan.safetensors``). Two plans are equal when every
+    field and every tensor is.
     """
 
     model: ModelIdentity
@@ -233,8 +450,9 @@ class Plan:
     budget: float | None = None
     lengths: tuple[int, ...] = ()
     provenance: Mapping[str, Any] = field(default_factory=dict)
-    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
-    schema_version: int = SCHEMA_VERSION
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    schema_version: int = 1
+    gates: GateConfig | None = None
 
     def __post_init__(self) -> None:
         if len(self.rules) != self.model.num_layers:
@@ -246,11 +464,60 @@ class Plan:
                 )
         if self.block_size <= 0:
             raise PlanError(f"block_size must be positive, got {self.block_size}")
+        self._check_gates()
+
+    def _check_gates(self) -> None:
+        gated = self.gate_layers
+        if not gated:
+            return
+        if self.gates is None:
+            raise PlanError(f"layers {list(gated)} have gate rules but the plan carries no gates")
+        missing = sorted(set(gated) - set(self.gates.layers))
+        if missing:
+            raise PlanError(f"layers {missing} have gate rules but the plan has no gate weights for them")
+        for layer in gated:
+            for which, shape in self.gates.shapes(self.model).items():
+                name = gate_tensor_name(layer, which)
+                tensor = self.tensors.get(name)
+                if tensor is None:
+                    raise PlanError(f"plan tensors lack {name} (is {TENSOR_FILE} missing or from another plan?)")
+                if tuple(tensor.shape) != shape:
+                    raise PlanError(f"plan tensor {name} has shape {list(tensor.shape)}, expected {list(shape)}")
+
+    @property
+    def gate_layers(self) -> tuple[int, ...]:
+        """Layers with at least one input-dependent (gate) head."""
+        return tuple(i for i, heads in enumerate(self.rules) if any(r.input_dependent for r in heads))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Plan):
+            return NotImplemented
+        if self is other:
+            return True
+        mine = (self.model, self.rules, self.block_size, self.budget, self.lengths, self.gates)
+        theirs = (other.model, other.rules, other.block_size, other.budget, other.lengths, other.gates)
+        if mine != theirs or dict(self.provenance) != dict(other.provenance):
+            return False
+        if set(self.tensors) != set(other.tensors):
+            return False
+        return all(
+            self.tensors[k] is other.tensors[k]
+            or (
+                self.tensors[k].shape == other.tensors[k].shape
+                and self.tensors[k].dtype == other.tensors[k].dtype
+                and torch.equal(self.tensors[k].cpu(), other.tensors[k].cpu())
+            )
+            for k in self.tensors
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.model, self.rules, self.block_size, self.budget, self.lengths))
 
     # -- density -------------------------------------------------------------------------------
 
     def density(self, n: int) -> float:
-        """Exact fraction of causal (query, key) pairs computed at length ``n``, mean over heads."""
+        """Exact fraction of causal (query, key) pairs computed at length ``n``, mean over heads
+        (exact for every input: gate rules keep a fixed number of blocks per row)."""
         cache: dict[Rule, float] = {}
         total = 0.0
         for heads in self.rules:
@@ -266,20 +533,47 @@ class Plan:
 
     # -- layouts -------------------------------------------------------------------------------
 
-    def layout(self, layer: int, n: int, device: torch.device | str = "cpu"):
-        """FlexAttention-form layout of ``layer`` for a full prefill of length ``n``.
+    def static_masks(self, layer: int, n: int) -> torch.Tensor:
+        """``[H, nQ, nK]`` bool block masks of ``layer``'s heads at length ``n``; rows of gate heads are
+        all False (their blocks come from :meth:`layout`'s ``selections``)."""
+        nb = num_blocks(n, self.block_size)
+        out = torch.zeros(len(self.rules[layer]), nb, nb, dtype=torch.bool)
+        for head, rule in enumerate(self.rules[layer]):
+            mask = rule.block_mask(n, self.block_size)
+            if mask is not None:
+                out[head] = mask
+        return out
 
-        Returns a :class:`moa_compress.kernels.layout.BlockLayout` with
-        ``kv_num_blocks [1, H, nQ]`` and ``kv_indices [1, H, nQ, nK]`` (ascending, padded).
+    def layout(
+        self,
+        layer: int,
+        n: int,
+        device: torch.device | str = "cpu",
+        selections: torch.Tensor | None = None,
+    ):
+        """FlexAttention-form layout of ``layer`` for a full prefill of length ``n``: the runtime's one
+        source of masks.
+
+        ``selections [B, H, nQ, nK]`` (bool) gives the blocks of the layer's gate heads for ``B`` inputs
+        (:func:`moa_compress.gates.gate_selections`); it is required when the layer has gate heads and
+        only its gate heads' rows are read. Returns a
+        :class:`moa_compress.kernels.layout.BlockLayout` with ``kv_num_blocks [B, H, nQ]`` and
+        ``kv_indices [B, H, nQ, nK]`` (ascending, padded); ``B = 1`` without gate heads.
         """
         from moa_compress.kernels.layout import BlockLayout
 
-        masks = torch.stack([rule_block_mask(r, n, self.block_size) for r in self.rules[layer]])
-        return BlockLayout.from_block_mask(masks[None], self.block_size, n, n).to(device)
+        masks = self.static_masks(layer, n)[None].to(device)
+        gated = torch.tensor([r.input_dependent for r in self.rules[layer]], device=device)
+        if bool(gated.any()):
+            if selections is None:
+                raise PlanError(f"layer {layer} has gate heads: its layout needs the gates' selections")
+            masks = torch.where(gated[None, :, None, None], selections.to(device), masks)
+        return BlockLayout.from_block_mask(masks, self.block_size, n, n)
 
     def block_mask(self, n: int, layer: int | None = None, device: torch.device | str = "cpu"):
         """The layout at length ``n`` as FlexAttention ``BlockMask`` (causal inside the blocks):
-        one for ``layer``, or a list with one per layer when ``layer`` is None.
+        one for ``layer``, or a list with one per layer when ``layer`` is None. Plans with gate heads
+        have no input-independent mask (use :meth:`layout` with the gates' selections).
 
         Run a layer with plain PyTorch:
         ``flex_attention(q, k, v, block_mask=plan.block_mask(n, layer), enable_gqa=True)``.
@@ -294,8 +588,8 @@ class Plan:
     # -- serialisation -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
+        out = {
+            "schema_version": max(self.schema_version, 2 if self.gates is not None else 1),
             "model": dataclasses.asdict(self.model),
             "block_size": self.block_size,
             "budget": self.budget,
@@ -304,6 +598,9 @@ class Plan:
             "rules": [[rule_to_dict(r) for r in heads] for heads in self.rules],
             "provenance": dict(self.provenance),
         }
+        if self.gates is not None:
+            out["gates"] = self.gates.to_dict(self.model)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> Plan:
@@ -323,6 +620,7 @@ class Plan:
                 tuple(rule_from_dict(r, f"layer {li} head {hi}") for hi, r in enumerate(heads))
                 for li, heads in enumerate(data["rules"])
             )
+            gates = GateConfig.from_dict(data["gates"]) if data.get("gates") is not None else None
             return cls(
                 model=model,
                 rules=rules,
@@ -332,6 +630,7 @@ class Plan:
                 provenance=dict(data.get("provenance", {})),
                 tensors=dict(tensors or {}),
                 schema_version=version,
+                gates=gates,
             )
         except PlanError:
             raise
@@ -432,6 +731,8 @@ def save_plan(plan: Plan, out_dir: str | Path, force: bool = False) -> Path:
         from safetensors.torch import save as st_save
 
         atomic_write_bytes(out / TENSOR_FILE, st_save({k: v.contiguous() for k, v in plan.tensors.items()}))
+    else:
+        (out / TENSOR_FILE).unlink(missing_ok=True)  # an earlier plan's, which load_plan would read
     atomic_write_bytes(target, (json.dumps(plan.to_dict(), indent=1) + "\n").encode())
     return target
 
@@ -479,9 +780,13 @@ def load_plan(path: str | Path, model: Any = None) -> Plan:
     tensors = None
     tensor_path = json_path.parent / TENSOR_FILE
     if tensor_path.exists():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(str(tensor_path))
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError) as exc:
+            raise PlanError(f"{tensor_path}: unreadable or truncated ({exc})") from None
     plan = Plan.from_dict(data, tensors)
     if model is not None:
         plan.check_model(identity_of(model))
@@ -507,9 +812,7 @@ def provenance(command: str = "", **extra: Any) -> dict[str, Any]:
 
 
 def describe_rule(rule: Rule) -> str:
-    if isinstance(rule, DenseRule):
-        return "dense"
-    return f"sink{rule.sink_blocks}+({rule.alpha:g}+{rule.beta:g}N)"
+    return rule.describe()
 
 
 def plan_summary(plan: Plan, lengths: Sequence[int]) -> dict[str, Any]:
