@@ -348,7 +348,7 @@ def _target_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-def _attention_layers(model) -> list[nn.Module]:
+def attention_layers(model) -> list[nn.Module]:
     """The model's attention modules in layer order: those with a ``layer_idx`` and q/k projections."""
     layers = [
         m
@@ -377,7 +377,7 @@ def _capturing(model, capture: _Capture) -> Iterator[None]:
         return record
 
     handles = []
-    for attention in _attention_layers(model):
+    for attention in attention_layers(model):
         handles.append(attention.q_proj.register_forward_hook(hook(attention.layer_idx, "q")))
         handles.append(attention.k_proj.register_forward_hook(hook(attention.layer_idx, "k")))
     AttentionInterface.register(ATTENTION_NAME, _target_attention)

@@ -46,7 +46,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_compress.errors import PlanRuntimeError
-from moa_compress.plan import DenseRule, Plan, Rule, identity_of
+from moa_compress.plan import Plan, Rule, identity_of
 
 # Tokens a full buffer holds beyond the prompt before its first doubling (without max_length).
 FULL_HEADROOM = 256
@@ -99,9 +99,10 @@ def plan_layer(
     shapes: dict[tuple[int, int], list[int]] = {}
     for h, rules in enumerate(groups):
         shape = (0, 0)
-        if not any(isinstance(r, DenseRule) for r in rules):
-            sink = max(r.sink_blocks for r in rules) * block_size
-            window = max(r.band_blocks(ring_length, block_size) for r in rules) * block_size
+        keeps = [r.kv_keep(ring_length, block_size) for r in rules]
+        if all(keep is not None for keep in keeps):  # every head keeps a sink + window: a ring
+            sink = max(keep[0] for keep in keeps) * block_size
+            window = max(keep[1] for keep in keeps) * block_size
             if sink + window < ring_length:  # else a ring would hold no less than a full buffer
                 shape = (sink, window)
         shapes.setdefault(shape, []).append(h)
@@ -155,7 +156,8 @@ class ClassStorage:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [B, Hkv_c, C, D]
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_positions = torch.full((batch, kv.capacity), -1, dtype=torch.long, device=device)  # [B, C]
-        dense = [isinstance(r, DenseRule) for r in kv.rules]
+        # Heads that keep every key (dense, gate) see every slot their rule reaches: alpha = inf.
+        dense = [r.kv_keep(block_size, block_size) is None for r in kv.rules]
         self.sink_tokens = torch.tensor(
             [0 if d else r.sink_blocks * block_size for d, r in zip(dense, kv.rules)], device=device
         )
@@ -286,6 +288,7 @@ class PlanKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.storage: list[ClassStorage] = []
+        self.gate_keys = None  # a gate layer's pre-RoPE keys (moa_compress.gate_runtime.PreRopeKeys)
         self.padding: torch.Tensor | None = None  # [B] left-padding columns per row
         self.seen = 0  # columns seen, padding included
         self.is_initialized = False
@@ -345,8 +348,10 @@ class PlanKVLayer(CacheLayerMixin):
         stored: StoredKV,
         scale: float,
         backend: str,
+        blocks: torch.Tensor | None = None,  # [B, Hq, nK] bool: key blocks each head may read (gates)
     ) -> torch.Tensor:  # [B, Hq, 1, D]
-        """Write the new token, then one attention call per class over its slots."""
+        """Write the new token, then one attention call per class over its slots. ``blocks`` (a layer
+        with gate heads) further limits each head to the key blocks its gate selected this step."""
         from moa_compress.attention import decode_attention
 
         self.check_length(stored.length)
@@ -358,6 +363,12 @@ class PlanKVLayer(CacheLayerMixin):
             visible = visible_slots(
                 s.slot_positions, positions, s.sink_tokens, s.alpha, s.beta, self.block_size
             )
+            if blocks is not None:
+                chosen = blocks if s.all_heads else blocks.index_select(1, s.q_index)  # [B, Hq_c, nK]
+                slot_block = (s.slot_positions.clamp(min=0) // self.block_size).clamp(
+                    max=chosen.shape[-1] - 1
+                )
+                visible &= chosen.gather(-1, slot_block[:, None, :].expand(-1, chosen.shape[1], -1))
             q_class = q if s.all_heads else q.index_select(1, s.q_index)
             o = decode_attention(q_class, s.keys, s.values, visible, scale=scale, backend=backend)
             if out is None:
@@ -390,6 +401,8 @@ class PlanKVLayer(CacheLayerMixin):
     def _batch_map(self, fn, in_place: bool = True) -> None:
         for s in self.storage:
             s.batch_map(fn, in_place)
+        if self.gate_keys is not None:
+            self.gate_keys.batch_map(fn)
         if self.padding is not None:
             self.padding = fn(self.padding)
 

@@ -480,9 +480,13 @@ class Plan:
                 name = gate_tensor_name(layer, which)
                 tensor = self.tensors.get(name)
                 if tensor is None:
-                    raise PlanError(f"plan tensors lack {name} (is {TENSOR_FILE} missing or from another plan?)")
+                    raise PlanError(
+                        f"plan tensors lack {name} (is {TENSOR_FILE} missing or from another plan?)"
+                    )
                 if tuple(tensor.shape) != shape:
-                    raise PlanError(f"plan tensor {name} has shape {list(tensor.shape)}, expected {list(shape)}")
+                    raise PlanError(
+                        f"plan tensor {name} has shape {list(tensor.shape)}, expected {list(shape)}"
+                    )
 
     @property
     def gate_layers(self) -> tuple[int, ...]:

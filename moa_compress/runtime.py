@@ -39,7 +39,7 @@ from moa_compress.attention import block_sparse_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
 from moa_compress.kvcache import PlanKVCache, StoredKV
-from moa_compress.plan import DenseRule, Plan, Rule, StaticRule, identity_of, rule_key_blocks
+from moa_compress.plan import Plan, Rule, identity_of, rule_key_blocks
 
 __all__ = [
     "PlanHandle",
@@ -179,12 +179,14 @@ def padded_token_mask(
     base &= key_valid[:, -q_len:, None]
     heads = []
     for rule in rules:
-        if isinstance(rule, DenseRule):
+        keeps = [rule.kv_keep(int(x), block_size) for x in n.tolist()]  # (sink, band) at each row's length
+        if any(keep is None for keep in keeps):  # the rule keeps every causal key (dense)
             heads.append(base)
             continue
-        band = torch.tensor([rule.band_blocks(int(x), block_size) for x in n.tolist()], device=pos.device)
+        band = torch.tensor([keep[1] for keep in keeps], device=pos.device)
+        sink = torch.tensor([keep[0] for keep in keeps], device=pos.device)
         lo = qb - band[:, None, None] + 1
-        heads.append(base & ((kb >= lo) | (kb < rule.sink_blocks)))
+        heads.append(base & ((kb >= lo) | (kb < sink[:, None, None])))
     return torch.stack(heads, dim=1)
 
 
@@ -279,6 +281,9 @@ class PlanHandle:
         self.name = f"moa_plan_{next(_names)}"
         self.previous: str | None = None
         self.active = False
+        self.gates: dict = {}  # layer -> AttnGate, for layers with gate heads
+        self.hooks = None  # moa_compress.gate_runtime.GateHooks while installed
+        self.gate_keys: dict = {}  # layer -> PreRopeKeys, for calls without a PlanKVCache
 
     # -- attention ------------------------------------------------------------------------------
 
@@ -311,6 +316,9 @@ class PlanHandle:
                 f"layer {layer}: model has {query.shape[1]} query heads, plan {len(rules)}"
             )
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        if layer in self.gates:
+            out = self.gated(layer, query, key, value, attention_mask, scale)
+            return out.transpose(1, 2).contiguous(), None
 
         if isinstance(key, StoredKV):  # a PlanKVCache layer: planned storage, see moa_compress.kvcache
             if key.plan != self.plan:
@@ -327,6 +335,77 @@ class PlanHandle:
 
         out = self.block_sparse(rules, query, key, value, scale)
         return out.transpose(1, 2).contiguous(), None
+
+    def gated(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [B, Hq, Sq, D]
+        key: torch.Tensor | StoredKV,
+        value: torch.Tensor | StoredKV,
+        attention_mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:  # [B, Hq, Sq, D]
+        """A layer with gate heads (see :mod:`moa_compress.gate_runtime`): the gate selects blocks
+        from this call's pre-RoPE queries and every pre-RoPE key so far, then one attention call (per
+        piece) serves static, gate and dense heads together."""
+        from moa_compress.gate_runtime import (
+            PreRopeKeys,
+            decode_visible_blocks,
+            gated_attention,
+            gated_padded_attention,
+        )
+
+        gate = self.gates[layer]
+        if gate.q_proj.device != query.device:
+            gate = self.gates[layer] = gate.to(query.device)
+        q_pre, k_new = self.hooks.take(layer)
+        if isinstance(key, StoredKV):
+            stored, cache_layer = key, key.layer
+            if key.plan != self.plan:
+                raise PlanRuntimeError("this PlanKVCache was built for a different plan than the applied one")
+            if cache_layer.gate_keys is None:
+                cache_layer.gate_keys = PreRopeKeys()
+            k_pre = cache_layer.gate_keys.update(k_new, stored.start)
+            mask = None if attention_mask is None else as_bool_mask(attention_mask, stored.length)
+            if (mask is not None and not is_plain_causal(mask)) or cache_layer.padding is not None:
+                raise PlanRuntimeError(
+                    "a plan with gate heads runs a PlanKVCache for unpadded batches only; pass one sequence "
+                    "(or equal lengths) at a time, or use the default cache"
+                )
+            if stored.start == 0:
+                out = gated_attention(
+                    self.plan,
+                    layer,
+                    gate,
+                    query,
+                    stored.keys,
+                    stored.values,
+                    q_pre,
+                    k_pre,
+                    scale,
+                    self.backend,
+                )
+                cache_layer.plan_storage(stored.keys, None)
+                cache_layer.check_length(stored.length)
+                cache_layer.store(stored)
+                return out
+            if query.shape[2] != 1:
+                raise PlanRuntimeError(
+                    "a plan with gate heads takes its prompt in one call through a PlanKVCache (no chunked "
+                    "prefill yet); later calls must be single tokens"
+                )
+            blocks = decode_visible_blocks(self.plan, layer, gate, q_pre, k_pre)
+            return cache_layer.decode_step(query, stored, scale, self.backend, blocks=blocks)
+        kv_len = key.shape[2]
+        k_pre = self.gate_keys.setdefault(layer, PreRopeKeys()).update(k_new, kv_len - query.shape[2])
+        if attention_mask is not None:
+            mask = as_bool_mask(attention_mask, kv_len)
+            if not is_plain_causal(mask):
+                return gated_padded_attention(
+                    self.plan, layer, gate, query, key, value, q_pre, k_pre, left_padding(mask), scale,
+                    self.backend,
+                )  # fmt: skip
+        return gated_attention(self.plan, layer, gate, query, key, value, q_pre, k_pre, scale, self.backend)
 
     def attend_stored(
         self,
@@ -421,6 +500,12 @@ class PlanHandle:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+        if self.plan.gate_layers:
+            from moa_compress.gate_runtime import GateHooks
+            from moa_compress.gates import gates_from_plan
+
+            self.gates = gates_from_plan(self.plan)
+            self.hooks = GateHooks(self.model, self.plan.gate_layers, self.plan.model.head_dim)
         AttentionInterface.register(self.name, self.attention)
         # Registering the SDPA mask builder under our name makes padded batches arrive with a 4D
         # boolean mask; without it transformers passes no mask to custom implementations at all.
@@ -436,6 +521,11 @@ class PlanHandle:
 
     def unregister(self) -> None:
         from transformers import AttentionInterface
+
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+        self.gate_keys.clear()
         from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface._global_mapping.pop(self.name, None)
@@ -502,12 +592,6 @@ def apply_plan(model: Any, plan: Plan, *, backend: str = "auto") -> PlanHandle:
     if backend != "auto" and backend not in BACKENDS:
         raise PlanRuntimeError(f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}")
     plan.check_model(identity_of(model))
-    for layer, heads in enumerate(plan.rules):
-        for head, rule in enumerate(heads):
-            if not isinstance(rule, (DenseRule, StaticRule)):
-                raise PlanRuntimeError(
-                    f"layer {layer} head {head}: rule kind {rule.kind!r} has no runtime here"
-                )
     check_model_features(model)
     remove_plan(model)
     handle = PlanHandle(model, plan, backend)

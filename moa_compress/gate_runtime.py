@@ -1,0 +1,223 @@
+"""Gate heads at inference: the per-input block selection of a plan's ``gate`` rules.
+
+A layer with gate heads needs its queries and keys *before* RoPE (the gates were trained on them,
+see :mod:`moa_compress.gates`). :class:`GateHooks` records them from the layer's ``q_proj`` /
+``k_proj`` outputs (forward hooks: nothing in the model is patched); the layer's keys of earlier calls
+are kept in a :class:`PreRopeKeys` (in the :class:`~moa_compress.kvcache.PlanKVCache` layer when
+there is one, so beam reordering moves them too; else in the plan's handle).
+
+For a call of ``q_len`` queries over ``kv_len`` keys (bottom-right aligned, like the static rules)
+:func:`gate_selections_for` pools this call's queries per absolute block (a block averages the queries
+it has in this call: one token when decoding), pools every key block (mean, max, min), scores them with
+the layer's :class:`~moa_compress.gates.AttnGate` and keeps, per query head and query-block row, the
+sink, the diagonal and the best others — :meth:`~moa_compress.plan.GateRule.blocks_per_row` at total
+length ``kv_len`` — all heads and rows at once. :func:`layer_block_rows` merges those rows with the
+static heads' fixed rows, so one attention call serves every head of the layer.
+
+Memory: a gate layer keeps the pre-RoPE keys of every token (``[B, Hkv, S, D]``, as large as a
+full key cache of that layer); full key blocks could be pooled once and dropped (not done yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moa_compress.errors import PlanRuntimeError
+from moa_compress.gates import (
+    AttnGate,
+    attention_layers,
+    gate_selections,
+    layer_gate_heads,
+    pool_keys,
+    pool_queries_at,
+)
+from moa_compress.kernels.layout import BlockLayout
+from moa_compress.plan import Plan, num_blocks
+
+
+class PreRopeKeys:
+    """The pre-RoPE keys ``[B, Hkv, S, D]`` a gate layer has seen, column by column (padding included).
+
+    :meth:`update` takes each call's new keys and the number of columns before them: 0 starts over (a
+    new prompt), fewer than held drops the rest first (a cache cropped back), more than held is an
+    error (the keys of some tokens were never seen)."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+
+    def update(self, new: torch.Tensor, past: int) -> torch.Tensor:
+        if past == 0:
+            self.keys = new
+        elif self.keys is None or self.keys.shape[2] < past or self.keys.shape[0] != new.shape[0]:
+            held = 0 if self.keys is None else self.keys.shape[2]
+            raise PlanRuntimeError(
+                f"a gate layer got a call after {past} cached tokens but saw {held}: its cache was filled "
+                "without the plan applied, or reordered (beam search needs a PlanKVCache)"
+            )
+        else:
+            self.keys = torch.cat([self.keys[:, :, :past], new], dim=2)
+        return self.keys
+
+    def batch_map(self, fn) -> None:
+        if self.keys is not None:
+            self.keys = fn(self.keys).contiguous()
+
+
+class GateHooks:
+    """Forward hooks on the ``q_proj`` / ``k_proj`` of the gate layers; :meth:`take` hands the attention
+    function the last call's pre-RoPE queries ``[B, Hq, S, D]`` and keys ``[B, Hkv, S, D]``."""
+
+    def __init__(self, model: Any, layers: tuple[int, ...], head_dim: int):
+        self.head_dim = head_dim
+        self.seen: dict[tuple[int, str], torch.Tensor] = {}
+        self.handles = []
+        found = {m.layer_idx: m for m in attention_layers(model)}
+        missing = [i for i in layers if i not in found]
+        if missing:
+            raise PlanRuntimeError(
+                f"layers {missing} have gate heads but no attention module with q_proj / k_proj to read"
+            )
+        for layer in layers:
+            for which in ("q", "k"):
+                proj = getattr(found[layer], f"{which}_proj")
+                self.handles.append(proj.register_forward_hook(self._record(layer, which)))
+
+    def _record(self, layer: int, which: str):
+        def record(module, inputs, output):  # output [B, S, H * D]
+            b, s = output.shape[:2]
+            self.seen[(layer, which)] = output.detach().view(b, s, -1, self.head_dim).transpose(1, 2)
+
+        return record
+
+    def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self.seen.pop((layer, "q")), self.seen.pop((layer, "k"))
+        except KeyError:
+            raise PlanRuntimeError(
+                f"layer {layer}: the gate saw no q_proj/k_proj output for this call (the attention was "
+                "called without the layer's projections)"
+            ) from None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.seen.clear()
+
+
+def gate_selections_for(
+    plan: Plan,
+    layer: int,
+    gate: AttnGate,
+    q_pre: torch.Tensor,  # [B, Hq, Sq, D] this call's pre-RoPE queries
+    k_pre: torch.Tensor,  # [B, Hkv, Sk, D] every pre-RoPE key so far
+) -> torch.Tensor:  # [B, H, nQ_call, nK] bool
+    """The gate heads' blocks for the call's query blocks (absolute blocks ``(Sk - Sq) // bs`` to the
+    last), over every key block; rows of heads without a gate are all False."""
+    bs = plan.block_size
+    q_len, kv_len = q_pre.shape[2], k_pre.shape[2]
+    work = gate.q_proj.dtype
+    q_blocks = pool_queries_at(q_pre.to(work), kv_len - q_len, bs)
+    k_blocks = pool_keys(k_pre.to(work), bs)
+    scores = gate(q_blocks, k_blocks)
+    blocks, gate_of_head = layer_gate_heads(plan, layer, kv_len)
+    return gate_selections(scores, blocks, gate_of_head)
+
+
+def layer_block_rows(
+    plan: Plan,
+    layer: int,
+    kv_len: int,
+    q_len: int,
+    selections: torch.Tensor | None,  # [B, H, nQ_call, nK] from gate_selections_for
+) -> torch.Tensor:  # [B|1, H, nQ_call, nK] bool
+    """Rows of the layer's block matrix at total length ``kv_len`` for the call's query blocks: the static
+    heads' fixed rows and the gate heads' selected ones."""
+    first = (kv_len - q_len) // plan.block_size
+    rows = plan.static_masks(layer, kv_len)[:, first:]  # [H, nQ_call, nK]
+    if selections is None:
+        return rows[None]
+    gated = torch.tensor([r.input_dependent for r in plan.rules[layer]], device=selections.device)
+    return torch.where(gated[None, :, None, None], selections, rows.to(selections.device)[None])
+
+
+def gated_attention(
+    plan: Plan,
+    layer: int,
+    gate: AttnGate,
+    query: torch.Tensor,  # [B, Hq, Sq, D] after RoPE
+    key: torch.Tensor,  # [B, Hkv, Sk, D]
+    value: torch.Tensor,
+    q_pre: torch.Tensor,  # [B, Hq, Sq, D]
+    k_pre: torch.Tensor,  # [B, Hkv, Sk, D]
+    scale: float,
+    backend: str,
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """One unpadded call of a layer with gate heads: every head in one block-sparse call per piece
+    (the queries before the first block boundary, if the call starts inside a block, are a piece of
+    their own: a layout groups rows into blocks from its first row)."""
+    from moa_compress.attention import block_sparse_attention
+
+    bs = plan.block_size
+    q_len, kv_len = query.shape[2], key.shape[2]
+    selections = gate_selections_for(plan, layer, gate, q_pre, k_pre)
+    rows = layer_block_rows(plan, layer, kv_len, q_len, selections)  # [B, H, nQ_call, nK]
+    first_row = kv_len - q_len
+    head = min(q_len, (-first_row) % bs)
+    outs = []
+    for q_start, q_end in ((0, head), (head, q_len)):
+        if q_end <= q_start:
+            continue
+        kv_end = first_row + q_end
+        r0 = (first_row + q_start) // bs - first_row // bs
+        r1 = -(-kv_end // bs) - first_row // bs
+        mask = rows[:, :, r0:r1, : num_blocks(kv_end, bs)]
+        layout = BlockLayout.from_block_mask(mask, bs, q_end - q_start, kv_end)
+        q, k, v = query[:, :, q_start:q_end], key[:, :, :kv_end], value[:, :, :kv_end]
+        outs.append(block_sparse_attention(q, k, v, layout, scale=scale, backend=backend))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def gated_padded_attention(
+    plan: Plan,
+    layer: int,
+    gate: AttnGate,
+    query: torch.Tensor,  # [B, Hq, Sq, D]
+    key: torch.Tensor,  # [B, Hkv, Sk, D]
+    value: torch.Tensor,
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    padding: torch.Tensor,  # [B] left-padding columns
+    scale: float,
+    backend: str,
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """A left-padded batch, one row at a time over its own tokens (positions counted from its first
+    real token, as unpadded); padding query rows return zeros."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    out = torch.zeros_like(query)
+    for row, pad in enumerate(padding.tolist()):
+        q0 = max(0, pad - (kv_len - q_len))  # the row's first real query of this call
+        if q0 >= q_len:
+            continue
+        r = slice(row, row + 1)
+        out[r, :, q0:] = gated_attention(
+            plan, layer, gate, query[r, :, q0:], key[r, :, pad:], value[r, :, pad:],
+            q_pre[r, :, q0:], k_pre[r, :, pad:], scale, backend,
+        )  # fmt: skip
+    return out
+
+
+def decode_visible_blocks(
+    plan: Plan,
+    layer: int,
+    gate: AttnGate,
+    q_pre: torch.Tensor,  # [B, Hq, 1, D]
+    k_pre: torch.Tensor,  # [B, Hkv, Sk, D]
+) -> torch.Tensor:  # [B, H, nK] bool
+    """A decode step's key blocks per query head: the gate heads' selection, everything for the others
+    (their own rule limits them)."""
+    selections = gate_selections_for(plan, layer, gate, q_pre, k_pre)[:, :, 0]  # [B, H, nK]
+    gated = torch.tensor([r.input_dependent for r in plan.rules[layer]], device=selections.device)
+    return selections | ~gated[None, :, None]

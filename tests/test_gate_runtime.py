@@ -1,0 +1,304 @@
+"""Plans with gate heads: mixed (static, gate, dense) plans through apply_plan against an independent
+masked reference built from the same selections, at prefill and token by token at decode (default
+cache and PlanKVCache), padded batches, files and errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moa_compress.gates import AttnGate, attention_layers, gates_to_plan_tensors, pool_keys
+from moa_compress.plan import (
+    DenseRule,
+    GateRule,
+    ModelIdentity,
+    Plan,
+    PlanError,
+    StaticRule,
+    load_plan,
+    save_plan,
+)
+from moa_compress.runtime import PlanKVCache, PlanRuntimeError, apply_plan, cache_kwarg
+from tests.factories import dense_masked_attention, tiny_model
+
+BLOCK = 16
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def gated_plan(model, rule_fn, per_query_head=False, seed=0, gate_dim=8) -> Plan:
+    """A plan of ``rule_fn(layer, head)`` rules with random gates in every layer that uses one."""
+    ident = ModelIdentity.from_config(model.config)
+    rules = tuple(
+        tuple(rule_fn(layer, head) for head in range(ident.num_heads)) for layer in range(ident.num_layers)
+    )
+    torch.manual_seed(seed)
+    gates = [
+        AttnGate(
+            ident.num_heads, ident.num_kv_heads, ident.head_dim, gate_dim, BLOCK, 10000.0, per_query_head
+        )
+        for _ in range(ident.num_layers)
+    ]
+    layers = [i for i, heads in enumerate(rules) if any(r.input_dependent for r in heads)]
+    config, tensors = gates_to_plan_tensors(gates, layers)
+    return Plan(ident, rules, block_size=BLOCK, gates=config if layers else None, tensors=tensors)
+
+
+def mixed(seed=0):
+    rng = random.Random(seed)
+
+    def rule(layer, head):
+        choice = rng.random()
+        if choice < 0.15:
+            return DenseRule()
+        if choice < 0.55:
+            return GateRule(rng.choice([0.2, 0.35, 0.6]))
+        return StaticRule(
+            rng.choice([0, 1]), float(rng.choice([10, BLOCK, 2 * BLOCK])), rng.choice([0.0, 0.2])
+        )
+
+    return rule
+
+
+def ids(b, n, seed=0, vocab=128):
+    return torch.randint(1, vocab, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+class Reference:
+    """An independent implementation of a gated plan: dense softmax under a token mask; the gate heads'
+    blocks chosen row by row and head by head with plain Python loops from pooled pre-RoPE queries
+    (this call's, per absolute block) and keys (every one so far), captured by its own hooks."""
+
+    def __init__(self, model, plan: Plan, name: str):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        from moa_compress.gates import gates_from_plan
+
+        self.plan, self.gates = plan, gates_from_plan(plan)
+        self.q: dict[int, torch.Tensor] = {}
+        self.k_new: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        d = plan.model.head_dim
+        for m in attention_layers(model):
+
+            def grab(store, layer=m.layer_idx):
+                def hook(module, inputs, output):
+                    store[layer] = output.detach().view(*output.shape[:2], -1, d).transpose(1, 2)
+
+                return hook
+
+            m.q_proj.register_forward_hook(grab(self.q))
+            m.k_proj.register_forward_hook(grab(self.k_new))
+        AttentionInterface.register(name, self.attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        self.name = name
+
+    def block_choice(self, layer, scores_row, head, n, row):
+        """Blocks row ``row`` of ``head`` keeps, by brute force: sink, diagonal, then best scores."""
+        rule = self.plan.rules[layer][head]
+        k = rule.blocks_per_row(n, BLOCK)
+        chosen = {0, row}
+        order = sorted(range(row + 1), key=lambda j: -float(scores_row[j]))
+        for j in order:
+            if len(chosen) >= max(k, 2):
+                break
+            chosen.add(j)
+        return chosen
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        layer = module.layer_idx
+        plan = self.plan
+        b, hq, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        past = kv_len - q_len
+        new = self.k_new[layer]
+        self.keys[layer] = new if past == 0 else torch.cat([self.keys[layer][:, :, :past], new], 2)
+        mask = torch.zeros(b, hq, q_len, kv_len, dtype=torch.bool)
+        group = hq // plan.model.num_kv_heads
+        for h, rule in enumerate(plan.rules[layer]):
+            for i in range(q_len):
+                p = past + i
+                row = p // BLOCK
+                if not rule.input_dependent:
+                    allowed = rule.block_mask(kv_len, BLOCK)[row]
+                    for j in range(kv_len):
+                        mask[:, h, i, j] = bool(allowed[j // BLOCK]) and j <= p
+                    continue
+                gate = self.gates[layer]
+                for r in range(b):
+                    in_block = [t for t in range(q_len) if (past + t) // BLOCK == row]
+                    q_block = self.q[layer][r : r + 1, :, in_block].mean(2, keepdim=True)  # [1, Hq, 1, D]
+                    k_blocks = pool_keys(self.keys[layer][r : r + 1].float(), BLOCK)
+                    scores = gate(q_block.float(), k_blocks[:, :, : row + 1])[0]  # [Hg, 1, row + 1]
+                    g = h if gate.per_query_head else h // group
+                    chosen = self.block_choice(layer, scores[g, 0], h, kv_len, row)
+                    for j in range(p + 1):
+                        mask[r, h, i, j] = (j // BLOCK) in chosen
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = dense_masked_attention(query, key, value, mask, scale)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def test_gate_selection_batched_equals_brute_force_top_k():
+    from moa_compress.gates import gate_selections
+
+    torch.manual_seed(0)
+    b, hg, nq, nk = 2, 2, 5, 7
+    scores = torch.randn(b, hg, nq, nk, dtype=torch.float64)
+    rows = torch.arange(nq)[:, None] + nk - nq
+    scores = scores.masked_fill(torch.arange(nk)[None] > rows, float("-inf"))
+    blocks = torch.tensor([3, 0, 4, 2])  # four query heads, head 1 has no gate
+    of = torch.tensor([0, 0, 1, 1])
+    got = gate_selections(scores, blocks, of)
+    for r in range(b):
+        for h in range(4):
+            for i in range(nq):
+                row = i + nk - nq
+                if blocks[h] == 0:
+                    assert not got[r, h, i].any()
+                    continue
+                chosen = {0, row}
+                for j in sorted(range(row + 1), key=lambda j: -float(scores[r, of[h], i, j])):
+                    if len(chosen) >= blocks[h]:
+                        break
+                    chosen.add(j)
+                assert set(torch.nonzero(got[r, h, i]).flatten().tolist()) == chosen
+
+
+@pytest.mark.parametrize("family,per_query_head", [("llama", False), ("qwen2", True)])
+def test_mixed_plan_prefill_equals_masked_reference_of_the_same_selections(family, per_query_head):
+    model = tiny_model(family, dtype=torch.float64)
+    plan = gated_plan(model, mixed(seed=1), per_query_head=per_query_head)
+    assert plan.gate_layers and plan.density(77) < 0.9
+    x = ids(2, 77, seed=1)
+    with torch.no_grad():
+        ref = Reference(model, plan, f"gate_ref_{family}")
+        model.set_attn_implementation(ref.name)
+        want = model(x).logits
+        model.set_attn_implementation("sdpa")
+        dense = model(x).logits
+        with apply_plan(model, plan, backend="reference"):
+            got = model(x).logits
+    assert (got - want).abs().max() <= 1e-9
+    assert (got - dense).abs().max() > 1e-3  # the gates really select
+
+
+def test_gate_plan_at_density_one_equals_dense():
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = gated_plan(model, lambda layer, head: GateRule(1.0))
+    x = ids(1, 70, seed=2)
+    with torch.no_grad():
+        dense = model(x).logits
+        with apply_plan(model, plan, backend="reference"):
+            got = model(x).logits
+    assert (got - dense).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "plan"])
+def test_mixed_plan_decode_equals_reference_token_by_token(cache):
+    from transformers import DynamicCache
+
+    model = tiny_model("mistral", dtype=torch.float64)
+    plan = gated_plan(model, mixed(seed=3), seed=3)
+    x = ids(1, 75, seed=3)
+    steps = [(0, 41), *((i, i + 1) for i in range(41, 75))]  # the prompt, then one token at a time
+
+    def run(make):
+        c = make()
+        kw = {cache_kwarg(model): c}
+        return torch.cat([model(x[:, a:b], use_cache=True, **kw).logits for a, b in steps], 1)
+
+    with torch.no_grad():
+        ref = Reference(model, plan, f"gate_ref_decode_{cache}")
+        model.set_attn_implementation(ref.name)
+        want = run(lambda: DynamicCache(config=model.config))
+        model.set_attn_implementation("sdpa")
+        make = (
+            (lambda: DynamicCache(config=model.config))
+            if cache == "dynamic"
+            else (lambda: PlanKVCache(model.config, plan, max_length=80))
+        )
+        with apply_plan(model, plan, backend="reference"):
+            got = run(make)
+    assert (got - want).abs().max() <= 1e-9
+
+
+def test_left_padded_batch_with_gate_heads_equals_each_row_alone():
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = gated_plan(model, mixed(seed=4), seed=4)
+    a, b = ids(1, 53, seed=4), ids(1, 30, seed=5)
+    batch = torch.zeros(2, 53, dtype=torch.long)
+    batch[0], batch[1, 23:] = a[0], b[0]
+    model.generation_config.eos_token_id = None
+    with torch.no_grad(), apply_plan(model, plan, backend="reference"):
+        together = model.generate(
+            batch, attention_mask=(batch != 0).long(), max_new_tokens=10, do_sample=False, pad_token_id=0
+        )
+        alone = [model.generate(s, max_new_tokens=10, do_sample=False, pad_token_id=0) for s in (a, b)]
+    assert torch.equal(together[0, 53:], alone[0][0, 53:])
+    assert torch.equal(together[1, 53:], alone[1][0, 30:])
+
+
+def test_plan_kv_cache_refuses_padded_batches_of_a_gate_plan_in_one_line():
+    model = tiny_model("llama")
+    plan = gated_plan(model, mixed(seed=5), seed=5)
+    batch = ids(2, 40, seed=6)
+    batch[1, :9] = 0
+    with torch.no_grad(), apply_plan(model, plan), pytest.raises(PlanRuntimeError, match="unpadded"):
+        model(
+            batch,
+            attention_mask=(batch != 0).long(),
+            use_cache=True,
+            **{cache_kwarg(model): PlanKVCache(model.config, plan, max_length=60)},
+        )
+
+
+def test_gate_plan_round_trips_with_its_tensors_and_bad_files_are_one_line_errors(tmp_path):
+    model = tiny_model("llama")
+    plan = gated_plan(model, mixed(seed=6), seed=6)
+    save_plan(plan, tmp_path / "p")
+    back = load_plan(tmp_path / "p", model)
+    assert back == plan and back.gates == plan.gates
+    changed = dict(plan.tensors)
+    name = next(iter(changed))
+    changed[name] = changed[name] + 1e-3
+    assert Plan(plan.model, plan.rules, BLOCK, gates=plan.gates, tensors=changed) != plan  # tensors count
+
+    tensors = tmp_path / "p" / "plan.safetensors"
+    body = tensors.read_bytes()
+    tensors.write_bytes(body[: len(body) // 2])
+    with pytest.raises(PlanError, match="truncated"):
+        load_plan(tmp_path / "p")
+    tensors.unlink()
+    with pytest.raises(PlanError, match="lack"):
+        load_plan(tmp_path / "p")
+    from safetensors.torch import save_file
+
+    wrong = {k: v[..., :2].contiguous() for k, v in plan.tensors.items()}
+    save_file(wrong, str(tensors))
+    with pytest.raises(PlanError, match="shape"):
+        load_plan(tmp_path / "p")
+
+
+def test_cli_eval_of_a_plan_with_missing_gate_weights_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+    from tests.factories import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(["hi there"])
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    save_plan(gated_plan(model, mixed(seed=7), seed=7), tmp_path / "p")
+    (tmp_path / "p" / "plan.safetensors").unlink()
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "model"), "--plan", str(tmp_path / "p"),
+                                      "--prompt", "hi", "--dtype", "float32"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output
