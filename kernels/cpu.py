@@ -360,39 +360,102 @@ def merge_partials(partial: list[tuple[torch.Tensor, torch.Tensor]], out: torch.
 
 
 def _run_gather(q, k, v, layout: BlockLayout, scale: float, out: torch.Tensor) -> None:
+    """Irregular layouts. Units (batch, query head, query block) whose rows are whole and whose last
+    selected block is their own diagonal take the grouped path (:func:`_gather_grouped`); the others
+    (a ragged last block, an unaligned diagonal) the masked one (:func:`_gather_masked`)."""
     bsz, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     group = hq // hkv
     bs = layout.block_size
     offset = sk - sq
-    counts = layout.kv_num_blocks.long().cpu()
-    indices = layout.kv_indices.long().cpu()
-    k_rows, v_rows, q_rows, out_rows = (x.view(-1, d) for x in (k, v, q, out))
+    counts = layout.kv_num_blocks.long().cpu()  # [LB, H, nQ]
+    indices = layout.kv_indices.long().cpu()  # [LB, H, nQ, maxK]
+    nq = counts.shape[-1]
+    valid = torch.arange(indices.shape[-1]) < counts[..., None]
+    last = indices.gather(-1, (counts - 1).clamp(min=0)[..., None])[..., 0]  # [LB, H, nQ]
+    grouped = torch.zeros_like(counts, dtype=torch.bool)
+    if offset % bs == 0:
+        rows_whole = (torch.arange(nq) + 1) * bs <= sq
+        keys_whole = (torch.arange(nq) + offset // bs + 1) * bs <= sk
+        grouped = (counts > 0) & (last == torch.arange(nq) + offset // bs) & rows_whole & keys_whole
+    flat = (x.view(-1, d) for x in (k, v, q, out))
+    k_rows, v_rows, q_rows, out_rows = flat
     for batch in range(bsz):
         lb = batch if counts.shape[0] > 1 else 0
-        for count in counts[lb].unique().tolist():
-            if count == 0:
-                continue
-            heads, blocks = (counts[lb] == count).nonzero(as_tuple=True)
-            chunk = max(1, _GATHER_ELEMENTS // (count * bs * d))
-            for c0 in range(0, heads.numel(), chunk):
-                h, i = heads[c0 : c0 + chunk], blocks[c0 : c0 + chunk]
-                keys = (indices[lb, h, i, :count, None] * bs + torch.arange(bs)).flatten(1)  # [U, L]
-                rows = i[:, None] * bs + torch.arange(bs)  # [U, bs]
-                allowed = (keys[:, None, :] <= rows[:, :, None] + offset) & (keys < sk)[:, None, :]
-                mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
-                kv_at = ((batch * hkv + h // group)[:, None] * sk + keys.clamp(max=sk - 1)).flatten()
-                q_at = ((batch * hq + h)[:, None] * sq + rows.clamp(max=sq - 1)).flatten()
-                shape = (h.numel(), 1, -1, d)
-                o, _ = _flash(
-                    q_rows[q_at].view(shape),
-                    k_rows[kv_at].view(shape),
-                    v_rows[kv_at].view(shape),
-                    attn_mask=mask[:, None],
-                    scale=scale,
-                )
-                keep = (rows < sq).flatten()
-                out_rows[q_at[keep]] = o.reshape(-1, d)[keep]
+        c, idx, fast = counts[lb], indices[lb].masked_fill(~valid[lb], -1), grouped[lb]
+        # A KV group's query heads share one gather when their rows are identical.
+        by_group = idx.view(hkv, group, nq, -1)
+        shared = fast.view(hkv, group, nq).all(1) & (by_group == by_group[:, :1]).all(-1).all(1)  # [Hkv, nQ]
+        done = shared.repeat_interleave(group, dim=0)  # [H, nQ]
+        if bool(shared.any()):
+            _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, shared, c.view(hkv, group, nq)[:, 0],
+                            by_group[:, 0], group, hq, hkv, sq, sk, bs, d, scale, offset)  # fmt: skip
+        alone = fast & ~done
+        if bool(alone.any()):  # per query head: a group of one
+            _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, alone, c, idx, 1, hq, hkv, sq, sk, bs, d,
+                            scale, offset, kv_of=lambda h: h // group)  # fmt: skip
+        rest = (c > 0) & ~fast
+        if bool(rest.any()):
+            _gather_masked(q, q_rows, k_rows, v_rows, out_rows, batch, rest, c, indices[lb], group, hq, hkv,
+                           sq, sk, bs, d, scale, offset)  # fmt: skip
+
+
+def _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, units, counts, indices, group, hq, hkv, sq, sk,
+                    bs, d, scale, offset, kv_of=None) -> None:  # fmt: skip
+    """Units ``units [U_heads, nQ]`` (rows: KV heads, or query heads with ``kv_of``), each seeing its
+    ``counts`` blocks of ``indices``, the last its diagonal: the ``group`` query heads of a unit in the
+    op's head dimension (GQA: K/V gathered once), the off-diagonal blocks in one unmasked call and the
+    diagonal in one causal call, merged by log-sum-exp."""
+    kv_of = kv_of or (lambda h: h)
+    for count in counts[units].unique().tolist():
+        heads, blocks = (units & (counts == count)).nonzero(as_tuple=True)
+        chunk = max(1, _GATHER_ELEMENTS // (count * bs * d * max(1, group // 2)))
+        for c0 in range(0, heads.numel(), chunk):
+            h, i = heads[c0 : c0 + chunk], blocks[c0 : c0 + chunk]
+            u = h.numel()
+            rows = i[:, None] * bs + torch.arange(bs)  # [U, bs]
+            q_heads = h[:, None] * group + torch.arange(group)  # [U, G]
+            q_at = ((batch * hq + q_heads)[:, :, None] * sq + rows[:, None, :]).flatten()  # [U*G*bs]
+            qt = q_rows[q_at].view(u, group, bs, d)
+            kv_base = (batch * hkv + kv_of(h))[:, None] * sk  # [U, 1]
+            diag = kv_base + (i[:, None] + offset // bs) * bs + torch.arange(bs)  # [U, bs]
+            o, lse = _flash(qt, k_rows[diag.flatten()].view(u, 1, bs, d), v_rows[diag.flatten()].view(u, 1, bs, d),
+                            is_causal=True, scale=scale)[:2]  # fmt: skip
+            partial = [(o, lse)]
+            if count > 1:
+                keys = (indices[h, i, : count - 1, None] * bs + torch.arange(bs)).flatten(1)  # [U, L]
+                at = (kv_base + keys).flatten()
+                shape = (u, 1, -1, d)
+                partial.append(_flash(qt, k_rows[at].view(shape), v_rows[at].view(shape), scale=scale)[:2])
+            merged = torch.empty(u, group, bs, d, dtype=out_rows.dtype)
+            merge_partials(partial, merged)
+            out_rows[q_at] = merged.view(-1, d)
+
+
+def _gather_masked(q, q_rows, k_rows, v_rows, out_rows, batch, units, counts, indices, group, hq, hkv, sq, sk,
+                   bs, d, scale, offset) -> None:  # fmt: skip
+    """Units ``units [H, nQ]`` one query head at a time with an explicit mask (any alignment)."""
+    for count in counts[units].unique().tolist():
+        heads, blocks = (units & (counts == count)).nonzero(as_tuple=True)
+        chunk = max(1, _GATHER_ELEMENTS // (count * bs * d))
+        for c0 in range(0, heads.numel(), chunk):
+            h, i = heads[c0 : c0 + chunk], blocks[c0 : c0 + chunk]
+            keys = (indices[h, i, :count, None] * bs + torch.arange(bs)).flatten(1)  # [U, L]
+            rows = i[:, None] * bs + torch.arange(bs)  # [U, bs]
+            allowed = (keys[:, None, :] <= rows[:, :, None] + offset) & (keys < sk)[:, None, :]
+            mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+            kv_at = ((batch * hkv + h // group)[:, None] * sk + keys.clamp(max=sk - 1)).flatten()
+            q_at = ((batch * hq + h)[:, None] * sq + rows.clamp(max=sq - 1)).flatten()
+            shape = (h.numel(), 1, -1, d)
+            o, _ = _flash(
+                q_rows[q_at].view(shape),
+                k_rows[kv_at].view(shape),
+                v_rows[kv_at].view(shape),
+                attn_mask=mask[:, None],
+                scale=scale,
+            )[:2]
+            keep = (rows < sq).flatten()
+            out_rows[q_at[keep]] = o.reshape(-1, d)[keep]
 
 
 # ----------------------------------------------------------------------------------------------

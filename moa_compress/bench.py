@@ -94,13 +94,17 @@ def bench_attention(
     kv_heads: int = 3,
     head_dim: int = 64,
     repeats: int = 3,
+    gates: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time each backend and dense causal SDPA on the embedded model's attention shape.
 
     One row per (length, dtype, density): ``sdpa_s``, and per backend ``<name>_s``,
     ``<name>_speedup`` (SDPA time / backend time) and ``<name>_ideal`` (speedup × density: the
-    fraction of the ideal 1/density reached).
+    fraction of the ideal 1/density reached). With ``gates`` (densities below 1): ``gate_select_s``,
+    what a layer whose heads all have gate rules adds before attending — pool Q/K, score the blocks
+    with a (random) gate of the default width, select per row, build the layout — ``gate_share``
+    (that over the SDPA time) and ``gate_speedup`` (SDPA time over selection + the torch backend).
     """
     check_backends(backends)
     for d in densities:
@@ -125,6 +129,8 @@ def bench_attention(
                     "sdpa_s": times["sdpa"],
                     "sdpa_cpu_s": times["sdpa_cpu"],
                 }
+                if gates and d < 1.0:
+                    row.update(gate_times(q, k, v, d, repeats, times["sdpa"]))
                 for name in backends:
                     speedup = times["sdpa"] / times[name]
                     row.update(
@@ -140,6 +146,44 @@ def bench_attention(
                 if progress:
                     progress(attention_table([row], backends).splitlines()[-1])
     return rows
+
+
+def gate_times(q, k, v, density: float, repeats: int, sdpa_s: float, block_size: int = 64) -> dict[str, Any]:
+    """Selection time of one layer whose heads all have ``GateRule(density)`` (random gate weights:
+    the cost does not depend on them), and selection + block-sparse attention (torch backend)."""
+    from moa_compress.attention import block_sparse_attention
+    from moa_compress.gate_runtime import gate_selections_for, layer_block_rows
+    from moa_compress.gates import AttnGate, gates_to_plan_tensors
+    from moa_compress.kernels.layout import BlockLayout
+    from moa_compress.plan import GateRule, ModelIdentity, Plan
+
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    n = q.shape[2]
+    identity = ModelIdentity("bench", 1, heads, kv_heads, head_dim, "bench")
+    torch.manual_seed(0)
+    config, tensors = gates_to_plan_tensors([AttnGate(heads, kv_heads, head_dim, block_size=block_size)], [0])
+    rules = ((GateRule(density),) * heads,)
+    plan = Plan(identity, rules, block_size, gates=config, tensors=tensors)
+    from moa_compress.gates import gates_from_plan
+
+    gate = gates_from_plan(plan)[0]
+
+    def select():
+        with torch.no_grad():
+            selections = gate_selections_for(plan, 0, gate, q, k)
+            rows = layer_block_rows(plan, 0, n, n, selections)
+            return BlockLayout.from_block_mask(rows, block_size, n, n)
+
+    def gated():
+        return block_sparse_attention(q, k, v, select(), backend="torch")
+
+    times = best_times({"select": select, "gated": gated}, repeats)
+    return {
+        "gate_select_s": times["select"],
+        "gate_share": times["select"] / sdpa_s,
+        "gate_speedup": sdpa_s / times["gated"],
+        "gate_density": round(plan.density(n), 4),
+    }
 
 
 def attention_candidates(q, k, v, layout, backends: Sequence[str]) -> dict[str, Callable[[], Any]]:
@@ -163,6 +207,9 @@ def attention_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> 
     header = ["N", "dtype", "density", "SDPA ms"]
     for name in backends:
         header += [f"{name} ms", f"{name} speedup", f"{name} × d", f"{name} CPU-time speedup"]
+    with_gates = any("gate_select_s" in row for row in rows)
+    if with_gates:
+        header += ["gate select ms", "select / SDPA", "gate + torch speedup"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row["n"]), row["dtype"], f"{row['exact_density']:.3f}", f"{row['sdpa_s'] * 1e3:.1f}"]
@@ -173,6 +220,15 @@ def attention_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> 
                 f"{row[f'{name}_ideal']:.2f}",
                 f"{row[f'{name}_cpu_speedup']:.2f}x",
             ]
+        if with_gates:
+            if "gate_select_s" in row:
+                cells += [
+                    f"{row['gate_select_s'] * 1e3:.1f}",
+                    f"{row['gate_share'] * 100:.1f}%",
+                    f"{row['gate_speedup']:.2f}x",
+                ]
+            else:
+                cells += ["–"] * 3
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

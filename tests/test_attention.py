@@ -236,3 +236,31 @@ def test_flex_block_mask_spans_all_key_blocks_and_splits_full_blocks():
     assert mask.full_kv_num_blocks.tolist() == [[[0, 0, 0, 0], [0, 0, 0, 1]]]
     dense = mask.to_dense()  # partial and full blocks together: the layout again
     assert torch.equal(dense.bool(), blocks)
+
+
+@pytest.mark.parametrize(
+    "b,lb,hq,hkv,sq,sk,bs,shared",
+    [
+        (2, 2, 9, 3, 300, 300, 32, True),  # gate-like: one selection per KV group, a ragged last block
+        (1, 1, 6, 2, 256, 256, 32, False),  # each query head its own selection
+        (1, 1, 4, 2, 96, 224, 32, True),  # fewer queries than keys, aligned to blocks
+        (2, 1, 4, 1, 77, 250, 32, True),  # unaligned: the masked path
+    ],
+)
+def test_gather_path_on_gate_like_layouts(b, lb, hq, hkv, sq, sk, bs, shared):
+    """Sink + diagonal + random others per row, shared by a KV group's heads or not: the grouped gather
+    (unmasked off-diagonal call + causal diagonal call) and the masked one against the reference."""
+    q, k, v = random_qkv(b, hq, hkv, sq, sk, d=16, seed=sq + hq)
+    nq, nk = -(-sq // bs), -(-sk // bs)
+    g = torch.Generator().manual_seed(sq)
+    heads = hkv if shared else hq
+    rows = torch.arange(nq)[:, None] + (sk - sq) // bs
+    pick = torch.rand(lb, heads, nq, nk, generator=g) < 0.4
+    cols = torch.arange(nk)[None, :]
+    pick = (pick | (cols == 0) | (cols == rows)) & (cols <= rows)
+    if shared:
+        pick = pick.repeat_interleave(hq // hkv, dim=1)
+    layout = BlockLayout.from_block_mask(pick, bs, sq, sk)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale_of(q))
+    out = run_schedule(q, k, v, layout, type(build_schedule(layout, hkv))((), gather=True), scale_of(q))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
