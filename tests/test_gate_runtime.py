@@ -302,3 +302,25 @@ def test_cli_eval_of_a_plan_with_missing_gate_weights_exits_2(tmp_path):
                                       "--prompt", "hi", "--dtype", "float32"])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 100, 333])
+@pytest.mark.parametrize("target", [0.05, 0.3, 0.7, 1.0])
+def test_gate_rule_density_is_exact_for_any_scores_and_no_row_is_empty(n, target):
+    from moa_compress.gates import gate_selections
+    from moa_compress.plan import causal_block_pairs, num_blocks
+
+    rule = GateRule(target)
+    nb = num_blocks(n, BLOCK)
+    pairs = causal_block_pairs(n, BLOCK)
+    for seed in range(3):
+        scores = torch.randn(2, 1, nb, nb, generator=torch.Generator().manual_seed(seed))
+        scores = scores.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
+        blocks = torch.tensor([rule.blocks_per_row(n, BLOCK)])
+        mask = gate_selections(scores, blocks, torch.tensor([0]))[:, 0]  # [2, nB, nB]
+        assert mask.any(-1).all() and mask.diagonal(dim1=-2, dim2=-1).all() and mask[..., 0].all()
+        for row_mask in mask:
+            assert float(pairs[row_mask].sum() / pairs.sum()) == pytest.approx(
+                rule.density(n, BLOCK), abs=1e-12
+            )
+    assert rule.density(n, BLOCK) <= max(target, GateRule(1e-9).density(n, BLOCK)) + 1e-12
