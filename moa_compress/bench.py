@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -373,14 +373,18 @@ def filled_dynamic_cache(model: Any, batch: int, length: int) -> Any:
 def filled_plan_cache(model: Any, plan: Any, batch: int, length: int, max_length: int) -> Any:
     """A :class:`PlanKVCache` planned for ``max_length`` and filled as after a ``length``-token
     prompt: every layer stores what it keeps of random keys/values (no model forward)."""
+    from moa_compress.gate_runtime import PreRopeKeys
     from moa_compress.kvcache import PlanKVCache
 
     cache = PlanKVCache(model.config, plan, max_length=max_length)
     keys, values = random_kv(model, batch, length)
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
         stored = layer.update(keys, values)[0]
         layer.plan_storage(keys, None)
         layer.store(stored)
+        if i in plan.gate_layers:  # what a gate layer keeps of the prompt: its pre-RoPE keys
+            layer.gate_keys = PreRopeKeys()
+            layer.gate_keys.update(keys.clone(), 0)
     return cache
 
 
@@ -407,10 +411,12 @@ def bench_decode(
     *,
     steps: int = 8,
     budget_bytes: int = 4 << 30,
+    plans: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Decode steps after a context of each length: dense attention with a ``DynamicCache`` vs a
-    uniform plan of each density with :class:`PlanKVCache`, at each batch size.
+    uniform plan of each density with :class:`PlanKVCache`, at each batch size; ``plans`` (name ->
+    :class:`~moa_compress.plan.Plan`, e.g. a searched static or mixed plan) join as further variants.
 
     The caches are filled with random keys/values of the shapes a prompt would leave (no prefill of
     32 x 8K tokens); the timed steps are real model forwards. One row per (context, variant, batch):
@@ -468,6 +474,9 @@ def bench_decode(
         for d in densities:
             plan = uniform_plan(identity, d, [final], block_size=64)
             variants.append((f"plan d={d}", plan, plan.density(final)))
+        for name, plan in (plans or {}).items():
+            plan.check_model(identity)
+            variants.append((name, plan, plan.density(final)))
         for name, plan, density in variants:
             if plan is None:
                 make = lambda b, n=n: filled_dynamic_cache(model, b, n)

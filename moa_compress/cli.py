@@ -323,6 +323,10 @@ def bench_decode_cmd(
     budget_gib: Annotated[float, typer.Option(help="KV budget for the largest-batch rows, GiB.")] = 4.0,
     backend: Annotated[str, typer.Option(help="Attention backend for the plan: torch or flex.")] = "torch",
     steps: Annotated[int, typer.Option(help="Timed decode steps per row.")] = 8,
+    plan: Annotated[
+        list[str] | None,
+        typer.Option(help="A plan (folder, plan.json or shipped name) to time as well; repeatable."),
+    ] = None,
     dtype: ModelDtypeOpt = "bfloat16",
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
@@ -341,6 +345,9 @@ def bench_decode_cmd(
         fail("--steps, --batch and --budget-gib must be positive")
     torch.set_num_threads(threads)
     net, _ = load(model, dtype)
+    from moa_compress.plan import load_plan
+
+    plans = {Path(str(p)).name or str(p): load_plan(p, net) for p in plan or []}
     typer.echo(f"machine: {machine()}", err=True)
     rows = bench_decode(
         net,
@@ -350,6 +357,7 @@ def bench_decode_cmd(
         backend,
         steps=steps,
         budget_bytes=int(budget_gib * 2**30),
+        plans=plans,
         progress=echo_progress,
     )
     if as_json:

@@ -73,3 +73,20 @@ def test_bench_prefill_and_decode_on_a_tiny_model():
     assert budget["plan d=0.5"] > budget["dense"]  # more sequences fit the same KV budget
     assert "tokens/s" in decode_table(rows)
     assert model.config._attn_implementation == "sdpa"  # plans removed afterwards
+
+
+def test_bench_attention_gate_rows_and_decode_of_a_mixed_plan():
+    from moa_compress.bench import bench_decode
+    from tests.factories import tiny_model
+    from tests.test_gate_runtime import gated_plan, mixed
+
+    rows = bench_attention([1024], ["float32"], [1.0, 0.25], ["torch"], repeats=1)
+    assert "gate_select_s" not in rows[0] and rows[1]["gate_select_s"] > 0
+    assert rows[1]["gate_density"] <= 0.25 and rows[1]["gate_speedup"] > 0
+    assert "select / SDPA" in attention_table(rows, ["torch"])
+
+    model = tiny_model("llama")
+    plan = gated_plan(model, mixed(seed=2), seed=2)
+    rows = bench_decode(model, [700], [0.5], [2], steps=2, budget_bytes=1 << 20, plans={"mixed": plan})
+    mixed_rows = [r for r in rows if r["variant"] == "mixed"]
+    assert mixed_rows and all(r["ms_per_step"] > 0 and r["kv_bytes"] > 0 for r in mixed_rows)
