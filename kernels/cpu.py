@@ -342,7 +342,11 @@ def merge_partials(partial: list[tuple[torch.Tensor, torch.Tensor]], out: torch.
         return
     acc = torch.promote_types(partial[0][0].dtype, torch.float32)
     lse = torch.stack([p[1] for p in partial]).to(acc)  # [P, ..., S]
-    weights = lse.sub_(torch.logsumexp(lse, 0)).exp_().nan_to_num_(0.0).unsqueeze(-1)
+    # softmax over the partials by hand: torch.logsumexp over a leading dimension of 2-3 is a slow
+    # strided reduction on CPU (~15 ms for an 8K, 9-head row set), elementwise ops are not.
+    weights = lse.sub_(lse.amax(0)).exp_()
+    weights.div_(weights.sum(0)).nan_to_num_(0.0)
+    weights = weights.unsqueeze(-1)
     # Accumulate into the first partial (the op's own output, ours to overwrite) when it can hold
     # the sum at full precision: no new output-sized buffers, each a memory pass and page faults.
     merged = partial[0][0]
