@@ -420,20 +420,25 @@ def _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, units, counts, indi
             rows = i[:, None] * bs + torch.arange(bs)  # [U, bs]
             q_heads = h[:, None] * group + torch.arange(group)  # [U, G]
             q_at = ((batch * hq + q_heads)[:, :, None] * sq + rows[:, None, :]).flatten()  # [U*G*bs]
-            qt = q_rows[q_at].view(u, group, bs, d)
+            qt = q_rows.index_select(0, q_at).view(u, group, bs, d)
             kv_base = (batch * hkv + kv_of(h))[:, None] * sk  # [U, 1]
             diag = kv_base + (i[:, None] + offset // bs) * bs + torch.arange(bs)  # [U, bs]
-            o, lse = _flash(qt, k_rows[diag.flatten()].view(u, 1, bs, d), v_rows[diag.flatten()].view(u, 1, bs, d),
+            o, lse = _flash(qt, k_rows.index_select(0, diag.flatten()).view(u, 1, bs, d),
+                            v_rows.index_select(0, diag.flatten()).view(u, 1, bs, d),
                             is_causal=True, scale=scale)[:2]  # fmt: skip
             partial = [(o, lse)]
             if count > 1:
                 keys = (indices[h, i, : count - 1, None] * bs + torch.arange(bs)).flatten(1)  # [U, L]
                 at = (kv_base + keys).flatten()
                 shape = (u, 1, -1, d)
-                partial.append(_flash(qt, k_rows[at].view(shape), v_rows[at].view(shape), scale=scale)[:2])
+                keys_at, values_at = (
+                    k_rows.index_select(0, at).view(shape),
+                    v_rows.index_select(0, at).view(shape),
+                )
+                partial.append(_flash(qt, keys_at, values_at, scale=scale)[:2])
             merged = torch.empty(u, group, bs, d, dtype=out_rows.dtype)
             merge_partials(partial, merged)
-            out_rows[q_at] = merged.view(-1, d)
+            out_rows.index_copy_(0, q_at, merged.view(-1, d))
 
 
 def _gather_masked(q, q_rows, k_rows, v_rows, out_rows, batch, units, counts, indices, group, hq, hkv, sq, sk,
