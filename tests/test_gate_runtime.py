@@ -324,3 +324,21 @@ def test_gate_rule_density_is_exact_for_any_scores_and_no_row_is_empty(n, target
                 rule.density(n, BLOCK), abs=1e-12
             )
     assert rule.density(n, BLOCK) <= max(target, GateRule(1e-9).density(n, BLOCK)) + 1e-12
+
+
+def test_greedy_replies_of_a_gate_plan_batched_equal_one_prompt_at_a_time():
+    """The eval's batched generation (left padding, reference scoring, a cropped cache) with gate heads."""
+    from moa_compress import evaluate
+    from tests.factories import tiny_bpe_tokenizer
+
+    bpe = tiny_bpe_tokenizer()
+    model = tiny_model("llama", dtype=torch.float64, vocab=len(bpe))
+    plan = gated_plan(model, mixed(seed=8), seed=8)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, len(bpe), (n,), generator=g).tolist() for n in (70, 45, 70)]
+    references = [[5, 6, 7], [8], [9, 10]]
+    with torch.no_grad(), evaluate.variant(model, plan, "reference"):
+        replies, logprobs = evaluate.greedy_replies(model, bpe, prompts, references, 5)
+        for prompt, reference, reply, logprob in zip(prompts, references, replies, logprobs, strict=True):
+            alone, alone_lp = evaluate.greedy_replies(model, bpe, [prompt], [reference], 5)
+            assert alone == [reply] and alone_lp[0] == pytest.approx(logprob, rel=1e-9)
