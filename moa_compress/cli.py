@@ -409,10 +409,19 @@ def eval_command(
     ] = "auto",
     dtype: DtypeOpt = "bfloat16",
     seed: Annotated[int, typer.Option(help="Seed for the generated prompts (keys, needles, lists).")] = 0,
+    oracle: Annotated[
+        bool,
+        typer.Option(
+            "--oracle",
+            help="Also run the two oracles (blocks chosen from each input's true attention at the plan's "
+            "densities) on ppl/fidelity, and give the plan's gaps as multiples of theirs.",
+        ),
+    ] = False,
 ) -> None:
     """Quality of a plan vs dense and the uniform baseline: perplexity, KL/top-1 fidelity, passkey,
-    and RULER-style retrieval tasks."""
+    and RULER-style retrieval tasks; with --oracle, against the attention-mass oracles too."""
     from moa_compress.evaluate import (
+        TEXT_TASKS,
         check_lengths,
         default_texts,
         evaluate_plan,
@@ -425,6 +434,8 @@ def eval_command(
 
     task_names = parse_tasks(tasks)
     ns = parse_lengths(lengths)
+    if oracle and not set(task_names) & set(TEXT_TASKS):
+        fail(f"--oracle runs on the text tasks (ppl, fidelity); --tasks has {','.join(task_names)}")
     for value, option in ((limit, "--limit"), (samples, "--samples"), (batch_size, "--batch-size")):
         if value is not None and value < 1:
             fail(f"{option} must be a positive number, got {value}")
@@ -453,6 +464,7 @@ def eval_command(
         seed=seed,
         backend=backend,
         progress=True,
+        oracle=oracle,
     )
     results["command"] = " ".join(["moa-compress", *sys.argv[1:]])
     results["plan"]["path"] = str(plan_path)

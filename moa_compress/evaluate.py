@@ -7,7 +7,13 @@ Every task runs three *variants* of one model in one call:
 * ``plan`` — the model under :func:`moa_compress.runtime.apply_plan` with the plan;
 * ``uniform`` — the StreamingLLM-style baseline at the plan's own density: at each length ``N``, one
   fixed window for every head, with the plan's sink, whose density is the nearest to
-  ``plan.density(N)`` that block granularity allows (see :func:`uniform_baseline`).
+  ``plan.density(N)`` that block granularity allows (see :func:`uniform_baseline`);
+* with ``oracle=True`` (``moa-compress eval --oracle``), for the text tasks only, two ceilings that
+  choose blocks from each input's true attention at the plan's own densities
+  (:mod:`moa_compress.oracle`): ``oracle`` (per head and query-block row, the blocks of most attention
+  mass, each head at its rule's density) and ``oracle-layer`` (the layer's pair budget spent over all
+  its heads and rows by attention mass per pair). The plan's and the baseline's gaps to dense are then
+  also given as multiples of the oracles' (``"oracles"`` below).
 
 Tasks (``N`` is each requested length):
 
@@ -42,11 +48,16 @@ Tasks (``N`` is each requested length):
                   "same_as_plan": {N: bool}},     # true: the plan is that window; figures copied
       "settings": {"tasks": [str], "lengths": [int], "samples": int | null, "limit": int | null,
                    "batch_size": int, "seed": int, "backend": str, "dtype": str,
-                   "data": str | null, "chat_template": bool},
+                   "data": str | null, "chat_template": bool, "oracle": bool},
+      "oracles": {                                               # only with oracle=True
+        "oracle" | "oracle-layer": {"density": {N: float}},     # measured: pairs computed / causal
+        "ratio": {"plan" | "uniform": {"oracle" | "oracle-layer": {N: {
+            "ppl_gap": float | null,    # (ppl / dense ppl - 1) over the oracle's; null if the
+            "kl": float | null}}}}},    # oracle's gap is <= 0 or a task was not run; KL / oracle's KL
       "command": str | null,                                     # set by the CLI
       "time": str,                                               # ISO 8601, when the run finished
       "results": {
-        "dense" | "plan" | "uniform": {
+        "dense" | "plan" | "uniform" | "oracle" | "oracle-layer": {   # oracles: ppl, fidelity only
           "ppl": {N: {"ppl": float, "nll": float, "windows": int, "tokens": int}},
           "fidelity": {N: {"kl": float, "top1": float, "windows": int, "tokens": int}},  # not for dense
           "passkey" | <ruler task>: {N: {
@@ -61,6 +72,7 @@ Tasks (``N`` is each requested length):
     }
 
 Only requested tasks appear. Dense has no ``fidelity`` entry: it is the reference (KL 0, top-1 1).
+Readers of schema 2 written before the oracles keep working: the oracle entries are additions.
 """
 
 from __future__ import annotations
@@ -109,6 +121,7 @@ TASKS = (*TEXT_TASKS, "passkey", *RULER_TASKS)
 DEFAULT_TASKS = (*TEXT_TASKS, "passkey")
 TASK_GROUPS = {"ruler": RULER_TASKS}
 VARIANTS = ("dense", "plan", "uniform")
+ORACLES = ("oracle", "oracle-layer")  # = moa_compress.oracle.ORACLES; text tasks only
 DEFAULT_PASSKEY_SAMPLES = 5 * len(PASSKEY_DEPTHS)  # 30: five keys per depth
 # Per ruler task and length: sized so that `--tasks ruler,passkey --lengths 1024,2048` of one plan
 # (three variants) stays under 15 minutes on a 2-core CPU (BENCHMARKS.md).
@@ -315,9 +328,11 @@ def evaluate_plan(
     seed: int = 0,
     backend: str = "auto",
     progress: bool = True,
+    oracle: bool = False,
 ) -> dict[str, Any]:
-    """Run ``tasks`` at ``lengths`` for dense, ``plan`` and the uniform baseline; return the
-    ``results.json`` object (schema in the module docstring).
+    """Run ``tasks`` at ``lengths`` for dense, ``plan`` and the uniform baseline (and with ``oracle``
+    the two oracles, on ``ppl``/``fidelity``); return the ``results.json`` object (schema in the
+    module docstring).
 
     ``texts`` (natural prose) feed ``ppl``/``fidelity`` and are the needle tasks' haystack; they are
     required for those. ``samples`` is the number of prompts per generation task and length
@@ -331,6 +346,8 @@ def evaluate_plan(
     for value, option in ((limit, "--limit"), (samples, "--samples"), (batch_size, "--batch-size")):
         if value is not None and value < 1:
             raise EvalError(f"{option} must be a positive number, got {value}")
+    if oracle and not set(tasks) & set(TEXT_TASKS):
+        raise EvalError(f"--oracle runs on the text tasks (ppl, fidelity); --tasks has {','.join(tasks)}")
     if needs_text(tasks) and not texts:
         raise DataError(f"{', '.join(t for t in tasks if needs_text([t]))} need natural text (--data)")
     uniforms = {n: uniform_baseline(plan, n) for n in lengths}
@@ -372,11 +389,13 @@ def evaluate_plan(
     }
 
     torch.manual_seed(seed)
-    results: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in VARIANTS}
+    oracles = ORACLES if oracle else ()
+    results: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in (*VARIANTS, *oracles)}
+    oracle_density: dict[str, dict[str, float]] = {name: {} for name in oracles}
     total = (
-        sum(len(w) for w in windows.values())
-        + sum(len(k) for k in keys.values())
-        + sum(len(p) for by_length in prompts.values() for p in by_length.values())
+        len(VARIANTS + oracles) * sum(len(w) for w in windows.values())
+        + len(VARIANTS) * sum(len(k) for k in keys.values())
+        + len(VARIANTS) * sum(len(p) for by_length in prompts.values() for p in by_length.values())
     )
     device = next(model.parameters()).device
 
@@ -393,18 +412,22 @@ def evaluate_plan(
                 records = [r for batch in advance(_batches(items, batch_size), label) for r in score(batch)]
             results[name].setdefault(task, {})[str(n)] = _summary(items, records)
 
-    with _progress(progress, 3 * total) as advance, torch.no_grad():
+    with _progress(progress, total) as advance, torch.no_grad():
         for n in lengths:
             if n in windows:
-                _run_windows(
+                reference = _run_windows(
                     model, windows[n], n, plans, same_as_plan[n], tasks, backend, device, results, advance
                 )
+                for name in oracles:
+                    oracle_density[name][str(n)] = _run_oracle(
+                        model, windows[n], reference, plan, name, tasks, backend, device, results, advance
+                    )
             if n in keys:
                 run("passkey", n, keys[n], lambda batch: _score_passkeys(model, batch, device))
             for task, by_length in prompts.items():
                 run(task, n, by_length[n], lambda batch: _score_replies(model, tokenizer, batch, device))
 
-    return {
+    out = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "model": dataclasses.asdict(identity_of(model)),
         "plan": {
@@ -432,20 +455,28 @@ def evaluate_plan(
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "data": None,
             "chat_template": has_chat_template(tokenizer),
+            "oracle": oracle,
         },
         "command": None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": {v: r for v, r in results.items()},
     }
+    if oracle:
+        out["oracles"] = {name: {"density": oracle_density[name]} for name in oracles}
+        out["oracles"]["ratio"] = oracle_ratios(out)
+    return out
 
 
 def _batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _run_windows(model, windows, n, plans, same_as_plan, tasks, backend, device, results, advance) -> None:
+def _run_windows(
+    model, windows, n, plans, same_as_plan, tasks, backend, device, results, advance
+) -> list[torch.Tensor]:
     """ppl and fidelity at length ``n``: dense first (its states are the reference), then the others;
-    a uniform baseline that ``same_as_plan`` copies the plan's figures instead of recomputing them."""
+    a uniform baseline that ``same_as_plan`` copies the plan's figures instead of recomputing them.
+    Returns the dense reference states of every window (``[n - n//2, hidden]`` each)."""
     half = n // 2
     reference: list[torch.Tensor] = []
     targets = [torch.tensor(w[half:], device=device) for w in windows]
@@ -457,8 +488,8 @@ def _run_windows(model, windows, n, plans, same_as_plan, tasks, backend, device,
                 results[name].setdefault(task, {})[str(n)] = results["plan"][task][str(n)]
             continue
         with variant(model, plans[name][n], backend):
-            for i, window in enumerate(advance(windows, f"text {n} {name}")):
-                ids = torch.tensor([window], device=device)
+            for i in advance(range(len(windows)), f"text {n} {name}"):  # counts windows, not tokens
+                ids = torch.tensor([windows[i]], device=device)
                 hidden = final_hidden(model, ids)[half - 1 : n - 1]  # predicts tokens half .. n-1
                 if name == "dense":
                     reference.append(hidden)
@@ -467,6 +498,58 @@ def _run_windows(model, windows, n, plans, same_as_plan, tasks, backend, device,
             results[name].setdefault("ppl", {})[str(n)] = sums.ppl()
         if "fidelity" in tasks and name != "dense":
             results[name].setdefault("fidelity", {})[str(n)] = sums.fidelity()
+    return reference
+
+
+def _run_oracle(model, windows, reference, plan, name, tasks, backend, device, results, advance) -> float:
+    """ppl and fidelity of oracle ``name`` on ``windows`` (one length) against the dense
+    ``reference`` states of :func:`_run_windows`; returns the oracle's measured density (mean over
+    the windows)."""
+    from moa_compress.oracle import apply_oracle
+
+    n = len(windows[0])
+    half = n // 2
+    sums = _Sums()
+    density = []
+    for i in advance(range(len(windows)), f"text {n} {name}"):
+        ids = torch.tensor([windows[i]], device=device)
+        with apply_oracle(model, plan, name, backend=backend) as handle:
+            hidden = final_hidden(model, ids)[half - 1 : n - 1]
+        density.append(handle.density)
+        score_window(model, hidden, ids[0, half:], reference[i], sums)
+    if "ppl" in tasks:
+        results[name].setdefault("ppl", {})[str(n)] = sums.ppl()
+    if "fidelity" in tasks:
+        results[name].setdefault("fidelity", {})[str(n)] = sums.fidelity()
+    return sum(density) / len(density)
+
+
+def oracle_ratios(results: dict[str, Any]) -> dict[str, dict[str, dict[str, dict[str, float | None]]]]:
+    """``{"plan" | "uniform": {oracle: {N: {"ppl_gap", "kl"}}}}``: each variant's perplexity gap to
+    dense (``ppl / dense - 1``) and KL as multiples of the oracle's; None where the oracle's is not
+    positive (no ratio means anything) or the task was not run."""
+    by = results["results"]
+
+    def ratio(variant: str, other: str, task: str, n: str) -> float | None:
+        mine, theirs = by[variant].get(task, {}).get(n), by[other].get(task, {}).get(n)
+        if mine is None or theirs is None:
+            return None
+        if task == "ppl":
+            dense = by["dense"]["ppl"][n]["ppl"]
+            gap, base = mine["ppl"] / dense - 1, theirs["ppl"] / dense - 1
+        else:
+            gap, base = mine["kl"], theirs["kl"]
+        return gap / base if base > 0 else None
+
+    lengths = [str(n) for n in results["settings"]["lengths"]]
+    return {
+        variant: {
+            other: {n: {"ppl_gap": ratio(variant, other, "ppl", n), "kl": ratio(variant, other, "fidelity", n)}
+                    for n in lengths}
+            for other in ORACLES
+        }
+        for variant in ("plan", "uniform")
+    }  # fmt: skip
 
 
 def _score_passkeys(model: Any, batch: Sequence[PasskeySample], device) -> list[dict[str, Any]]:

@@ -20,8 +20,10 @@ from moa_compress.plan import Plan, atomic_write_bytes, rule_density
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 VARIANTS = ("dense", "plan", "uniform")
-COLORS = {"dense": "#333333", "plan": "#1f77b4", "uniform": "#ff7f0e"}
-STYLES = {"dense": "o-", "plan": "s-", "uniform": "^--"}  # distinct even where lines coincide
+ORACLES = ("oracle", "oracle-layer")  # present with results["oracles"] (eval --oracle), text tasks only
+COLORS = {"dense": "#333333", "plan": "#1f77b4", "uniform": "#ff7f0e", "oracle": "#2ca02c"}
+COLORS["oracle-layer"] = "#9467bd"
+STYLES = {"dense": "o-", "plan": "s-", "uniform": "^--", "oracle": "v:", "oracle-layer": "D:"}
 
 
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> Path:
@@ -65,7 +67,31 @@ def summary_text(results: Mapping[str, Any]) -> str:
                 f"{task} " + " / ".join(f"{100 * by[v][task][n]['accuracy']:.0f}%" for v in VARIANTS)
             )
         lines.append(f"{n:>6}: " + "; ".join(parts))
+        if _oracles(results):
+            lines.append("        " + "; ".join(_oracle_phrases(results, n)))
     return "\n".join(lines)
+
+
+def _oracles(results: Mapping[str, Any]) -> list[str]:
+    """The oracle variants this run has (none unless it ran with --oracle)."""
+    return [o for o in ORACLES if o in results.get("oracles", {})]
+
+
+def _multiple(value: float | None) -> str:
+    return f"{value:.2f}×" if value is not None else "—"
+
+
+def _oracle_phrases(results: Mapping[str, Any], n: str) -> list[str]:
+    """``"plan ppl gap = 2.99× oracle-layer's"``-style phrases for length ``n``."""
+    ratio = results["oracles"]["ratio"]["plan"]
+    phrases = []
+    for oracle in _oracles(results):
+        r = ratio[oracle][n]
+        if r["ppl_gap"] is not None:
+            phrases.append(f"plan ppl gap = {_multiple(r['ppl_gap'])} {oracle}'s")
+        if r["kl"] is not None:
+            phrases.append(f"plan KL = {_multiple(r['kl'])} {oracle}'s")
+    return phrases
 
 
 def _generation_tasks(results: Mapping[str, Any]) -> list[str]:
@@ -120,10 +146,17 @@ def render_markdown(
         (
             "Variants: **dense** (the model's own attention), **plan**, and **uniform**: one sink + one "
             "fixed window for every head, at the density nearest to the plan's at each length."
+            + (
+                " On perplexity and fidelity also two **oracles**, which choose blocks from each input's "
+                "true attention at the plan's densities (ceilings no plan can pass; see below)."
+                if _oracles(results)
+                else ""
+            )
         ),
         "",
     ]
     lines += summary_section(results)
+    lines += oracle_section(results)
     lines += [
         "## Density",
         "",
@@ -161,9 +194,12 @@ def render_markdown(
         for n in lengths:
             dense = _get(results, "dense", "ppl", n)
             row = [n, str(dense["windows"]), str(dense["tokens"]), f"{dense['ppl']:.3f}"]
-            row += [_delta(_get(results, v, "ppl", n)["ppl"], dense["ppl"]) for v in ("plan", "uniform")]
+            row += [
+                _delta(_get(results, v, "ppl", n)["ppl"], dense["ppl"])
+                for v in ("plan", "uniform", *_oracles(results))
+            ]
             rows.append(row)
-        lines += _table(["length", "windows", "tokens", "dense", "plan", "uniform"], rows)
+        lines += _table(["length", "windows", "tokens", "dense", "plan", "uniform", *_oracles(results)], rows)
 
     if "fidelity" in tasks:
         lines += [
@@ -176,19 +212,17 @@ def render_markdown(
             "",
         ]
         rows = []
+        shown = ("plan", "uniform", *_oracles(results))
         for n in lengths:
-            plan_f, uni_f = _get(results, "plan", "fidelity", n), _get(results, "uniform", "fidelity", n)
+            figures = [_get(results, v, "fidelity", n) for v in shown]
             rows.append(
-                [
-                    n,
-                    str(plan_f["windows"]),
-                    f"{plan_f['kl']:.4f}",
-                    f"{uni_f['kl']:.4f}",
-                    f"{100 * plan_f['top1']:.1f}%",
-                    f"{100 * uni_f['top1']:.1f}%",
-                ]
+                [n, str(figures[0]["windows"])]
+                + [f"{f['kl']:.4f}" for f in figures]
+                + [f"{100 * f['top1']:.1f}%" for f in figures]
             )
-        lines += _table(["length", "windows", "KL plan", "KL uniform", "top-1 plan", "top-1 uniform"], rows)
+        lines += _table(
+            ["length", "windows", *(f"KL {v}" for v in shown), *(f"top-1 {v}" for v in shown)], rows
+        )
     if "quality" in plots:
         lines += [f"![quality vs length]({plots['quality']})", ""]
 
@@ -322,6 +356,49 @@ def summary_section(results: Mapping[str, Any]) -> list[str]:
     return lines + _table([*header, "samples won / lost", "plan vs uniform"], rows)
 
 
+def oracle_section(results: Mapping[str, Any]) -> list[str]:
+    """The plan and the uniform baseline against the oracles: per length, each oracle's measured
+    density, perplexity and KL, and the plan's and uniform's gaps to dense as multiples of its."""
+    oracles = _oracles(results)
+    if not oracles:
+        return []
+    tasks = results["settings"]["tasks"]
+    ratio = results["oracles"]["ratio"]
+    rows = []
+    for n in _lengths(results):
+        for oracle in oracles:
+            ppl, fid = _get(results, oracle, "ppl", n), _get(results, oracle, "fidelity", n)
+            dense = _get(results, "dense", "ppl", n)
+            row = [n, oracle, f"{results['oracles'][oracle]['density'][n]:.4f}"]
+            row += [_delta(ppl["ppl"], dense["ppl"]) if ppl else "—"]
+            row += [f"{fid['kl']:.4f}" if fid else "—", f"{100 * fid['top1']:.1f}%" if fid else "—"]
+            for variant in ("plan", "uniform"):
+                r = ratio[variant][oracle][n]
+                row += [_multiple(r["ppl_gap"]) if "ppl" in tasks else "—", _multiple(r["kl"])]
+            rows.append(row)
+    lines = [
+        "## Oracle ceilings",
+        "",
+        (
+            "Two selections that read each input's true attention before choosing (so no plan can run "
+            "them; they bound what a block selection at the plan's density can reach). Per layer, the "
+            "causal softmax attention of that layer's own queries and keys is summed over each block; "
+            "every query-block row keeps its sink and diagonal. **oracle**: per head and row, the other "
+            "blocks of most mass, each head at its plan rule's density. **oracle-layer**: the layer's "
+            "pair budget (the plan's, summed over its heads) spent over all its heads and rows by "
+            "attention mass per pair. Density is measured (pairs computed ÷ causal pairs). The last "
+            "columns give the plan's and uniform's perplexity gap to dense (ppl ÷ dense − 1) and KL as "
+            "multiples of the oracle's: 1× would be the ceiling."
+        ),
+        "",
+    ]
+    phrases = [f"{n}: " + ", ".join(_oracle_phrases(results, n)) for n in _lengths(results)]
+    lines += [f"- {p}" for p in phrases] + [""]
+    header = ["length", "oracle", "density", "ppl (vs dense)", "KL", "top-1"]
+    header += ["plan ppl gap ÷", "plan KL ÷", "uniform ppl gap ÷", "uniform KL ÷"]
+    return lines + _table(header, rows)
+
+
 def _pareto_section(results: Mapping[str, Any], plots: Mapping[str, str]) -> list[str]:
     provenance = results["plan"].get("provenance") or {}
     if "pareto" not in provenance:
@@ -439,7 +516,8 @@ def _write_plots(results: Mapping[str, Any], out: Path, plan: Plan | None) -> di
                 key, label = (
                     ("ppl", "perplexity") if task == "ppl" else ("kl", "KL(dense ‖ variant), nats/token")
                 )
-                for v in VARIANTS if task == "ppl" else ("plan", "uniform"):
+                shown = VARIANTS if task == "ppl" else ("plan", "uniform")
+                for v in (*shown, *_oracles(results)):
                     ax.plot(
                         xs,
                         [_get(results, v, task, n)[key] for n in lengths],

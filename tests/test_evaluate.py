@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moa_compress import evaluate, report, tasks
+from moa_compress import evaluate, oracle, report, tasks
 from moa_compress.cli import app
 from moa_compress.data import DataError
 from moa_compress.evaluate import (
@@ -26,13 +26,20 @@ from moa_compress.plan import (
     Plan,
     PlanError,
     StaticRule,
+    causal_block_pairs,
     identity_of,
     rule_density,
     save_plan,
     uniform_plan,
 )
 from moa_compress.tasks import PasskeySample, TaskError, passkey_depths, passkey_samples
-from tests.factories import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
+from tests.factories import (
+    dense_masked_attention,
+    random_qkv,
+    tiny_bpe_tokenizer,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 PROSE = (
     "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees near "
@@ -278,6 +285,197 @@ def test_dense_ppl_matches_a_direct_computation(tokenizer, monkeypatch):
         got = results["results"]["dense"]["ppl"][str(n)]
         assert got["nll"] == pytest.approx(float(nll), rel=1e-9)
         assert got["windows"] == 3 and got["tokens"] == 3 * (n - n // 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Oracles
+
+
+def brute_block_mass(q, k, scale, bs):
+    """Independent: the full causal softmax per query head (keys repeated), summed block by block."""
+    b, hq, n, _ = q.shape
+    probs = (q @ k.repeat_interleave(hq // k.shape[1], 1).transpose(-1, -2)) * scale
+    probs = probs.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    nb = -(-n // bs)
+    out = torch.zeros(b, hq, nb, nb, dtype=probs.dtype)
+    for i in range(nb):
+        for j in range(nb):
+            out[..., i, j] = probs[..., i * bs : (i + 1) * bs, j * bs : (j + 1) * bs].sum((-1, -2))
+    return out
+
+
+@pytest.mark.parametrize("slab_bytes", [1, 10**9])  # one query block per slab; everything at once
+def test_block_mass_matches_brute_force(slab_bytes):
+    q, k, _ = random_qkv(b=2, hq=6, hkv=2, sq=77, d=8, seed=3)
+    got = oracle.block_mass(q, k, 0.3, BLOCK, slab_bytes=slab_bytes)
+    assert got.dtype == torch.float64 and got.shape == (2, 6, 5, 5)
+    torch.testing.assert_close(got, brute_block_mass(q, k, 0.3, BLOCK), rtol=1e-12, atol=1e-12)
+    # Each query row's attention sums to 1: a query block of r rows holds mass r.
+    torch.testing.assert_close(got.sum(-1)[0, 0], torch.tensor([16.0] * 4 + [13.0], dtype=torch.float64))
+
+
+def random_mass(heads, n, seed=0):
+    q, k, _ = random_qkv(b=1, hq=heads, hkv=2, sq=n, d=8, seed=seed)
+    return oracle.block_mass(3 * q, k, 1.0, BLOCK)  # sharp attention: masses differ a lot
+
+
+def forced_blocks(nb):
+    rows, cols = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    return (cols <= rows) & ((cols == 0) | (cols == rows))
+
+
+def test_oracle_keeps_sink_diagonal_and_the_best_blocks_at_each_heads_density(tokenizer):
+    plan = sparse_plan(make_model(tokenizer))
+    n = 200  # 12 full blocks and a ragged one
+    nb, total = -(-n // BLOCK), n * (n + 1) / 2
+    pairs = causal_block_pairs(n, BLOCK)
+    causal = pairs > 0
+    for layer in range(2):
+        mass = random_mass(4, n, seed=layer)
+        blocks = oracle.head_blocks(plan, layer, n)
+        mask = oracle.top_blocks_per_row(mass, blocks)[0]
+        assert not (mask & ~causal).any()
+        assert (mask | ~forced_blocks(nb)).all()  # every sink and diagonal kept
+        for h, rule in enumerate(plan.rules[layer]):
+            # The head computes exactly the pairs its plan rule computes.
+            assert float(pairs[mask[h]].sum()) == pytest.approx(
+                rule_density(rule, n, BLOCK) * total, abs=1e-6
+            )
+            k = int(blocks[h])
+            for row in range(nb):
+                assert int(mask[h, row].sum()) == min(k, row + 1)
+                others = causal[row] & ~forced_blocks(nb)[row]
+                kept, dropped = (
+                    mass[0, h, row][mask[h, row] & others],
+                    mass[0, h, row][~mask[h, row] & others],
+                )
+                if len(kept) and len(dropped):
+                    assert kept.min() >= dropped.max()
+    dense = oracle.top_blocks_per_row(
+        random_mass(4, n), oracle.head_blocks(dense_plan(make_model(tokenizer)), 0, n)
+    )
+    assert torch.equal(dense[0], causal.expand(4, nb, nb))
+
+
+@pytest.mark.parametrize("n", [200, 256])
+def test_oracle_layer_spends_the_layer_budget_by_mass_per_pair_and_never_more(tokenizer, n):
+    plan = sparse_plan(make_model(tokenizer))
+    nb = -(-n // BLOCK)
+    pairs = causal_block_pairs(n, BLOCK)
+    causal = pairs > 0
+    for layer in range(2):
+        mass = random_mass(4, n, seed=10 + layer)
+        budget = oracle.layer_budget(plan, layer, n)
+        assert budget == round(sum(rule_density(r, n, BLOCK) for r in plan.rules[layer]) * n * (n + 1) / 2)
+        mask = oracle.top_blocks_in_layer(mass, n, BLOCK, budget)[0]
+        assert not (mask & ~causal).any() and (mask | ~forced_blocks(nb)).all()
+        spent = float((mask * pairs).sum())
+        assert spent <= budget and budget - spent < BLOCK * BLOCK  # spent, to less than one block
+        # Heads share the budget: they need not each get their own rule's share.
+        others = causal & ~forced_blocks(nb)
+        per_pair = mass[0] / pairs.clamp(min=1)
+        assert per_pair[mask & others].min() >= per_pair[~mask & others].max()
+    full = oracle.top_blocks_in_layer(random_mass(4, n), n, BLOCK, 4 * n * (n + 1) // 2)[0]
+    assert torch.equal(full, causal.expand(4, nb, nb))
+
+
+def brute_oracle_mask(mass, blocks):  # [H, nB, nB], [H] -> [H, nB, nB] bool, one row at a time
+    h, nb, _ = mass.shape
+    out = torch.zeros(h, nb, nb, dtype=torch.bool)
+    for head in range(h):
+        for row in range(nb):
+            others = sorted(range(1, row), key=lambda j: -float(mass[head, row, j]))
+            for j in [0, row, *others][: max(int(blocks[head]), 2)]:
+                out[head, row, j] = True
+    return out
+
+
+@pytest.mark.parametrize("kind", oracle.ORACLES)
+def test_oracle_attention_computes_its_selection(tokenizer, kind):
+    """One layer call through the attention function equals dense attention under the selection,
+    the per-row selection built one row at a time by an independent brute force."""
+    plan = sparse_plan(make_model(tokenizer))
+    q, k, v = random_qkv(b=1, hq=4, hkv=2, sq=150, d=16, seed=5)
+    handle = oracle.OracleHandle(None, plan, kind, "reference", oracle.DEFAULT_SLAB_BYTES)
+    layer = type("Layer", (), {"layer_idx": 1})()
+    out, _ = handle.attention(layer, q, k, v, None, scaling=0.25)
+    mass = brute_block_mass(q, k, 0.25, BLOCK)
+    if kind == "oracle":
+        blocks = brute_oracle_mask(mass[0], oracle.head_blocks(plan, 1, 150))[None]
+    else:
+        blocks = oracle.top_blocks_in_layer(mass, 150, BLOCK, oracle.layer_budget(plan, 1, 150))
+    mask = blocks.repeat_interleave(BLOCK, 2).repeat_interleave(BLOCK, 3)[..., :150, :150]
+    mask &= torch.ones(150, 150, dtype=torch.bool).tril()
+    expected = dense_masked_attention(q, k, v, mask, 0.25)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-10, atol=1e-10)
+    assert handle.density == pytest.approx(float(mask.sum()) / (4 * 150 * 151 / 2))
+    assert handle.density <= plan.density(150) + 1e-12
+
+
+def oracle_run(tokenizer, model, plan, **kw):
+    return evaluate_plan(
+        model,
+        tokenizer,
+        plan,
+        tasks="ppl,fidelity",
+        lengths=[128, 176],
+        texts=make_texts(),
+        limit=2,
+        backend="reference",
+        progress=False,
+        oracle=True,
+        **kw,
+    )
+
+
+def test_oracles_of_a_density_one_plan_equal_dense(tokenizer):
+    model = make_model(tokenizer, dtype=torch.float64)
+    before = model.config._attn_implementation
+    results = oracle_run(tokenizer, model, dense_plan(model))
+    assert model.config._attn_implementation == before  # restored
+    by = results["results"]
+    for name in oracle.ORACLES:
+        for n in ("128", "176"):
+            assert results["oracles"][name]["density"][n] == 1.0
+            assert by[name]["fidelity"][n]["kl"] == pytest.approx(0.0, abs=1e-10)
+            assert by[name]["fidelity"][n]["top1"] == 1.0
+            assert by[name]["ppl"][n]["ppl"] == pytest.approx(by["dense"]["ppl"][n]["ppl"], rel=1e-9)
+            assert results["oracles"]["ratio"]["plan"][name][n] == {"ppl_gap": None, "kl": None}
+
+
+def test_oracles_of_a_sparse_plan_fill_the_schema(tokenizer, tmp_path):
+    model = make_model(tokenizer)
+    plan = sparse_plan(model)
+    results = oracle_run(tokenizer, model, plan)
+    assert results["settings"]["oracle"] is True
+    assert set(results["results"]) == {"dense", "plan", "uniform", *oracle.ORACLES}
+    by, ratio = results["results"], results["oracles"]["ratio"]
+    for n in ("128", "176"):
+        dense = by["dense"]["ppl"][n]["ppl"]
+        # The per-row oracle computes each head's own density: exactly the plan's.
+        assert results["oracles"]["oracle"]["density"][n] == pytest.approx(plan.density(int(n)), abs=1e-12)
+        assert 0 < results["oracles"]["oracle-layer"]["density"][n] <= plan.density(int(n)) + 1e-12
+        for name in oracle.ORACLES:
+            fid = by[name]["fidelity"][n]
+            assert fid["kl"] > 0 and fid["windows"] == 2 and fid["tokens"] == 2 * (int(n) - int(n) // 2)
+            for variant in ("plan", "uniform"):
+                r = ratio[variant][name][n]
+                assert r["kl"] == pytest.approx(by[variant]["fidelity"][n]["kl"] / fid["kl"])
+                gap = by[name]["ppl"][n]["ppl"] / dense - 1
+                expected = (by[variant]["ppl"][n]["ppl"] / dense - 1) / gap if gap > 0 else None
+                assert r["ppl_gap"] == (pytest.approx(expected) if expected is not None else None)
+    json.dumps(results)
+    text = evaluate.write_report(results, tmp_path, plan).read_text()
+    assert "## Oracle ceilings" in text and "× oracle-layer's" in text
+    assert "| KL oracle | KL oracle-layer |" in text
+    assert "plan KL = " in report.summary_text(results)
+    without = evaluate_plan(
+        model, tokenizer, plan, tasks="ppl", lengths=[128], texts=make_texts(), limit=2, progress=False
+    )
+    assert "oracles" not in without and set(without["results"]) == {"dense", "plan", "uniform"}
+    assert "Oracle" not in evaluate.write_report(without, tmp_path / "plain", plan).read_text()
+    with pytest.raises(EvalError, match="--oracle runs on the text tasks"):
+        evaluate_plan(model, tokenizer, plan, tasks="passkey", lengths=[128], progress=False, oracle=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,3 +821,22 @@ def test_cli_writes_report_and_prints_json(model_dir, data_file, tmp_path):
         data_file
     )
     assert (out / "report.md").exists()
+    assert "oracles" not in saved and saved["settings"]["oracle"] is False
+
+
+def test_cli_oracle_flag_adds_the_oracles(model_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plan_dir = tmp_path / "plan"
+    save_plan(sparse_plan(AutoModelForCausalLM.from_pretrained(model_dir)), plan_dir)
+    out = tmp_path / "out"
+    args = [model_dir, "--plan", plan_dir, "--lengths", "128", "--data", data_file, "--out", out]
+    result = run_cli(*args, "--tasks", "ppl,fidelity", "--limit", "1", "--dtype", "float32", "--oracle")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["oracle"] is True
+    assert set(saved["oracles"]) == {"oracle", "oracle-layer", "ratio"}
+    assert saved["results"]["oracle-layer"]["fidelity"]["128"]["windows"] == 1
+    assert "plan KL = " in result.output and "## Oracle ceilings" in (out / "report.md").read_text()
+    bad = run_cli(*args, "--tasks", "passkey", "--oracle")
+    assert bad.exit_code == 2 and "--oracle runs on the text tasks" in bad.output
