@@ -801,10 +801,23 @@ def compress_command(
         str | None, typer.Option(help="Longer lengths the budget must also hold at (rules extrapolated).")
     ] = None,
     per_head: PerHeadOpt = False,
+    rules: Annotated[
+        str,
+        typer.Option(
+            help="Rule kinds the search may choose, comma-separated: static (sink + band), gate (learned "
+            "block gate, trained in a gates stage), dense. static,dense or gate,dense for one kind alone."
+        ),
+    ] = "static,gate,dense",
+    gate_steps: Annotated[
+        int | None, typer.Option(help="AdamW steps of the gates stage (default: the preset's).")
+    ] = None,
     min_span: MinSpanOpt = None,
     cost: CostOpt = None,
     profile: Annotated[
-        Path | None, typer.Option(help="Reuse a `moa-compress profile` output instead of profiling.")
+        Path | None,
+        typer.Option(
+            help="Reuse a `moa-compress profile` output instead of profiling (needs --rules static,dense)."
+        ),
     ] = None,
     work: Annotated[Path | None, typer.Option(help="Work folder for resuming (default: OUT/work).")] = None,
     eval_data: Annotated[
@@ -841,13 +854,15 @@ def compress_command(
         seed=seed,
         extend_lengths=parse_lengths(extend_lengths, "--extend-lengths") if extend_lengths else None,
         per_head=per_head,
+        rules=tuple(kind.strip() for kind in rules.split(",") if kind.strip()),
+        gate_steps=gate_steps,
         min_span=min_span,
         cost=cost,
         eval_data=eval_data,
         block_size=block_size,
         dtype=dtype,
     )
-    settings.check()  # before the model loads: a bad option fails at once
+    settings.check(reused)  # before the model loads: a bad option fails at once
     group = distributed.init()  # a group of one unless launched by torchrun
     net, tokenizer = load(model, dtype, device_map, max_memory)
     result = compress(

@@ -1,4 +1,4 @@
-"""The main job: calibrate -> profile -> search -> validate -> export, resumable.
+"""The main job: calibrate -> profile -> gates -> search -> validate -> export, resumable.
 
 :func:`compress` runs every stage on a loaded model and writes into ``out_dir``:
 
@@ -9,11 +9,18 @@
 * ``compress.json`` — the machine-readable summary (settings, densities, predicted costs, validation
   losses, stage times); written last, so its presence means the run finished.
 
+With gate rules allowed (``settings.rules``, default static, gate and dense) a gates stage trains one
+SeerAttention-style gate per layer on the profile's calibration samples, and the search costs gate
+candidates on those samples' own maps (:func:`moa_compress.search.gate_costs`).
+
 Validation: the search ranks plans by a first-order prediction of the loss; held-out samples (the same
 recipe with another seed) at every profiled length measure the real answer loss of every Pareto plan,
 of dense, and of the uniform baseline at the chosen plan's density. A plan's *score* is the mean over
 the lengths of its loss divided by dense's there (answer losses differ in scale from one length to the
-next); the lowest score wins. Scoring every length, not only the longest, matters: one sample at 8K
+next); the lowest score wins. A user is never handed a plan that validates worse than a simpler one:
+the best Pareto plan competes with the uniform plan within the budget and, when the search mixed
+static and gate rules, with the static-only and gate-only optima; ``compress.json`` says which was
+written (``searched``, ``uniform``, ``static-only`` or ``gate-only``) and why. Scoring every length, not only the longest, matters: one sample at 8K
 picked the plan that was worst on prose at 4K and 8K among seven (BENCHMARKS.md).
 
 The work folder (default ``out_dir/work``, :mod:`moa_compress.workdir`) makes a run resumable.
@@ -39,8 +46,12 @@ from moa_compress.plan import PLAN_FILE, Plan, atomic_write_bytes, identity_of, 
 from moa_compress.profile import Profile
 from moa_compress.settings import PRESETS, CompressError, CompressSettings, preset_settings
 from moa_compress.workdir import (
+    GATE_SAMPLES_DIR,
+    GATES_DIR,
+    SEARCH_FILE,
     StaleWorkError,
     WorkFolder,
+    calibration_maps,
     load_search_stage,
     profile_digest,
     read_json,
@@ -51,7 +62,12 @@ from moa_compress.workdir import (
 SUMMARY_FILE = "compress.json"
 # 2: validation at every profiled length (per-length losses and a score) instead of one length.
 # 3: the uniform plan within the budget is validated too ("fallback") and written when it wins ("written").
-SUMMARY_SCHEMA_VERSION = 3
+# 4: rule kinds ("rules"), the gates stage ("gates"), the static-only / gate-only optima validated too
+#    ("validation.alternatives"; "written" may name them) and why the written plan won ("why").
+SUMMARY_SCHEMA_VERSION = 4
+READABLE_SUMMARY_VERSIONS = (3, 4)
+# What "written" may say, in the order that breaks ties between equal validation scores.
+WRITTEN = ("searched", "static-only", "gate-only", "uniform")
 OUTPUT_FILES = (PLAN_FILE, "results.json", "report.md", SUMMARY_FILE)
 # Held-out samples use the calibration recipe with this seed offset: other keys, facts and cuts.
 VALIDATION_SEED_OFFSET = 7919
@@ -73,6 +89,28 @@ class CompressResult:
     summary: dict[str, Any] = field(repr=False)
 
 
+@dataclass(frozen=True)
+class GateStage:
+    """The gates stage's result: ``gates[layer]`` (:class:`moa_compress.gates.AttnGate`) and ``losses``:
+    the distillation loss before (``initial``) and after (``final``) training, ``heldout`` losses if
+    any, ``steps`` and ``seconds`` (targets, training) as recorded in ``gates.json``."""
+
+    gates: list[Any]
+    losses: dict[str, Any]
+
+
+def _gate_losses(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict) or not body.get("losses"):
+        return {}
+    return {
+        "initial": body.get("initial_loss"),
+        "final": body["losses"][-1],
+        "heldout": body.get("heldout_loss", {}),
+        "steps": len(body["losses"]),
+        "seconds": body.get("seconds", {}),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks before anything is written
 
@@ -87,7 +125,7 @@ def check_inputs(model: Any, settings: CompressSettings, profile: Profile | None
     from moa_compress.data import max_positions
     from moa_compress.search import SearchError, minimum_density
 
-    settings.check()
+    settings.check(profile)
     limit = max_positions(model)
     for option, values in (("--lengths", settings.lengths), ("--extend-lengths", settings.extend_lengths)):
         if limit is not None and values and max(values) > limit:
@@ -235,20 +273,22 @@ def compress(
     profile = reused if reused is not None else context.profile_stage(record)
     seconds["profile"] = context.elapsed("profile", started)
 
+    gates = None
+    if "gate" in settings.rules:
+        started = time.perf_counter()
+        gates = context.gates_stage(profile)
+        seconds["gates"] = context.elapsed("gates", started)
+
     started = time.perf_counter()
-    result = context.search_stage(profile, record)
+    result = context.search_stage(profile, record, gates)
     seconds["search"] = context.elapsed("search", started)
 
     started = time.perf_counter()
     validation = context.validate_stage(profile, result)
     seconds["validate"] = context.elapsed("validate", started)
     plan = _chosen_plan(result, validation, context.fallback)
-    if validation["written"] == "uniform":
-        print(
-            "note: the uniform plan within the budget validated better than every searched plan; "
-            "wrote it instead (compress.json says by how much)",
-            file=sys.stderr,
-        )
+    if validation["written"] != "searched":
+        print(f"note: {_why(validation)}; wrote it instead (compress.json says by how much)", file=sys.stderr)
 
     path = save_plan(plan, out, force=True)
     results = None
@@ -261,7 +301,7 @@ def compress(
         results = _closing_eval(context, plan, profile.lengths, eval_texts, eval_source, command, out)
         seconds["eval"] = round(time.perf_counter() - started, 2)
     summary = _summary(
-        settings, profile, result, validation, plan, results, seconds, command, work, eval_source
+        settings, profile, result, validation, plan, results, seconds, command, work, eval_source, gates
     )
     if results is None:
         report = _write_skipped_report(out, eval_source, summary_table(summary))
@@ -361,6 +401,7 @@ class _Context:
         self.texts, self.progress, self.force = texts, progress, force
         self.resumed: set[str] = set()
         self.fallback: Plan | None = None  # the uniform plan within the budget (validate_stage)
+        self._calibration: dict[int, list] | None = None  # the profile's samples, built once a run
 
     def elapsed(self, stage: str, started: float) -> float | None:
         """Seconds the stage took in this run; None when it was read back from the work folder."""
@@ -381,6 +422,13 @@ class _Context:
             progress=self.progress,
             answer_tokens=s.answer_tokens,
         )
+
+    def calibration_samples(self) -> dict[int, list]:
+        """The calibration samples of the profile (and the gates), in the order of its sample files."""
+        if self._calibration is None:
+            s = self.settings
+            self._calibration = self.calibration(s.lengths, s.samples_per_length(), s.seed)
+        return self._calibration
 
     def finished_profile(self) -> Profile | None:
         """The profile stage's result when it finished in an earlier run (else None: profile)."""
@@ -404,9 +452,7 @@ class _Context:
 
         self.state.mark("profile", done=False)
         s = self.settings
-        calibration = broadcast_samples(
-            self.calibration(s.lengths, s.samples_per_length(), s.seed), s.samples_per_length()
-        )
+        calibration = broadcast_samples(self.calibration_samples(), s.samples_per_length())
         profile = profile_model(
             self.model,
             calibration,
@@ -420,10 +466,51 @@ class _Context:
         self.state.mark("profile", done=True)
         return profile
 
-    def search_stage(self, profile: Profile, record: Mapping[str, Any]):
+    def gates_stage(self, profile: Profile) -> GateStage:
+        """Train one gate per layer on the profile's calibration samples (their pooled Q/K and targets
+        kept in ``work/gates-samples``, so an interrupted run resumes without the dense forwards), save
+        them in ``work/gates`` and mark the stage done; a finished stage is read back instead."""
+        from moa_compress.gates import (
+            GATES_FILE,
+            GateError,
+            GateSettings,
+            load_gates,
+            save_gates,
+            train_gates,
+        )
+
+        folder = self.state.root / GATES_DIR
+        if self.state.done("gates"):
+            try:
+                gates = load_gates(folder, self.model)
+                record = read_json(folder / GATES_FILE)
+            except GateError:
+                pass  # damaged: train again (the samples' targets are still reused)
+            else:
+                _say(self.progress, f"gates: reusing {folder}")
+                self.resumed.add("gates")
+                return GateStage(gates, _gate_losses(record))
+        self.state.mark("gates", done=False)
+        s = self.settings
+        samples = self.calibration_samples()
+        count = sum(len(v) for v in samples.values())
+        _say(self.progress, f"gates: training one gate per layer on {count} calibration sample(s)")
+        trained = train_gates(
+            self.model,
+            samples,
+            GateSettings(block_size=s.block_size, gate_dim=s.gate_dim, steps=s.gate_steps, seed=s.seed),
+            work_dir=self.state.root / GATE_SAMPLES_DIR,
+            progress=self.progress,
+        )
+        path = save_gates(trained, folder, force=True)
+        self.state.mark("gates", done=True)
+        _say(self.progress, f"gates: KL per row {trained.initial_loss:.4f} -> {trained.losses[-1]:.4f}")
+        return GateStage(trained.gates, _gate_losses(read_json(path)))
+
+    def search_stage(self, profile: Profile, record: Mapping[str, Any], gates: GateStage | None = None):
         from moa_compress.search import search_plan
 
-        path = self.state.root / "search.json"
+        path = self.state.root / SEARCH_FILE
         if self.state.done("search") and path.exists():
             try:
                 result = load_search_stage(path)
@@ -440,6 +527,9 @@ class _Context:
             s.budget,
             extend_lengths=s.extend_lengths,
             per_head=s.per_head,
+            rules=s.rules,
+            gates=gates.gates if gates is not None else None,
+            gate_samples=calibration_maps(self.state.root, profile) if gates is not None else None,
             min_span=s.min_span,
             cost=s.cost,
             pareto_size=s.pareto_size,
@@ -457,14 +547,18 @@ class _Context:
         s = self.settings
         lengths = list(profile.lengths)
         path = self.state.root / "validation.json"
+        names = sorted(result.alternatives)
         shape = {"lengths": lengths, "samples": s.validation_samples, "points": len(result.points)}
         record = read_json(path) if self.state.recorded.get("validate") else None
-        if not isinstance(record, dict) or any(record.get(k) != v for k, v in shape.items()):
+        if (
+            not isinstance(record, dict)
+            or any(record.get(k) != v for k, v in shape.items())
+            or sorted(record.get("alternatives", {})) != names
+        ):
             record = {**shape, "seed": s.seed + VALIDATION_SEED_OFFSET, "loss": {}}
         losses: dict[str, float] = record["loss"]  # "<variant>@<length>" -> answer loss
-        if self.state.done("validate") and all(
-            f"{name}@{n}" in losses for name in ("uniform", "fallback") for n in lengths
-        ):
+        variants = ("uniform", "fallback", *names)
+        if self.state.done("validate") and all(f"{name}@{n}" in losses for name in variants for n in lengths):
             _say(self.progress, f"validate: reusing {path}")
             self.resumed.add("validate")
         self.state.mark("validate", done=False)
@@ -502,11 +596,26 @@ class _Context:
         }
         for n in lengths:
             measure("fallback", self.fallback, n, f"uniform within the budget ({record['fallback']['rule']})")
+        # The optima of static rules alone and of gate rules alone: a mix must beat both to be written.
+        # One that is also a Pareto plan shares that plan's losses instead of being run again.
+        record["alternatives"] = {}
+        for name in names:
+            plan = result.alternatives[name].plan
+            same = next((i for i, p in enumerate(result.points) if p.plan.rules == plan.rules), None)
+            record["alternatives"][name] = {"same_as_point": same}
+            for n in lengths:
+                if same is not None:
+                    losses.setdefault(f"{name}@{n}", losses[f"plan-{same}@{n}"])
+                measure(name, plan, n, f"the {name} optimum")
         atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
         self.state.mark("validate", done=True)
-        searched = validation_score(losses, f"plan-{best}", lengths)
-        fallback = validation_score(losses, "fallback", lengths)
-        return {**record, "chosen": best, "written": "uniform" if fallback < searched else "searched"}
+        scores = {
+            "searched": validation_score(losses, f"plan-{best}", lengths),
+            "uniform": validation_score(losses, "fallback", lengths),
+            **{name: validation_score(losses, name, lengths) for name in names},
+        }
+        written = min((w for w in WRITTEN if w in scores), key=lambda w: (scores[w], WRITTEN.index(w)))
+        return {**record, "chosen": best, "written": written, "scores": scores}
 
     def fallback_plan(self, result) -> Plan:
         from moa_compress.evaluate import plan_sink_blocks
@@ -553,15 +662,22 @@ def _chosen_plan(result, validation: Mapping[str, Any], fallback: Plan) -> Plan:
     the budget) where that validated better — its Pareto entries carrying their validation losses."""
     from moa_compress.search import with_choice
 
-    index = validation["chosen"]
-    plan = with_choice(result, index) if validation["written"] == "searched" else fallback
+    index, written = validation["chosen"], validation["written"]
+    if written == "searched":
+        plan = with_choice(result, index)
+    elif written == "uniform":
+        plan = fallback
+    else:
+        plan = result.alternatives[written].plan
     record = json.loads(json.dumps(dict(plan.provenance)))
     losses, lengths = validation["loss"], validation["lengths"]
     for i, entry in enumerate(record.get("pareto", [])):
         entry["validation_score"] = validation_score(losses, f"plan-{i}", lengths)
         entry["chosen"] = entry.get("chosen", False) and validation["written"] == "searched"
     record["validation"] = {
-        "written": validation["written"],
+        "written": written,
+        "why": _why(validation),
+        "scores": validation["scores"],
         "fallback": {**validation["fallback"], "score": validation_score(losses, "fallback", lengths)},
         "lengths": lengths,
         "samples": validation["samples"],
@@ -584,12 +700,32 @@ def _chosen_plan(result, validation: Mapping[str, Any], fallback: Plan) -> Plan:
 # Summary
 
 
+_LABELS = {
+    "searched": "the best searched plan",
+    "uniform": "the uniform plan within the budget",
+    "static-only": "the static-only optimum",
+    "gate-only": "the gate-only optimum",
+}
+
+
+def _why(validation: Mapping[str, Any]) -> str:
+    """One sentence: which validated candidate was written and what it beat (scores: loss vs dense)."""
+    scores, written = validation["scores"], validation["written"]
+    others = ", ".join(
+        f"{_LABELS[name]} {_relative(score, 1.0)}" for name, score in scores.items() if name != written
+    )
+    return (
+        f"{_LABELS[written]} validated best ({_relative(scores[written], 1.0)} held-out answer loss vs "
+        f"dense; {others})"
+    )
+
+
 def _summary(
-    settings, profile, result, validation, written, results, seconds, command, work, eval_source
+    settings, profile, result, validation, written, results, seconds, command, work, eval_source, gates=None
 ) -> dict[str, Any]:
     index = validation["chosen"]
-    point = result.points[index]
-    searched = validation["written"] == "searched"
+    kind = validation["written"]
+    point = result.points[index] if kind in ("searched", "uniform") else result.alternatives[kind]
     losses, lengths = validation["loss"], validation["lengths"]
 
     def per_length(name: str) -> dict[str, float]:
@@ -619,10 +755,13 @@ def _summary(
         "lengths": list(result.lengths),
         "profiled_lengths": list(profile.lengths),
         "profile_samples": {str(n): profile.samples[n] for n in profile.lengths},
+        "rules": list(settings.rules),
+        "gates": None if gates is None else gates.losses,
         "chosen": index,
-        "written": validation["written"],
+        "written": kind,
+        "why": _why(validation),
         "density": {str(n): written.density(n) for n in result.lengths},
-        "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()} if searched else {},
+        "predicted_cost": {} if kind == "uniform" else {str(n): c for n, c in point.predicted_cost.items()},
         "validation": {
             "lengths": lengths,
             "samples": validation["samples"],
@@ -651,6 +790,16 @@ def _summary(
                 }
                 for i, p in enumerate(result.points)
             ],
+            "alternatives": {
+                name: {
+                    "loss": per_length(name),
+                    "score": validation_score(losses, name, lengths),
+                    "mean_predicted_cost": alternative.mean_cost,
+                    "density": {str(n): d for n, d in alternative.density.items()},
+                    "same_as_point": validation["alternatives"][name]["same_as_point"],
+                }
+                for name, alternative in result.alternatives.items()
+            },
         },
         "eval": closing_eval,
         "seconds": seconds,
@@ -671,46 +820,67 @@ def _relative(value: float, base: float) -> str:
 
 def summary_table(summary: Mapping[str, Any]) -> str:
     """The closing table: budget; density at each target length; predicted cost; validation losses of
-    dense, the uniform baseline at the same density and the chosen plan; eval perplexities."""
+    dense, the uniform baseline at the same density, the candidates and the written plan; eval
+    perplexities. Reads schema 3 summaries too."""
     v = summary["validation"]
+    written = summary["written"]
+    alternatives = v.get("alternatives", {})
     basis = (
         f"held-out answer loss relative to dense, mean over {len(v['lengths'])} length(s), "
         f"{v['samples']} sample(s) each"
     )
-    if summary["written"] == "uniform":
+    if written == "uniform":
         headline = (
             f"budget {summary['budget']:g}: wrote the uniform plan ({v['fallback']['rule']} for every head), "
             f"not a searched one: it validated better than all {len(v['points'])} Pareto plans ({basis}: "
             f"{_relative(v['fallback']['score'], 1.0)} vs the best searched plan's {_relative(v['score'], 1.0)})"
         )
+    elif written in alternatives:
+        headline = (
+            f"budget {summary['budget']:g}: wrote {_LABELS[written]}, not a mixed Pareto plan: it validated "
+            f"better than all {len(v['points'])} Pareto plans ({basis}: "
+            f"{_relative(alternatives[written]['score'], 1.0)} vs the best searched plan's "
+            f"{_relative(v['score'], 1.0)})"
+        )
     else:
         headline = f"budget {summary['budget']:g}: chose Pareto plan {summary['chosen']} of {len(v['points'])} (lowest {basis})"
-    lines = [headline, "", f"{'length':>8}  {'density':>8}  {'predicted cost':>14}"]
+    lines = [headline]
+    if summary.get("why"):
+        lines.append(f"why: {summary['why']}")
+    lines += ["", f"{'length':>8}  {'density':>8}  {'predicted cost':>14}"]
     for n, d in summary["density"].items():
         cost = summary["predicted_cost"].get(n)
-        missing = "(extended)" if summary["written"] == "searched" else "(uniform)"
+        missing = "(uniform)" if written == "uniform" else "(extended)"
         lines.append(f"{n:>8}  {d:>8.4f}  {missing if cost is None else f'{cost:.4f}':>14}")
     lengths = [str(n) for n in v["lengths"]]
     densities = ", ".join(f"{v['uniform']['density'][n]:.3f}" for n in lengths)
+
+    def row(label: str, loss: Mapping[str, float], score: float | None = None) -> str:
+        tail = "" if score is None else f"{_relative(score, 1.0):>10}"
+        return f"{label:<24}" + "".join(f"{loss[n]:>10.4f}" for n in lengths) + tail
+
     lines += [
         "",
         f"{'validation answer loss':<24}" + "".join(f"{n:>10}" for n in lengths) + f"{'vs dense':>10}",
-        f"{'dense':<24}" + "".join(f"{v['dense'][n]:>10.4f}" for n in lengths),
-        f"{'uniform':<24}"
-        + "".join(f"{v['uniform']['loss'][n]:>10.4f}" for n in lengths)
-        + f"{_relative(v['uniform']['score'], 1.0):>10}",
-        f"{'uniform within budget':<24}"
-        + "".join(f"{v['fallback']['loss'][n]:>10.4f}" for n in lengths)
-        + f"{_relative(v['fallback']['score'], 1.0):>10}",
-        f"{'best searched plan':<24}"
-        + "".join(f"{v['plan'][n]:>10.4f}" for n in lengths)
-        + f"{_relative(v['score'], 1.0):>10}",
+        row("dense", v["dense"]),
+        row("uniform", v["uniform"]["loss"], v["uniform"]["score"]),
+        row("uniform within budget", v["fallback"]["loss"], v["fallback"]["score"]),
+        row("best searched plan", v["plan"], v["score"]),
+        *(row(f"{name} optimum", alt["loss"], alt["score"]) for name, alt in alternatives.items()),
         f"(uniform at density {densities}; vs dense: mean over lengths of the loss ratio)",
     ]
     if v["uniform"]["score"] < v["score"]:
         lines.append("note: the uniform baseline beats every searched plan on the held-out samples")
-    if summary["written"] == "uniform":
+    if written == "uniform":
         lines.append("the uniform plan within the budget was written (plan.json); eval rows are for it")
+    elif written in alternatives:
+        lines.append(f"{_LABELS[written]} was written (plan.json); eval rows are for it")
+    gates = summary.get("gates")
+    if gates:
+        lines.append(
+            f"gates: KL per query-block row {gates['initial']:.4f} -> {gates['final']:.4f} "
+            f"after {gates['steps']} steps"
+        )
     ppl = summary["eval"].get("ppl", {})
     if "skipped" in summary["eval"]:
         lines += ["", f"eval skipped: {summary['eval']['skipped']}"]
@@ -724,11 +894,16 @@ def summary_table(summary: Mapping[str, Any]) -> str:
 
 
 def load_summary(out_dir: str | Path) -> dict[str, Any]:
-    """Read ``compress.json`` from a finished run's folder."""
+    """Read ``compress.json`` from a finished run's folder (schema 3 or 4; a schema 3 summary reads as
+    one with static and dense rules, no gates and no alternatives)."""
     path = Path(out_dir) / SUMMARY_FILE
     data = read_json(path)
-    if not isinstance(data, dict) or data.get("schema_version") != SUMMARY_SCHEMA_VERSION:
+    if not isinstance(data, dict) or data.get("schema_version") not in READABLE_SUMMARY_VERSIONS:
         raise CompressError(f"{path} is missing or not a compress summary")
+    if data["schema_version"] == 3:
+        data.setdefault("rules", ["static", "dense"])
+        data.setdefault("gates", None)
+        data["validation"].setdefault("alternatives", {})
     return data
 
 
@@ -737,6 +912,7 @@ __all__ = [
     "CompressError",
     "CompressResult",
     "CompressSettings",
+    "GateStage",
     "StaleWorkError",
     "check_inputs",
     "compress",

@@ -1,17 +1,22 @@
 """Search: choose one rule per KV group (or query head) under a density budget at every length.
 
-Every group picks one candidate rule: ``dense``, or ``sink_blocks`` sink blocks plus a band of span
-``S(N) = alpha + beta * N`` tokens (a grid of ``alpha`` and ``beta``). The cost of a rule at a profiled
-length ``N`` is the influence it throws away: the sum of the profile's ``|E|`` over the causal blocks
-its mask drops, divided by the whole model's causal influence at ``N`` (so costs are fractions that
-compare across lengths). The constraint is the plan's density (exactly :meth:`Plan.density`) at every
-target length: the profiled ones plus ``extend_lengths``, where rules are extrapolated and only their
-density counts.
+Every group picks one candidate rule of the kinds asked for (``rules``: ``static``, ``gate``,
+``dense``): ``dense``; ``sink_blocks`` sink blocks plus a band of span ``S(N) = alpha + beta * N``
+tokens (a grid of ``alpha`` and ``beta``); or a learned gate that keeps a fixed number of blocks per
+row at a grid of target densities (:class:`GateRule`). The cost of a rule at a profiled length ``N`` is
+the influence it throws away: the profile's per-block measure summed over the causal blocks it drops
+(for a gate: the blocks its selection drops on each calibration sample, see :func:`gate_costs`),
+divided by the whole model's causal influence at ``N`` (so costs are fractions that compare across
+lengths and across rule kinds). The constraint is the plan's density (exactly :meth:`Plan.density`, exact
+for gate rules too) at every target length: the profiled ones plus ``extend_lengths``, where rules are
+extrapolated and only their density counts.
 
 That is a multiple-choice knapsack with one knapsack row per length, solved as a MILP by HiGHS
 (``scipy.optimize.milp``): one binary per (group, candidate), one-hot per group. Several lengths give
 several objectives; weighted sums of the per-length costs give a Pareto set of plans, each of which is
-checked with :meth:`Plan.density` before it is returned.
+checked with :meth:`Plan.density` before it is returned. With both static and gate candidates the same
+problem is also solved with static rules only and with gate rules only (``alternatives``), so that
+validation can check the mix against either kind alone.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ from moa_compress.errors import UserInputError
 from moa_compress.plan import (
     PLAN_FILE,
     DenseRule,
+    GateRule,
     Plan,
     Rule,
     StaticRule,
@@ -51,6 +57,13 @@ from moa_compress.plan import provenance as make_provenance
 from moa_compress.profile import Profile
 
 PARETO_FILE = "pareto.json"
+# The rule kinds a search may choose from, in the order they are listed back.
+RULE_KINDS = ("static", "gate", "dense")
+# Target densities of the gate candidates (the budget is added): dense enough around typical budgets
+# that a group can trade a little density for a lot of kept influence, sparse enough below them.
+DEFAULT_GATE_TARGETS = (0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 0.9)
+# The restricted problems solved beside the full one when both static and gate rules are allowed.
+ALTERNATIVES = {"static-only": ("static", "dense"), "gate-only": ("gate", "dense")}
 # Band offsets in blocks: fixed windows from one block to a few thousand tokens at block 64, and
 # negative offsets so that bands growing with N (beta > 0) can start narrow at the shortest length.
 DEFAULT_ALPHA_BLOCKS = (-32, -16, -8, -4, -2, -1, 0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -79,6 +92,20 @@ class SearchError(UserInputError):
     """A search that cannot run as asked: a budget out of range or below the smallest plan, bad lengths."""
 
 
+def check_rule_kinds(kinds: Iterable[str], option: str = "rules") -> tuple[str, ...]:
+    """``kinds`` as a tuple in :data:`RULE_KINDS` order, or :class:`SearchError` naming ``option``: an
+    unknown kind, or no sparse kind at all (``dense`` alone cannot meet a budget below 1)."""
+    given = [str(k).strip() for k in kinds]
+    unknown = [k for k in given if k not in RULE_KINDS]
+    if unknown:
+        raise SearchError(f"{option}: unknown rule kind {unknown[0]!r} (known: {', '.join(RULE_KINDS)})")
+    if not {"static", "gate"} & set(given):
+        raise SearchError(
+            f"{option} must include static or gate (dense alone is no compression), got {given}"
+        )
+    return tuple(k for k in RULE_KINDS if k in given)
+
+
 @dataclass(frozen=True)
 class ParetoPoint:
     """One plan of the Pareto set.
@@ -101,10 +128,14 @@ class ParetoPoint:
 @dataclass(frozen=True)
 class SearchResult:
     """Distinct plans, sorted by mean predicted cost (the first is the default choice), and the target
-    lengths (profiled + extended) every plan's density was checked at."""
+    lengths (profiled + extended) every plan's density was checked at. ``alternatives``: the optimum
+    (uniform weights) of the same problem restricted to :data:`ALTERNATIVES`' rule kinds, by name
+    (``"static-only"``, ``"gate-only"``), when the search had both static and gate rules and the
+    restricted problem has a plan within the budget."""
 
     points: list[ParetoPoint]
     lengths: tuple[int, ...]
+    alternatives: dict[str, ParetoPoint] = field(default_factory=dict)
 
 
 def minimum_density(lengths: Sequence[int], block_size: int, sink_blocks: int = 1) -> dict[int, float]:
@@ -250,6 +281,120 @@ def rule_costs(
             lost = heads.reshape(-1, nb * nb) @ dropped.reshape(len(rules), nb * nb).T  # [L*H, R]
         grouped = lost.reshape(-1, size, len(rules)).sum(1)  # [groups, R]
         total = float(influence.sum())
+        costs[n] = (grouped / total).numpy() if total > 0 else np.zeros(tuple(grouped.shape))
+    return costs
+
+
+def gate_candidates(lengths: Sequence[int], block_size: int, targets: Sequence[float]) -> list[GateRule]:
+    """``GateRule(t)`` for every target ``t`` in (0, 1], smallest first, keeping the first of rules that
+    keep the same number of blocks per row at every length and dropping those that keep every block at
+    every length (``dense`` does that)."""
+    everything = tuple(num_blocks(n, block_size) for n in lengths)
+    kept: list[GateRule] = []
+    seen: set[tuple[int, ...]] = {everything}
+    for target in sorted({float(t) for t in targets}):
+        if not 0.0 < target <= 1.0:
+            raise SearchError(f"gate targets must lie in (0, 1], got {target}")
+        rule = GateRule(target)
+        key = tuple(min(rule.blocks_per_row(n, block_size), num_blocks(n, block_size)) for n in lengths)
+        if key not in seen:
+            seen.add(key)
+            kept.append(rule)
+    return kept
+
+
+@dataclass(frozen=True)
+class SampleMaps:
+    """One calibration sample of length ``N``, as the profile and the gates saw it.
+
+    ``maps``: ``"influence"``, ``"mass"`` and ``"net"`` -> float32 ``[layers, query_heads, nB, nB]``, the
+    sample's own block maps (:func:`moa_compress.profile.profile_model` averages them into the profile);
+    ``q_blocks[layer]`` ``[Hq, nB, D]`` and ``k_blocks[layer]`` ``[Hkv, nB, 3·D]``: its pooled pre-RoPE
+    queries and keys, the gates' inputs (:func:`moa_compress.gates.sample_targets`).
+    """
+
+    maps: Mapping[str, torch.Tensor]
+    q_blocks: Sequence[torch.Tensor]
+    k_blocks: Sequence[torch.Tensor]
+
+
+def gate_costs(
+    profile: Profile,
+    gates: Sequence[Any],
+    samples: Mapping[int, Iterable[SampleMaps]],
+    rules: Sequence[GateRule],
+    per_head: bool = False,
+    renormalise: bool = True,
+    cost: str | None = None,
+) -> dict[int, np.ndarray]:
+    """Profiled length -> float64 ``[groups, rules]``: the fraction of the model's causal influence at
+    that length that each group loses with each gate rule, in the unit :func:`rule_costs` charges static
+    rules, so the two compare.
+
+    A gate's blocks depend on the input, so the cost is taken sample by sample: on each calibration
+    sample ``s`` (``samples[N]``, iterated once, in the profile's sample order, ``profile.samples[N]`` of
+    them) the layer's gate (``gates[layer]``, an :class:`moa_compress.gates.AttnGate`) scores the
+    sample's pooled queries and keys, and every query head keeps ``rule.blocks_per_row(N)`` blocks per
+    row (:func:`moa_compress.gates.gate_selections`). The head loses, for each query-block row, the
+    sample's per-block measure (``cost``: ``net`` or ``entry``, see :func:`rule_costs`) summed over the
+    causal blocks it drops, divided (with ``renormalise`` and a profile with attention mass) by the mean
+    mass the row's queries keep on that sample, at least :data:`MIN_KEPT_MASS`. The cost is the mean
+    over samples of that loss summed over rows and the group's heads, divided by the model's total of the
+    same measure in the profile at ``N`` (the mean over samples, as :func:`rule_costs` divides by).
+
+    Batched over heads, rows and rules; loops run over lengths, samples and layers only.
+    """
+    from moa_compress.gates import gate_selections
+
+    model = profile.model
+    size = 1 if per_head else model.num_heads // model.num_kv_heads
+    bs = profile.block_size
+    name = "net" if cost_kind(profile, cost) == "net" else "influence"
+    means = profile.net if name == "net" else profile.influence
+    renormalise = renormalise and bool(profile.mass)
+    heads = model.num_heads
+    per_query = bool(getattr(gates[0], "per_query_head", False)) if len(gates) else False
+    gate_of_head = torch.arange(heads) if per_query else torch.arange(heads) // (heads // model.num_kv_heads)
+    costs: dict[int, np.ndarray] = {}
+    for n in profile.lengths:
+        nb = num_blocks(n, bs)
+        causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+        rows = torch.full((nb,), float(bs), dtype=torch.float64)
+        rows[-1] = n - (nb - 1) * bs  # a ragged last block has fewer rows
+        blocks = torch.tensor([r.blocks_per_row(n, bs) for r in rules], dtype=torch.long)  # [R]
+        # Every rule's selection at once: the query heads repeated once per rule.
+        tiled_blocks = blocks.repeat_interleave(heads)  # [R*H]
+        tiled_gates = gate_of_head.repeat(len(rules))  # [R*H]
+        lost = torch.zeros(model.num_layers, len(rules), heads, dtype=torch.float64)  # [L, R, H]
+        count = 0
+        for sample in samples[n]:
+            count += 1
+            measure, mass = sample.maps[name], sample.maps.get("mass")
+            if tuple(measure.shape) != (model.num_layers, heads, nb, nb):
+                raise SearchError(
+                    f"calibration sample {count} at {n} tokens has maps of shape {list(measure.shape)}, "
+                    f"the profile {[model.num_layers, heads, nb, nb]}"
+                )
+            for layer in range(model.num_layers):
+                with torch.no_grad():
+                    scores = gates[layer](
+                        sample.q_blocks[layer][None].float(), sample.k_blocks[layer][None].float()
+                    )  # [1, Hg, nB, nB]
+                keep = gate_selections(scores, tiled_blocks, tiled_gates)[0].view(len(rules), heads, nb, nb)
+                dropped = (causal & ~keep).double()  # [R, H, nB, nB]
+                values = measure[layer].double() * causal  # [H, nB, nB]
+                per_row = torch.einsum("hqk,rhqk->rhq", values, dropped)  # [R, H, nB]
+                if renormalise:
+                    lost_mass = torch.einsum("hqk,rhqk->rhq", mass[layer].double(), dropped)
+                    per_row = per_row / (1.0 - lost_mass / rows).clamp_(min=MIN_KEPT_MASS)
+                lost[layer] += per_row.sum(-1)
+        if count != profile.samples[n]:
+            raise SearchError(
+                f"gate costs at {n} tokens got {count} calibration samples, the profile averages "
+                f"{profile.samples[n]}"
+            )
+        grouped = lost.permute(0, 2, 1).reshape(-1, size, len(rules)).sum(1) / count  # [groups, R]
+        total = float((means[n].double() * causal).sum())
         costs[n] = (grouped / total).numpy() if total > 0 else np.zeros(tuple(grouped.shape))
     return costs
 
@@ -481,19 +626,35 @@ def _build_plan(
     choice: np.ndarray,
     budget: float,
     lengths: tuple[int, ...],
+    gate_weights: tuple[Any, Mapping[str, torch.Tensor]] | None = None,
 ) -> Plan:
+    """The plan of ``choice`` (a rule index per group). ``gate_weights``: ``(GateConfig, tensors)`` of
+    every layer's gate; a plan with gate rules carries those of the layers that use them."""
     table: list[list[Rule]] = [
         [DenseRule()] * profile.model.num_heads for _ in range(profile.model.num_layers)
     ]
     for (layer, heads), index in zip(groups, choice, strict=True):
         for head in heads:
             table[layer][head] = rules[int(index)]
+    rows = tuple(tuple(row) for row in table)
+    gated = tuple(i for i, heads in enumerate(rows) if any(r.input_dependent for r in heads))
+    gates, tensors = None, {}
+    if gated:
+        config, weights = gate_weights
+        gates = dataclasses.replace(config, layers=gated)
+        tensors = {
+            name: tensor
+            for name, tensor in weights.items()
+            if int(name.split(".")[1]) in gated  # gates.{layer}.{q_proj|k_proj}
+        }
     return Plan(
         model=profile.model,
-        rules=tuple(tuple(row) for row in table),
+        rules=rows,
         block_size=profile.block_size,
         budget=budget,
         lengths=lengths,
+        tensors=tensors,
+        gates=gates,
     )
 
 
@@ -503,6 +664,10 @@ def search_plan(
     *,
     extend_lengths: Sequence[int] = (),
     per_head: bool = False,
+    rules: Sequence[str] | None = None,
+    gates: Sequence[Any] | None = None,
+    gate_samples: Mapping[int, Iterable[SampleMaps]] | None = None,
+    gate_targets: Sequence[float] | None = None,
     alphas: Sequence[float] | None = None,
     betas: Sequence[float] | None = None,
     sink_blocks: int = 1,
@@ -517,16 +682,22 @@ def search_plan(
 ) -> SearchResult:
     """Pareto set of plans with density <= ``budget`` at every profiled and extended length.
 
-    ``alphas`` in tokens (default: :data:`DEFAULT_ALPHA_BLOCKS` times the block size), ``betas`` in
-    [0, 1] (default: steps of 1/8). One rule per KV group, or per query head with ``per_head``.
-    ``pareto_size`` weight vectors over the profiled lengths' costs are solved, each to within
-    ``mip_gap`` (relative) of its optimum (0: exactly), all together in about ``time_limit`` seconds at
-    most; distinct plans are returned sorted by mean predicted cost. ``renormalise``: charge each rule
-    for the row renormalisation its whole dropped set causes (see :func:`rule_costs`). ``min_span``:
-    the narrowest band (tokens, at every target length) a static rule may keep; None picks
-    :func:`default_min_span`, 0 allows any. ``cost``: the per-block measure (see :func:`rule_costs`;
-    default :func:`cost_kind`). ``provenance`` is the base of each plan's provenance
-    (default: tool and time).
+    ``rules``: the rule kinds to choose from (:data:`RULE_KINDS`; default all three with ``gates``,
+    else static and dense). Gate candidates need ``gates`` (one trained
+    :class:`moa_compress.gates.AttnGate` per layer) and ``gate_samples`` (the profile's calibration
+    samples, see :func:`gate_costs`); ``gate_targets`` are their target densities (default
+    :data:`DEFAULT_GATE_TARGETS` plus the budget). Plans with gate rules carry the gates of the layers
+    that use them. ``alphas`` in tokens (default: :data:`DEFAULT_ALPHA_BLOCKS` times the block size),
+    ``betas`` in [0, 1] (default: steps of 1/8). One rule per KV group, or per query head with
+    ``per_head``. ``pareto_size`` weight vectors over the profiled lengths' costs are solved, each to
+    within ``mip_gap`` (relative) of its optimum (0: exactly), all together in about ``time_limit``
+    seconds at most; distinct plans are returned sorted by mean predicted cost. With static and gate
+    rules, the uniformly weighted problem is also solved with each kind alone (plus dense), giving
+    :attr:`SearchResult.alternatives`. ``renormalise``: charge each rule for the row renormalisation its
+    whole dropped set causes (see :func:`rule_costs`). ``min_span``: the narrowest band (tokens, at every
+    target length) a static rule may keep; None picks :func:`default_min_span`, 0 allows any. ``cost``:
+    the per-block measure (see :func:`rule_costs`; default :func:`cost_kind`). ``provenance`` is the
+    base of each plan's provenance (default: tool and time).
     """
     from moa_compress.data import progress_steps
 
@@ -540,6 +711,17 @@ def search_plan(
         raise SearchError(f"pareto_size must be at least 1, got {pareto_size}")
     if not mip_gap >= 0.0 or not time_limit > 0.0:
         raise SearchError(f"mip_gap must be >= 0 and time_limit > 0, got {mip_gap} and {time_limit}")
+    kinds = check_rule_kinds(
+        rules if rules is not None else RULE_KINDS if gates is not None else ("static", "dense")
+    )
+    if "gate" in kinds and (gates is None or gate_samples is None):
+        raise SearchError(
+            "gate rules need the trained gates and the calibration samples' maps (gate_samples)"
+        )
+    if "gate" in kinds and len(gates) != profile.model.num_layers:
+        raise SearchError(
+            f"gate rules need one gate per layer ({profile.model.num_layers}), got {len(gates)}"
+        )
     cost = cost_kind(profile, cost)
     block = profile.block_size
     alphas = [a * block for a in DEFAULT_ALPHA_BLOCKS] if alphas is None else list(alphas)
@@ -548,6 +730,7 @@ def search_plan(
         raise SearchError(f"alphas must be finite numbers of tokens, got {alphas}")
     if not betas or not all(0.0 <= b <= 1.0 for b in betas):
         raise SearchError(f"betas must lie in [0, 1], got {betas}")
+    targets = sorted({*(DEFAULT_GATE_TARGETS if gate_targets is None else gate_targets), float(budget)})
     profiled = profile.lengths
     lengths = tuple(sorted(set(profiled) | {int(n) for n in extend_lengths}))
     smallest = minimum_density(lengths, block, sink_blocks)
@@ -561,7 +744,7 @@ def search_plan(
         min_span = default_min_span(budget, lengths, block, sink_blocks)
     if not math.isfinite(min_span) or min_span < 0:
         raise SearchError(f"min_span must be a number of tokens >= 0, got {min_span}")
-    if budget < 1.0 and min_span > 0:
+    if budget < 1.0 and min_span > 0 and "gate" not in kinds:  # gates reach the smallest plan
         floor = StaticRule(sink_blocks, float(min_span), 0.0)
         over = [(n, d) for n in lengths if (d := rule_density(floor, n, block)) > budget]
         if over:
@@ -572,49 +755,95 @@ def search_plan(
             )
     groups = _groups(profile, per_head)
     rows = np.arange(len(groups))
+    gate_weights = None
+    if "gate" in kinds:
+        from moa_compress.gates import gates_to_plan_tensors
+
+        gate_weights = gates_to_plan_tensors(gates, range(profile.model.num_layers))
 
     solutions: list[tuple[dict[int, float], _Solution]] = []
-    if budget >= 1.0:  # nothing to trade: every head dense, nothing lost
-        rules: list[Rule] = [DenseRule()]
+    alternative_solutions: dict[str, tuple[dict[int, float], _Solution]] = {}
+    if budget >= 1.0 and "dense" in kinds:  # nothing to trade: every head dense, nothing lost
+        candidates: list[Rule] = [DenseRule()]
         costs = {n: np.zeros((len(groups), 1)) for n in profiled}
         solutions.append(
             (pareto_weights(profiled, 1)[0], _Solution(np.zeros(len(groups), int), 0.0, 0.0, True))
         )
     else:
-        rules = [
-            r
-            for r in candidate_rules(lengths, block, alphas, betas, sink_blocks)
-            if isinstance(r, DenseRule) or all(r.span(n) >= min_span for n in lengths)
-        ]
-        costs = rule_costs(profile, rules, per_head, renormalise, cost)
-        densities = np.array([[rule_density(r, n, block) for r in rules] for n in lengths])  # [T, R]
+        candidates = []
+        if "dense" in kinds:
+            candidates.append(DenseRule())
+        if "static" in kinds:
+            candidates += [
+                r
+                for r in candidate_rules(lengths, block, alphas, betas, sink_blocks)
+                if not isinstance(r, DenseRule) and all(r.span(n) >= min_span for n in lengths)
+            ]
+        costs = rule_costs(profile, candidates, per_head, renormalise, cost) if candidates else {}
+        if "gate" in kinds:
+            gate_rules = gate_candidates(lengths, block, targets)
+            extra = gate_costs(profile, gates, gate_samples, gate_rules, per_head, renormalise, cost)
+            candidates += gate_rules
+            costs = {
+                n: np.concatenate([costs[n], extra[n]], axis=1) if n in costs else extra[n] for n in profiled
+            }
+        densities = np.array([[rule_density(r, n, block) for r in candidates] for n in lengths])  # [T, R]
         sizes = np.array([len(heads) for _, heads in groups], dtype=np.float64)  # [groups]
         total_heads = profile.model.num_layers * profile.model.num_heads
         shares = densities[:, None, :] * sizes[None, :, None] / total_heads  # [T, groups, R]
         weight_list = pareto_weights(profiled, pareto_size)
-        with progress_steps(progress, len(weight_list), "search") as step:
+
+        def solve(weights: Mapping[int, float], columns: np.ndarray, limit: float) -> _Solution:
+            """The weighted problem over the candidate ``columns`` only; choices index all candidates."""
+            objective = sum(w * costs[n][:, columns] for n, w in weights.items())  # [groups, R']
+            subset = [candidates[int(c)] for c in columns]
+
+            def check(choice: np.ndarray) -> dict[int, float]:
+                plan = _build_plan(profile, groups, subset, choice, budget, lengths, gate_weights)
+                return {n: plan.density(n) for n in lengths}
+
+            solved = _solve_within_budget(objective, shares[:, :, columns], budget, check, mip_gap, limit)
+            return dataclasses.replace(solved, choice=columns[solved.choice])
+
+        restricted = {}
+        if {"static", "gate"} <= set(kinds):
+            restricted = {
+                name: np.flatnonzero([r.kind in allowed for r in candidates])
+                for name, allowed in ALTERNATIVES.items()
+            }
+        everything = np.arange(len(candidates))
+        steps = len(weight_list) + len(restricted)
+        with progress_steps(progress, steps, "search") as step:
             for i, weights in enumerate(weight_list):
-                objective = sum(w * costs[n] for n, w in weights.items())  # [groups, R]
-
-                def check(choice: np.ndarray) -> dict[int, float]:
-                    plan = _build_plan(profile, groups, rules, choice, budget, lengths)
-                    return {n: plan.density(n) for n in lengths}
-
-                solved = _solve_within_budget(
-                    objective, shares, budget, check, mip_gap, time_limit / len(weight_list)
-                )
-                solutions.append((weights, solved))
+                solutions.append((weights, solve(weights, everything, time_limit / steps)))
                 step(f"search: weights {i + 1}/{len(weight_list)}")
+            for name, columns in restricted.items():
+                try:
+                    alternative_solutions[name] = (
+                        weight_list[0],
+                        solve(weight_list[0], columns, time_limit / steps),
+                    )
+                except SearchError:  # that kind alone cannot meet the budget: nothing to compare
+                    pass
+                step(f"search: {name}")
+
+    def plan_of(solved: _Solution) -> Plan:
+        return _build_plan(profile, groups, candidates, solved.choice, budget, lengths, gate_weights)
 
     found: list[tuple[dict[int, float], _Solution, Plan]] = []
     seen: set[tuple] = set()
     for weights, solved in solutions:
-        plan = _build_plan(profile, groups, rules, solved.choice, budget, lengths)
+        plan = plan_of(solved)
         if plan.rules not in seen:
             seen.add(plan.rules)
             found.append((weights, solved, plan))
+    alternatives = [(name, w, s, plan_of(s)) for name, (w, s) in alternative_solutions.items()]
     cost_of = [{n: float(costs[n][rows, s.choice].sum()) for n in profiled} for _, s, _ in found]
     density_of = [{n: plan.density(n) for n in lengths} for _, _, plan in found]
+    for _, _, _, plan in alternatives:
+        density_of_alt = {n: plan.density(n) for n in lengths}
+        if any(d > budget + DENSITY_TOLERANCE for d in density_of_alt.values()):
+            raise RuntimeError(f"search produced a plan over budget {budget}: {density_of_alt}")
     for density in density_of:
         over = {n: d for n, d in density.items() if d > budget + DENSITY_TOLERANCE}
         if over:  # _solve_within_budget rules this out: a plan over budget is a bug, never a result
@@ -631,16 +860,20 @@ def search_plan(
         }
         for i in order
     ]
+    gate_count = sum(isinstance(r, GateRule) for r in candidates)
     settings = {
         "budget": budget,
         "lengths": list(lengths),
         "profiled_lengths": list(profiled),
         "extend_lengths": sorted({int(n) for n in extend_lengths}),
         "per_head": per_head,
+        "rules": list(kinds),
         "sink_blocks": sink_blocks,
         "alphas": [float(a) for a in alphas],
         "betas": [float(b) for b in betas],
-        "candidates": len(rules),
+        **({"gate_targets": targets} if "gate" in kinds else {}),
+        "candidates": len(candidates),
+        "gate_candidates": gate_count,
         "pareto_size": pareto_size,
         "mip_gap": mip_gap,
         "cost": cost + (", renormalised" if renormalise and profile.mass else ", additive"),
@@ -654,32 +887,38 @@ def search_plan(
     }
     profile_record["samples"] = {str(n): profile.samples[n] for n in profiled}
     base = dict(provenance) if provenance is not None else make_provenance()
-    points = []
-    for i in order:
-        weights, solved, plan = found[i]
+
+    def point(weights, solved: _Solution, plan: Plan, restricted_to: str | None = None) -> ParetoPoint:
+        predicted = {n: float(costs[n][rows, solved.choice].sum()) for n in profiled}
+        search_record = {
+            **settings,
+            "weights": {str(n): w for n, w in weights.items()},
+            # Proven relative distance of this plan's objective from the optimum.
+            "gap": 0.0 if solved.cost <= solved.bound else (solved.cost - solved.bound) / solved.cost,
+            "optimal": solved.optimal,
+        }
+        if restricted_to is not None:
+            search_record["restricted_to"] = restricted_to
         record = {
             **base,
             "method": "search",
-            "search": {
-                **settings,
-                "weights": {str(n): w for n, w in weights.items()},
-                # Proven relative distance of this plan's objective from the optimum.
-                "gap": 0.0 if solved.cost <= solved.bound else (solved.cost - solved.bound) / solved.cost,
-                "optimal": solved.optimal,
-            },
+            "search": search_record,
             "profile": profile_record,
-            "predicted_cost": pareto[len(points)]["predicted_cost"],
+            "predicted_cost": {str(n): c for n, c in predicted.items()},
             "pareto": pareto,
         }
-        points.append(
-            ParetoPoint(
-                plan=dataclasses.replace(plan, provenance=json.loads(json.dumps(record))),
-                weights=weights,
-                predicted_cost=cost_of[i],
-                density=density_of[i],
-            )
+        return ParetoPoint(
+            plan=dataclasses.replace(plan, provenance=json.loads(json.dumps(record))),
+            weights=dict(weights),
+            predicted_cost=predicted,
+            density={n: plan.density(n) for n in lengths},
         )
-    return SearchResult(points=points, lengths=lengths)
+
+    return SearchResult(
+        points=[point(*found[i]) for i in order],
+        lengths=lengths,
+        alternatives={name: point(w, s, plan, name) for name, w, s, plan in alternatives},
+    )
 
 
 def _solve_within_budget(
@@ -734,26 +973,28 @@ def rule_counts(plan: Plan) -> dict[str, int]:
 
 
 def search_summary(result: SearchResult, chosen: int | None = None) -> dict[str, Any]:
-    """JSON-ready description of every point: density per target length, predicted cost per profiled
-    length, mean cost, weights and rule counts."""
+    """JSON-ready description of every point (and of each alternative, by name): density per target
+    length, predicted cost per profiled length, mean cost, weights and rule counts."""
     first = result.points[0].plan
+
+    def describe(point: ParetoPoint) -> dict[str, Any]:
+        return {
+            "density": {str(n): d for n, d in point.density.items()},
+            "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()},
+            "mean_cost": point.mean_cost,
+            "weights": {str(n): w for n, w in point.weights.items()},
+            "rules": rule_counts(point.plan),
+        }
+
     return {
         "budget": first.budget,
         "lengths": list(result.lengths),
         "search": first.provenance.get("search", {}),
         "chosen": chosen,
         "points": [
-            {
-                "index": i,
-                "chosen": i == chosen,
-                "density": {str(n): d for n, d in point.density.items()},
-                "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()},
-                "mean_cost": point.mean_cost,
-                "weights": {str(n): w for n, w in point.weights.items()},
-                "rules": rule_counts(point.plan),
-            }
-            for i, point in enumerate(result.points)
+            {"index": i, "chosen": i == chosen, **describe(point)} for i, point in enumerate(result.points)
         ],
+        "alternatives": {name: describe(point) for name, point in result.alternatives.items()},
     }
 
 
@@ -773,14 +1014,21 @@ def save_search(result: SearchResult, out_dir: str | Path, index: int = 0, force
 
 
 __all__ = [
+    "ALTERNATIVES",
     "DEFAULT_ALPHA_BLOCKS",
     "DEFAULT_BETAS",
+    "DEFAULT_GATE_TARGETS",
     "PARETO_FILE",
+    "RULE_KINDS",
     "ParetoPoint",
+    "SampleMaps",
     "SearchError",
     "SearchResult",
     "candidate_rules",
+    "check_rule_kinds",
     "default_min_span",
+    "gate_candidates",
+    "gate_costs",
     "minimum_density",
     "pareto_weights",
     "rule_costs",

@@ -24,6 +24,9 @@ class CompressSettings:
     ``lengths``: profiled (and validated, evaluated) lengths, sorted; ``samples``: calibration samples at
     each of them (one count per length, same order; an int means the same count everywhere).
     ``extend_lengths``: longer lengths the plan's density must also hold at (extrapolated rules).
+    ``rules``: the rule kinds the search chooses from (``static``, ``gate``, ``dense``; at least one of
+    the first two); with ``gate`` a gates stage trains one gate per layer (``gate_dim``, ``gate_steps``
+    AdamW steps) on the calibration samples.
     ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
     ``cost``: the search's per-block measure (``"net"`` or ``"entry"``; None: the search's default).
     ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
@@ -46,6 +49,9 @@ class CompressSettings:
     answer_tokens: int = 32
     extend_lengths: tuple[int, ...] = ()
     per_head: bool = False
+    rules: tuple[str, ...] = ("static", "gate", "dense")
+    gate_dim: int = 64
+    gate_steps: int = 300
     min_span: float | None = None
     cost: str | None = None
     pareto_size: int = 7
@@ -70,6 +76,7 @@ class CompressSettings:
         object.__setattr__(self, "lengths", tuple(n for n, _ in pairs))
         object.__setattr__(self, "samples", tuple(k for _, k in pairs))
         object.__setattr__(self, "extend_lengths", tuple(sorted({int(n) for n in self.extend_lengths})))
+        object.__setattr__(self, "rules", tuple(self.rules))
         if self.data is not None:
             object.__setattr__(self, "data", str(self.data))
         if self.eval_data is not None:
@@ -83,11 +90,22 @@ class CompressSettings:
     def samples_per_length(self) -> dict[int, int]:
         return dict(zip(self.lengths, self.samples, strict=True))
 
-    def check(self) -> None:
-        """Raise :class:`CompressError` for settings that are wrong whatever the model."""
+    def check(self, profile: Profile | None = None) -> None:
+        """Raise :class:`CompressError` for settings that are wrong whatever the model (and, given the
+        ``profile`` a user passed in, for what it cannot do)."""
         from moa_compress.data import MODES
         from moa_compress.models import DTYPES
-        from moa_compress.search import COSTS
+        from moa_compress.search import COSTS, SearchError, check_rule_kinds
+
+        try:
+            check_rule_kinds(self.rules, "--rules")
+        except SearchError as exc:
+            raise CompressError(str(exc)) from None
+        if profile is not None and "gate" in self.rules:
+            raise CompressError(
+                "gate rules are costed on the calibration samples' own maps, which --profile does not hold; "
+                "drop --profile, or pass --rules static,dense"
+            )
 
         if not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
             raise CompressError(f"--budget must be in (0, 1], got {self.budget}")
@@ -103,7 +121,17 @@ class CompressSettings:
             raise CompressError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
         if self.dtype not in DTYPES:
             raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("pareto_size", "validation_samples", "eval_limit", "answer_tokens", "block_size"):
+        if self.gate_dim < 2 or self.gate_dim % 2:
+            raise CompressError(f"gate_dim must be a positive even number, got {self.gate_dim}")
+        names = (
+            "pareto_size",
+            "validation_samples",
+            "eval_limit",
+            "answer_tokens",
+            "block_size",
+            "gate_steps",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise CompressError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -117,6 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pareto_size": 7,
         "validation_samples": 1,
         "eval_limit": 2,
+        "gate_steps": 300,
     },
     "fast": {
         "lengths": (1024, 2048),
@@ -124,6 +153,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pareto_size": 3,
         "validation_samples": 1,
         "eval_limit": 1,
+        "gate_steps": 100,
     },
 }
 

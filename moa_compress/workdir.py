@@ -5,7 +5,10 @@ Layout (default ``OUT/work``)::
     manifest.json      the settings each stage was made with, and whether it finished
     profile-samples/   profile_model's pooled map of each calibration sample, saved as it finishes
     profile/           the finished profile (profile.json + profile.safetensors)
-    search.json        the Pareto set: every plan with its weights, predicted costs and densities
+    gates-samples/     train_gates' pooled Q/K and targets of each calibration sample (with gate rules)
+    gates/             the trained gates (gates.json + gates.safetensors)
+    search.json        the Pareto set: every plan with its weights, predicted costs and densities, and
+                       the static-only / gate-only optima (search.safetensors: their gate weights)
     validation.json    the answer loss of each variant, saved after each one
 
 A setting that changes a stage already started raises :class:`StaleWorkError` naming it; ``force``
@@ -16,17 +19,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from moa_compress.plan import Plan, atomic_write_bytes
+import torch
+
+from moa_compress.plan import Plan, PlanError, atomic_write_bytes
 from moa_compress.profile import Profile
+from moa_compress.search import SampleMaps
 from moa_compress.settings import CompressError, CompressSettings
 
 WORK_FORMAT = "moa-compress-work"
 MANIFEST_FILE = "manifest.json"
-STAGES = ("profile", "search", "validate")
+STAGES = ("profile", "gates", "search", "validate")
+SEARCH_FILE = "search.json"
+SEARCH_TENSORS = "search.safetensors"
+GATES_DIR = "gates"
+GATE_SAMPLES_DIR = "gates-samples"
+PROFILE_SAMPLES_DIR = "profile-samples"
 
 
 class StaleWorkError(CompressError):
@@ -34,7 +45,11 @@ class StaleWorkError(CompressError):
 
 
 class WorkFolder:
-    """The work folder's manifest: per stage, the settings it was made with and whether it finished."""
+    """The work folder's manifest: per stage, the settings it was made with and whether it finished.
+
+    ``stages`` holds this run's stages only (a run without gate rules has no ``gates`` stage); a
+    recorded stage this run does not use is left as it is, for a later run that does.
+    """
 
     def __init__(self, root: Path, stages: Mapping[str, Mapping[str, Any]]):
         self.root = root
@@ -47,8 +62,9 @@ class WorkFolder:
 
     def files(self, stage: str) -> list[Path]:
         return {
-            "profile": [self.root / "profile-samples", self.root / "profile"],
-            "search": [self.root / "search.json"],
+            "profile": [self.root / PROFILE_SAMPLES_DIR, self.root / "profile"],
+            "gates": [self.root / GATE_SAMPLES_DIR, self.root / GATES_DIR],
+            "search": [self.root / SEARCH_FILE, self.root / SEARCH_TENSORS],
             "validate": [self.root / "validation.json"],
         }[stage]
 
@@ -71,7 +87,8 @@ class WorkFolder:
                 raise StaleWorkError(f"{self.manifest} is not a moa-compress work manifest; pass --force")
             return self._discard(STAGES)
         self.recorded = data.get("stages", {})
-        for i, stage in enumerate(STAGES):
+        used = [stage for stage in STAGES if stage in self.stages]
+        for i, stage in enumerate(used):
             old = self.recorded.get(stage)
             if old is None or old.get("settings") == self.stages[stage]:
                 continue
@@ -79,7 +96,7 @@ class WorkFolder:
                 raise StaleWorkError(
                     _stale_message(self.root, stage, old.get("settings", {}), self.stages[stage])
                 )
-            return self._discard(STAGES[i:])
+            return self._discard(used[i:])
         return []
 
     def _discard(self, stages: Sequence[str]) -> list[str]:
@@ -124,6 +141,9 @@ _SETTING_NAMES = {
     "budget": "--budget",
     "extend_lengths": "--extend-lengths",
     "per_head": "--per-head",
+    "rules": "--rules",
+    "gate_steps": "--gate-steps",
+    "gate_dim": "gate_dim",
     "min_span": "--min-span",
     "cost": "--cost",
     "pareto_size": "pareto_size",
@@ -152,7 +172,8 @@ def _stale_message(root: Path, stage: str, old: Mapping[str, Any], new: Mapping[
 def stage_settings(
     settings: CompressSettings, fingerprint: str, weights: str, profile: Profile | None
 ) -> dict[str, dict[str, Any]]:
-    """Each stage's own inputs (a stage is also stale when an earlier one is)."""
+    """Each stage's own inputs (a stage is also stale when an earlier one is); the ``gates`` stage only
+    when the search may choose gate rules."""
     recipe = {
         "data": settings.data,
         "text_field": settings.text_field if settings.data is not None else None,
@@ -171,22 +192,24 @@ def stage_settings(
         }
     else:
         profiled = {**model, "profile": profile_digest(profile)}
-    return {
-        "profile": profiled,
-        "search": {
-            "budget": settings.budget,
-            "extend_lengths": list(settings.extend_lengths),
-            "per_head": settings.per_head,
-            "min_span": settings.min_span,
-            "cost": settings.cost,
-            "pareto_size": settings.pareto_size,
-        },
-        "validate": {
-            **recipe,
-            "validation_samples": settings.validation_samples,
-            "backend": settings.backend,
-        },
+    stages: dict[str, dict[str, Any]] = {"profile": profiled}
+    if "gate" in settings.rules:
+        stages["gates"] = {"gate_dim": settings.gate_dim, "gate_steps": settings.gate_steps}
+    stages["search"] = {
+        "budget": settings.budget,
+        "extend_lengths": list(settings.extend_lengths),
+        "per_head": settings.per_head,
+        "rules": list(settings.rules),
+        "min_span": settings.min_span,
+        "cost": settings.cost,
+        "pareto_size": settings.pareto_size,
     }
+    stages["validate"] = {
+        **recipe,
+        "validation_samples": settings.validation_samples,
+        "backend": settings.backend,
+    }
+    return stages
 
 
 def profile_digest(profile: Profile) -> str:
@@ -207,44 +230,126 @@ def read_json(path: Path) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
+# The calibration samples' maps, for gate costs
+
+
+def calibration_maps(root: Path, profile: Profile) -> dict[int, Iterator[SampleMaps]]:
+    """Length -> the profile's calibration samples in order, each read when it is reached: its own maps
+    (``profile-samples/N/sample-i``) and its pooled gate inputs (``gates-samples/train/N/sample-i``).
+    A missing or unreadable file is a :class:`CompressError` (rerun with --force)."""
+    from safetensors import SafetensorError, safe_open
+
+    layers = profile.model.num_layers
+
+    def read(n: int) -> Iterator[SampleMaps]:
+        for i in range(profile.samples[n]):
+            maps_path = root / PROFILE_SAMPLES_DIR / str(n) / f"sample-{i:04d}.safetensors"
+            gate_path = root / GATE_SAMPLES_DIR / "train" / str(n) / f"sample-{i:04d}.safetensors"
+            try:
+                with safe_open(str(maps_path), framework="pt") as f:
+                    maps = {name: f.get_tensor(name) for name in ("influence", "mass", "net")}
+                with safe_open(str(gate_path), framework="pt") as f:
+                    q = [f.get_tensor(f"q.{layer}") for layer in range(layers)]
+                    k = [f.get_tensor(f"k.{layer}") for layer in range(layers)]
+            except (OSError, SafetensorError) as exc:
+                raise CompressError(
+                    f"calibration sample {i} at {n} tokens: {maps_path.name} or its gate inputs are missing "
+                    f"or damaged in {root} ({type(exc).__name__}); rerun with --force"
+                ) from None
+            yield SampleMaps(maps, q, k)
+
+    return {n: read(n) for n in profile.lengths}
+
+
+# ----------------------------------------------------------------------------------------------
 # The Pareto set on disk
 
 
+def _tensors_path(path: Path) -> Path:
+    return Path(path).with_suffix(".safetensors")  # search.json -> search.safetensors
+
+
 def save_search_stage(result, path: Path) -> None:
-    """Write a :class:`moa_compress.search.SearchResult` as JSON (plans, weights, costs, densities)."""
+    """Write a :class:`moa_compress.search.SearchResult` as JSON (plans, weights, costs, densities) and
+    the plans' tensors once each (plans of one search share their gates' weights) in
+    ``search.safetensors`` beside it; each plan names its tensors' keys there."""
+    from safetensors.torch import save
+
+    stored: dict[str, torch.Tensor] = {}
+    keys: dict[tuple, str] = {}
+
+    def store(tensor: torch.Tensor) -> str:
+        tensor = tensor.detach().cpu().contiguous()
+        digest = (
+            str(tensor.dtype),
+            tuple(tensor.shape),
+            hashlib.sha256(tensor.numpy().tobytes()).hexdigest(),
+        )
+        if digest not in keys:
+            keys[digest] = f"t{len(keys)}"
+            stored[keys[digest]] = tensor.clone()
+        return keys[digest]
+
+    def entry(point) -> dict[str, Any]:
+        return {
+            "plan": point.plan.to_dict(),
+            "tensors": {name: store(t) for name, t in sorted(point.plan.tensors.items())},
+            "weights": {str(n): w for n, w in point.weights.items()},
+            "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()},
+            "density": {str(n): d for n, d in point.density.items()},
+        }
+
     body = {
         "lengths": list(result.lengths),
-        "points": [
-            {
-                "plan": point.plan.to_dict(),
-                "weights": {str(n): w for n, w in point.weights.items()},
-                "predicted_cost": {str(n): c for n, c in point.predicted_cost.items()},
-                "density": {str(n): d for n, d in point.density.items()},
-            }
-            for point in result.points
-        ],
+        "points": [entry(point) for point in result.points],
+        "alternatives": {name: entry(point) for name, point in result.alternatives.items()},
     }
+    tensors_path = _tensors_path(path)
+    if stored:
+        atomic_write_bytes(tensors_path, save(stored))
+    else:
+        tensors_path.unlink(missing_ok=True)  # an earlier search's, which no plan here names
     atomic_write_bytes(Path(path), (json.dumps(body, indent=1) + "\n").encode())
 
 
 def load_search_stage(path: Path):
-    """Read what :func:`save_search_stage` wrote."""
+    """Read what :func:`save_search_stage` wrote (search results written before plans had tensors have
+    no ``tensors`` entries and no ``alternatives``)."""
     from moa_compress.search import ParetoPoint, SearchResult
 
     data = read_json(Path(path))
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(data, dict) and any(p.get("tensors") for p in _entries(data)):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(_tensors_path(path)))
+        except (OSError, SafetensorError) as exc:
+            raise CompressError(f"{_tensors_path(path)}: missing or damaged ({type(exc).__name__})") from None
+
+    def point(p: Mapping[str, Any]):
+        return ParetoPoint(
+            plan=Plan.from_dict(
+                p["plan"], {name: tensors[key] for name, key in p.get("tensors", {}).items()}
+            ),
+            weights={int(n): float(w) for n, w in p["weights"].items()},
+            predicted_cost={int(n): float(c) for n, c in p["predicted_cost"].items()},
+            density={int(n): float(d) for n, d in p["density"].items()},
+        )
+
     try:
-        points = [
-            ParetoPoint(
-                plan=Plan.from_dict(p["plan"]),
-                weights={int(n): float(w) for n, w in p["weights"].items()},
-                predicted_cost={int(n): float(c) for n, c in p["predicted_cost"].items()},
-                density={int(n): float(d) for n, d in p["density"].items()},
-            )
-            for p in data["points"]
-        ]
+        points = [point(p) for p in data["points"]]
+        alternatives = {str(name): point(p) for name, p in data.get("alternatives", {}).items()}
         lengths = tuple(int(n) for n in data["lengths"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, PlanError) as exc:
         raise CompressError(f"{path}: malformed search result ({exc})") from None
     if not points:
         raise CompressError(f"{path}: no Pareto points")
-    return SearchResult(points=points, lengths=lengths)
+    return SearchResult(points=points, lengths=lengths, alternatives=alternatives)
+
+
+def _entries(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    points = data.get("points") if isinstance(data.get("points"), list) else []
+    alternatives = data.get("alternatives") if isinstance(data.get("alternatives"), dict) else {}
+    return [p for p in [*points, *alternatives.values()] if isinstance(p, dict)]

@@ -33,6 +33,8 @@ SETTINGS = {
     "extend_lengths": (1024,),
     "dtype": "float32",
     "eval_limit": 1,
+    "rules": ("static", "dense"),  # today's search; the gate tests below ask for gates
+    "gate_steps": 20,
 }
 
 
@@ -347,9 +349,16 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         "--eval-data",
         str(eval_text),
         "--no-progress",
+        "--rules",
+        "static,dense",
     ]
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
+    from moa_compress.profile import save_profile
+
+    profile_dir = tmp_path / "profile"
+    identity = ModelIdentity("tiny", 1, 2, 1, 16, "0")
+    save_profile(Profile(identity, 32, {256: torch.zeros(1, 2, 8, 8)}, {256: 1}), profile_dir)
     cases = [
         (["--budget", "0"], "--budget must be in (0, 1]"),
         (["--budget", "1.5"], "--budget must be in (0, 1]"),
@@ -361,6 +370,9 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         (["--mode", "chat"], "--mode"),
         (["--preset", "huge"], "--preset"),
         (["--profile", str(tmp_path / "nowhere")], "no profile at"),
+        (["--rules", "dense"], "--rules must include static or gate"),
+        (["--rules", "static,windows"], "unknown rule kind 'windows'"),
+        (["--rules", "static,gate,dense", "--profile", str(profile_dir)], "drop --profile"),
     ]
     for extra, message in cases:
         result = runner.invoke(app, [*base, *extra])
@@ -380,3 +392,159 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         app, [*base, "--seed", "5", "--out", str(tmp_path / "other"), "--work", str(out / "work")]
     )
     assert changed.exit_code == 2 and "--seed changed (0 -> 5)" in changed.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Gate rules
+
+ALL_RULES = ("static", "gate", "dense")
+
+
+@pytest.fixture(scope="module")
+def gated(cache, model, tokenizer, eval_text, tmp_path_factory):
+    """One run that may choose gate rules: a gates stage, gate candidates, alternatives validated."""
+    out = tmp_path_factory.mktemp("gated") / "out"
+    result = compress(model, tokenizer, settings(eval_text, rules=ALL_RULES), out, progress=False)
+    return out, result
+
+
+def test_static_and_dense_rules_search_as_before(finished):
+    """--rules static,dense is the search without gates: no gates stage, the plan search_plan gives the
+    profile with its pre-gate defaults, nothing but the uniform fallback to compare with."""
+    from moa_compress import pipeline
+    from moa_compress.search import search_plan
+
+    out, result = finished
+    summary = load_summary(out)
+    assert summary["rules"] == ["static", "dense"] and summary["gates"] is None
+    assert summary["validation"]["alternatives"] == {} and summary["written"] in ("searched", "uniform")
+    assert "gates" not in summary["seconds"] and not (out / "work" / "gates").exists()
+    profile = load_profile(out / "work" / "profile")
+    again = search_plan(profile, 0.5, extend_lengths=(1024,))  # no gates: static and dense
+    assert [p.plan.rules for p in again.points] == [
+        p.plan.rules for p in pipeline.load_search_stage(out / "work" / "search.json").points
+    ]
+    if summary["written"] == "searched":
+        assert result.plan.rules == again.points[summary["chosen"]].plan.rules
+    assert not any(r.input_dependent for heads in result.plan.rules for r in heads)
+
+
+def test_gate_run_trains_gates_validates_every_candidate_and_writes_the_best(gated, model):
+    from moa_compress.pipeline import WRITTEN
+
+    out, result = gated
+    summary = load_summary(out)
+    assert summary["schema_version"] == 4 and summary["rules"] == list(ALL_RULES)
+    gates = summary["gates"]
+    assert gates["steps"] == 20 and gates["final"] <= gates["initial"]
+    assert set(gates["seconds"]) == {"targets", "training"} and summary["seconds"]["gates"] is not None
+    assert (out / "work" / "gates" / "gates.json").is_file()
+    validation = summary["validation"]
+    assert set(validation["alternatives"]) == {"static-only", "gate-only"}
+    scores = {
+        "searched": validation["score"],
+        "uniform": validation["fallback"]["score"],
+        **{name: alt["score"] for name, alt in validation["alternatives"].items()},
+    }
+    best = min(WRITTEN, key=lambda w: (scores[w], WRITTEN.index(w)))
+    assert summary["written"] == best and summary["why"].startswith("the ")
+    plan = load_plan(out, model)
+    assert plan == result.plan and plan.provenance["validation"]["written"] == best
+    assert all(plan.density(n) <= 0.5 + 1e-9 for n in (256, 512, 1024))
+    # The search considered gate candidates and stored the gate plans' weights beside search.json.
+    search = json.loads((out / "work" / "search.json").read_text())
+    assert search["points"][0]["plan"]["provenance"]["search"]["gate_candidates"] > 0
+    gate_only = search["alternatives"]["gate-only"]
+    assert gate_only["tensors"] and (out / "work" / "search.safetensors").is_file()
+    assert any(r["kind"] == "gate" for heads in gate_only["plan"]["rules"] for r in heads)
+    # A schema 3 summary (before gate rules) still reads.
+    old = {k: v for k, v in summary.items() if k not in ("rules", "gates", "why")}
+    old["schema_version"] = 3
+    old["validation"] = {k: v for k, v in validation.items() if k != "alternatives"}
+    folder = out.parent / "old"
+    folder.mkdir()
+    (folder / "compress.json").write_text(json.dumps(old))
+    read = load_summary(folder)
+    assert read["rules"] == ["static", "dense"] and read["validation"]["alternatives"] == {}
+
+
+def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, monkeypatch):
+    from moa_compress import gates as gates_module
+
+    out, first = gated
+    # A finished stage is read back: no training, no targets.
+    monkeypatch.setattr(gates_module, "train_gates", lambda *a, **k: 1 / 0)
+    again = compress(model, tokenizer, settings(eval_text, rules=ALL_RULES), out, force=True, progress=False)
+    assert again.plan == first.plan and again.summary["seconds"]["gates"] is None
+    assert again.summary["gates"] == first.summary["gates"]
+    monkeypatch.undo()
+
+    # An unfinished stage trains again from the saved targets: no dense forward for them.
+    work = tmp_path / "work"
+    shutil.copytree(out / "work", work)
+    shutil.rmtree(work / "gates")
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"]["gates"]["done"] = False
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(gates_module, "sample_targets", lambda *a, **k: 1 / 0)
+    resumed = compress(
+        model, tokenizer, settings(eval_text, rules=ALL_RULES), tmp_path / "o", work_dir=work, progress=False
+    )
+    assert resumed.summary["seconds"]["gates"] is not None
+    assert (work / "gates" / "gates.safetensors").read_bytes() == (
+        out / "work" / "gates" / "gates.safetensors"
+    ).read_bytes()
+    assert resumed.plan == first.plan
+
+    # Other gate settings make the gates stage (and what follows) stale.
+    with pytest.raises(StaleWorkError, match=r"--gate-steps changed \(20 -> 5\).*gates stage"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_steps=5), tmp_path / "p",
+                 work_dir=work, progress=False)  # fmt: skip
+
+
+def test_an_alternative_is_written_when_it_validates_best(
+    gated, model, tokenizer, eval_text, tmp_path, monkeypatch
+):
+    """Never hand a user a mix that validates worse than one kind alone: when the gate-only optimum has
+    the lowest held-out loss, plan.json is it, with its gates, and the summary says why."""
+    from moa_compress import pipeline
+
+    out, first = gated
+    search = pipeline.load_search_stage(out / "work" / "search.json")
+    gate_only = search.alternatives["gate-only"].plan
+    assert first.summary["validation"]["alternatives"]["gate-only"]["same_as_point"] is None
+    work = tmp_path / "work"
+    shutil.copytree(out / "work", work)
+    (work / "validation.json").unlink()
+    real = pipeline._Context.loss
+
+    def gate_only_wins(self, plan, samples):
+        loss = real(self, plan, samples)
+        return loss / 100 if plan is not None and plan.rules == gate_only.rules else loss
+
+    monkeypatch.setattr(pipeline._Context, "loss", gate_only_wins)
+    result = compress(model, tokenizer, settings(eval_text, rules=ALL_RULES), tmp_path / "o", work_dir=work,
+                      progress=False)  # fmt: skip
+    plan = load_plan(tmp_path / "o", model)
+    assert plan.rules == gate_only.rules and plan.gates is not None and plan.tensors
+    summary = load_summary(tmp_path / "o")
+    assert summary["written"] == "gate-only" and summary["why"].startswith(
+        "the gate-only optimum validated best"
+    )
+    assert summary["predicted_cost"] == {
+        str(n): c for n, c in search.alternatives["gate-only"].predicted_cost.items()
+    }
+    assert not any(entry["chosen"] for entry in plan.provenance["pareto"])
+    assert "wrote the gate-only optimum" in pipeline.summary_table(summary)
+    assert result.plan == plan
+
+
+def test_gate_rules_need_the_profiles_own_samples(finished, model, tokenizer, eval_text, tmp_path):
+    profile = load_profile(finished[0] / "work" / "profile")
+    with pytest.raises(CompressError, match="drop --profile, or pass --rules static,dense"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES), tmp_path / "x", profile=profile)
+    with pytest.raises(CompressError, match="--rules must include static or gate"):
+        compress(model, tokenizer, settings(eval_text, rules=("dense",)), tmp_path / "x")
+    with pytest.raises(CompressError, match="unknown rule kind 'window'"):
+        settings(eval_text, rules=("static", "window")).check()
+    assert not (tmp_path / "x").exists()

@@ -416,3 +416,234 @@ def test_min_span_keeps_bands_at_least_that_wide():
     assert search_plan(profile, 0.6, min_span=160, pareto_size=1).points[0].mean_cost >= unconstrained - 1e-12
     with pytest.raises(SearchError, match="bands of at least 480 tokens"):
         search_plan(profile, 0.6, min_span=480)
+
+
+# --- gate candidates
+
+
+def gated_profile(layers=2, heads=4, kv_heads=2, lengths=(100, 160), block_size=16, samples=2, seed=0):
+    """A profile with its calibration samples' own maps and pooled gate inputs: random positive net
+    influence below the block diagonal, and attention mass whose query-block rows sum to their rows."""
+    from moa_compress.plan import ModelIdentity
+    from moa_compress.profile import Profile
+    from moa_compress.search import SampleMaps
+
+    g = torch.Generator().manual_seed(seed)
+    identity = ModelIdentity("gated", layers, heads, kv_heads, 8, f"{seed:016x}")
+    per_length, means = {}, {"influence": {}, "mass": {}, "net": {}}
+    for n in lengths:
+        nb = -(-n // block_size)
+        causal = torch.ones(nb, nb).tril()
+        rows = torch.clamp(n - torch.arange(nb) * block_size, max=block_size).float()
+        items = []
+        for _ in range(samples):
+            net = torch.rand(layers, heads, nb, nb, generator=g) * causal
+            raw = torch.rand(layers, heads, nb, nb, generator=g) * causal
+            mass = raw / raw.sum(-1, keepdim=True) * rows[:, None]
+            maps = {"influence": net * 2, "mass": mass, "net": net}
+            q = [torch.randn(heads, nb, 8, generator=g) for _ in range(layers)]
+            k = [torch.randn(kv_heads, nb, 24, generator=g) for _ in range(layers)]
+            items.append(SampleMaps(maps, q, k))
+        per_length[n] = items
+        for name, by_length in means.items():
+            by_length[n] = (sum(item.maps[name] for item in items) / samples).float().contiguous()
+    profile = Profile(identity, block_size, means["influence"], dict.fromkeys(lengths, samples),
+                      mass=means["mass"], net=means["net"])  # fmt: skip
+    return profile, per_length
+
+
+def random_gates(profile, seed=0, per_query_head=False):
+    from moa_compress.gates import AttnGate
+
+    m = profile.model
+    torch.manual_seed(seed)
+    return [
+        AttnGate(m.num_heads, m.num_kv_heads, m.head_dim, 8, profile.block_size,
+                 per_query_head=per_query_head).requires_grad_(False)
+        for _ in range(m.num_layers)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("per_head, per_query_head", [(False, False), (True, False), (True, True)])
+def test_gate_cost_equals_a_per_sample_brute_force(per_head, per_query_head):
+    """Sample by sample, head by head, row by row: the gate's own top blocks (sorted here, not by
+    gate_selections), the net influence of the causal blocks it drops divided by the row's kept mass
+    (floored), mean over samples, over the profile's total net influence."""
+    from moa_compress.plan import GateRule
+    from moa_compress.search import gate_costs
+
+    profile, samples = gated_profile()
+    gates = random_gates(profile, per_query_head=per_query_head)
+    rules = [GateRule(0.2), GateRule(0.45), GateRule(0.7)]
+    got = gate_costs(profile, gates, samples, rules, per_head=per_head)
+    m, bs = profile.model, profile.block_size
+    group = m.num_heads // m.num_kv_heads
+    for n in profile.lengths:
+        nb = -(-n // bs)
+        rows = [min(bs, n - q * bs) for q in range(nb)]
+        causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+        total = float(profile.net[n].double()[..., causal].sum())
+        expected = torch.zeros(m.num_layers, m.num_heads, len(rules), dtype=torch.float64)
+        for sample in samples[n]:
+            for layer in range(m.num_layers):
+                scores = gates[layer](sample.q_blocks[layer][None], sample.k_blocks[layer][None])[0]
+                for head in range(m.num_heads):
+                    row_scores = scores[head if per_query_head else head // group]
+                    for r, rule in enumerate(rules):
+                        k = rule.blocks_per_row(n, bs)
+                        for q in range(nb):
+                            others = sorted(range(1, q), key=lambda j: -float(row_scores[q, j]))
+                            keep = {0, q, *others[: max(k - 2, 0)]}
+                            dropped = [j for j in range(q + 1) if j not in keep]
+                            lost = sum(float(sample.maps["net"][layer, head, q, j]) for j in dropped)
+                            lost_mass = sum(float(sample.maps["mass"][layer, head, q, j]) for j in dropped)
+                            kept = max(1.0 - lost_mass / rows[q], MIN_KEPT_MASS)
+                            expected[layer, head, r] += lost / kept / len(samples[n])
+        size = 1 if per_head else group
+        grouped = expected.reshape(-1, size, len(rules)).sum(1) / total
+        assert got[n].shape == grouped.shape
+        assert got[n] == pytest.approx(grouped.numpy(), rel=1e-9, abs=1e-12)
+        assert (got[n][:, 0] > got[n][:, 2]).all()  # keeping more blocks loses less
+
+
+def test_a_gate_that_keeps_everything_costs_nothing_and_is_no_candidate():
+    from moa_compress.plan import GateRule
+    from moa_compress.search import gate_candidates, gate_costs
+
+    profile, samples = gated_profile()
+    costs = gate_costs(profile, random_gates(profile), samples, [GateRule(1.0), GateRule(0.3)])
+    for n in profile.lengths:
+        assert (costs[n][:, 0] == 0.0).all() and (costs[n][:, 1] > 0).all()
+    candidates = gate_candidates((100, 160, 1024), 16, [0.05, 0.3, 0.3001, 0.5, 1.0])
+    assert GateRule(1.0) not in candidates and GateRule(0.3001) not in candidates  # same blocks as 0.3
+    assert [r.target for r in candidates] == [0.05, 0.3, 0.5]
+    with pytest.raises(SearchError, match="gate targets"):
+        gate_candidates((100,), 16, [0.0])
+
+
+class FixedGate(torch.nn.Module):
+    """A gate whose scores are given (per length), with the weights a plan carries."""
+
+    def __init__(self, real, scores_by_blocks):
+        super().__init__()
+        self.real, self.scores_by_blocks = real, scores_by_blocks
+        for name in ("q_proj", "k_proj", "gate_dim", "per_query_head", "rope_theta"):
+            setattr(self, name, getattr(real, name))
+
+    def forward(self, q_blocks, k_blocks):
+        return self.scores_by_blocks[q_blocks.shape[2]][None]
+
+
+def test_one_sample_gate_that_follows_recency_costs_what_the_static_band_costs():
+    """Static and gate costs are in one unit: a gate scoring recent blocks highest keeps exactly a
+    sink + band mask, and on a one-sample profile costs what rule_costs charges that static rule."""
+    from moa_compress.plan import GateRule
+    from moa_compress.search import gate_costs
+
+    profile, samples = gated_profile(samples=1)
+    real = random_gates(profile)
+    bs, hg = profile.block_size, profile.model.num_kv_heads
+    recency = {}
+    for n in profile.lengths:
+        nb = -(-n // bs)
+        scores = torch.arange(nb, dtype=torch.float32).expand(nb, nb).clone()
+        recency[nb] = scores.masked_fill(~torch.ones(nb, nb, dtype=torch.bool).tril(), float("-inf"))
+        recency[nb] = recency[nb].expand(hg, nb, nb)
+    gates = [FixedGate(gate, recency) for gate in real]
+    rule = GateRule(0.4)
+    got = gate_costs(profile, gates, samples, [rule])
+    for n in profile.lengths:
+        band = StaticRule(1, float((rule.blocks_per_row(n, bs) - 1) * bs), 0.0)
+        assert rule_density(band, n, bs) == pytest.approx(rule.density(n, bs), abs=1e-12)
+        assert got[n][:, 0] == pytest.approx(rule_costs(profile, [band])[n][:, 0], rel=1e-6)
+
+
+def hot_profile(lengths=(512, 1024), block_size=16, samples=2, seed=0):
+    """Influence that sits on one far key block per row and sample (half the row's distance back),
+    and gates that score exactly those blocks: no band reaches them, the gate keeps them all."""
+    profile, per_length = gated_profile(lengths=lengths, block_size=block_size, samples=samples, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    real = random_gates(profile)
+    m = profile.model
+    scores_by_blocks = {}
+    for n in lengths:
+        nb = -(-n // block_size)
+        causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+        hot = torch.zeros(nb, nb)
+        hot[torch.arange(nb), torch.arange(nb) // 2] = 1.0
+        scores = (hot + 0.01 * torch.rand(nb, nb, generator=g)).masked_fill(~causal, float("-inf"))
+        scores_by_blocks[nb] = scores.expand(m.num_kv_heads, nb, nb)
+        for item in per_length[n]:
+            item.maps["net"].copy_((hot + 0.001 * torch.rand(nb, nb, generator=g)) * causal)
+        profile.net[n].copy_(sum(item.maps["net"] for item in per_length[n]) / samples)
+    return profile, per_length, [FixedGate(gate, scores_by_blocks) for gate in real]
+
+
+def test_the_search_picks_gates_where_they_drop_less_and_holds_the_budget_everywhere():
+    from moa_compress.plan import GateRule
+
+    profile, samples, gates = hot_profile()
+    budget = 0.25
+    result = search_plan(profile, budget, extend_lengths=(2048,), gates=gates, gate_samples=samples,
+                         pareto_size=3, provenance={})  # fmt: skip
+    best = result.points[0].plan
+    heads = [rule for layer in best.rules for rule in layer]
+    assert all(isinstance(rule, GateRule) for rule in heads)
+    assert best.provenance["search"]["rules"] == ["static", "gate", "dense"]
+    for point in [*result.points, *result.alternatives.values()]:
+        assert all(point.plan.density(n) <= budget + TOL for n in (512, 1024, 2048))
+        assert point.density == {n: point.plan.density(n) for n in (512, 1024, 2048)}
+    # The plan carries the gates of every layer it uses them in.
+    assert best.gates is not None and best.gates.layers == (0, 1)
+    assert torch.equal(best.tensors["gates.1.k_proj"], gates[1].k_proj)
+    # The restricted problems: static rules alone lose far more; the gate-only optimum is this plan.
+    static_only, gate_only = result.alternatives["static-only"], result.alternatives["gate-only"]
+    assert not any(isinstance(r, GateRule) for layer in static_only.plan.rules for r in layer)
+    assert static_only.plan.gates is None and not static_only.plan.tensors
+    assert static_only.mean_cost > 5 * result.points[0].mean_cost
+    assert gate_only.plan.rules == best.rules
+    assert static_only.plan.provenance["search"]["restricted_to"] == "static-only"
+
+    # Static-only and gate-only searches are one argument away, and match the alternatives.
+    only_static = search_plan(profile, budget, extend_lengths=(2048,), rules=("static", "dense"),
+                              pareto_size=1, provenance={})  # fmt: skip
+    assert only_static.points[0].plan.rules == static_only.plan.rules and not only_static.alternatives
+    assert only_static.points[0].mean_cost == pytest.approx(static_only.mean_cost)
+
+
+def test_gate_plans_round_trip_through_the_search_files(tmp_path):
+    from moa_compress.search import save_search, search_summary
+    from moa_compress.workdir import load_search_stage, save_search_stage
+
+    profile, samples, gates = hot_profile()
+    result = search_plan(profile, 0.3, gates=gates, gate_samples=samples, pareto_size=2)
+    save_search_stage(result, tmp_path / "search.json")
+    assert (tmp_path / "search.safetensors").exists()
+    back = load_search_stage(tmp_path / "search.json")
+    assert back == result
+    assert (
+        back.alternatives["gate-only"].plan.tensors.keys()
+        == result.alternatives["gate-only"].plan.tensors.keys()
+    )
+    path = save_search(result, tmp_path / "plan")
+    loaded = load_plan(path)
+    assert loaded == with_choice(result, 0) and loaded.gates.layers == (0, 1)
+    pareto = json.loads((tmp_path / "plan" / "pareto.json").read_text())
+    assert set(pareto["alternatives"]) == {"static-only", "gate-only"}
+    assert search_summary(result)["alternatives"]["gate-only"]["rules"]
+
+
+def test_rule_kinds_are_checked():
+    from moa_compress.search import check_rule_kinds
+
+    assert check_rule_kinds(["dense", "gate", "static"]) == ("static", "gate", "dense")
+    with pytest.raises(SearchError, match="unknown rule kind 'window'"):
+        check_rule_kinds(["static", "window"], "--rules")
+    with pytest.raises(SearchError, match="--rules must include static or gate"):
+        check_rule_kinds(["dense"], "--rules")
+    profile = random_profile(lengths=(256,))
+    with pytest.raises(SearchError, match="need the trained gates"):
+        search_plan(profile, 0.5, rules=("gate", "dense"))
+    # without gates the default is what it was: static and dense
+    plan = search_plan(profile, 0.5, pareto_size=1).points[0].plan
+    assert plan.provenance["search"]["rules"] == ["static", "dense"] and plan.gates is None
