@@ -152,7 +152,7 @@ def gate_times(q, k, v, density: float, repeats: int, sdpa_s: float, block_size:
     """Selection time of one layer whose heads all have ``GateRule(density)`` (random gate weights:
     the cost does not depend on them), and selection + block-sparse attention (torch backend)."""
     from moa_compress.attention import block_sparse_attention
-    from moa_compress.gate_runtime import gate_selections_for, layer_block_rows
+    from moa_compress.gate_runtime import gate_selections_for, layer_block_rows, row_codes
     from moa_compress.gates import AttnGate, gates_to_plan_tensors
     from moa_compress.kernels.layout import BlockLayout
     from moa_compress.plan import GateRule, ModelIdentity, Plan
@@ -170,7 +170,7 @@ def gate_times(q, k, v, density: float, repeats: int, sdpa_s: float, block_size:
 
     def select():
         with torch.no_grad():
-            selections = gate_selections_for(plan, 0, gate, q, k)
+            selections = gate_selections_for(plan, 0, gate, q, row_codes(gate, k, block_size), n)
             rows = layer_block_rows(plan, 0, n, n, selections)
             return BlockLayout.from_block_mask(rows, block_size, n, n)
 
@@ -373,18 +373,20 @@ def filled_dynamic_cache(model: Any, batch: int, length: int) -> Any:
 def filled_plan_cache(model: Any, plan: Any, batch: int, length: int, max_length: int) -> Any:
     """A :class:`PlanKVCache` planned for ``max_length`` and filled as after a ``length``-token
     prompt: every layer stores what it keeps of random keys/values (no model forward)."""
-    from moa_compress.gate_runtime import PreRopeKeys
+    from moa_compress.gate_runtime import GateKeys
+    from moa_compress.gates import gates_from_plan
     from moa_compress.kvcache import PlanKVCache
 
     cache = PlanKVCache(model.config, plan, max_length=max_length)
     keys, values = random_kv(model, batch, length)
+    gates = gates_from_plan(plan)
     for i, layer in enumerate(cache.layers):
         stored = layer.update(keys, values)[0]
         layer.plan_storage(keys, None)
         layer.store(stored)
-        if i in plan.gate_layers:  # what a gate layer keeps of the prompt: its pre-RoPE keys
-            layer.gate_keys = PreRopeKeys()
-            layer.gate_keys.update(keys.clone(), 0)
+        if i in plan.gate_layers:  # what a gate layer keeps of the prompt: its key blocks' gate codes
+            layer.gate_keys = GateKeys(plan.block_size, keep_raw=False)
+            layer.gate_keys.update(keys, 0, gates[i].to(keys.device))
     return cache
 
 

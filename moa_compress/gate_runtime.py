@@ -2,20 +2,24 @@
 
 A layer with gate heads needs its queries and keys *before* RoPE (the gates were trained on them,
 see :mod:`moa_compress.gates`). :class:`GateHooks` records them from the layer's ``q_proj`` /
-``k_proj`` outputs (forward hooks: nothing in the model is patched); the layer's keys of earlier calls
-are kept in a :class:`PreRopeKeys` (in the :class:`~moa_compress.kvcache.PlanKVCache` layer when
-there is one, so beam reordering moves them too; else in the plan's handle).
+``k_proj`` outputs (forward hooks: nothing in the model is patched); what the layer needs of earlier
+calls' keys is kept in a :class:`GateKeys` (in the :class:`~moa_compress.kvcache.PlanKVCache` layer when
+there is one, so beam reordering moves it too; else in the plan's handle).
 
 For a call of ``q_len`` queries over ``kv_len`` keys (bottom-right aligned, like the static rules)
 :func:`gate_selections_for` pools this call's queries per absolute block (a block averages the queries
-it has in this call: one token when decoding), pools every key block (mean, max, min), scores them with
-the layer's :class:`~moa_compress.gates.AttnGate` and keeps, per query head and query-block row, the
-sink, the diagonal and the best others — :meth:`~moa_compress.plan.GateRule.blocks_per_row` at total
-length ``kv_len`` — all heads and rows at once. :func:`layer_block_rows` merges those rows with the
-static heads' fixed rows, so one attention call serves every head of the layer.
+it has in this call: one token when decoding), scores them against the gate code of every key block
+(its keys pooled by mean, max and min, projected and rotated; a complete block's code is computed once
+and kept) with the layer's :class:`~moa_compress.gates.AttnGate` and keeps, per query head and
+query-block row, the sink, the diagonal and the best others —
+:meth:`~moa_compress.plan.GateRule.blocks_per_row` at total length ``kv_len`` — all heads and rows at
+once. :func:`layer_block_rows` merges those rows with the static heads' fixed rows, so one attention
+call serves every head of the layer.
 
-Memory: a gate layer keeps the pre-RoPE keys of every token (``[B, Hkv, S, D]``, as large as a
-full key cache of that layer); full key blocks could be pooled once and dropped (not done yet).
+Memory: in a :class:`~moa_compress.kvcache.PlanKVCache` a gate layer keeps ``gate_dim`` numbers per gate
+head and key block plus the raw pre-RoPE keys of its unfinished last block (a few percent of its key
+cache at the defaults); with the default cache it keeps every pre-RoPE key (``[B, Hkv, S, D]``, as large as the
+layer's key cache) so that the cache can be cropped and padded rows pooled from their own first token.
 """
 
 from __future__ import annotations
@@ -37,32 +41,87 @@ from moa_compress.kernels.layout import BlockLayout
 from moa_compress.plan import Plan, num_blocks
 
 
-class PreRopeKeys:
-    """The pre-RoPE keys ``[B, Hkv, S, D]`` a gate layer has seen, column by column (padding included).
+class GateKeys:
+    """What a gate layer keeps of its keys between calls: the gate codes of every complete key block
+    (``codes [B, H_gate, nFull, gate_dim]``, :meth:`~moa_compress.gates.AttnGate.key_codes`, computed once,
+    when the block fills) and the pre-RoPE keys ``raw [B, Hkv, S - offset, D]`` still needed.
+
+    ``keep_raw=False`` (a :class:`~moa_compress.kvcache.PlanKVCache`, which is never cropped and takes
+    unpadded batches) keeps the raw keys of the unfinished last block only, so the layer holds ``gate_dim``
+    numbers per gate head and block instead of ``D`` per KV head and token. ``keep_raw=True`` (the
+    default cache) keeps every raw key, padding included: a cropped cache drops codes and keys past
+    the crop, and a left-padded batch pools each row from its own first token (:func:`row_codes`).
 
     :meth:`update` takes each call's new keys and the number of columns before them: 0 starts over (a
     new prompt), fewer than held drops the rest first (a cache cropped back), more than held is an
     error (the keys of some tokens were never seen)."""
 
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
+    def __init__(self, block_size: int, keep_raw: bool = True) -> None:
+        self.block_size, self.keep_raw = block_size, keep_raw
+        self.codes: torch.Tensor | None = None
+        self.raw: torch.Tensor | None = None
+        self.offset = 0  # the column of raw[:, :, 0]
+        self.length = 0
 
-    def update(self, new: torch.Tensor, past: int) -> torch.Tensor:
+    def update(self, new: torch.Tensor, past: int, gate: AttnGate) -> None:  # new [B, Hkv, s, D]
+        bs = self.block_size
         if past == 0:
-            self.keys = new
-        elif self.keys is None or self.keys.shape[2] < past or self.keys.shape[0] != new.shape[0]:
-            held = 0 if self.keys is None else self.keys.shape[2]
+            self.codes, self.raw, self.offset = None, new[:, :, :0], 0
+        elif self.raw is None or self.length < past or self.raw.shape[0] != new.shape[0]:
             raise PlanRuntimeError(
-                f"a gate layer got a call after {past} cached tokens but saw {held}: its cache was filled "
-                "without the plan applied, or reordered (beam search needs a PlanKVCache)"
+                f"a gate layer got a call after {past} cached tokens but saw {self.length}: its cache was "
+                "filled without the plan applied, or reordered (beam search needs a PlanKVCache)"
             )
-        else:
-            self.keys = torch.cat([self.keys[:, :, :past], new], dim=2)
-        return self.keys
+        elif past < self.length:
+            if past < self.offset:
+                raise PlanRuntimeError(
+                    f"a gate layer cannot go back to {past} tokens: it pooled the keys before {self.offset}"
+                )
+            self.raw = self.raw[:, :, : past - self.offset]
+            self.codes = self.codes[:, :, : past // bs] if self.codes is not None else None
+        self.raw = torch.cat([self.raw, new], dim=2)
+        self.length = past + new.shape[2]
+        done = 0 if self.codes is None else self.codes.shape[2]
+        full = self.length // bs
+        if full > done:
+            piece = self.raw[:, :, done * bs - self.offset : full * bs - self.offset]
+            fresh = gate.key_codes(pool_keys(piece.to(gate.k_proj.dtype), bs), first=done)
+            self.codes = fresh if self.codes is None else torch.cat([self.codes, fresh], dim=2)
+        if not self.keep_raw:
+            self.raw = self.raw[:, :, full * bs - self.offset :].clone()
+            self.offset = full * bs
+
+    def all_codes(self, gate: AttnGate) -> torch.Tensor:  # [B, H_gate, num_blocks(length), gate_dim]
+        """The codes of every key block so far: the complete blocks' and, when the last block is not
+        full, that block's from the keys it has."""
+        tail = self.length % self.block_size
+        if tail == 0:
+            return self.codes
+        last = self.raw[:, :, self.raw.shape[2] - tail :]
+        code = gate.key_codes(
+            pool_keys(last.to(gate.k_proj.dtype), self.block_size), first=self.length // self.block_size
+        )
+        return code if self.codes is None else torch.cat([self.codes, code], dim=2)
+
+    def keys(self) -> torch.Tensor:  # [B, Hkv, length, D]
+        if self.offset:
+            raise PlanRuntimeError("this gate layer kept only the keys of its last block")
+        return self.raw
 
     def batch_map(self, fn) -> None:
-        if self.keys is not None:
-            self.keys = fn(self.keys).contiguous()
+        if self.raw is not None:
+            self.raw = fn(self.raw).contiguous()
+        if self.codes is not None:
+            self.codes = fn(self.codes).contiguous()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.raw, self.codes) if t is not None)
+
+
+def row_codes(gate: AttnGate, k_pre: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Gate codes ``[B, H_gate, nK, gate_dim]`` of every key block of ``k_pre [B, Hkv, S, D]``, pooled
+    from its first column (no cache)."""
+    return gate.key_codes(pool_keys(k_pre.to(gate.k_proj.dtype), block_size))
 
 
 class GateHooks:
@@ -112,16 +171,15 @@ def gate_selections_for(
     layer: int,
     gate: AttnGate,
     q_pre: torch.Tensor,  # [B, Hq, Sq, D] this call's pre-RoPE queries
-    k_pre: torch.Tensor,  # [B, Hkv, Sk, D] every pre-RoPE key so far
+    k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] every key block's code (GateKeys.all_codes)
+    kv_len: int,
 ) -> torch.Tensor:  # [B, H, nQ_call, nK] bool
-    """The gate heads' blocks for the call's query blocks (absolute blocks ``(Sk - Sq) // bs`` to the
-    last), over every key block; rows of heads without a gate are all False."""
+    """The gate heads' blocks for the call's query blocks (absolute blocks ``(kv_len - Sq) // bs`` to
+    the last), over every key block; rows of heads without a gate are all False."""
     bs = plan.block_size
-    q_len, kv_len = q_pre.shape[2], k_pre.shape[2]
-    work = gate.q_proj.dtype
-    q_blocks = pool_queries_at(q_pre.to(work), kv_len - q_len, bs)
-    k_blocks = pool_keys(k_pre.to(work), bs)
-    scores = gate(q_blocks, k_blocks)
+    first = kv_len - q_pre.shape[2]
+    q_blocks = pool_queries_at(q_pre.to(gate.q_proj.dtype), first, bs)
+    scores = gate.scores(gate.query_codes(q_blocks, first // bs), k_codes)
     blocks, gate_of_head = layer_gate_heads(plan, layer, kv_len)
     return gate_selections(scores, blocks, gate_of_head)
 
@@ -151,7 +209,7 @@ def gated_attention(
     key: torch.Tensor,  # [B, Hkv, Sk, D]
     value: torch.Tensor,
     q_pre: torch.Tensor,  # [B, Hq, Sq, D]
-    k_pre: torch.Tensor,  # [B, Hkv, Sk, D]
+    k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] (GateKeys.all_codes)
     scale: float,
     backend: str,
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
@@ -162,7 +220,7 @@ def gated_attention(
 
     bs = plan.block_size
     q_len, kv_len = query.shape[2], key.shape[2]
-    selections = gate_selections_for(plan, layer, gate, q_pre, k_pre)
+    selections = gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)
     rows = layer_block_rows(plan, layer, kv_len, q_len, selections)  # [B, H, nQ_call, nK]
     first_row = kv_len - q_len
     head = min(q_len, (-first_row) % bs)
@@ -188,13 +246,14 @@ def gated_padded_attention(
     key: torch.Tensor,  # [B, Hkv, Sk, D]
     value: torch.Tensor,
     q_pre: torch.Tensor,
-    k_pre: torch.Tensor,
+    k_pre: torch.Tensor,  # [B, Hkv, Sk, D] every raw pre-RoPE key (GateKeys.keys)
     padding: torch.Tensor,  # [B] left-padding columns
     scale: float,
     backend: str,
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
     """A left-padded batch, one row at a time over its own tokens (positions counted from its first
-    real token, as unpadded); padding query rows return zeros."""
+    real token, as unpadded: its key blocks are pooled afresh from there); padding query rows return
+    zeros."""
     q_len, kv_len = query.shape[2], key.shape[2]
     out = torch.zeros_like(query)
     for row, pad in enumerate(padding.tolist()):
@@ -204,7 +263,7 @@ def gated_padded_attention(
         r = slice(row, row + 1)
         out[r, :, q0:] = gated_attention(
             plan, layer, gate, query[r, :, q0:], key[r, :, pad:], value[r, :, pad:],
-            q_pre[r, :, q0:], k_pre[r, :, pad:], scale, backend,
+            q_pre[r, :, q0:], row_codes(gate, k_pre[r, :, pad:], plan.block_size), scale, backend,
         )  # fmt: skip
     return out
 
@@ -214,10 +273,11 @@ def decode_visible_blocks(
     layer: int,
     gate: AttnGate,
     q_pre: torch.Tensor,  # [B, Hq, 1, D]
-    k_pre: torch.Tensor,  # [B, Hkv, Sk, D]
+    k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] (GateKeys.all_codes)
+    kv_len: int,
 ) -> torch.Tensor:  # [B, H, nK] bool
     """A decode step's key blocks per query head: the gate heads' selection, everything for the others
     (their own rule limits them)."""
-    selections = gate_selections_for(plan, layer, gate, q_pre, k_pre)[:, :, 0]  # [B, H, nK]
+    selections = gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)[:, :, 0]  # [B, H, nK]
     gated = torch.tensor([r.input_dependent for r in plan.rules[layer]], device=selections.device)
     return selections | ~gated[None, :, None]

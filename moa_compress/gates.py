@@ -136,21 +136,37 @@ class AttnGate(nn.Module):
     def forward(self, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
         """``q_blocks [B, Hq, nQ, D]`` (pooled queries), ``k_blocks [B, Hkv, nK, 3·D]`` (pooled keys);
         query block ``i`` is the ``nK - nQ + i``-th block of the sequence (bottom-right aligned)."""
+        nq, nk = q_blocks.shape[2], k_blocks.shape[2]
+        return self.scores(self.query_codes(q_blocks, nk - nq), self.key_codes(k_blocks))
+
+    def query_codes(self, q_blocks: torch.Tensor, first: int) -> torch.Tensor:
+        """Pooled queries ``[B, Hq, nQ, D]`` of blocks ``first, first + 1, …`` -> their gate codes
+        ``[B, H_gate, nQ, gate_dim]`` (projected, RoPE at the blocks' first positions)."""
         b, hq, nq, d = q_blocks.shape
-        nk = k_blocks.shape[2]
-        group = hq // self.num_kv_heads
-        if self.per_query_head:
-            k_blocks = k_blocks.repeat_interleave(group, dim=1)  # [B, Hq, nK, 3D]
-        else:
-            q_blocks = q_blocks.view(b, self.num_kv_heads, group, nq, d).mean(2)  # [B, Hkv, nQ, D]
+        if not self.per_query_head:
+            q_blocks = q_blocks.view(b, self.num_kv_heads, hq // self.num_kv_heads, nq, d).mean(2)
         qg = torch.einsum("bhnd,hde->bhne", q_blocks.to(self.q_proj.dtype), self.q_proj)
+        return _rotate(qg, self._positions(first, nq, qg.device), self.rope_theta)
+
+    def key_codes(self, k_blocks: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Pooled keys ``[B, Hkv, nK, 3·D]`` of blocks ``first, first + 1, …`` -> their gate codes
+        ``[B, H_gate, nK, gate_dim]``. A block's code depends on that block alone, so a decode cache
+        computes it once, when the block is complete (:class:`moa_compress.gate_runtime.GateKeys`)."""
+        if self.per_query_head:
+            k_blocks = k_blocks.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         kg = torch.einsum("bhnd,hde->bhne", k_blocks.to(self.k_proj.dtype), self.k_proj)
-        key_pos = torch.arange(nk, device=qg.device) * self.block_size
-        qg = _rotate(qg, key_pos[nk - nq :], self.rope_theta)
-        kg = _rotate(kg, key_pos, self.rope_theta)
-        scores = torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(self.gate_dim)  # [B, Hg, nQ, nK]
-        rows = torch.arange(nq, device=qg.device)[:, None] + (nk - nq)
-        return scores.masked_fill(torch.arange(nk, device=qg.device)[None, :] > rows, float("-inf"))
+        return _rotate(kg, self._positions(first, k_blocks.shape[2], kg.device), self.rope_theta)
+
+    def scores(self, q_codes: torch.Tensor, k_codes: torch.Tensor) -> torch.Tensor:
+        """Block scores ``[B, H_gate, nQ, nK]`` from :meth:`query_codes` of the last ``nQ`` blocks and
+        :meth:`key_codes` of all ``nK``: q·kᵀ/√gate_dim, ``-inf`` above the block diagonal."""
+        nq, nk = q_codes.shape[2], k_codes.shape[2]
+        scores = torch.matmul(q_codes, k_codes.transpose(-1, -2)) / math.sqrt(self.gate_dim)
+        rows = torch.arange(nq, device=scores.device)[:, None] + (nk - nq)
+        return scores.masked_fill(torch.arange(nk, device=scores.device)[None, :] > rows, float("-inf"))
+
+    def _positions(self, first: int, n: int, device) -> torch.Tensor:
+        return (torch.arange(n, device=device) + first) * self.block_size
 
 
 # ----------------------------------------------------------------------------------------------

@@ -288,7 +288,7 @@ class PlanKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.storage: list[ClassStorage] = []
-        self.gate_keys = None  # a gate layer's pre-RoPE keys (moa_compress.gate_runtime.PreRopeKeys)
+        self.gate_keys = None  # a gate layer's key codes (moa_compress.gate_runtime.GateKeys)
         self.padding: torch.Tensor | None = None  # [B] left-padding columns per row
         self.seen = 0  # columns seen, padding included
         self.is_initialized = False
@@ -422,10 +422,14 @@ class PlanKVLayer(CacheLayerMixin):
         self._batch_map(lambda b: b.to(self.device, non_blocking=True), in_place=False)
 
     def nbytes(self) -> tuple[int, int]:
+        """Bytes of filled slots and bytes allocated, a gate layer's key codes included."""
         live = allocated = 0
         for s in self.storage:
             stored, alloc = s.nbytes()
             live, allocated = live + stored, allocated + alloc
+        if self.gate_keys is not None:
+            gate = self.gate_keys.nbytes()
+            live, allocated = live + gate, allocated + gate
         return live, allocated
 
 

@@ -283,7 +283,7 @@ class PlanHandle:
         self.active = False
         self.gates: dict = {}  # layer -> AttnGate, for layers with gate heads
         self.hooks = None  # moa_compress.gate_runtime.GateHooks while installed
-        self.gate_keys: dict = {}  # layer -> PreRopeKeys, for calls without a PlanKVCache
+        self.gate_keys: dict = {}  # layer -> GateKeys, for calls without a PlanKVCache
 
     # -- attention ------------------------------------------------------------------------------
 
@@ -349,7 +349,7 @@ class PlanHandle:
         from this call's pre-RoPE queries and every pre-RoPE key so far, then one attention call (per
         piece) serves static, gate and dense heads together."""
         from moa_compress.gate_runtime import (
-            PreRopeKeys,
+            GateKeys,
             decode_visible_blocks,
             gated_attention,
             gated_padded_attention,
@@ -364,8 +364,9 @@ class PlanHandle:
             if key.plan != self.plan:
                 raise PlanRuntimeError("this PlanKVCache was built for a different plan than the applied one")
             if cache_layer.gate_keys is None:
-                cache_layer.gate_keys = PreRopeKeys()
-            k_pre = cache_layer.gate_keys.update(k_new, stored.start)
+                cache_layer.gate_keys = GateKeys(self.plan.block_size, keep_raw=False)
+            cache_layer.gate_keys.update(k_new, stored.start, gate)
+            k_codes = cache_layer.gate_keys.all_codes(gate)
             mask = None if attention_mask is None else as_bool_mask(attention_mask, stored.length)
             if (mask is not None and not is_plain_causal(mask)) or cache_layer.padding is not None:
                 raise PlanRuntimeError(
@@ -381,7 +382,7 @@ class PlanHandle:
                     stored.keys,
                     stored.values,
                     q_pre,
-                    k_pre,
+                    k_codes,
                     scale,
                     self.backend,
                 )
@@ -394,18 +395,21 @@ class PlanHandle:
                     "a plan with gate heads takes its prompt in one call through a PlanKVCache (no chunked "
                     "prefill yet); later calls must be single tokens"
                 )
-            blocks = decode_visible_blocks(self.plan, layer, gate, q_pre, k_pre)
+            blocks = decode_visible_blocks(self.plan, layer, gate, q_pre, k_codes, stored.length)
             return cache_layer.decode_step(query, stored, scale, self.backend, blocks=blocks)
         kv_len = key.shape[2]
-        k_pre = self.gate_keys.setdefault(layer, PreRopeKeys()).update(k_new, kv_len - query.shape[2])
+        held = self.gate_keys.setdefault(layer, GateKeys(self.plan.block_size, keep_raw=True))
+        held.update(k_new, kv_len - query.shape[2], gate)
         if attention_mask is not None:
             mask = as_bool_mask(attention_mask, kv_len)
             if not is_plain_causal(mask):
                 return gated_padded_attention(
-                    self.plan, layer, gate, query, key, value, q_pre, k_pre, left_padding(mask), scale,
+                    self.plan, layer, gate, query, key, value, q_pre, held.keys(), left_padding(mask), scale,
                     self.backend,
                 )  # fmt: skip
-        return gated_attention(self.plan, layer, gate, query, key, value, q_pre, k_pre, scale, self.backend)
+        return gated_attention(
+            self.plan, layer, gate, query, key, value, q_pre, held.all_codes(gate), scale, self.backend
+        )
 
     def attend_stored(
         self,

@@ -342,3 +342,44 @@ def test_greedy_replies_of_a_gate_plan_batched_equal_one_prompt_at_a_time():
         for prompt, reference, reply, logprob in zip(prompts, references, replies, logprobs, strict=True):
             alone, alone_lp = evaluate.greedy_replies(model, bpe, [prompt], [reference], 5)
             assert alone == [reply] and alone_lp[0] == pytest.approx(logprob, rel=1e-9)
+
+
+@pytest.mark.parametrize("keep_raw", [False, True])
+def test_gate_keys_fed_piece_by_piece_code_every_block_as_pooling_all_keys_at_once(keep_raw):
+    from moa_compress.gate_runtime import GateKeys, row_codes
+
+    torch.manual_seed(4)
+    gate = AttnGate(6, 2, 8, 8, BLOCK, 10000.0, per_query_head=keep_raw)
+    keys = torch.randn(2, 2, 83, 8, dtype=torch.float64)
+    held = GateKeys(BLOCK, keep_raw=keep_raw)
+    cuts = [0, 21, 32, 33, *range(34, 84)]  # a prompt inside a block, one at a block's end, then tokens
+    for a, b in zip(cuts, cuts[1:]):
+        held.update(keys[:, :, a:b], a, gate)
+        want = row_codes(gate, keys[:, :, :b], BLOCK)
+        got = held.all_codes(gate)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+        assert held.raw.shape[2] == (b if keep_raw else b % BLOCK)  # only the unfinished block's keys
+    if keep_raw:  # the default cache can be cropped back, into a coded block too
+        held.update(keys[:, :, 40:41], 40, gate)
+        assert torch.allclose(held.all_codes(gate), row_codes(gate, keys[:, :, :41], BLOCK), atol=1e-6)
+    else:
+        with pytest.raises(PlanRuntimeError, match="pooled the keys before 80"):
+            held.update(keys[:, :, 40:41], 40, gate)
+    with pytest.raises(PlanRuntimeError, match="saw"):
+        held.update(keys[:, :, :1], held.length + 1, gate)
+
+
+def test_plan_kv_cache_of_a_gate_plan_counts_and_bounds_what_its_gate_layers_keep():
+    model = tiny_model("llama", dtype=torch.float32)
+    plan = gated_plan(model, lambda layer, head: GateRule(0.3))
+    x = ids(1, 100, seed=5)
+    with torch.no_grad(), apply_plan(model, plan, backend="torch"):
+        cache = PlanKVCache(model.config, plan, max_length=110)
+        model(x, use_cache=True, **{cache_kwarg(model): cache})
+        for t in range(100, 104):
+            model(ids(1, 1, seed=t), use_cache=True, **{cache_kwarg(model): cache})
+    layer = cache.layers[0]
+    held = layer.gate_keys
+    assert held.length == 104 and held.codes.shape[2] == 104 // BLOCK and held.raw.shape[2] == 104 % BLOCK
+    storage = sum(s.nbytes()[1] for s in layer.storage)
+    assert layer.nbytes()[1] == storage + held.nbytes() and held.nbytes() < storage / 4
