@@ -8,12 +8,15 @@ Every task runs three *variants* of one model in one call:
 * ``uniform`` — the StreamingLLM-style baseline at the plan's own density: at each length ``N``, one
   fixed window for every head, with the plan's sink, whose density is the nearest to
   ``plan.density(N)`` that block granularity allows (see :func:`uniform_baseline`);
-* with ``oracle=True`` (``moa-compress eval --oracle``), for the text tasks only, two ceilings that
-  choose blocks from each input's true attention at the plan's own densities
-  (:mod:`moa_compress.oracle`): ``oracle`` (per head and query-block row, the blocks of most attention
-  mass, each head at its rule's density) and ``oracle-layer`` (the layer's pair budget spent over all
-  its heads and rows by attention mass per pair). The plan's and the baseline's gaps to dense are then
-  also given as multiples of the oracles' (``"oracles"`` below).
+* with ``oracle=True`` (``moa-compress eval --oracle``), on the text tasks and passkey
+  (:data:`ORACLE_TASKS`), two ceilings that choose blocks from each input's true attention at the
+  plan's own densities (:mod:`moa_compress.oracle`): ``oracle`` (per head and query-block row, the
+  blocks of most attention mass, each head at its rule's density) and ``oracle-layer`` (the layer's
+  pair budget spent over all its heads and rows by attention mass per pair). An oracle needs one full
+  unpadded prefill per call, which ppl/fidelity windows and passkey batches (teacher-forced, prompts of
+  one length) are; the ruler tasks decode greedily through a cache and run without oracles. The
+  plan's and the baseline's perplexity and KL gaps to dense are then also given as multiples of the
+  oracles' (``"oracles"`` below).
 
 Tasks (``N`` is each requested length):
 
@@ -50,14 +53,16 @@ Tasks (``N`` is each requested length):
                    "batch_size": int, "seed": int, "backend": str, "dtype": str,
                    "data": str | null, "chat_template": bool, "oracle": bool},
       "oracles": {                                               # only with oracle=True
-        "oracle" | "oracle-layer": {"density": {N: float}},     # measured: pairs computed / causal
+        "oracle" | "oracle-layer": {"density": {N: float}},     # measured: pairs computed / causal,
+                                                                 # mean over the N-token inputs it ran
+                                                                 # (text windows, passkey prompts)
         "ratio": {"plan" | "uniform": {"oracle" | "oracle-layer": {N: {
             "ppl_gap": float | null,    # (ppl / dense ppl - 1) over the oracle's; null if the
             "kl": float | null}}}}},    # oracle's gap is <= 0 or a task was not run; KL / oracle's KL
       "command": str | null,                                     # set by the CLI
       "time": str,                                               # ISO 8601, when the run finished
       "results": {
-        "dense" | "plan" | "uniform" | "oracle" | "oracle-layer": {   # oracles: ppl, fidelity only
+        "dense" | "plan" | "uniform" | "oracle" | "oracle-layer": {   # oracles: ppl, fidelity, passkey
           "ppl": {N: {"ppl": float, "nll": float, "windows": int, "tokens": int}},
           "fidelity": {N: {"kl": float, "top1": float, "windows": int, "tokens": int}},  # not for dense
           "passkey" | <ruler task>: {N: {
@@ -72,7 +77,8 @@ Tasks (``N`` is each requested length):
     }
 
 Only requested tasks appear. Dense has no ``fidelity`` entry: it is the reference (KL 0, top-1 1).
-Readers of schema 2 written before the oracles keep working: the oracle entries are additions.
+Readers of schema 2 written before the oracles keep working: the oracle entries are additions (on
+passkey too: a passkey entry of an oracle has the record format of the other variants').
 """
 
 from __future__ import annotations
@@ -121,7 +127,9 @@ TASKS = (*TEXT_TASKS, "passkey", *RULER_TASKS)
 DEFAULT_TASKS = (*TEXT_TASKS, "passkey")
 TASK_GROUPS = {"ruler": RULER_TASKS}
 VARIANTS = ("dense", "plan", "uniform")
-ORACLES = ("oracle", "oracle-layer")  # = moa_compress.oracle.ORACLES; text tasks only
+ORACLES = ("oracle", "oracle-layer")  # = moa_compress.oracle.ORACLES
+# Tasks the oracles run on: each forward is one full unpadded prefill (the ruler tasks decode greedily).
+ORACLE_TASKS = (*TEXT_TASKS, "passkey")
 DEFAULT_PASSKEY_SAMPLES = 5 * len(PASSKEY_DEPTHS)  # 30: five keys per depth
 # Per ruler task and length: sized so that `--tasks ruler,passkey --lengths 1024,2048` of one plan
 # (three variants) stays under 15 minutes on a 2-core CPU (BENCHMARKS.md).
@@ -331,8 +339,8 @@ def evaluate_plan(
     oracle: bool = False,
 ) -> dict[str, Any]:
     """Run ``tasks`` at ``lengths`` for dense, ``plan`` and the uniform baseline (and with ``oracle``
-    the two oracles, on ``ppl``/``fidelity``); return the ``results.json`` object (schema in the
-    module docstring).
+    the two oracles, on ``ppl``/``fidelity``/``passkey``: :data:`ORACLE_TASKS`; the ruler tasks run
+    without them); return the ``results.json`` object (schema in the module docstring).
 
     ``texts`` (natural prose) feed ``ppl``/``fidelity`` and are the needle tasks' haystack; they are
     required for those. ``samples`` is the number of prompts per generation task and length
@@ -346,8 +354,8 @@ def evaluate_plan(
     for value, option in ((limit, "--limit"), (samples, "--samples"), (batch_size, "--batch-size")):
         if value is not None and value < 1:
             raise EvalError(f"{option} must be a positive number, got {value}")
-    if oracle and not set(tasks) & set(TEXT_TASKS):
-        raise EvalError(f"--oracle runs on the text tasks (ppl, fidelity); --tasks has {','.join(tasks)}")
+    if oracle and not set(tasks) & set(ORACLE_TASKS):
+        raise EvalError(oracle_tasks_error(tasks))
     if needs_text(tasks) and not texts:
         raise DataError(f"{', '.join(t for t in tasks if needs_text([t]))} need natural text (--data)")
     uniforms = {n: uniform_baseline(plan, n) for n in lengths}
@@ -391,10 +399,13 @@ def evaluate_plan(
     torch.manual_seed(seed)
     oracles = ORACLES if oracle else ()
     results: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in (*VARIANTS, *oracles)}
-    oracle_density: dict[str, dict[str, float]] = {name: {} for name in oracles}
+    # Per oracle and length: (measured density, inputs) of each group of inputs it ran on.
+    measured: dict[str, dict[int, list[tuple[float, int]]]] = {
+        name: {n: [] for n in lengths} for name in oracles
+    }
     total = (
         len(VARIANTS + oracles) * sum(len(w) for w in windows.values())
-        + len(VARIANTS) * sum(len(k) for k in keys.values())
+        + len(VARIANTS + oracles) * sum(len(k) for k in keys.values())
         + len(VARIANTS) * sum(len(p) for by_length in prompts.values() for p in by_length.values())
     )
     device = next(model.parameters()).device
@@ -412,6 +423,19 @@ def evaluate_plan(
                 records = [r for batch in advance(_batches(items, batch_size), label) for r in score(batch)]
             results[name].setdefault(task, {})[str(n)] = _summary(items, records)
 
+    def run_oracles(task: str, n: int, items: Sequence, score) -> None:
+        """``score`` under each oracle, on the same batches as :func:`run`. The prompts share one
+        length, so each batch is one unpadded full prefill, and the oracle selects for each of its
+        sequences from that sequence's own attention (:func:`~moa_compress.oracle.apply_oracle`)."""
+        from moa_compress.oracle import apply_oracle
+
+        for name in oracles:
+            with apply_oracle(model, plan, name, backend=backend) as handle:
+                batches = advance(_batches(items, batch_size), f"{task} {n} {name}")
+                records = [r for batch in batches for r in score(batch)]
+            results[name].setdefault(task, {})[str(n)] = _summary(items, records)
+            measured[name][n].append((handle.density, len(items)))
+
     with _progress(progress, total) as advance, torch.no_grad():
         for n in lengths:
             if n in windows:
@@ -419,11 +443,13 @@ def evaluate_plan(
                     model, windows[n], n, plans, same_as_plan[n], tasks, backend, device, results, advance
                 )
                 for name in oracles:
-                    oracle_density[name][str(n)] = _run_oracle(
+                    density = _run_oracle(
                         model, windows[n], reference, plan, name, tasks, backend, device, results, advance
                     )
+                    measured[name][n].append((density, len(windows[n])))
             if n in keys:
                 run("passkey", n, keys[n], lambda batch: _score_passkeys(model, batch, device))
+                run_oracles("passkey", n, keys[n], lambda batch: _score_passkeys(model, batch, device))
             for task, by_length in prompts.items():
                 run(task, n, by_length[n], lambda batch: _score_replies(model, tokenizer, batch, device))
 
@@ -462,9 +488,24 @@ def evaluate_plan(
         "results": {v: r for v, r in results.items()},
     }
     if oracle:
-        out["oracles"] = {name: {"density": oracle_density[name]} for name in oracles}
+        out["oracles"] = {
+            name: {"density": {str(n): _mean_density(measured[name][n]) for n in lengths}} for name in oracles
+        }
         out["oracles"]["ratio"] = oracle_ratios(out)
     return out
+
+
+def oracle_tasks_error(tasks: Sequence[str]) -> str:
+    """The one-line complaint when ``--oracle`` has none of :data:`ORACLE_TASKS` to run on."""
+    return (
+        "--oracle runs on the text tasks (ppl, fidelity) and passkey, not on the ruler tasks (they "
+        f"decode greedily); --tasks has {','.join(tasks)}"
+    )
+
+
+def _mean_density(groups: Sequence[tuple[float, int]]) -> float:
+    """Mean over inputs of ``(mean density, inputs)`` groups (all inputs of one length)."""
+    return sum(d * count for d, count in groups) / sum(count for _, count in groups)
 
 
 def _batches(items: Sequence, size: int) -> list[Sequence]:

@@ -412,12 +412,12 @@ def test_oracle_attention_computes_its_selection(tokenizer, kind):
     assert handle.density <= plan.density(150) + 1e-12
 
 
-def oracle_run(tokenizer, model, plan, **kw):
+def oracle_run(tokenizer, model, plan, tasks="ppl,fidelity", **kw):
     return evaluate_plan(
         model,
         tokenizer,
         plan,
-        tasks="ppl,fidelity",
+        tasks=tasks,
         lengths=[128, 176],
         texts=make_texts(),
         limit=2,
@@ -431,7 +431,8 @@ def oracle_run(tokenizer, model, plan, **kw):
 def test_oracles_of_a_density_one_plan_equal_dense(tokenizer):
     model = make_model(tokenizer, dtype=torch.float64)
     before = model.config._attn_implementation
-    results = oracle_run(tokenizer, model, dense_plan(model))
+    # Passkey: two prompts per length, one batch of two.
+    results = oracle_run(tokenizer, model, dense_plan(model), tasks="ppl,fidelity,passkey")
     assert model.config._attn_implementation == before  # restored
     by = results["results"]
     for name in oracle.ORACLES:
@@ -441,6 +442,16 @@ def test_oracles_of_a_density_one_plan_equal_dense(tokenizer):
             assert by[name]["fidelity"][n]["top1"] == 1.0
             assert by[name]["ppl"][n]["ppl"] == pytest.approx(by["dense"]["ppl"][n]["ppl"], rel=1e-9)
             assert results["oracles"]["ratio"]["plan"][name][n] == {"ppl_gap": None, "kl": None}
+            mine, dense = by[name]["passkey"][n], by["dense"]["passkey"][n]
+            assert mine["samples"] == dense["samples"] == 2
+            assert mine["correct"] == dense["correct"]
+            assert mine["answer_logprob"] == pytest.approx(dense["answer_logprob"], abs=1e-9)
+            assert list(mine["by_depth"]) == list(dense["by_depth"])
+            for depth, stats in mine["by_depth"].items():
+                assert stats["accuracy"] == dense["by_depth"][depth]["accuracy"]
+                assert stats["answer_logprob"] == pytest.approx(
+                    dense["by_depth"][depth]["answer_logprob"], abs=1e-9
+                )
 
 
 def test_oracles_of_a_sparse_plan_fill_the_schema(tokenizer, tmp_path):
@@ -474,8 +485,77 @@ def test_oracles_of_a_sparse_plan_fill_the_schema(tokenizer, tmp_path):
     )
     assert "oracles" not in without and set(without["results"]) == {"dense", "plan", "uniform"}
     assert "Oracle" not in evaluate.write_report(without, tmp_path / "plain", plan).read_text()
-    with pytest.raises(EvalError, match="--oracle runs on the text tasks"):
-        evaluate_plan(model, tokenizer, plan, tasks="passkey", lengths=[128], progress=False, oracle=True)
+    with pytest.raises(EvalError, match="--oracle runs on the text tasks .* and passkey, not on the ruler"):
+        evaluate_plan(
+            model, tokenizer, plan, tasks="variable_tracking", lengths=[128], progress=False, oracle=True
+        )
+
+
+def passkey_oracle_run(tokenizer, model, plan, batch_size, **kw):
+    """Passkey only, with the oracles: 4 prompts per length (batches of 3 and 1 at batch size 3)."""
+    return evaluate_plan(
+        model,
+        tokenizer,
+        plan,
+        tasks="passkey",
+        lengths=[128, 176],
+        samples=4,
+        batch_size=batch_size,
+        backend="reference",
+        progress=False,
+        oracle=True,
+        **kw,
+    )
+
+
+def test_oracles_run_on_passkey_in_batches_as_one_prompt_at_a_time(tokenizer):
+    model = make_model(tokenizer, dtype=torch.float64)
+    plan = sparse_plan(model)
+    results = passkey_oracle_run(tokenizer, model, plan, batch_size=3)
+    by = results["results"]
+    assert set(by) == {"dense", "plan", "uniform", *oracle.ORACLES}
+    for n in ("128", "176"):
+        # The per-row oracle computes each head's own density on every prompt: exactly the plan's.
+        assert results["oracles"]["oracle"]["density"][n] == pytest.approx(plan.density(int(n)), abs=1e-12)
+        assert 0 < results["oracles"]["oracle-layer"]["density"][n] <= plan.density(int(n)) + 1e-12
+        for name in oracle.ORACLES:
+            mine, theirs = by[name]["passkey"][n], by["plan"]["passkey"][n]
+            assert mine["samples"] == theirs["samples"] == len(mine["correct"]) == 4
+            assert mine["accuracy"] == sum(mine["correct"]) / 4 and mine["answer_logprob"] < 0
+            assert list(mine["by_depth"]) == list(theirs["by_depth"])
+            assert [s["samples"] for s in mine["by_depth"].values()] == [
+                s["samples"] for s in theirs["by_depth"].values()
+            ]
+            # No text task ran: nothing to give the gaps as multiples of.
+            assert results["oracles"]["ratio"]["plan"][name][n] == {"ppl_gap": None, "kl": None}
+    json.dumps(results)
+    # Each sequence of a batch gets its own selection: batches of 3 score as prompts one by one.
+    alone = passkey_oracle_run(tokenizer, model, plan, batch_size=1)["results"]
+    for name in oracle.ORACLES:
+        for n in ("128", "176"):
+            mine, single = by[name]["passkey"][n], alone[name]["passkey"][n]
+            assert mine["correct"] == single["correct"]
+            assert mine["answer_logprob"] == pytest.approx(single["answer_logprob"], abs=1e-9)
+
+
+def test_progress_counts_the_oracle_passes_on_passkey(tokenizer, monkeypatch):
+    counted = {}
+
+    @evaluate.contextlib.contextmanager
+    def progress(enabled, total):
+        counted["total"], counted["items"] = total, 0
+
+        def advance(items, label):
+            for item in items:
+                counted["items"] += len(item) if isinstance(item, list | tuple) else 1
+                yield item
+
+        yield advance
+
+    monkeypatch.setattr(evaluate, "_progress", progress)
+    model = make_model(tokenizer)
+    passkey_oracle_run(tokenizer, model, sparse_plan(model), batch_size=3)
+    assert counted["total"] == counted["items"] == 5 * 2 * 4  # 5 variants, 2 lengths, 4 prompts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -831,12 +911,15 @@ def test_cli_oracle_flag_adds_the_oracles(model_dir, data_file, tmp_path):
     save_plan(sparse_plan(AutoModelForCausalLM.from_pretrained(model_dir)), plan_dir)
     out = tmp_path / "out"
     args = [model_dir, "--plan", plan_dir, "--lengths", "128", "--data", data_file, "--out", out]
-    result = run_cli(*args, "--tasks", "ppl,fidelity", "--limit", "1", "--dtype", "float32", "--oracle")
+    options = ["--limit", "1", "--dtype", "float32", "--oracle"]
+    result = run_cli(*args, "--tasks", "ppl,fidelity,passkey", *options)
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["oracle"] is True
     assert set(saved["oracles"]) == {"oracle", "oracle-layer", "ratio"}
     assert saved["results"]["oracle-layer"]["fidelity"]["128"]["windows"] == 1
-    assert "plan KL = " in result.output and "## Oracle ceilings" in (out / "report.md").read_text()
-    bad = run_cli(*args, "--tasks", "passkey", "--oracle")
-    assert bad.exit_code == 2 and "--oracle runs on the text tasks" in bad.output
+    assert saved["results"]["oracle-layer"]["passkey"]["128"]["samples"] == 1
+    assert "plan KL = " in result.output
+    assert "## Oracle ceilings" in (out / "report.md").read_text()
+    bad = run_cli(*args, "--tasks", "ruler", "--oracle")
+    assert bad.exit_code == 2 and "not on the ruler tasks" in bad.output
