@@ -20,7 +20,8 @@ from moa_compress.plan import Plan, atomic_write_bytes, rule_density
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 VARIANTS = ("dense", "plan", "uniform")
-ORACLES = ("oracle", "oracle-layer")  # present with results["oracles"] (eval --oracle), text tasks only
+# Present with results["oracles"] (eval --oracle), on ppl, fidelity and passkey (not the ruler tasks)
+ORACLES = ("oracle", "oracle-layer")
 COLORS = {"dense": "#333333", "plan": "#1f77b4", "uniform": "#ff7f0e", "oracle": "#2ca02c"}
 COLORS["oracle-layer"] = "#9467bd"
 STYLES = {"dense": "o-", "plan": "s-", "uniform": "^--", "oracle": "v:", "oracle-layer": "D:"}
@@ -77,13 +78,22 @@ def _oracles(results: Mapping[str, Any]) -> list[str]:
     return [o for o in ORACLES if o in results.get("oracles", {})]
 
 
+def _task_variants(results: Mapping[str, Any], task: str) -> list[str]:
+    """The variants with results for ``task``: dense, plan, uniform, then the oracles where they ran
+    on it (passkey with --oracle, not the ruler tasks)."""
+    by = results["results"]
+    return [*VARIANTS, *(o for o in _oracles(results) if task in by.get(o, {}))]
+
+
 def _multiple(value: float | None) -> str:
     return f"{value:.2f}×" if value is not None else "—"
 
 
 def _oracle_phrases(results: Mapping[str, Any], n: str) -> list[str]:
-    """``"plan ppl gap = 2.99× oracle-layer's"``-style phrases for length ``n``."""
+    """``"plan ppl gap = 2.99× oracle-layer's"``-style phrases for length ``n``; on passkey the plan's
+    accuracy beside the oracle's (``"plan passkey 80% vs oracle's 93%"``)."""
     ratio = results["oracles"]["ratio"]["plan"]
+    plan_passkey = _get(results, "plan", "passkey", n)
     phrases = []
     for oracle in _oracles(results):
         r = ratio[oracle][n]
@@ -91,6 +101,12 @@ def _oracle_phrases(results: Mapping[str, Any], n: str) -> list[str]:
             phrases.append(f"plan ppl gap = {_multiple(r['ppl_gap'])} {oracle}'s")
         if r["kl"] is not None:
             phrases.append(f"plan KL = {_multiple(r['kl'])} {oracle}'s")
+        theirs = _get(results, oracle, "passkey", n)
+        if plan_passkey is not None and theirs is not None:
+            phrases.append(
+                f"plan passkey {100 * plan_passkey['accuracy']:.0f}% vs {oracle}'s "
+                f"{100 * theirs['accuracy']:.0f}%"
+            )
     return phrases
 
 
@@ -147,8 +163,8 @@ def render_markdown(
             "Variants: **dense** (the model's own attention), **plan**, and **uniform**: one sink + one "
             "fixed window for every head, at the density nearest to the plan's at each length."
             + (
-                " On perplexity and fidelity also two **oracles**, which choose blocks from each input's "
-                "true attention at the plan's densities (ceilings no plan can pass; see below)."
+                f" On {_oracle_tasks_phrase(results)} also two **oracles**, which choose blocks from each "
+                "input's true attention at the plan's densities (ceilings no plan can pass; see below)."
                 if _oracles(results)
                 else ""
             )
@@ -238,16 +254,17 @@ def render_markdown(
             "",
         ]
         lines += _accuracy_table(results, "passkey")
+        shown = _task_variants(results, "passkey")
         rows = []
         for n in lengths:
             depths = _get(results, "dense", "passkey", n)["by_depth"]
             for depth in depths:
-                stats = [_get(results, v, "passkey", n)["by_depth"][depth] for v in VARIANTS]
+                stats = [_get(results, v, "passkey", n)["by_depth"][depth] for v in shown]
                 rows.append(
                     [n, depth, str(stats[0]["samples"])] + [f"{100 * s['accuracy']:.0f}%" for s in stats]
                 )
         lines += ["Accuracy by depth (0: right after the instruction, 1: right before the question):", ""]
-        lines += _table(["length", "depth", "samples", "dense", "plan", "uniform"], rows)
+        lines += _table(["length", "depth", "samples", *shown], rows)
         if "needle_heatmap" in plots:
             lines += [
                 f"![passkey accuracy and key log-prob over length and depth]({plots['needle_heatmap']})",
@@ -276,17 +293,25 @@ def render_markdown(
     return "\n".join(lines)
 
 
+def _oracle_tasks_phrase(results: Mapping[str, Any]) -> str:
+    """``"perplexity, fidelity and passkey"``: the tasks of this run the oracles ran on."""
+    names = {"ppl": "perplexity", "fidelity": "fidelity", "passkey": "passkey"}
+    ran = [names[t] for t in results["settings"]["tasks"] if t in names]
+    return " and ".join([", ".join(ran[:-1]), ran[-1]] if len(ran) > 1 else ran)
+
+
 def _accuracy_table(results: Mapping[str, Any], task: str) -> list[str]:
+    shown = _task_variants(results, task)
     rows = []
     for n in _lengths(results):
-        stats = [_get(results, v, task, n) for v in VARIANTS]
+        stats = [_get(results, v, task, n) for v in shown]
         rows.append(
             [n, str(stats[0]["samples"])]
             + [f"{100 * s['accuracy']:.0f}%" for s in stats]
             + [f"{s['answer_logprob']:.3f}" for s in stats]
         )
-    header = ["length", "samples", "acc dense", "acc plan", "acc uniform"]
-    return _table(header + ["log-prob dense", "log-prob plan", "log-prob uniform"], rows)
+    header = ["length", "samples", *(f"acc {v}" for v in shown), *(f"log-prob {v}" for v in shown)]
+    return _table(header, rows)
 
 
 def _ratio(value: float, base: float) -> str:
@@ -358,7 +383,8 @@ def summary_section(results: Mapping[str, Any]) -> list[str]:
 
 def oracle_section(results: Mapping[str, Any]) -> list[str]:
     """The plan and the uniform baseline against the oracles: per length, each oracle's measured
-    density, perplexity and KL, and the plan's and uniform's gaps to dense as multiples of its."""
+    density, perplexity and KL, and the plan's and uniform's gaps to dense as multiples of its (and,
+    in the list above the table, the plan's passkey accuracy beside the oracles')."""
     oracles = _oracles(results)
     if not oracles:
         return []
@@ -386,9 +412,10 @@ def oracle_section(results: Mapping[str, Any]) -> list[str]:
             "every query-block row keeps its sink and diagonal. **oracle**: per head and row, the other "
             "blocks of most mass, each head at its plan rule's density. **oracle-layer**: the layer's "
             "pair budget (the plan's, summed over its heads) spent over all its heads and rows by "
-            "attention mass per pair. Density is measured (pairs computed ÷ causal pairs). The last "
-            "columns give the plan's and uniform's perplexity gap to dense (ppl ÷ dense − 1) and KL as "
-            "multiples of the oracle's: 1× would be the ceiling."
+            "attention mass per pair. Density is measured (pairs computed ÷ causal pairs, over every "
+            "input the oracle ran at that length). The last columns give the plan's and uniform's "
+            "perplexity gap to dense (ppl ÷ dense − 1) and KL as multiples of the oracle's: 1× would be "
+            "the ceiling. On passkey the oracles' accuracy is in the passkey tables below."
         ),
         "",
     ]
@@ -615,13 +642,15 @@ def gate_loss_report(trained, out_dir: str | Path) -> Path:
 
 def _needle_heatmap(plt, results: Mapping[str, Any], path: Path) -> None:
     """Passkey accuracy (top row) and mean key log-prob (bottom row) over length x depth, one column
-    per variant; each cell is annotated with its value and sample count."""
+    per variant that ran passkey (the oracles too, with --oracle); each cell is annotated with its
+    value and sample count."""
     lengths = _lengths(results)
+    shown = _task_variants(results, "passkey")
     depths = list(_get(results, "dense", "passkey", lengths[0])["by_depth"])
     fig, axes = plt.subplots(
         2,
-        len(VARIANTS),
-        figsize=(4.2 * len(VARIANTS), 1.2 * len(lengths) + 4.5),
+        len(shown),
+        figsize=(4.2 * len(shown), 1.2 * len(lengths) + 4.5),
         squeeze=False,
         layout="constrained",
     )
@@ -631,7 +660,7 @@ def _needle_heatmap(plt, results: Mapping[str, Any], path: Path) -> None:
             for n in lengths
         ]
         for key in ("accuracy", "answer_logprob")
-        for v in VARIANTS
+        for v in shown
     }
     lowest = min((x for g in grids.values() for row in g for x in row if not math.isnan(x)), default=-1.0)
     for r, (key, title, cmap, limits) in enumerate(
@@ -640,7 +669,7 @@ def _needle_heatmap(plt, results: Mapping[str, Any], path: Path) -> None:
             ("answer_logprob", "mean key log-prob", "viridis", (min(lowest, -1e-3), 0.0)),
         )
     ):
-        for c, v in enumerate(VARIANTS):
+        for c, v in enumerate(shown):
             ax = axes[r][c]
             grid = grids[(key, v)]
             image = ax.imshow(

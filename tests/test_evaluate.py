@@ -558,6 +558,39 @@ def test_progress_counts_the_oracle_passes_on_passkey(tokenizer, monkeypatch):
     assert counted["total"] == counted["items"] == 5 * 2 * 4  # 5 variants, 2 lengths, 4 prompts
 
 
+def test_report_shows_the_passkey_oracles(tokenizer, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    model = make_model(tokenizer)
+    plan = sparse_plan(model)
+    results = passkey_oracle_run(tokenizer, model, plan, batch_size=4)
+    titles = {}
+    save = report._save
+
+    def keep_titles(fig, path):
+        titles[path.name] = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep_titles)
+    text = evaluate.write_report(results, tmp_path, plan).read_text()
+    shown = ["dense", "plan", "uniform", "oracle", "oracle-layer"]
+    assert titles["needle_heatmap.png"] == [f"passkey accuracy: {v}" for v in shown] + [
+        f"mean key log-prob: {v}" for v in shown
+    ]
+    assert "| acc oracle | acc oracle-layer | log-prob dense |" in text
+    assert "| log-prob oracle | log-prob oracle-layer |" in text
+    assert "| length | depth | samples | dense | plan | uniform | oracle | oracle-layer |" in text
+    assert "On passkey also two **oracles**" in text and "## Oracle ceilings" in text
+    accuracy = {v: round(100 * results["results"][v]["passkey"]["128"]["accuracy"]) for v in shown}
+    phrase = f"plan passkey {accuracy['plan']}% vs oracle-layer's {accuracy['oracle-layer']}%"
+    assert phrase in report.summary_text(results) and phrase in text
+    # Without --oracle: the three variants only.
+    plain = evaluate_plan(
+        model, tokenizer, plan, tasks="passkey", lengths=[128], samples=2, backend="reference", progress=False
+    )
+    text = evaluate.write_report(plain, tmp_path / "plain", plan).read_text()
+    assert len(titles["needle_heatmap.png"]) == 6 and "acc oracle" not in text
+
+
 # ----------------------------------------------------------------------------------------------
 # Greedy generation and the ruler tasks
 
@@ -919,7 +952,7 @@ def test_cli_oracle_flag_adds_the_oracles(model_dir, data_file, tmp_path):
     assert set(saved["oracles"]) == {"oracle", "oracle-layer", "ratio"}
     assert saved["results"]["oracle-layer"]["fidelity"]["128"]["windows"] == 1
     assert saved["results"]["oracle-layer"]["passkey"]["128"]["samples"] == 1
-    assert "plan KL = " in result.output
+    assert "plan KL = " in result.output and "plan passkey " in result.output
     assert "## Oracle ceilings" in (out / "report.md").read_text()
     bad = run_cli(*args, "--tasks", "ruler", "--oracle")
     assert bad.exit_code == 2 and "not on the ruler tasks" in bad.output
