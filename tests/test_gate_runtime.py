@@ -4,6 +4,7 @@ cache and PlanKVCache), padded batches, files and errors."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -353,7 +354,7 @@ def test_gate_keys_fed_piece_by_piece_code_every_block_as_pooling_all_keys_at_on
     keys = torch.randn(2, 2, 83, 8, dtype=torch.float64)
     held = GateKeys(BLOCK, keep_raw=keep_raw)
     cuts = [0, 21, 32, 33, *range(34, 84)]  # a prompt inside a block, one at a block's end, then tokens
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         held.update(keys[:, :, a:b], a, gate)
         want = row_codes(gate, keys[:, :, :b], BLOCK)
         got = held.all_codes(gate)
