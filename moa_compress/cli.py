@@ -29,7 +29,11 @@ ModelArg = Annotated[
         help="Hugging Face folder, hub id, or .gguf file. Default: the embedded SmolLM2-135M-Instruct."
     ),
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="bfloat16 | float32 | float16")]
+DTYPE_HELP = (
+    "auto (bfloat16 where the device computes it natively: a GPU, or a CPU with AVX512-BF16, AMX or Arm "
+    "BF16; float32 on other CPUs) | bfloat16 | float32 | float16"
+)
+DtypeOpt = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
 
 
 def fail(message: str) -> None:
@@ -281,7 +285,7 @@ def bench_attention_cmd(
         typer.echo(attention_table(rows, names))
 
 
-ModelDtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: bfloat16 | float32.")]
+ModelDtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: " + DTYPE_HELP)]
 
 
 @bench_app.command("prefill")
@@ -291,7 +295,7 @@ def bench_prefill_cmd(
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "2048,4096,8192",
     density: Annotated[float, typer.Option(help="Density of the uniform plan.")] = 0.25,
     backends: Annotated[str, typer.Option(help="Comma-separated: torch, flex.")] = "torch,flex",
-    dtype: ModelDtypeOpt = "bfloat16",
+    dtype: ModelDtypeOpt = "auto",
     repeats: RepeatsOpt = 2,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
@@ -327,7 +331,7 @@ def bench_decode_cmd(
         list[str] | None,
         typer.Option(help="A plan (folder, plan.json or shipped name) to time as well; repeatable."),
     ] = None,
-    dtype: ModelDtypeOpt = "bfloat16",
+    dtype: ModelDtypeOpt = "auto",
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
@@ -407,7 +411,7 @@ def eval_command(
     backend: Annotated[
         str, typer.Option(help="Attention backend for the plan: auto, torch, flex, triton, reference.")
     ] = "auto",
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed for the generated prompts (keys, needles, lists).")] = 0,
     oracle: Annotated[
         bool,
@@ -496,7 +500,7 @@ def generate_command(
     backend: Annotated[
         str, typer.Option(help="Attention backend for the plan: auto, torch, flex, triton, reference.")
     ] = "auto",
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     full_cache: Annotated[
         bool, typer.Option(help="Keep every key/value while decoding instead of the plan's windows.")
     ] = False,
@@ -565,7 +569,7 @@ def profile_command(
     seed: Annotated[int, typer.Option(help="Seed of the calibration set.")] = 0,
     answer_tokens: Annotated[int, typer.Option(help="Most tokens of each generated answer.")] = 32,
     block_size: Annotated[int, typer.Option(help="Block size in tokens.")] = 64,
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -594,6 +598,9 @@ def profile_command(
 
     distributed.on_main(group, "the checks", check_out)  # before the model loads; every rank stops
     started = time.monotonic()
+    from moa_compress.models import resolve_dtype
+
+    dtype = resolve_dtype(dtype, distributed.device())
     lm, tokenizer = load(model, dtype, device_map, max_memory)
     record = provenance(
         " ".join(["moa-compress", *sys.argv[1:]]),
@@ -661,7 +668,7 @@ def train_gates_command(
     ] = False,
     steps: Annotated[int, typer.Option(help="AdamW steps (each over every sample).")] = 300,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     force: Annotated[bool, typer.Option(help="Overwrite existing gates.")] = False,
 ) -> None:
@@ -827,7 +834,7 @@ def compress_command(
         str | None, typer.Option(help="Text for the closing eval. Default: the shipped Wikipedia articles.")
     ] = None,
     block_size: Annotated[int | None, typer.Option(help="Block size in tokens (default 64).")] = None,
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     force: Annotated[
@@ -845,6 +852,12 @@ def compress_command(
 
     counts = parse_lengths(samples, "--samples") if samples else None
     reused = load_profile(profile) if profile is not None else None
+    from moa_compress.models import DTYPES, resolve_dtype
+
+    group = distributed.init()  # a group of one unless launched by torchrun
+    if dtype == "auto" and reused is not None and reused.provenance.get("dtype") in DTYPES:
+        dtype = reused.provenance["dtype"]  # the dtype the reused profile was measured in
+    dtype = resolve_dtype(dtype, distributed.device())
     settings = preset_settings(
         preset,
         budget,
@@ -866,7 +879,6 @@ def compress_command(
         dtype=dtype,
     )
     settings.check(reused)  # before the model loads: a bad option fails at once
-    group = distributed.init()  # a group of one unless launched by torchrun
     net, tokenizer = load(model, dtype, device_map, max_memory)
     result = compress(
         net,

@@ -37,9 +37,38 @@ def cache_dir() -> Path:
     return Path(xdg) / "moa-compress"
 
 
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bfloat16 arithmetic (x86 ``avx512_bf16`` / ``amx_bf16``, Arm ``bf16``), read
+    from ``/proc/cpuinfo``; False where that cannot be read. Without it PyTorch emulates bfloat16
+    matrix products, which on a 2-core AVX2 machine measured about 50x slower than float32
+    (BENCHMARKS.md, "Choosing the dtype")."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    words = set(text.replace(":", " ").split())
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:
+    """The dtype name to load a model in: ``name`` itself, or for ``"auto"`` bfloat16 on a GPU that has
+    it (float16 on one without) and on a CPU with native bfloat16 (:func:`cpu_has_native_bf16`), float32
+    on other CPUs."""
+    if name != "auto":
+        parse_dtype(name)
+        return name
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if kind == "cpu":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return "float32"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ModelLoadError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        choices = ", ".join(("auto", *DTYPES))
+        raise ModelLoadError(f"--dtype must be one of {choices}, got {name!r}")
     return DTYPES[name]
 
 
@@ -147,13 +176,14 @@ def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
 
 def load_model(
     spec: str | None = None,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[int | str, str] | None = None,
 ):
     """Return ``(model, tokenizer)`` in eval mode. ``spec``: folder, hub id, ``.gguf`` file or None.
+    ``dtype``: a name of :data:`DTYPES`, ``"auto"`` (:func:`resolve_dtype` for ``device``) or a dtype.
 
     ``device_map`` (``"auto"`` or a module -> device mapping, as in transformers / accelerate) spreads a
     model that fits no single device over several, within ``max_memory`` per device; ``device`` is then
@@ -161,7 +191,10 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        where = "cuda" if device_map is not None and torch.cuda.is_available() else device
+        dtype = parse_dtype(resolve_dtype(dtype, where))
+    torch_dtype = dtype
     source, extra = resolve_model_source(spec)
     placement: dict[str, Any] = {}
     if device_map is not None:

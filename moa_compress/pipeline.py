@@ -250,6 +250,8 @@ def compress(
         raise CompressError(
             f"give either CompressSettings or a budget with overrides, not both ({overrides})"
         )
+    if settings.dtype == "auto":  # the model's own
+        settings = dataclasses.replace(settings, dtype=_model_dtype(model))
     from moa_compress import distributed
 
     out = Path(out_dir)

@@ -35,7 +35,8 @@ class CompressSettings:
     ``validation_samples``: held-out samples at each profiled length. ``eval_limit``: text windows per
     length in the closing eval, whose text is ``eval_data`` (None: the Wikipedia articles shipped in
     ``moa_compress/texts``).
-    ``dtype``: the dtype the model must be loaded in (checked). ``backend``: the plan's attention backend
+    ``dtype``: the dtype the model must be loaded in (checked; ``"auto"``: the model's, which the CLI
+    loads by :func:`moa_compress.models.resolve_dtype`). ``backend``: the plan's attention backend
     during validation and eval.
     """
 
@@ -58,7 +59,7 @@ class CompressSettings:
     validation_samples: int = 1
     eval_limit: int = 2
     eval_data: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     block_size: int = 64
     backend: str = "auto"
 
@@ -119,8 +120,8 @@ class CompressSettings:
             raise CompressError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.cost is not None and self.cost not in COSTS:
             raise CompressError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
-        if self.dtype not in DTYPES:
-            raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise CompressError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.gate_dim < 2 or self.gate_dim % 2:
             raise CompressError(f"gate_dim must be a positive even number, got {self.gate_dim}")
         names = (

@@ -1,3 +1,4 @@
+import pytest
 from transformers import AutoTokenizer
 
 from moa_compress.models import align_special_tokens
@@ -32,3 +33,29 @@ def test_align_special_tokens_leaves_unnamed_or_listed_ids_alone():
     align_special_tokens(tok, config)
 
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == before
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(tmp_path):
+    from moa_compress.models import ModelLoadError, cpu_has_native_bf16, resolve_dtype
+
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_has_native_bf16(amx) and cpu_has_native_bf16(arm)
+    assert not cpu_has_native_bf16(avx2) and not cpu_has_native_bf16(tmp_path / "missing")
+    here = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert resolve_dtype("auto", "cpu") == here
+    assert resolve_dtype("float16", "cpu") == "float16"  # an explicit choice is kept
+    with pytest.raises(ModelLoadError, match="auto, bfloat16"):
+        resolve_dtype("fp8")
+
+
+def test_compress_settings_take_auto_as_the_models_dtype():
+    from moa_compress.settings import CompressError, CompressSettings
+
+    CompressSettings(budget=0.5, dtype="auto").check()
+    with pytest.raises(CompressError, match="auto"):
+        CompressSettings(budget=0.5, dtype="fp8").check()
