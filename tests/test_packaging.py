@@ -42,3 +42,27 @@ def test_moa_compress_kernels_is_the_top_level_folder():
     from moa_compress.kernels import layout
 
     assert Path(layout.__file__).resolve() == ROOT / "kernels" / "layout.py"
+
+
+def test_every_file_of_a_shipped_plan_is_package_data_and_every_shipped_plan_loads():
+    import fnmatch
+    import json
+    import re
+
+    from moa_compress.plan import gate_tensor_name, load_plan, shipped_plans
+
+    data = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
+    patterns = json.loads(re.search(r'^"moa_compress.profiles" = (\[.*\])$', data, re.MULTILINE).group(1))
+    folders = [p for p in (ROOT / "profiles").iterdir() if p.is_dir()]
+    assert folders
+    for folder in folders:
+        for path in folder.iterdir():
+            name = f"{folder.name}/{path.name}"
+            assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), f"{name} is not package data"
+    found = shipped_plans()
+    assert {f.name for f in folders} <= set(found)
+    for name in found:
+        plan = load_plan(name)  # a gate plan's tensors come from its plan.safetensors
+        assert plan.model.name == "SmolLM2-135M-Instruct"
+        for layer in plan.gate_layers:
+            assert {gate_tensor_name(layer, w) for w in ("q_proj", "k_proj")} <= set(plan.tensors)
