@@ -132,3 +132,18 @@ def test_block_mask_runs_with_flex_attention_equal_to_reference():
     out = torch.compile(flex_attention)(q, k, v, block_mask=masks[1], enable_gqa=True)
     ref = block_sparse_attention_reference(q, k, v, plan.layout(1, n), scale=16**-0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_written_files_get_the_umask_permissions_not_the_temp_files_0600(tmp_path):
+    import os
+    import stat
+
+    from moa_compress.plan import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "x.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
