@@ -85,7 +85,7 @@ class GateKeys:
         full = self.length // bs
         if full > done:
             piece = self.raw[:, :, done * bs - self.offset : full * bs - self.offset]
-            fresh = gate.key_codes(pool_keys(piece.to(gate.k_proj.dtype), bs), first=done)
+            fresh = row_codes(gate, piece, bs, first=done)
             self.codes = fresh if self.codes is None else torch.cat([self.codes, fresh], dim=2)
         if not self.keep_raw:
             self.raw = self.raw[:, :, full * bs - self.offset :].clone()
@@ -98,9 +98,7 @@ class GateKeys:
         if tail == 0:
             return self.codes
         last = self.raw[:, :, self.raw.shape[2] - tail :]
-        code = gate.key_codes(
-            pool_keys(last.to(gate.k_proj.dtype), self.block_size), first=self.length // self.block_size
-        )
+        code = row_codes(gate, last, self.block_size, first=self.length // self.block_size)
         return code if self.codes is None else torch.cat([self.codes, code], dim=2)
 
     def keys(self) -> torch.Tensor:  # [B, Hkv, length, D]
@@ -118,10 +116,10 @@ class GateKeys:
         return sum(t.numel() * t.element_size() for t in (self.raw, self.codes) if t is not None)
 
 
-def row_codes(gate: AttnGate, k_pre: torch.Tensor, block_size: int) -> torch.Tensor:
+def row_codes(gate: AttnGate, k_pre: torch.Tensor, block_size: int, first: int = 0) -> torch.Tensor:
     """Gate codes ``[B, H_gate, nK, gate_dim]`` of every key block of ``k_pre [B, Hkv, S, D]``, pooled
-    from its first column (no cache)."""
-    return gate.key_codes(pool_keys(k_pre.to(gate.k_proj.dtype), block_size))
+    from its first column, which is the first column of block ``first`` (no cache)."""
+    return gate.key_codes(pool_keys(k_pre.to(gate.k_proj.dtype), block_size), first=first)
 
 
 class GateHooks:
