@@ -453,7 +453,7 @@ def eval_command(
     texts, source = None, None
     if needs_text(task_names):
         if data is None:
-            texts, source = default_texts(text_field)
+            texts, source = default_texts()
         else:
             from moa_compress.data import load_texts
 
@@ -560,7 +560,10 @@ def profile_command(
     ] = None,
     text_field: Annotated[str, typer.Option(help="Text field of structured --data.")] = "text",
     mode: Annotated[
-        str, typer.Option(help="answers (the dense model's own answers) | plain (text windows)")
+        str,
+        typer.Option(
+            help="answers (the dense model's own answers) | plain (text windows) | mixed (both, alternating)"
+        ),
     ] = "answers",
     lengths: Annotated[
         str, typer.Option(help="Comma-separated sequence lengths to profile.")
@@ -792,7 +795,10 @@ def compress_command(
         Path, typer.Option(help="Output folder: plan.json, report.md, results.json, compress.json.")
     ] = ...,
     preset: Annotated[
-        str, typer.Option(help="full (2048,4096,8192; 6,2,1 samples) | fast (1024,2048; minutes on a CPU)")
+        str,
+        typer.Option(
+            help="full (2048,4096,8192; 6,2,2 samples, answers and prose mixed) | fast (1024,2048; minutes on a CPU)"
+        ),
     ] = "full",
     lengths: Annotated[str | None, typer.Option(help="Profiled lengths (default: the preset's).")] = None,
     samples: Annotated[
@@ -804,7 +810,10 @@ def compress_command(
     ] = None,
     text_field: Annotated[str | None, typer.Option(help="Text field of structured --data.")] = None,
     mode: Annotated[
-        str | None, typer.Option(help="answers (the dense model's own answers) | plain (text windows)")
+        str | None,
+        typer.Option(
+            help="answers (the dense model's own answers) | plain (text windows) | mixed (both, alternating)"
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the calibration set.")] = None,
     extend_lengths: Annotated[

@@ -34,6 +34,29 @@ class DataError(UserInputError):
     """Calibration or evaluation text that cannot be used."""
 
 
+# English Wikipedia articles carried in the package (CC BY-SA 3.0; texts/README.md), split by article
+# so that what tunes a plan never scores it: the last TUNING_ARTICLES in name order are the "tune"
+# split (the prose half of mixed calibration and of compress's validation), the rest the "eval" split
+# (the default text of eval and of compress's closing eval).
+SHIPPED_TEXTS = Path(__file__).resolve().parent / "texts" / "wikipedia"
+TUNING_ARTICLES = 4
+SPLITS = ("eval", "tune")
+
+
+def shipped_texts(split: str, folder: str | Path | None = None) -> list[str]:
+    """The ``split`` (``"eval"`` or ``"tune"``) of the shipped articles in ``folder`` (default
+    :data:`SHIPPED_TEXTS`), in name order. Raises :class:`DataError` when the folder is missing."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    folder = Path(SHIPPED_TEXTS if folder is None else folder)
+    if not folder.is_dir():
+        raise DataError(f"the shipped Wikipedia articles ({folder}) are missing from this install")
+    texts = load_texts(folder)  # one text per file, in name order
+    if len(texts) <= TUNING_ARTICLES:
+        raise DataError(f"{folder} holds {len(texts)} articles; its splits need more than {TUNING_ARTICLES}")
+    return texts[-TUNING_ARTICLES:] if split == "tune" else texts[:-TUNING_ARTICLES]
+
+
 def _local_files(path: Path) -> tuple[str, list[str]]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     by_builder: dict[str, list[str]] = {}
@@ -134,7 +157,7 @@ def model_digest(model) -> str:
 # ----------------------------------------------------------------------------------------------
 # Calibration sets
 
-MODES = ("answers", "plain")
+MODES = ("answers", "plain", "mixed")
 DEFAULT_ANSWER_TOKENS = 32
 PLAIN_SCORED_FRACTION = 8  # plain mode scores the last 1/8 of each window
 _CONTEXT_MARK = "\ue000CONTEXT\ue000"  # private-use characters: cannot occur in a template
@@ -407,6 +430,8 @@ def calibration_set(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+    prose: Sequence[str] | None = None,
+    held_out: bool = False,
 ) -> dict[int, list[CalibrationSample]]:
     """Calibration samples of exactly ``N`` tokens for every ``N`` in ``lengths``.
 
@@ -421,6 +446,14 @@ def calibration_set(
     after the answer, so the prompt the answer was generated for is exactly the one profiled.
 
     ``mode="plain"``: ``N``-token windows of text, the last ``N / 8`` tokens scored.
+
+    ``mode="mixed"``: both, alternating: samples ``0, 2, 4, ...`` of a length are answers, samples
+    ``1, 3, ...`` plain windows of natural prose — ``prose`` when given, else ``data``'s texts, else the
+    "tune" split of the shipped Wikipedia articles (:func:`shipped_texts`). Answers alone teach a plan
+    what retrieval needs and nothing of what running text needs, where a local window with a sink is
+    hard to beat; the mix charges a plan for both. Prose windows come from one fixed shuffle of all
+    windows of a length: calibration takes them from its front, ``held_out=True`` (compress's
+    validation) from its back, so the two never share a window while the text has enough of them.
 
     ``data=None`` uses a built-in synthetic long-context set (offline, seeded); otherwise anything
     :func:`load_texts` takes (or a list of strings) supplies the contexts. Same arguments, same samples.
@@ -440,6 +473,12 @@ def calibration_set(
         texts = load_texts(data, text_field)
 
     out: dict[int, list[CalibrationSample]] = {}
+    plain_windows: dict[int, list[list[int]]] = {}
+    if mode == "mixed":
+        if prose is None:
+            prose = texts if texts is not None else shipped_texts("tune")
+        for n in lengths:
+            plain_windows[n] = _split_windows(prose, tokenizer, n, counts[n] // 2, held_out)
     if mode == "plain":
         for n in lengths:
             rng = random.Random(f"moa-calibration:{seed}:{n}:plain")
@@ -454,10 +493,15 @@ def calibration_set(
 
     answers = _AnswerCache(model, cache_dir, answer_tokens)
     documents = {n: _long_documents(texts, tokenizer, n) for n in lengths} if texts is not None else {}
-    with progress_steps(progress, sum(counts.values()), "calibration answers") as step:
+    with progress_steps(progress, sum(counts.values()), "calibration samples") as step:
         for n in lengths:
             out[n] = []
             for i in range(counts[n]):
+                if mode == "mixed" and i % 2:
+                    ids = plain_windows[n][i // 2]
+                    out[n].append(_sample(ids, n - max(1, n // PLAIN_SCORED_FRACTION)))
+                    step(f"calibration prose at {n} tokens ({i + 1}/{counts[n]})")
+                    continue
                 rng = random.Random(f"moa-calibration:{seed}:{n}:{i}")
                 prompt = _answer_prompt(tokenizer, documents.get(n), n - answer_tokens, rng)
                 answer = answers.get(prompt)
@@ -485,6 +529,24 @@ def _plain_windows(texts, tokenizer, n: int, k: int, rng) -> list[list[int]]:
             f"({long_enough} of {len(texts)} texts are at least {n} tokens long)"
         )
     return rng.sample(windows, k)
+
+
+def _split_windows(texts, tokenizer, n: int, k: int, held_out: bool) -> list[list[int]]:
+    """``k`` windows of ``n`` tokens from one fixed shuffle of all of ``texts``' windows (the same for
+    every seed, so that held-out samples drawn with another seed still avoid the calibration ones): its
+    first ``k`` (calibration) or its last ``k`` (``held_out``), disjoint while there are ``2k``."""
+    import random
+
+    if k == 0:
+        return []
+    windows = token_windows(texts, tokenizer, n)
+    random.Random(f"moa-calibration:{n}:prose-order").shuffle(windows)
+    if len(windows) < 2 * k:
+        raise DataError(
+            f"mixed calibration needs {2 * k} prose windows of {n} tokens ({k} to calibrate, {k} held out), "
+            f"the prose gives {len(windows)}; use fewer --samples, shorter --lengths or longer text"
+        )
+    return windows[len(windows) - k :] if held_out else windows[:k]
 
 
 def _synthetic_ids(tokenizer, n: int, rng) -> list[int]:

@@ -95,7 +95,7 @@ from typing import Any
 
 import torch
 
-from moa_compress.data import DataError, max_positions, token_windows
+from moa_compress.data import SHIPPED_TEXTS, DataError, max_positions, shipped_texts, token_windows
 from moa_compress.errors import UserInputError
 from moa_compress.plan import (
     DenseRule,
@@ -137,8 +137,9 @@ DEFAULT_RULER_SAMPLES = 5
 DEFAULT_BATCH_SIZE = 4
 REPLY_MARGIN = 8  # greedy tokens allowed past the reference answer's length
 # Twelve English Wikipedia articles carried in the package (CC BY-SA 3.0; texts/README.md): natural
-# prose, 160K tokens of the embedded model's tokenizer (9K to 20K per article: 15 windows of 8K).
-DEFAULT_DATA = Path(__file__).resolve().parent / "texts" / "wikipedia"
+# prose, 160K tokens of the embedded model's tokenizer (9K to 20K per article). Eval reads the "eval"
+# split (eight articles, ~110K tokens: 11 windows of 8K); the other four tune (data.shipped_texts).
+DEFAULT_DATA = SHIPPED_TEXTS
 LOGIT_CHUNK = 256  # positions per lm_head chunk: 256 x 49152 fp32 logits = 48 MiB
 
 
@@ -179,19 +180,18 @@ def check_lengths(model: Any, lengths: Sequence[int]) -> list[int]:
     return lengths
 
 
-def default_texts(text_field: str = "text") -> tuple[list[str], str]:
-    """The default evaluation text: the Wikipedia articles shipped in ``moa_compress/texts``.
+def default_texts() -> tuple[list[str], str]:
+    """The default evaluation text: the "eval" split of the Wikipedia articles shipped in
+    ``moa_compress/texts`` (the other articles tune mixed calibration; :func:`data.shipped_texts`).
 
     Raises :class:`DataError` (one line) when this install lacks them, naming ``--data``.
     """
-    from moa_compress.data import load_texts
-
     if not DEFAULT_DATA.is_dir():
         raise DataError(
             f"no --data given and the default evaluation text ({DEFAULT_DATA}) is missing from this "
             "install; pass --data with a text file, folder or dataset"
         )
-    return load_texts(DEFAULT_DATA, text_field=text_field), str(DEFAULT_DATA)
+    return shipped_texts("eval", DEFAULT_DATA), f"{DEFAULT_DATA} (eval split)"
 
 
 # ----------------------------------------------------------------------------------------------

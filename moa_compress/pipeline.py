@@ -13,11 +13,16 @@ With gate rules allowed (``settings.rules``, default static, gate and dense) a g
 SeerAttention-style gate per layer on the profile's calibration samples, and the search costs gate
 candidates on those samples' own maps (:func:`moa_compress.search.gate_costs`).
 
+Calibration (the full preset): ``mixed`` samples, the dense model's answers to long-context prompts
+alternating with windows of natural prose (the "tune" split of the shipped articles, or ``data``), so
+that both retrieval and running text charge a plan (:func:`moa_compress.data.calibration_set`).
+
 Validation: the search ranks plans by a first-order prediction of the loss; held-out samples (the same
-recipe with another seed) at every profiled length measure the real answer loss of every Pareto plan,
-of dense, and of the uniform baseline at the chosen plan's density. A plan's *score* is the mean over
-the lengths of its loss divided by dense's there (answer losses differ in scale from one length to the
-next); the lowest score wins. A user is never handed a plan that validates worse than a simpler one:
+recipe with another seed, prose windows the calibration did not use) at every profiled length measure
+the real loss of every Pareto plan, of dense, and of the uniform baseline at the chosen plan's density.
+A variant's loss at a length is the mean over the held-out samples of each one's loss; its *score* the
+mean over the lengths of that loss divided by dense's there (losses differ in scale from one length to
+the next); the lowest score wins. A user is never handed a plan that validates worse than a simpler one:
 the best Pareto plan competes with the uniform plan within the budget and, when the search mixed
 static and gate rules, with the static-only and gate-only optima; ``compress.json`` says which was
 written (``searched``, ``uniform``, ``static-only`` or ``gate-only``) and why. Scoring every length, not only the longest, matters: one sample at 8K
@@ -409,7 +414,9 @@ class _Context:
         """Seconds the stage took in this run; None when it was read back from the work folder."""
         return None if stage in self.resumed else round(time.perf_counter() - started, 2)
 
-    def calibration(self, lengths: Sequence[int], counts: Mapping[int, int], seed: int):
+    def calibration(
+        self, lengths: Sequence[int], counts: Mapping[int, int], seed: int, held_out: bool = False
+    ):
         from moa_compress.data import calibration_set
 
         s = self.settings
@@ -423,6 +430,7 @@ class _Context:
             seed=seed,
             progress=self.progress,
             answer_tokens=s.answer_tokens,
+            held_out=held_out,
         )
 
     def calibration_samples(self) -> dict[int, list]:
@@ -572,9 +580,8 @@ class _Context:
             if key in losses:
                 return
             if not held_out:
-                held_out.update(
-                    self.calibration(lengths, dict.fromkeys(lengths, s.validation_samples), record["seed"])
-                )
+                counts = dict.fromkeys(lengths, s.validation_samples)
+                held_out.update(self.calibration(lengths, counts, record["seed"], held_out=True))
             _say(self.progress, f"validate: answer loss of {label} at {n} tokens")
             losses[key] = self.loss(plan, held_out[n])
             atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
@@ -634,13 +641,18 @@ class _Context:
         )
 
     def loss(self, plan: Plan | None, samples) -> float:
+        """Mean over ``samples`` of each one's loss: a prose window (hundreds of scored tokens) and an
+        answer (a few dozen) count alike, as they do in the profile."""
         from moa_compress.profile import answer_loss
         from moa_compress.runtime import apply_plan
 
+        def mean_loss() -> float:
+            return sum(answer_loss(self.model, [sample]) for sample in samples) / len(samples)
+
         if plan is None:
-            return answer_loss(self.model, samples)
+            return mean_loss()
         with apply_plan(self.model, plan, backend=self.settings.backend):
-            return answer_loss(self.model, samples)
+            return mean_loss()
 
 
 def _rule_name(plan: Plan) -> str:

@@ -42,10 +42,10 @@ class CompressSettings:
 
     budget: float
     lengths: tuple[int, ...] = (2048, 4096, 8192)
-    samples: tuple[int, ...] | int = (6, 2, 1)
+    samples: tuple[int, ...] | int = (6, 2, 2)
     data: str | None = None
     text_field: str = "text"
-    mode: str = "answers"
+    mode: str = "mixed"
     seed: int = 0
     answer_tokens: int = 32
     extend_lengths: tuple[int, ...] = ()
@@ -56,7 +56,7 @@ class CompressSettings:
     min_span: float | None = None
     cost: str | None = None
     pareto_size: int = 7
-    validation_samples: int = 1
+    validation_samples: int = 2
     eval_limit: int = 2
     eval_data: str | None = None
     dtype: str = "auto"
@@ -142,9 +142,10 @@ class CompressSettings:
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "lengths": (2048, 4096, 8192),
-        "samples": (6, 2, 1),
+        "samples": (6, 2, 2),
+        "mode": "mixed",
         "pareto_size": 7,
-        "validation_samples": 1,
+        "validation_samples": 2,
         "eval_limit": 2,
         "gate_steps": 300,
     },

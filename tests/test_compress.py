@@ -106,7 +106,7 @@ def test_end_to_end_writes_plan_report_summary_within_budget(finished, model):
     assert set(summary["density"]) == {"256", "512", "1024"}
     assert set(summary["predicted_cost"]) == {"256", "512"}  # only profiled lengths have a cost
     validation = summary["validation"]
-    assert validation["lengths"] == [256, 512] and validation["samples"] == 1
+    assert validation["lengths"] == [256, 512] and validation["samples"] == 2  # an answer and a prose window
     # the score: mean over the profiled lengths of the loss relative to dense, recomputed here
     dense = validation["dense"]
     scores = [sum(p["loss"][n] / dense[n] for n in ("256", "512")) / 2 for p in validation["points"]]
@@ -163,7 +163,7 @@ def test_interrupted_run_resumes_to_the_same_plan(
 
     def loss_then_stop(*args):
         calls["loss"] += 1
-        if calls["loss"] > 2:
+        if calls["loss"] > 4:  # two measurements of two held-out samples each
             raise KeyboardInterrupt
         return real_loss(*args)
 
@@ -177,8 +177,8 @@ def test_interrupted_run_resumes_to_the_same_plan(
     result = compress(model, tokenizer, settings(eval_text), out, progress=False)
     points = len(result.summary["validation"]["points"])
     # dense, each point, uniform and the uniform plan within the budget at each of the 2 lengths,
-    # less the two saved
-    assert calls["loss"] == -100 + 2 * (points + 3) - 2
+    # less the two saved; each measurement scores the 2 held-out samples one by one
+    assert calls["loss"] == -100 + 2 * (2 * (points + 3) - 2)
     assert calls["profile"] == -100 + 2
     assert result.summary["seconds"]["profile"] is None  # the finished profile was read back
     assert result.plan.rules == finished[1].plan.rules
@@ -289,13 +289,14 @@ def test_without_default_text_the_eval_is_skipped_and_the_plan_still_written(
 
 
 def test_presets_and_overrides():
-    assert PRESETS["full"]["lengths"] == (2048, 4096, 8192) and PRESETS["full"]["samples"] == (6, 2, 1)
+    assert PRESETS["full"]["lengths"] == (2048, 4096, 8192) and PRESETS["full"]["samples"] == (6, 2, 2)
+    assert PRESETS["full"]["mode"] == "mixed" and PRESETS["full"]["validation_samples"] == 2
     fast = preset_settings("fast", 0.25)
     assert fast.lengths == PRESETS["fast"]["lengths"] and fast.budget == 0.25
     custom = preset_settings("full", 0.3, lengths=[4096, 1024], seed=None, mode="plain")
     assert custom.lengths == (1024, 4096) and custom.samples == (1, 2) and custom.mode == "plain"
     assert custom.seed == 0  # None means "not given"
-    assert preset_settings("full", 0.3, lengths=[8192, 2048]).samples == (6, 1)
+    assert preset_settings("full", 0.3, lengths=[8192, 2048]).samples == (6, 2)
     assert preset_settings("full", 0.3, samples=3).samples == (3, 3, 3)
     with pytest.raises(CompressError, match="--preset"):
         preset_settings("huge", 0.3)

@@ -127,6 +127,50 @@ def test_plain_mode(model, tokenizer):
     assert "Section 1" in tokenizer.decode(synthetic[128][0].input_ids)
 
 
+def test_mixed_mode_alternates_answers_and_held_out_prose(model, tokenizer, tmp_path):
+    """Even samples are answers, odd ones prose windows; held-out prose never repeats a calibration window."""
+    common = {"lengths": [256], "prose": PROSE, "mode": "mixed", "cache_dir": tmp_path, "progress": False}
+    sets = calibration_set(model, tokenizer, samples_per_length=5, answer_tokens=4, **common)
+    held = calibration_set(model, tokenizer, samples_per_length=5, answer_tokens=4, held_out=True, seed=9,
+                           **common)  # fmt: skip
+    windows = {tuple(w) for w in data_module.token_windows(PROSE, tokenizer, 256)}
+    for samples in (sets[256], held[256]):
+        assert len(samples) == 5
+        for i, s in enumerate(samples):
+            assert len(s.input_ids) == 256
+            if i % 2:  # a prose window: its last eighth scored
+                assert tuple(s.input_ids.tolist()) in windows
+                assert s.loss_mask.tolist() == [False] * 224 + [True] * 32
+            else:  # an answer to a synthetic prompt
+                assert 1 <= int(s.loss_mask.sum()) <= 4
+                assert "Section" in tokenizer.decode(s.input_ids)
+    calibrated = {tuple(s.input_ids.tolist()) for s in sets[256][1::2]}
+    held_prose = {tuple(s.input_ids.tolist()) for s in held[256][1::2]}
+    assert len(calibrated) == len(held_prose) == 2 and not calibrated & held_prose
+    # The prose windows do not depend on the seed (held-out samples are drawn with another one).
+    again = calibration_set(model, tokenizer, samples_per_length=5, answer_tokens=4, seed=3, **common)
+    assert [s.input_ids.tolist() for s in again[256][1::2]] == [s.input_ids.tolist() for s in sets[256][1::2]]
+    with pytest.raises(DataError, match=r"mixed calibration needs \d+ prose windows of 256 tokens"):
+        calibration_set(model, tokenizer, samples_per_length=400, **common)
+
+
+def test_shipped_texts_split_by_article(tmp_path):
+    folder = tmp_path / "articles"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i:02d}.txt").write_text(f"article {i}\n")
+    tune = data_module.shipped_texts("tune", folder)
+    evaluation = data_module.shipped_texts("eval", folder)
+    assert [t.split()[1] for t in evaluation] == ["0", "1"] and [t.split()[1] for t in tune] == [
+        "2",
+        "3",
+        "4",
+        "5",
+    ]
+    with pytest.raises(DataError, match="missing from this install"):
+        data_module.shipped_texts("tune", tmp_path / "none")
+
+
 def test_bad_requests(model, tokenizer, tmp_path):
     with pytest.raises(DataError, match="maximum positions"):
         calibration_set(model, tokenizer, lengths=[2048], samples_per_length=1, progress=False)
