@@ -27,6 +27,7 @@ once per length, pays for it once.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -347,16 +348,36 @@ def merge_partials(partial: list[tuple[torch.Tensor, torch.Tensor]], out: torch.
     weights = lse.sub_(lse.amax(0)).exp_()
     weights.div_(weights.sum(0)).nan_to_num_(0.0)
     weights = weights.unsqueeze(-1)
-    # Accumulate into the first partial (the op's own output, ours to overwrite) when it can hold
-    # the sum at full precision: no new output-sized buffers, each a memory pass and page faults.
     merged = partial[0][0]
     if merged.dtype == acc:
+        # Accumulate into the first partial (the op's own output, ours to overwrite): no new
+        # output-sized buffers, each a memory pass plus page faults on first touch.
         merged.mul_(weights[0])
+        for (o, _), w in zip(partial[1:], weights[1:], strict=True):
+            merged.addcmul_(o, w)
     else:
-        merged = merged * weights[0]
-    for (o, _), w in zip(partial[1:], weights[1:], strict=True):
-        merged.addcmul_(o, w)
+        # Low precision: sum in float32. A mixed-dtype op on CPU would first copy its bfloat16 input
+        # to a new float32 tensor (an allocation and a pass per partial); casting into reused
+        # buffers instead keeps every op single-dtype and allocation-free.
+        merged = _workspace(0, merged.shape, acc).copy_(merged).mul_(weights[0])
+        cast = _workspace(1, merged.shape, acc)
+        for (o, _), w in zip(partial[1:], weights[1:], strict=True):
+            merged.addcmul_(cast.copy_(o), w)
     out.copy_(merged.view(out.shape))
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(slot: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of ``shape`` kept per thread and ``slot`` and grown as needed (the merge's float32
+    sums of low-precision partials): held between calls, so an 8K prefill's ~19 MiB is allocated once."""
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    numel = shape.numel()
+    buffer = buffers.get((slot, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 # ----------------------------------------------------------------------------------------------
