@@ -597,6 +597,7 @@ def test_triton_stays_optional_and_auto_never_picks_it_on_cpu():
         "import sys, torch\n"
         "import moa_compress, moa_compress.attention as a\n"
         "import moa_compress.kernels.triton_prefill, moa_compress.kernels.triton_decode\n"
+        "import moa_compress.kernels.triton_slot_decode, moa_compress.kvcache\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
         "assert a.resolve_backend('auto', torch.device('cpu')) == 'torch'\n"
     )
