@@ -13,7 +13,9 @@ backend) vs FlexAttention on the same block layout, 32 query / 8 KV heads x 128 
 8K / 32K / 128K tokens and densities 1 / 0.5 / 0.2 / 0.1 of the causal blocks (each query block keeps
 its diagonal and the first (sink) block plus random causal blocks). Decode: one token against a 32K /
 128K cache: whole cache, mixed per-head windows, 10% of the blocks per query head and per KV head;
-triton vs SDPA on the whole cache.
+triton vs SDPA on the whole cache. Planned cache step: one layer of a PlanKVCache planned at that length
+from random rules (a full buffer for KV heads with a dense head, a sink + window ring for the others),
+filled, then one decode step's attention: the Triton slot kernel vs the torch path (mask + SDPA).
 Every measurement that fails prints its error in the table instead of stopping the run; measurements
 left when the time budget runs out are listed as skipped.
 """
@@ -110,15 +112,18 @@ def main() -> None:
     first, rest = lengths[:1], lengths[1:]
     work = [("prefill", n, density, block) for block in block_sizes for n in first for density in densities]
     work += [("decode", n, pattern, 64) for n in decode_lengths for pattern in DECODE_PATTERNS]
+    work += [("cache step", n, "planned rules", 64) for n in decode_lengths]
     work += [("prefill", n, density, block) for block in block_sizes for n in rest for density in densities]
     rows: list[Row] = []
     for kind, n, setting, block in work:
-        row = Row(kind, n, setting if kind == "decode" else f"{setting:g}", block)
+        row = Row(kind, n, setting if isinstance(setting, str) else f"{setting:g}", block)
         rows.append(row)
         if time.monotonic() > deadline:
             row.notes.append("skipped: time budget")
         elif kind == "prefill":
             measure_prefill(row, n, setting, block, shape, dtype, device, use_flex=not args.no_flex)
+        elif kind == "cache step":
+            measure_cache_step(row, n, block, shape, dtype, device)
         else:
             measure_decode(row, n, setting, shape, dtype, device)
         print(format_row(row), flush=True)
@@ -347,6 +352,79 @@ def kv_bytes_read(k, kv_lens, num, idx, shape) -> float:
     if num is None:
         return float(kv_lens.sum().item()) * per_token
     return float(num.sum().item()) * 64 * per_token
+
+
+def planned_cache(n: int, block: int, shape, dtype, device):
+    """One layer's PlanKVCache storage planned at ``n`` tokens from random rules and filled with
+    ``n`` random tokens: KV heads whose group has a dense head share a full buffer, the others a ring
+    (sink + the widest band of their heads)."""
+    from moa_compress.kvcache import ClassStorage, plan_layer
+    from moa_compress.plan import DenseRule, StaticRule
+
+    h, hkv, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    group = h // hkv
+    g = torch.Generator().manual_seed(2)
+    longest = max(n // 8, 2 * block)  # bands up to an eighth of the context
+    groups = []
+    for kv_head in range(hkv):
+        rules = [
+            StaticRule(
+                int(torch.randint(0, 3, (1,), generator=g)),
+                float(torch.randint(block, longest, (1,), generator=g)),
+                0.0,
+            )
+            for _ in range(group)
+        ]
+        if kv_head < max(hkv // 4, 1):
+            rules[0] = DenseRule()
+        groups.append(tuple(rules))
+    classes = plan_layer(groups, block, n, -(-n // block) * block)
+    storage = [ClassStorage(c, 1, d, dtype, device, block) for c in classes]
+    keys = torch.randn(1, hkv, n, d, generator=torch.Generator(device=device).manual_seed(3), device=device)
+    positions = torch.arange(n, device=device)[None]  # [1, n]
+    lengths = torch.full((1, 1), n, device=device)
+    for s in storage:
+        s.all_heads = len(s.kv.kv_heads) == hkv
+        s.write(keys.to(dtype), keys.flip(2).to(dtype), positions, lengths)
+    q = torch.randn(1, h, d, generator=torch.Generator(device=device).manual_seed(4), device=device).to(dtype)
+    return q, storage
+
+
+def measure_cache_step(row: Row, n: int, block: int, shape, dtype, device) -> None:
+    """One decode step's attention over a planned cache, class by class: the slot kernel reads the
+    cache's slot table and rules (``triton``); the torch path builds the mask and runs SDPA."""
+    from moa_compress.attention import decode_attention
+
+    made = attempt(row, "cache", lambda: planned_cache(n, block, shape, dtype, device))
+    if made is None:
+        return
+    q, storage = made
+    position = torch.full((1,), n - 1, device=device)
+    queries = [q if s.all_heads else q.index_select(1, s.q_index) for s in storage]
+
+    def step(backend):
+        return [
+            decode_attention(q_class, s.keys, s.values, s.visible(position, block), backend=backend)
+            for q_class, s in zip(queries, storage)
+        ]
+
+    row.triton_ms = attempt(row, "triton", lambda: time_ms(lambda: step("triton"), device))
+    row.dense_ms = attempt(row, "torch", lambda: time_ms(lambda: step("torch"), device))
+    error = attempt(
+        row,
+        "check",
+        lambda: max(
+            (a.float() - b.float()).abs().max().item() for a, b in zip(step("triton"), step("torch"))
+        ),
+    )
+    if error is not None:
+        row.notes.append(f"max abs diff vs torch {error:.1e}")
+    row.notes.append(
+        "dense = torch path; classes "
+        + ", ".join(
+            f"{'ring' if s.kv.is_ring else 'full'} {len(s.kv.kv_heads)} KV x {s.kv.capacity}" for s in storage
+        )
+    )
 
 
 # ---------------------------------------------------------------- table

@@ -370,3 +370,154 @@ def merge_splits_kernel(
     total = tl.sum(weights, 0)
     out = tl.sum(weights[:, None] * parts, 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(Out + batch_head.to(tl.int64) * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty))
+
+
+@triton.jit
+def slot_decode_split_kernel(
+    Q,  # [B, Hq, D]
+    K,  # [B, Hkv, C, D]
+    V,  # [B, Hkv, C, D]
+    SlotPositions,  # [B, C] int64, -1 for empty slots (read unless FROM_MASK)
+    Positions,  # [B] int64: the query's position (read unless FROM_MASK)
+    SinkTokens,  # [Hq] int64, contiguous
+    Alpha,  # [Hq] float64, contiguous (inf: every causal slot)
+    Beta,  # [Hq] float64, contiguous
+    Blocks,  # [B, Hq, nK] uint8 (read only with HAS_BLOCKS)
+    Mask,  # [B, Hq, C] uint8 (read only with FROM_MASK)
+    OutPart,  # [B * Hq, num_splits, D] float32, normalised per split; with SINGLE_SPLIT the output [B, Hq, D]
+    LsePart,  # [B * Hq, num_splits] float32, base-2 log-sum-exp per split (-inf when empty)
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_sb,
+    stride_pb,
+    stride_bb,
+    stride_bh,
+    stride_mb,
+    stride_mh,
+    stride_mc,
+    capacity,
+    num_kv_heads,
+    num_key_blocks,
+    rule_block,  # the plan's block size
+    qk_scale,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_ROWS: tl.constexpr,  # GROUP padded to a tensor-core tile height (>= 16)
+    TILE: tl.constexpr,  # slots per step
+    HEAD_DIM: tl.constexpr,
+    FROM_MASK: tl.constexpr,  # visibility from Mask instead of the rules
+    HAS_BLOCKS: tl.constexpr,  # gate heads: also restrict to the selected key blocks
+    SINGLE_SPLIT: tl.constexpr,  # one split: write the normalised output to OutPart as is, no merge
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program per (batch * KV head, split) over a contiguous share of the cache's slots: the
+    group's query heads go together (each K/V tile is read once for the group; scores from tensor
+    cores), and each head decides per slot what it sees, from its rule and the slot-position table
+    (see moa_compress.kernels.slots). Tiles no head of the group sees are skipped without reading K/V."""
+    batch_kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = (batch_kv_head // num_kv_heads).to(tl.int64)
+    kv_head = (batch_kv_head % num_kv_heads).to(tl.int64)
+
+    num_tiles = tl.cdiv(capacity, TILE)
+    per_split = tl.cdiv(num_tiles, num_splits)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_tiles)
+
+    rows = tl.arange(0, GROUP_ROWS)
+    in_group = rows < GROUP
+    heads = kv_head * GROUP + rows  # query heads of this KV head; rows >= GROUP are padding
+    offs_n = tl.arange(0, TILE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=in_group[:, None], other=0.0
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+
+    if not FROM_MASK:
+        # The rule's band at the row's length, once per head. float64 and the same operations as
+        # SlotVisibility.mask (the launch disables FMA contraction), so both pick the same blocks.
+        position = tl.load(Positions + b * stride_pb)
+        n = (position + 1).to(tl.float64)
+        alpha = tl.load(Alpha + heads, mask=in_group, other=0.0)
+        beta = tl.load(Beta + heads, mask=in_group, other=0.0)
+        sink = tl.load(SinkTokens + heads, mask=in_group, other=0)
+        epsilon = tl.full([GROUP_ROWS], 1e-9, tl.float64)
+        band = tl.maximum(tl.math.ceil((alpha + beta * n) / rule_block - epsilon), 1.0)
+        # A band reaching past block 0 sees every causal slot: clamping keeps it finite (alpha = inf).
+        query_block = position // rule_block
+        band = tl.minimum(band, (query_block + 1).to(tl.float64))
+        first_band_token = (query_block - band.to(tl.int64) + 1) * rule_block  # [GROUP_ROWS] int64
+
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], dtype=tl.float32)
+    row_sum = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+    row_max = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+    for tile in range(first, last):
+        cols = tile * TILE + offs_n
+        in_cache = cols < capacity
+        if FROM_MASK:
+            visible = (
+                tl.load(
+                    Mask + b * stride_mb + heads[:, None] * stride_mh + cols[None, :] * stride_mc,
+                    mask=in_group[:, None] & in_cache[None, :],
+                    other=0,
+                )
+                != 0
+            )
+        else:
+            held = tl.load(SlotPositions + b * stride_sb + cols, mask=in_cache, other=-1)  # [TILE] int64
+            causal = (held >= 0) & (held <= position)
+            visible = causal[None, :] & (
+                (held[None, :] < sink[:, None]) | (held[None, :] >= first_band_token[:, None])
+            )
+            if HAS_BLOCKS:
+                key_block = tl.minimum(tl.maximum(held, 0) // rule_block, num_key_blocks - 1)
+                chosen = tl.load(
+                    Blocks + b * stride_bb + heads[:, None] * stride_bh + key_block[None, :],
+                    mask=visible,
+                    other=0,
+                )
+                visible = visible & (chosen != 0)
+            visible = visible & in_group[:, None]
+        if tl.max(visible.to(tl.int32)) > 0:
+            k = tl.load(
+                k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_cache[:, None], other=0.0
+            )
+            v = tl.load(
+                v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_cache[:, None], other=0.0
+            )
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_ROWS, TILE]
+            scores = tl.where(visible, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            base = tl.where(new_max == float("-inf"), 0.0, new_max)  # a head may see nothing here
+            correction = tl.math.exp2(row_max - base)
+            p = tl.math.exp2(scores - base[:, None])
+            row_sum = row_sum * correction + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
+            row_max = new_max
+
+    has_keys = row_sum > 0.0
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    out = acc / safe_sum[:, None]  # heads that saw nothing stay zero
+    slots = (b * num_kv_heads + kv_head) * GROUP + rows  # [GROUP_ROWS] int64: batch * Hq + head
+    if SINGLE_SPLIT:
+        o_ptrs = OutPart + slots[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OutPart.dtype.element_ty), mask=in_group[:, None])
+    else:
+        lse = tl.where(has_keys, row_max + tl.math.log2(safe_sum), float("-inf"))
+        slots = slots * num_splits + split
+        tl.store(OutPart + slots[:, None] * HEAD_DIM + offs_d[None, :], out, mask=in_group[:, None])
+        tl.store(LsePart + slots, lse, mask=in_group)

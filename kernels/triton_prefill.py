@@ -42,13 +42,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unsupported_reason(q: torch.Tensor, block_size: int) -> str | None:
-    """Why the Triton kernels cannot take ``q`` [B, H, S, D] with this block size, or None if they can."""
+def unsupported_reason(q: torch.Tensor, block_size: int | None) -> str | None:
+    """Why the Triton kernels cannot take ``q`` [B, H, (S,) D] with this block size (None: a kernel
+    whose tiles do not follow the plan's blocks), or None if they can."""
     if q.dtype not in SUPPORTED_DTYPES:
         return f"backend 'triton' takes float16, bfloat16 or float32; got {q.dtype} (use backend 'torch')"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"backend 'triton' supports head dims {SUPPORTED_HEAD_DIMS}; got {q.shape[-1]} (use backend 'flex')"
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    if block_size is not None and block_size not in SUPPORTED_BLOCK_SIZES:
         return f"backend 'triton' supports block sizes {SUPPORTED_BLOCK_SIZES}; got {block_size}"
     if q.device.type != "cuda" and not interpreting():
         return "backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)"

@@ -20,6 +20,7 @@ import torch
 
 from moa_compress.errors import UserInputError
 from moa_compress.kernels.layout import BlockLayout
+from moa_compress.kernels.slots import SlotVisibility
 
 BACKENDS = ("reference", "torch", "flex", "triton")
 
@@ -135,19 +136,29 @@ def decode_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k: torch.Tensor,  # [B, Hkv, C, D]
     v: torch.Tensor,  # [B, Hkv, C, D]
-    visible: torch.Tensor,  # [B, Hq, C] bool
+    visible: torch.Tensor | SlotVisibility,  # [B, Hq, C] bool, or the rules that decide it
     *,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of one new token per sequence over the cache slots each query head may see.
 
-    The decode step of a planned cache (:class:`moa_compress.runtime.PlanKVCache`): ``k``/``v``
-    are its storage, ``visible`` says which slots hold keys the head's rule reaches. Slot order is
-    irrelevant (a ring buffer is fine). Backends: ``reference`` (float64-capable specification) and
-    ``torch`` (one fused SDPA call, any device); ``auto``, ``flex`` and ``triton`` run ``torch``
-    (the Triton decode kernel takes ``kv_lens`` + block lists, not a slot mask). Shapes are checked,
-    values not (a check would cost a device sync per token): every head must see at least one slot.
+    The decode step of a planned cache (:class:`moa_compress.kvcache.PlanKVCache`): ``k``/``v``
+    are its storage, ``visible`` says which slots hold keys the head's rule reaches — a bool mask, or
+    a :class:`~moa_compress.kernels.slots.SlotVisibility` (the cache's slot-position table and each
+    head's rule: no mask is built for the ``triton`` backend). Slot order is irrelevant (a ring buffer
+    is fine). Backends:
+
+    * ``reference`` — the float64-capable specification (a rule visibility becomes its mask first);
+    * ``torch`` — one fused SDPA call with the mask (any device);
+    * ``triton`` — the slot decode kernel (:mod:`moa_compress.kernels.triton_slot_decode`): GQA
+      groups share K/V reads, tiles nobody sees are skipped, split-K over long caches (CUDA, or
+      CPU tensors under ``TRITON_INTERPRET=1`` for tests);
+    * ``auto`` — ``triton`` for CUDA tensors when triton is importable and takes the dtype and head
+      dim (float16/bfloat16/float32, 64 or 128), else ``torch``; ``flex`` runs ``torch``.
+
+    Shapes are checked, values not (a check would cost a device sync per token). A head that sees
+    no slot yields zeros on ``reference`` and ``triton``; ``torch`` assumes every head sees a slot.
 
     Example::
 
@@ -166,21 +177,36 @@ def decode_attention(
         raise AttentionInputError(
             f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} (Hq a multiple of Hkv)"
         )
-    if tuple(visible.shape) != (b, hq, k.shape[2]) or visible.dtype != torch.bool:
+    if isinstance(visible, SlotVisibility):
+        problem = visible.problem(b, hq, k.shape[2], q.device)
+        if problem is not None:
+            raise AttentionInputError(problem)
+    elif tuple(visible.shape) != (b, hq, k.shape[2]) or visible.dtype != torch.bool:
         raise AttentionInputError(
             f"visible must be bool [B, Hq, C] = {[b, hq, k.shape[2]]}; got {visible.dtype} {tuple(visible.shape)}"
         )
+    elif visible.device != q.device:
+        raise AttentionInputError("q, k, v, visible must be on one device")
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise AttentionInputError(
             f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
         )
-    if not (q.device == k.device == v.device == visible.device):
+    if not (q.device == k.device == v.device):
         raise AttentionInputError("q, k, v, visible must be on one device")
-    name = "torch" if backend in ("auto", "flex", "triton") else backend
-    if name not in _DECODE_IMPLEMENTATIONS:
-        raise AttentionInputError(
-            f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}"
-        )
+    name = "torch" if backend == "flex" else resolve_backend(backend, q.device)
+    if backend == "auto" and name == "triton":
+        from moa_compress.kernels.triton_prefill import unsupported_reason
+
+        if unsupported_reason(q, None) is not None:  # e.g. a head dim the kernel lacks
+            name = "torch"
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if name == "triton":
+        from moa_compress.kernels.triton_slot_decode import slot_decode_triton
+
+        return slot_decode_triton(q, k, v, visible, scale=scale)
+    if isinstance(visible, SlotVisibility):
+        visible = visible.mask()
     module_name, fn_name = _DECODE_IMPLEMENTATIONS[name]
     fn = getattr(importlib.import_module(module_name), fn_name)
-    return fn(q, k, v, visible, 1.0 / math.sqrt(d) if scale is None else scale)
+    return fn(q, k, v, visible, scale)

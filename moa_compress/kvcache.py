@@ -14,10 +14,18 @@ empty). Two kinds of class:
 * **full** — a KV head serving a dense head (or whose ring would not be smaller): slot = position.
 
 A decode step writes the new token's keys/values into its slot (one indexed write per class, no
-allocation of storage), updates the slot-position table, derives from it which slots each query
-head may see (a few elementwise ops on ``[B, Hq, capacity]``: positions, sinks and bands, per row, so
-left-padded rows with different lengths are exact) and makes one fused attention call per class
-(:func:`moa_compress.attention.decode_attention`). Nothing is built on the host per step.
+allocation of storage), updates the slot-position table and makes one attention call per class
+(:func:`moa_compress.attention.decode_attention`) over the storage as it is. Which slots each query
+head sees is not built as a mask: the call gets a :class:`~moa_compress.kernels.slots.SlotVisibility`
+— the slot-position table, each row's position and the heads' rule tensors (sinks, bands), all held
+by the storage — from which it decides per slot (positions, sinks and bands, per row, so left-padded
+rows with different lengths are exact). What runs where: on CUDA (``auto`` or ``triton``) the Triton
+slot decode kernel (:mod:`moa_compress.kernels.triton_slot_decode`) reads that table directly, the
+query heads of a KV head sharing each K/V read, and skips tiles no head sees; the call allocates its
+output only (plus a small float32 split-K workspace when the cache is split across programs). On CPU
+(``auto``, ``torch``; ``flex`` everywhere) the visibility becomes a ``[B, Hq, capacity]`` mask (a few
+elementwise ops) for one fused SDPA call; ``reference`` is the float64 specification. Nothing is
+built on the host per step.
 
 Multi-token calls (the prompt, chunks of a long prompt) attend with the block-sparse kernels over
 the retained tokens in position order plus the new ones, then write what the storage keeps.
@@ -46,6 +54,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_compress.errors import PlanRuntimeError
+from moa_compress.kernels.slots import SlotVisibility
 from moa_compress.plan import Plan, Rule, identity_of
 
 # Tokens a full buffer holds beyond the prompt before its first doubling (without max_length).
@@ -125,28 +134,6 @@ def plan_layer(
     return classes
 
 
-def visible_slots(
-    slot_positions: torch.Tensor,  # [B, C] int64, -1 for empty slots
-    positions: torch.Tensor,  # [B] int64: the query's position in each row
-    sink_tokens: torch.Tensor,  # [Hq] int64
-    alpha: torch.Tensor,  # [Hq] float64 (inf for dense heads)
-    beta: torch.Tensor,  # [Hq] float64
-    block_size: int,
-) -> torch.Tensor:  # [B, Hq, C] bool
-    """Slots each query head may see: the plan's rule at the row's length ``position + 1``, key
-    blocks ``< sink_blocks`` or ``>= p // bs - band + 1``, causal, over filled slots."""
-    n = (positions + 1).to(torch.float64)[:, None]  # [B, 1]
-    # band_blocks() of plan.py, in the same float64 arithmetic so the two agree exactly.
-    band = torch.ceil((alpha + beta * n) / block_size - 1e-9).clamp(min=1)  # [B, Hq]
-    first_band_token = ((positions // block_size)[:, None] - band + 1) * block_size  # [B, Hq]
-    held = slot_positions[:, None, :]  # [B, 1, C]
-    return (
-        (held >= 0)
-        & (held <= positions[:, None, None])
-        & ((held < sink_tokens[None, :, None]) | (held >= first_band_token[:, :, None]))
-    )
-
-
 class ClassStorage:
     """The buffers of one :class:`KVClass` and the per-head rule tensors its steps read."""
 
@@ -175,10 +162,16 @@ class ClassStorage:
         self.all_heads = False
         self.rows = torch.arange(batch, device=device)
 
-    def visible(self, positions: torch.Tensor, block_size: int) -> torch.Tensor:  # [B, Hq_c, C] bool
-        """Slots each of the class's query heads sees from a query at ``positions`` [B]."""
-        return visible_slots(
-            self.slot_positions, positions, self.sink_tokens, self.alpha, self.beta, block_size
+    def visible(
+        self,
+        positions: torch.Tensor,  # [B] int64: the query's position in each row
+        block_size: int,
+        blocks: torch.Tensor | None = None,  # [B, Hq_c, nK] bool: key blocks gate heads selected
+    ) -> SlotVisibility:
+        """Which slots each of the class's query heads sees from a query at ``positions``: the
+        slot-position table and the heads' rules as they are (the decode kernel's input; no mask)."""
+        return SlotVisibility(
+            self.slot_positions, positions, self.sink_tokens, self.alpha, self.beta, block_size, blocks
         )
 
     def grow(self, capacity: int) -> None:
@@ -360,15 +353,9 @@ class PlanKVLayer(CacheLayerMixin):
         out = torch.empty_like(q) if len(self.storage) > 1 else None
         for s in self.storage:
             s.write_token(stored.keys, stored.values, positions)
-            visible = visible_slots(
-                s.slot_positions, positions, s.sink_tokens, s.alpha, s.beta, self.block_size
-            )
-            if blocks is not None:
-                chosen = blocks if s.all_heads else blocks.index_select(1, s.q_index)  # [B, Hq_c, nK]
-                slot_block = (s.slot_positions.clamp(min=0) // self.block_size).clamp(
-                    max=chosen.shape[-1] - 1
-                )
-                visible &= chosen.gather(-1, slot_block[:, None, :].expand(-1, chosen.shape[1], -1))
+            # Gate heads (their layer's ``blocks``) keep only the key blocks their gate selected.
+            chosen = None if blocks is None else blocks if s.all_heads else blocks.index_select(1, s.q_index)
+            visible = s.visible(positions, self.block_size, chosen)
             q_class = q if s.all_heads else q.index_select(1, s.q_index)
             o = decode_attention(q_class, s.keys, s.values, visible, scale=scale, backend=backend)
             if out is None:

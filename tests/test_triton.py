@@ -8,6 +8,8 @@ references; float16/bfloat16 kernels are bounded by the reference's own error in
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -16,17 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from moa_compress.attention import block_sparse_attention
+from moa_compress.attention import AttentionInputError, block_sparse_attention, decode_attention
 from moa_compress.kernels.layout import BlockLayout, causal_layout
 from moa_compress.kernels.reference import block_sparse_attention_reference
+from moa_compress.kernels.slots import SlotVisibility
 from moa_compress.kernels.triton_decode import (
     block_sparse_decode,
     block_sparse_decode_reference,
     block_sparse_decode_triton,
 )
 from moa_compress.kernels.triton_prefill import TritonInputError, block_sparse_prefill
+from moa_compress.kernels.triton_slot_decode import slot_decode, slot_decode_reference, slot_decode_triton
 
-from .factories import random_layout, random_qkv
+from .factories import random_layout, random_qkv, tiny_model
 
 pytest.importorskip("triton")
 
@@ -297,6 +301,182 @@ def test_decode_custom_op_passes_opcheck():
     torch.library.opcheck(block_sparse_decode, (q, k, v, kv_lens, num, idx, 64, 0.125, 2))
 
 
+# ---------------------------------------------------------------- slot decode (the planned cache's step)
+
+# Per query head: sink tokens, alpha, beta (inf: a dense head). With block size 16: a dense head, sinks
+# with bands, a one-block band (the query's own block only), growing bands, a negative alpha.
+SLOT_RULES = [
+    (0, math.inf, 0.0), (16, 40.0, 0.0), (0, -100.0, 0.0), (16, 20.0, 0.1), (0, 3.0, 0.2),
+    (0, 50.0, 0.0), (32, 100.0, 0.0), (0, 1.0, 0.0), (16, 16.0, 0.0),
+]  # fmt: skip
+
+
+def ring_table(lengths, sink, window):
+    """The slot-position table of a ring of ``sink + window`` slots after rows of ``lengths`` tokens
+    (as PlanKVCache fills it: position t >= sink in slot sink + (t - sink) % window), and the query
+    positions; a row of length 0 holds nothing."""
+    table = torch.full((len(lengths), sink + window), -1, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        kept = [t for t in range(n) if t < sink or t >= n - window]
+        slots = [t if t < sink else sink + (t - sink) % window for t in kept]
+        table[row, slots] = torch.tensor(kept, dtype=torch.long)
+    return table, torch.tensor([max(n - 1, 0) for n in lengths])
+
+
+def slot_rules(heads, table, positions, block_size=16, blocks=None):
+    rules = [SLOT_RULES[h % len(SLOT_RULES)] for h in range(heads)]
+    return SlotVisibility(
+        table, positions, torch.tensor([r[0] for r in rules]),
+        torch.tensor([r[1] for r in rules], dtype=torch.float64),
+        torch.tensor([r[2] for r in rules], dtype=torch.float64), block_size, blocks,
+    )  # fmt: skip
+
+
+def on_device(visible, device=DEVICE):
+    if isinstance(visible, torch.Tensor):
+        return visible.to(device)
+    fields = {f.name: getattr(visible, f.name) for f in dataclasses.fields(visible)}
+    return SlotVisibility(
+        **{n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in fields.items()}
+    )
+
+
+def run_slot_decode(q, k, v, visible, dtype=torch.float32, **kw):
+    cast = [t.to(DEVICE, dtype) for t in (q, k, v)]
+    return slot_decode_triton(*cast, on_device(visible), **kw).cpu()
+
+
+def test_ring_table_visibility_covers_the_cases():
+    """The inputs below really have wrapped rings, one-slot heads, empty rows and partial fills."""
+    table, positions = ring_table([400, 131, 65, 0], sink=16, window=115)
+    mask = slot_rules(9, table, positions).mask()  # [B, Hq, C]
+    assert table.shape[1] == 131 and (table[0] >= 0).all() and not (table[0] == torch.arange(131)).all()
+    assert int(mask[2, 2].sum()) == 1  # the one-block band at position 64: only its own slot
+    assert not mask[3].any() and (table[2] == -1).any()
+    wrapped_band = mask[0, 4].nonzero().flatten()  # a band across the ring's wrap: two runs of slots
+    assert table[0, wrapped_band].max() == 399 and (wrapped_band.diff() > 1).any()
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize("d", [64, 128])
+def test_slot_decode_ring_matches_float64_reference(num_splits, d):
+    """GQA 9/3, an odd capacity, a wrapped ring, rows of different lengths (one empty): every rule."""
+    table, positions = ring_table([400, 131, 65, 0], sink=16, window=115)
+    q, k, v = random_cache(4, 9, 3, 131, d, seed=40 + d)
+    visible = slot_rules(9, table, positions)
+    expected = slot_decode_reference(q, k, v, visible)
+    out = run_slot_decode(q, k, v, visible, num_splits=num_splits)
+    assert out.shape == (4, 9, d) and max_error(out, expected) < 2e-5
+    assert out[3].abs().max() == 0  # a row that holds nothing: zeros, not NaN
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (20, 1), (9, 3)])
+def test_slot_decode_full_buffer_any_group_size(hq, hkv):
+    """slot = position (a full buffer), partly filled; groups of 1, 3 and more than 16 heads."""
+    table = torch.arange(77).repeat(2, 1)
+    table[1, 30:] = -1
+    q, k, v = random_cache(2, hq, hkv, 77, 64, seed=hq)
+    visible = slot_rules(hq, table, torch.tensor([76, 29]))
+    expected = slot_decode_reference(q, k, v, visible)
+    assert max_error(run_slot_decode(q, k, v, visible, num_splits=2), expected) < 2e-5
+
+
+@pytest.mark.parametrize("num_key_blocks", [25, 10])
+def test_slot_decode_gate_blocks_restrict_each_head(num_key_blocks):
+    """Gate heads' selected key blocks on top of the rules; positions past the last listed block
+    count as it; a head that selects nothing returns zeros."""
+    table, positions = ring_table([400, 131, 65], sink=16, window=115)
+    blocks = torch.rand(3, 9, num_key_blocks, generator=torch.Generator().manual_seed(41)) < 0.5
+    blocks[0, 0] = False
+    visible = slot_rules(9, table, positions, blocks=blocks)
+    q, k, v = random_cache(3, 9, 3, 131, 64, seed=42)
+    expected = slot_decode_reference(q, k, v, visible)
+    out = run_slot_decode(q, k, v, visible, num_splits=2)
+    assert max_error(out, expected) < 2e-5 and out[0, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_slot_decode_from_a_mask(num_splits):
+    """A plain bool mask (any view) instead of the rules; empty heads give zeros."""
+    mask = torch.rand(2, 131, 6, generator=torch.Generator().manual_seed(43)) < 0.3
+    mask = mask.transpose(1, 2)  # [B, Hq, C], not contiguous
+    mask[1, 5] = False
+    q, k, v = random_cache(2, 6, 2, 131, 64, seed=44)
+    expected = slot_decode_reference(q, k, v, mask)
+    out = run_slot_decode(q, k, v, mask, num_splits=num_splits)
+    assert max_error(out, expected) < 2e-5 and out[1, 5].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slot_decode_low_precision_within_reference_error(dtype):
+    table, positions = ring_table([400, 131, 65], sink=16, window=115)
+    visible = slot_rules(9, table, positions)
+    q, k, v = random_cache(3, 9, 3, 131, 128, seed=45)
+    exact = slot_decode_reference(q, k, v, visible)
+    reference_error = max_error(slot_decode_reference(*(t.to(dtype) for t in (q, k, v)), visible), exact)
+    out = run_slot_decode(q, k, v, visible, dtype=dtype, num_splits=2)
+    assert out.dtype == dtype and max_error(out, exact) <= 2 * reference_error
+
+
+def test_decode_attention_dispatches_triton_with_rules_or_mask():
+    table, positions = ring_table([300, 70], sink=16, window=115)
+    q, k, v = (t.float() for t in random_cache(2, 9, 3, 131, 64, seed=46))
+    visible = slot_rules(9, table, positions)
+    want = decode_attention(q, k, v, visible, backend="reference")
+    for given in (visible, visible.mask()):
+        got = decode_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(given), backend="triton")
+        assert max_error(got.cpu(), want) < 2e-5
+
+
+def test_slot_decode_rejects_bad_inputs():
+    table, positions = ring_table([100], sink=16, window=115)
+    q, k, v = (t.to(DEVICE) for t in random_cache(1, 9, 3, 131, 64, seed=47, dtype=torch.float32))
+    visible = on_device(slot_rules(9, table, positions))
+    with pytest.raises(TritonInputError, match="positions must be torch.int64"):
+        slot_decode_triton(q, k, v, dataclasses.replace(visible, positions=visible.positions.int()))
+    with pytest.raises(TritonInputError, match="blocks must be bool"):
+        slot_decode_triton(q, k, v, dataclasses.replace(visible, blocks=torch.ones(1, 3, 4, device=DEVICE)))
+    with pytest.raises(TritonInputError, match="head dims"):
+        slot_decode_triton(q[..., :32], k[..., :32], v[..., :32], visible)
+    with pytest.raises(AttentionInputError, match="sink_tokens"):
+        decode_attention(q, k, v, dataclasses.replace(visible, sink_tokens=visible.sink_tokens[:3]))
+
+
+def test_slot_decode_custom_op_passes_opcheck():
+    table, positions = ring_table([200, 50], sink=16, window=115)
+    q, k, v = (t.float().to(DEVICE) for t in random_cache(2, 6, 2, 131, 64, seed=48))
+    r = on_device(slot_rules(6, table, positions))
+    blocks = torch.ones(2, 6, 13, dtype=torch.bool, device=DEVICE)
+    rules = (r.slot_positions, r.positions, r.sink_tokens, r.alpha, r.beta)
+    torch.library.opcheck(slot_decode, (q, k, v, *rules, None, None, 16, 0.125, 1))
+    torch.library.opcheck(slot_decode, (q, k, v, *rules, blocks, None, 16, 0.125, 2))
+    torch.library.opcheck(slot_decode, (q, k, v, None, None, None, None, None, None, r.mask(), 16, 0.125, 2))
+
+
+def test_plan_kv_cache_decode_steps_through_the_slot_kernel():
+    """PlanKVCache (a ring and a full buffer per layer, GQA 4/2, head dim 64) decoding token by
+    token with backend triton gives the logits of backend reference."""
+    from moa_compress.kvcache import PlanKVCache
+    from moa_compress.runtime import apply_plan, cache_kwarg
+    from tests.test_kvcache import mixed_heads
+    from tests.test_runtime import ids, make_plan
+
+    model = tiny_model("llama", head_dim=64)
+    plan = make_plan(model, mixed_heads)
+    tokens = ids(1, 60, seed=49)
+    logits = {}
+    with torch.no_grad():
+        for backend in ("reference", "triton"):
+            cache = PlanKVCache(model.config, plan, max_length=60)
+            with apply_plan(model, plan, backend=backend):
+                steps = [model(tokens[:, :48], **{cache_kwarg(model): cache}).logits[:, -1]]
+                for i in range(48, 60):
+                    steps.append(model(tokens[:, i : i + 1], **{cache_kwarg(model): cache}).logits[:, -1])
+            logits[backend] = torch.stack(steps)
+            assert any(s.kv.is_ring for layer in cache.layers for s in layer.storage)
+    assert max_error(logits["triton"], logits["reference"]) < 1e-4
+
+
 # ---------------------------------------------------------------- real compiler, no GPU needed
 
 COMPILE_SCRIPT = Path(__file__).with_name("triton_compile_check.py")
@@ -367,6 +547,47 @@ def test_gpu_decode_long_and_cuda_graph():
     torch.testing.assert_close(captured, out)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_plan_kv_cache_decode_through_the_slot_kernel(backend):
+    """On CUDA a PlanKVCache decode step runs the slot kernel (auto picks it too): token by token,
+    rings wrapping many times, the logits of backend reference."""
+    from moa_compress.kvcache import PlanKVCache
+    from moa_compress.runtime import apply_plan, cache_kwarg
+    from tests.test_kvcache import mixed_heads
+    from tests.test_runtime import ids, make_plan
+
+    model = tiny_model("llama", head_dim=128).cuda()
+    plan = make_plan(model, mixed_heads)
+    tokens = ids(2, 400, seed=50).cuda()
+    logits = {}
+    with torch.no_grad():
+        for name in ("reference", backend):
+            cache = PlanKVCache(model.config, plan, max_length=400)
+            with apply_plan(model, plan, backend=name):
+                steps = [model(tokens[:, :100], **{cache_kwarg(model): cache}).logits[:, -1]]
+                for i in range(100, 400):
+                    steps.append(model(tokens[:, i : i + 1], **{cache_kwarg(model): cache}).logits[:, -1])
+            logits[name] = torch.stack(steps).cpu()
+    assert max_error(logits[backend], logits["reference"]) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_slot_decode_long_cache_and_cuda_graph():
+    table, positions = ring_table([20000, 9000], sink=64, window=8128)
+    q, k, v = (t.cuda() for t in random_cache(2, 32, 8, 8192, 128, seed=51, dtype=torch.bfloat16))
+    visible = on_device(slot_rules(32, table, positions), "cuda")
+    expected = slot_decode_reference(q.float(), k.float(), v.float(), visible)
+    out = slot_decode_triton(q, k, v, visible)
+    assert max_error(out, expected) < 2e-2
+    slot_decode_triton(q, k, v, visible)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = slot_decode_triton(q, k, v, visible)
+    graph.replay()
+    torch.testing.assert_close(captured, out)
+
+
 # ---------------------------------------------------------------- integration
 
 
@@ -376,6 +597,7 @@ def test_triton_stays_optional_and_auto_never_picks_it_on_cpu():
         "import sys, torch\n"
         "import moa_compress, moa_compress.attention as a\n"
         "import moa_compress.kernels.triton_prefill, moa_compress.kernels.triton_decode\n"
+        "import moa_compress.kernels.triton_slot_decode, moa_compress.kvcache\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
         "assert a.resolve_backend('auto', torch.device('cpu')) == 'torch'\n"
     )
@@ -398,8 +620,11 @@ def test_prefill_op_traces_under_fake_tensors():
         decoded = block_sparse_decode(
             q[:, :, 0], k, v, torch.empty(2, 2, dtype=torch.int32), None, None, 64, 0.1, 4
         )
+        rules = (torch.empty(2, 500, dtype=torch.long), torch.empty(2, dtype=torch.long))
+        rules += (torch.empty(8, dtype=torch.long), *(torch.empty(8, dtype=torch.float64),) * 2)
+        slots = slot_decode(q[:, :, 0], k, v, *rules, None, None, 64, 0.1, 4)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert decoded.shape == (2, 8, 128)
+    assert decoded.shape == slots.shape == (2, 8, 128) and slots.dtype == q.dtype
 
 
 @pytest.mark.slow

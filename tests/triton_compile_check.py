@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 from moa_compress.kernels import _triton_kernels as kernels
 from moa_compress.kernels.triton_decode import decode_launch_options
 from moa_compress.kernels.triton_prefill import launch_options
+from moa_compress.kernels.triton_slot_decode import SLOT_TILE, slot_decode_launch_options
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # A few variants covering each kernel, dtype family and tile shape, for a check of ~15 s.
@@ -34,6 +35,9 @@ QUICK = (
     "decode bf16 d 128 whole cache",
     "decode fp32 d 64 whole cache",
     "merge d 128",
+    "slot decode bf16 d 128 rules",
+    "slot decode bf16 d 128 rules gate-blocks one-split",
+    "slot decode fp32 d 64 mask",
 )
 # Shared memory one block may use, by compute capability (bytes).
 SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -99,6 +103,26 @@ def variants():
             constexprs,
             options,
         )
+    for dtype, head_dim in itertools.product(TRITON_TYPES, (64, 128)):
+        t = TRITON_TYPES[dtype]
+        pointers = {"Q": t, "K": t, "V": t, "SlotPositions": "i64", "Positions": "i64", "SinkTokens": "i64"}
+        pointers.update(Alpha="fp64", Beta="fp64", Blocks="u8", Mask="u8", LsePart="fp32")
+        for from_mask, has_blocks, single, what in (
+            (False, False, False, "rules"),
+            (False, True, True, "rules gate-blocks one-split"),
+            (True, False, False, "mask"),
+        ):
+            options = slot_decode_launch_options(dtype)
+            constexprs = {"GROUP": 4, "GROUP_ROWS": 16, "TILE": SLOT_TILE, "HEAD_DIM": head_dim}
+            constexprs.update(FROM_MASK=from_mask, HAS_BLOCKS=has_blocks, SINGLE_SPLIT=single)
+            constexprs.update({name: options.pop(name) for name in list(options) if name.isupper()})
+            yield (
+                f"slot decode {t} d {head_dim} {what}",
+                kernels.slot_decode_split_kernel,
+                {**pointers, "OutPart": t if single else "fp32"},
+                constexprs,
+                options,
+            )
     for head_dim in (64, 128):
         pointers = {"OutPart": "fp32", "LsePart": "fp32", "Out": "bf16"}
         yield (
