@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa_compress.attn_interface import use_attention
 from moa_compress.data import CalibrationSample, progress_steps
 from moa_compress.errors import UserInputError
 from moa_compress.plan import (
@@ -379,8 +380,6 @@ def _capturing(model, capture: _Capture) -> Iterator[None]:
     """Hooks on each layer's q/k projections (their outputs are the pre-RoPE queries and keys) and the
     target attention function; undone on exit."""
     global _ACTIVE
-    from transformers import AttentionInterface
-
     identity = identity_of(model)
     d = identity.head_dim
 
@@ -396,15 +395,12 @@ def _capturing(model, capture: _Capture) -> Iterator[None]:
     for attention in attention_layers(model):
         handles.append(attention.q_proj.register_forward_hook(hook(attention.layer_idx, "q")))
         handles.append(attention.k_proj.register_forward_hook(hook(attention.layer_idx, "k")))
-    AttentionInterface.register(ATTENTION_NAME, _target_attention)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
     _ACTIVE = capture
     try:
-        yield
+        with use_attention(model, ATTENTION_NAME, _target_attention):
+            yield
     finally:
         _ACTIVE = None
-        model.set_attn_implementation(previous)
         for handle in handles:
             handle.remove()
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from moa_compress.attention import block_sparse_attention
+from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.gates import blocks_for_density
 from moa_compress.kernels.layout import BlockLayout, causal_mask
@@ -168,7 +169,6 @@ class OracleHandle:
         self.model, self.plan, self.kind, self.backend = model, plan, kind, backend
         self.slab_bytes = slab_bytes
         self.name = f"moa_oracle_{next(_names)}"
-        self.previous: str | None = None
         self.pairs = 0.0  # computed (query, key) pairs, over every layer, head and call
         self.causal_pairs = 0.0  # the causal pairs those calls had
 
@@ -228,21 +228,9 @@ def apply_oracle(
             logits = model(input_ids).logits
         print(oracle.density)  # <= plan.density(input_ids.shape[1])
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     if kind not in ORACLES:
         raise PlanRuntimeError(f"unknown oracle {kind!r}; expected one of {', '.join(ORACLES)}")
     handle = OracleHandle(model, plan, kind, backend, slab_bytes)
-    AttentionInterface.register(handle.name, handle.attention)
-    # With the SDPA mask builder under our name, padded input arrives with its mask and is refused.
-    AttentionMaskInterface.register(handle.name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    handle.previous = model.config._attn_implementation
-    try:
-        model.set_attn_implementation(handle.name)
+    # padding_mask: padded input then arrives with its mask, which the oracle refuses.
+    with use_attention(model, handle.name, handle.attention, padding_mask=True):
         yield handle
-    finally:
-        if model.config._attn_implementation == handle.name:
-            model.set_attn_implementation(handle.previous)
-        AttentionInterface._global_mapping.pop(handle.name, None)
-        AttentionMaskInterface._global_mapping.pop(handle.name, None)
