@@ -50,6 +50,7 @@ from moa_compress.plan import (
     identity_of,
     num_blocks,
     selection_density,  # noqa: F401 - re-exported
+    text_config,
 )
 
 GATES_FILE = "gates.json"
@@ -524,7 +525,7 @@ def _make_gates(identity: ModelIdentity, settings: GateSettings, rope_theta: flo
 
 
 def _rope_theta(model) -> float:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get(
         "rope_theta"
     )

@@ -41,7 +41,7 @@ from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
 from moa_compress.kvcache import PlanKVCache, StoredKV
-from moa_compress.plan import Plan, Rule, identity_of, rule_key_blocks
+from moa_compress.plan import Plan, Rule, identity_of, rule_key_blocks, text_config
 
 __all__ = [
     "PlanHandle",
@@ -550,7 +550,7 @@ class PlanHandle:
 
 def check_model_features(model: Any) -> None:
     """Raise :class:`PlanRuntimeError` for attention features a plan cannot express."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     layer_types = getattr(config, "layer_types", None) or ()
     sliding = getattr(config, "sliding_window", None) is not None and getattr(
         config, "use_sliding_window", True
