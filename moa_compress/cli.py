@@ -142,18 +142,14 @@ def plan_uniform(
     force: Annotated[bool, typer.Option(help="Overwrite an existing plan.")] = False,
 ) -> None:
     """One sink + the widest window for every head that keeps density <= D at every length."""
-    from transformers import AutoConfig
-
-    from moa_compress.models import resolve_model_source
+    from moa_compress.models import load_config
     from moa_compress.plan import ModelIdentity, provenance, save_plan, uniform_plan
 
     check_fraction(density, "--density")
     ns = parse_lengths(lengths)
     if (out / "plan.json").exists() and not force:
         fail(f"{out / 'plan.json'} exists; pass --force to overwrite")
-    source, extra = resolve_model_source(model)
-    config = AutoConfig.from_pretrained(source, **extra)
-    identity = ModelIdentity.from_config(config, name=model or "SmolLM2-135M-Instruct")
+    identity = ModelIdentity.from_config(load_config(model), name=model or "SmolLM2-135M-Instruct")
     plan = uniform_plan(
         identity,
         density,
@@ -211,15 +207,12 @@ def plan_validate(
     check_model: Annotated[bool, typer.Option(help="Also check the plan against MODEL.")] = True,
 ) -> None:
     """Check a plan's schema, rules, and (by default) that it fits MODEL."""
-    from transformers import AutoConfig
-
-    from moa_compress.models import resolve_model_source
+    from moa_compress.models import load_config
     from moa_compress.plan import ModelIdentity, load_plan
 
     plan = load_plan(plan_path)
     if check_model:
-        source, extra = resolve_model_source(model)
-        plan.check_model(ModelIdentity.from_config(AutoConfig.from_pretrained(source, **extra)))
+        plan.check_model(ModelIdentity.from_config(load_config(model)))
     typer.echo(
         f"ok: {plan.model.name}, schema {plan.schema_version}, "
         f"{describe_densities(plan, plan.lengths or (2048, 4096, 8192))}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moa_compress.errors import UserInputError
+from moa_compress.plan import text_config
 
 # file suffix -> the datasets builder that reads it
 _BUILDERS = {
@@ -389,7 +390,7 @@ def _prompt_parts(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
 
 def max_positions(model) -> int | None:
     """The most positions ``model`` takes (its text config's ``max_position_embeddings``), if it says."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     value = getattr(config, "max_position_embeddings", None)
     return int(value) if value else None
 

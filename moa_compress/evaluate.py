@@ -105,6 +105,7 @@ from moa_compress.plan import (
     describe_rule,
     identity_of,
     rule_density,
+    text_config,
     uniform_plan,
 )
 from moa_compress.tasks import (
@@ -259,7 +260,7 @@ def final_hidden(model: Any, input_ids: torch.Tensor) -> torch.Tensor:  # [1, S]
 def log_probs(model: Any, hidden: torch.Tensor) -> torch.Tensor:  # [P, hidden] -> [P, vocab], >= fp32
     logits = model.get_output_embeddings()(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

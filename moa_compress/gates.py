@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa_compress.attn_interface import use_attention
 from moa_compress.data import CalibrationSample, progress_steps
 from moa_compress.errors import UserInputError
 from moa_compress.plan import (
@@ -49,6 +50,7 @@ from moa_compress.plan import (
     identity_of,
     num_blocks,
     selection_density,  # noqa: F401 - re-exported
+    text_config,
 )
 
 GATES_FILE = "gates.json"
@@ -56,7 +58,7 @@ GATES_TENSORS = "gates.safetensors"
 FORMAT = "moa-compress-gates"
 SCHEMA_VERSION = 1
 ATTENTION_NAME = "moa_compress_gate_targets"
-DEFAULT_SLAB_BYTES = 128 * 2**20  # float32 scratch of one slab of query rows in block_targets
+DEFAULT_SLAB_BYTES = 128 * 2**20  # float32 scratch of one slab of query rows in pooled_attention
 
 
 class GateError(UserInputError):
@@ -292,6 +294,48 @@ def layer_gate_heads(plan, layer: int, n: int) -> tuple[torch.Tensor, torch.Tens
 # Ground truth from the dense model
 
 
+def pooled_attention(
+    query: torch.Tensor,  # [B, Hq, S, D] after RoPE
+    key: torch.Tensor,  # [B, Hkv, S, D] after RoPE
+    scale: float,
+    block_size: int,
+    pool: str,
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
+) -> torch.Tensor:  # [B, Hq, nB, nB], at least float32; 0 above the block diagonal
+    """The dense causal softmax attention of each query head, pooled over every ``block_size × block_size``
+    block by ``pool``: ``"sum"`` (the attention mass, :func:`moa_compress.oracle.block_mass`) or ``"max"``
+    (the gates' ground truth before grouping and normalising, :func:`block_targets`).
+
+    GQA by grouping: each KV head's keys serve its query heads in one batched product, never repeated
+    in memory. Slabs of whole query blocks bound the scratch to about ``slab_bytes``.
+    """
+    if pool not in ("sum", "max"):
+        raise ValueError(f"pool must be 'sum' or 'max', got {pool!r}")
+    b, hq, s, d = query.shape
+    hkv = key.shape[1]
+    group = hq // hkv
+    nb = num_blocks(s, block_size)
+    work = torch.promote_types(query.dtype, torch.float32)
+    q = (query.to(work) * scale).view(b, hkv, group, s, d)
+    k = key.to(work)[:, :, None]  # [B, Hkv, 1, S, D]
+    pooled = torch.zeros(b, hq, nb, nb, dtype=work, device=query.device)
+    row_bytes = torch.finfo(work).bits // 8 * b * hq * s
+    rows_per_slab = max(1, slab_bytes // (row_bytes * block_size)) * block_size
+    positions = torch.arange(s, device=query.device)
+    for r0 in range(0, s, rows_per_slab):
+        r1 = min(s, r0 + rows_per_slab)
+        scores = torch.matmul(q[:, :, :, r0:r1], k[..., :r1, :].transpose(-1, -2))  # [B, Hkv, G, R, K]
+        scores = scores.reshape(b, hq, r1 - r0, r1)
+        scores.masked_fill_(positions[None, :r1] > positions[r0:r1, None], float("-inf"))
+        probs = F.pad(scores.softmax(-1), (0, -r1 % block_size, 0, -(r1 - r0) % block_size))
+        nr, nk = probs.shape[2] // block_size, probs.shape[3] // block_size
+        blocks = probs.view(b, hq, nr, block_size, nk, block_size)
+        first = r0 // block_size
+        pooled[:, :, first : first + nr, :nk] = blocks.sum((3, 5)) if pool == "sum" else blocks.amax((3, 5))
+        del scores, probs, blocks
+    return pooled
+
+
 def block_targets(
     query: torch.Tensor,  # [B, Hq, S, D] after RoPE
     key: torch.Tensor,  # [B, Hkv, S, D] after RoPE
@@ -305,30 +349,11 @@ def block_targets(
 
     Slabs of whole query blocks bound the float32 scratch to about ``slab_bytes``.
     """
-    b, hq, s, _ = query.shape
-    hkv = key.shape[1]
-    group = hq // hkv
-    nb = num_blocks(s, block_size)
-    work = torch.promote_types(query.dtype, torch.float32)
-    q = query.to(work) * scale
-    k = key.to(work).repeat_interleave(group, dim=1)
-    pooled = torch.zeros(b, hq, nb, nb, dtype=work, device=query.device)
-    rows_per_slab = max(1, slab_bytes // (q.element_size() * b * hq * s * block_size)) * block_size
-    positions = torch.arange(s, device=query.device)
-    for r0 in range(0, s, rows_per_slab):
-        r1 = min(s, r0 + rows_per_slab)
-        scores = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2))  # [B, Hq, R, K]
-        scores[..., r0:].masked_fill_(positions[None, r0:r1] > positions[r0:r1, None], float("-inf"))
-        probs = scores.softmax(-1)
-        pad_r, pad_k = -(r1 - r0) % block_size, -r1 % block_size
-        probs = F.pad(probs, (0, pad_k, 0, pad_r))
-        nr, nk = probs.shape[2] // block_size, probs.shape[3] // block_size
-        pooled[:, :, r0 // block_size : r0 // block_size + nr, :nk] = probs.view(
-            b, hq, nr, block_size, nk, block_size
-        ).amax(dim=(3, 5))
-        del scores, probs
+    pooled = pooled_attention(query, key, scale, block_size, "max", slab_bytes)
     if not per_query_head:
-        pooled = pooled.view(b, hkv, group, nb, nb).amax(2)
+        b, hq, nb, _ = pooled.shape
+        hkv = key.shape[1]
+        pooled = pooled.view(b, hkv, hq // hkv, nb, nb).amax(2)
     return pooled / pooled.sum(-1, keepdim=True)
 
 
@@ -379,8 +404,6 @@ def _capturing(model, capture: _Capture) -> Iterator[None]:
     """Hooks on each layer's q/k projections (their outputs are the pre-RoPE queries and keys) and the
     target attention function; undone on exit."""
     global _ACTIVE
-    from transformers import AttentionInterface
-
     identity = identity_of(model)
     d = identity.head_dim
 
@@ -396,15 +419,12 @@ def _capturing(model, capture: _Capture) -> Iterator[None]:
     for attention in attention_layers(model):
         handles.append(attention.q_proj.register_forward_hook(hook(attention.layer_idx, "q")))
         handles.append(attention.k_proj.register_forward_hook(hook(attention.layer_idx, "k")))
-    AttentionInterface.register(ATTENTION_NAME, _target_attention)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
     _ACTIVE = capture
     try:
-        yield
+        with use_attention(model, ATTENTION_NAME, _target_attention):
+            yield
     finally:
         _ACTIVE = None
-        model.set_attn_implementation(previous)
         for handle in handles:
             handle.remove()
 
@@ -505,7 +525,7 @@ def _make_gates(identity: ModelIdentity, settings: GateSettings, rope_theta: flo
 
 
 def _rope_theta(model) -> float:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get(
         "rope_theta"
     )

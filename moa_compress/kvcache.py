@@ -55,7 +55,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.slots import SlotVisibility
-from moa_compress.plan import Plan, Rule, identity_of
+from moa_compress.plan import Plan, Rule, identity_of, text_config
 
 # Tokens a full buffer holds beyond the prompt before its first doubling (without max_length).
 FULL_HEADROOM = 256
@@ -444,8 +444,7 @@ class PlanKVCache(Cache):
         if max_length is not None and max_length < 1:
             raise PlanRuntimeError(f"max_length must be positive, got {max_length}")
         self.plan = plan
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        ring_length = max_length or getattr(text, "max_position_embeddings", None)
+        ring_length = max_length or getattr(text_config(config), "max_position_embeddings", None)
         if ring_length is None:
             raise PlanRuntimeError(
                 "the model config has no max_position_embeddings: give PlanKVCache a max_length"

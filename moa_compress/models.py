@@ -160,6 +160,51 @@ def resolve_model_source(spec: str | None) -> tuple[str, dict[str, Any]]:
     raise ModelLoadError(f"no model folder, .gguf file or hub id {spec!r}")
 
 
+# A saved tokenizer leaves at least one of these in its folder (fast, SentencePiece, BPE, WordPiece),
+# or a *.tiktoken file.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_config(spec: str | None) -> Any:
+    """The transformers config of a MODEL argument, without loading weights."""
+    return _load_config(*resolve_model_source(spec))
+
+
+def _load_config(source: str, extra: dict[str, Any], **kwargs: Any) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, **extra, **kwargs)
+    except (OSError, ValueError) as exc:  # unreadable config.json, no or an unknown model type
+        raise ModelLoadError(f"cannot load the config of model {source}: {first_line(exc)}") from None
+
+
+def _load_tokenizer(source: str, **kwargs: Any) -> Any:
+    """The tokenizer saved with the model at ``source``; a folder that holds none is named as such
+    (transformers would instead guess a tokenizer class from config.json and fail on that)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        folder = Path(source)
+        if folder.is_dir() and not has_tokenizer_files(folder):
+            raise ModelLoadError(
+                f"model folder {source} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                "save the model's tokenizer there with tokenizer.save_pretrained"
+            ) from None
+        raise ModelLoadError(f"cannot load the tokenizer of model {source}: {first_line(exc)}") from None
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).exists() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
+
+
 def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
     """``--max-memory "0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``."""
     if not text:
@@ -189,7 +234,7 @@ def load_model(
     model that fits no single device over several, within ``max_memory`` per device; ``device`` is then
     ignored. Modules mapped to ``"disk"`` are offloaded to a temporary folder.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         where = "cuda" if device_map is not None and torch.cuda.is_available() else device
@@ -204,18 +249,20 @@ def load_model(
         }
         if max_memory:
             placement["max_memory"] = max_memory
+    # Read apart, the config and the tokenizer fail with their own messages; the weights' ValueErrors
+    # are then those of the device map.
+    _load_config(source, extra, trust_remote_code=trust_remote_code)
+    tokenizer = _load_tokenizer(source, trust_remote_code=trust_remote_code, **extra)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra, **placement
         )
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {spec!r}: {first}") from None
+        raise ModelLoadError(f"cannot load model {source}: {first_line(exc)}") from None
     except ValueError as exc:  # a device map or memory limit that cannot be met
         if device_map is None:
             raise
-        raise ModelLoadError(f"--device-map {device_map}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"--device-map {device_map}: {first_line(exc)}") from None
     model.eval()
     if device_map is None:
         model.to(device)

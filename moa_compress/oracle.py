@@ -37,16 +37,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moa_compress.attention import block_sparse_attention
+from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
-from moa_compress.gates import blocks_for_density
+from moa_compress.gates import DEFAULT_SLAB_BYTES, blocks_for_density, pooled_attention
 from moa_compress.kernels.layout import BlockLayout, causal_mask
-from moa_compress.plan import Plan, causal_block_pairs, num_blocks, rule_density
+from moa_compress.plan import Plan, causal_block_pairs, rule_density
 
 ORACLES = ("oracle", "oracle-layer")
-DEFAULT_SLAB_BYTES = 128 * 2**20  # float32 probabilities of one slab of query rows
 _names = itertools.count()
 
 
@@ -61,33 +60,9 @@ def block_mass(
     block_size: int,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
 ) -> torch.Tensor:  # [B, Hq, nB, nB], at least float32; 0 above the block diagonal
-    """Causal softmax attention summed over each ``block_size × block_size`` block, per query head.
-
-    GQA by grouping: each KV head's keys serve its query heads in one batched product, never repeated
-    in memory. Slabs of whole query blocks bound the scratch to about ``slab_bytes``.
-    """
-    b, hq, s, d = query.shape
-    hkv = key.shape[1]
-    group = hq // hkv
-    nb = num_blocks(s, block_size)
-    work = torch.promote_types(query.dtype, torch.float32)
-    q = (query.to(work) * scale).view(b, hkv, group, s, d)
-    k = key.to(work)[:, :, None]  # [B, Hkv, 1, S, D]
-    mass = torch.zeros(b, hq, nb, nb, dtype=work, device=query.device)
-    row_bytes = torch.finfo(work).bits // 8 * b * hq * s
-    rows_per_slab = max(1, slab_bytes // (row_bytes * block_size)) * block_size
-    positions = torch.arange(s, device=query.device)
-    for r0 in range(0, s, rows_per_slab):
-        r1 = min(s, r0 + rows_per_slab)
-        scores = torch.matmul(q[:, :, :, r0:r1], k[..., :r1, :].transpose(-1, -2))  # [B, Hkv, G, R, K]
-        scores = scores.reshape(b, hq, r1 - r0, r1)
-        scores.masked_fill_(positions[None, :r1] > positions[r0:r1, None], float("-inf"))
-        probs = F.pad(scores.softmax(-1), (0, -r1 % block_size, 0, -(r1 - r0) % block_size))
-        nr, nk = probs.shape[2] // block_size, probs.shape[3] // block_size
-        first = r0 // block_size
-        mass[:, :, first : first + nr, :nk] = probs.view(b, hq, nr, block_size, nk, block_size).sum((3, 5))
-        del scores, probs
-    return mass
+    """Causal softmax attention summed over each ``block_size × block_size`` block, per query head, in
+    slabs of query rows of about ``slab_bytes`` (:func:`~moa_compress.gates.pooled_attention`)."""
+    return pooled_attention(query, key, scale, block_size, "sum", slab_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +143,6 @@ class OracleHandle:
         self.model, self.plan, self.kind, self.backend = model, plan, kind, backend
         self.slab_bytes = slab_bytes
         self.name = f"moa_oracle_{next(_names)}"
-        self.previous: str | None = None
         self.pairs = 0.0  # computed (query, key) pairs, over every layer, head and call
         self.causal_pairs = 0.0  # the causal pairs those calls had
 
@@ -228,21 +202,9 @@ def apply_oracle(
             logits = model(input_ids).logits
         print(oracle.density)  # <= plan.density(input_ids.shape[1])
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     if kind not in ORACLES:
         raise PlanRuntimeError(f"unknown oracle {kind!r}; expected one of {', '.join(ORACLES)}")
     handle = OracleHandle(model, plan, kind, backend, slab_bytes)
-    AttentionInterface.register(handle.name, handle.attention)
-    # With the SDPA mask builder under our name, padded input arrives with its mask and is refused.
-    AttentionMaskInterface.register(handle.name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    handle.previous = model.config._attn_implementation
-    try:
-        model.set_attn_implementation(handle.name)
+    # padding_mask: padded input then arrives with its mask, which the oracle refuses.
+    with use_attention(model, handle.name, handle.attention, padding_mask=True):
         yield handle
-    finally:
-        if model.config._attn_implementation == handle.name:
-            model.set_attn_implementation(handle.previous)
-        AttentionInterface._global_mapping.pop(handle.name, None)
-        AttentionMaskInterface._global_mapping.pop(handle.name, None)

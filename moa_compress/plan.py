@@ -78,17 +78,23 @@ class ModelIdentity:
 
     @classmethod
     def from_config(cls, config: Any, name: str = "") -> ModelIdentity:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        num_heads = int(text_config.num_attention_heads)
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+        text = text_config(config)
+        num_heads = int(text.num_attention_heads)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
         return cls(
-            name=name or getattr(config, "_name_or_path", "") or text_config.model_type,
-            num_layers=int(text_config.num_hidden_layers),
+            name=name or getattr(config, "_name_or_path", "") or text.model_type,
+            num_layers=int(text.num_hidden_layers),
             num_heads=num_heads,
-            num_kv_heads=int(getattr(text_config, "num_key_value_heads", None) or num_heads),
+            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or num_heads),
             head_dim=int(head_dim),
-            fingerprint=config_fingerprint(text_config),
+            fingerprint=config_fingerprint(text),
         )
+
+
+def text_config(model_or_config: Any) -> Any:
+    """The config of a model's text decoder (of a multimodal model too), from the model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def config_fingerprint(config: Any) -> str:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from moa_compress import distributed
+from moa_compress.attn_interface import use_attention
 from moa_compress.data import CalibrationSample, model_digest, progress_steps
 from moa_compress.errors import UserInputError
 from moa_compress.plan import ModelIdentity, atomic_write_bytes, identity_of, num_blocks
@@ -279,20 +280,15 @@ def _profile_attention(module, query, key, value, attention_mask, scaling=None, 
 def _profiling(model, recorder: _Recorder) -> Iterator[None]:
     """Switch ``model`` to the profiling attention and freeze its parameters; undo on exit."""
     global _ACTIVE
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _profile_attention)
-    previous = model.config._attn_implementation
     grads = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grads:
         p.requires_grad_(False)
-    model.set_attn_implementation(ATTENTION_NAME)
     _ACTIVE = recorder
     try:
-        yield
+        with use_attention(model, ATTENTION_NAME, _profile_attention):
+            yield
     finally:
         _ACTIVE = None
-        model.set_attn_implementation(previous)
         for p, flag in grads:
             p.requires_grad_(flag)
 

@@ -27,6 +27,7 @@ would compute unpadded; padding keys are never attended and padded query rows re
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections import OrderedDict
@@ -36,10 +37,11 @@ from typing import Any
 import torch
 
 from moa_compress.attention import block_sparse_attention
+from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
 from moa_compress.kvcache import PlanKVCache, StoredKV
-from moa_compress.plan import Plan, Rule, identity_of, rule_key_blocks
+from moa_compress.plan import Plan, Rule, identity_of, rule_key_blocks, text_config
 
 __all__ = [
     "PlanHandle",
@@ -269,8 +271,8 @@ def as_bool_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:  # 
 class PlanHandle:
     """A plan applied to a model. Use as a context manager, or call :meth:`remove`.
 
-    Holds the registered attention-implementation name, the implementation it replaced, and the
-    layout cache.
+    Holds the registered attention-implementation name, the switch to it (which restores the
+    implementation it replaced), and the layout cache.
     """
 
     def __init__(self, model: Any, plan: Plan, backend: str):
@@ -279,7 +281,7 @@ class PlanHandle:
         self.backend = backend
         self.layouts = LayoutCache()
         self.name = f"moa_plan_{next(_names)}"
-        self.previous: str | None = None
+        self.switch = contextlib.ExitStack()  # while installed: undoes the switch to ``name``
         self.active = False
         self.gates: dict = {}  # layer -> AttnGate, for layers with gate heads
         self.hooks = None  # moa_compress.gate_runtime.GateHooks while installed
@@ -501,39 +503,27 @@ class PlanHandle:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def install(self) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
         if self.plan.gate_layers:
             from moa_compress.gate_runtime import GateHooks
             from moa_compress.gates import gates_from_plan
 
             self.gates = gates_from_plan(self.plan)
             self.hooks = GateHooks(self.model, self.plan.gate_layers, self.plan.model.head_dim)
-        AttentionInterface.register(self.name, self.attention)
-        # Registering the SDPA mask builder under our name makes padded batches arrive with a 4D
-        # boolean mask; without it transformers passes no mask to custom implementations at all.
-        AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-        self.previous = self.model.config._attn_implementation
+        self.switch = contextlib.ExitStack()
         try:
-            self.model.set_attn_implementation(self.name)
+            # Padded batches must arrive with their mask (module docstring, "Masks").
+            self.switch.enter_context(use_attention(self.model, self.name, self.attention, padding_mask=True))
         except BaseException:
-            self.unregister()
+            self.remove_gate_hooks()
             raise
         setattr(self.model, _HANDLE_ATTR, self)
         self.active = True
 
-    def unregister(self) -> None:
-        from transformers import AttentionInterface
-
+    def remove_gate_hooks(self) -> None:
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
         self.gate_keys.clear()
-        from transformers.masking_utils import AttentionMaskInterface
-
-        AttentionInterface._global_mapping.pop(self.name, None)
-        AttentionMaskInterface._global_mapping.pop(self.name, None)
 
     def remove(self) -> None:
         """Restore the attention implementation the model had before; idempotent."""
@@ -542,8 +532,8 @@ class PlanHandle:
         self.active = False
         if getattr(self.model, _HANDLE_ATTR, None) is self:
             delattr(self.model, _HANDLE_ATTR)
-        self.model.set_attn_implementation(self.previous)
-        self.unregister()
+        self.switch.close()
+        self.remove_gate_hooks()
 
     def __enter__(self):
         return self
@@ -560,7 +550,7 @@ class PlanHandle:
 
 def check_model_features(model: Any) -> None:
     """Raise :class:`PlanRuntimeError` for attention features a plan cannot express."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     layer_types = getattr(config, "layer_types", None) or ()
     sliding = getattr(config, "sliding_window", None) is not None and getattr(
         config, "use_sliding_window", True

@@ -59,3 +59,71 @@ def test_compress_settings_take_auto_as_the_models_dtype():
     CompressSettings(budget=0.5, dtype="auto").check()
     with pytest.raises(CompressError, match="auto"):
         CompressSettings(budget=0.5, dtype="fp8").check()
+
+
+def model_folder(tmp_path, tokenizer=True, config=None):
+    """A tiny llama saved as a model folder: weights and config, a tokenizer unless told not to, and
+    ``config`` (text) written over config.json when given."""
+    from tests.factories import tiny_model
+
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    if tokenizer:
+        tiny_tokenizer(["hello"]).save_pretrained(folder)
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("no tokenizer", "has no tokenizer"),
+        ("broken config", "not a valid JSON"),
+        ("config without model_type", "model_type"),
+        ("empty folder", "no config.json"),
+    ],
+)
+def test_load_model_names_the_folder_and_what_is_wrong(tmp_path, kind, message):
+    from moa_compress.models import ModelLoadError, load_model
+
+    if kind == "empty folder":
+        folder = tmp_path / "model"
+        folder.mkdir()
+    else:
+        config = {"broken config": "{not json", "config without model_type": "{}"}.get(kind)
+        folder = model_folder(tmp_path, tokenizer=kind != "no tokenizer", config=config)
+    with pytest.raises(ModelLoadError, match=message) as caught:
+        load_model(str(folder), dtype="float32")
+    assert str(folder) in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "tokenizer", "config", "message"),
+    [
+        (["generate", "{model}", "--prompt", "hi"], False, None, "has no tokenizer"),
+        (["generate", "{model}", "--prompt", "hi"], True, "{}", "model_type"),
+        (["plan", "uniform", "{model}", "--density", "0.5", "--out", "{out}"], True, "{x", "valid JSON"),
+        (["plan", "validate", "{plan}", "{model}"], True, "{}", "model_type"),
+    ],
+)
+def test_commands_that_load_a_model_fail_on_one_line(tmp_path, command, tokenizer, config, message):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+
+    folder = model_folder(tmp_path, tokenizer=tokenizer)
+    plan = tmp_path / "plan"
+    runner = CliRunner()
+    made = runner.invoke(app, ["plan", "uniform", str(folder), "--density", "0.5", "--out", str(plan)])
+    assert made.exit_code == 0, made.output
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    args = [a.format(model=folder, plan=plan, out=tmp_path / "out") for a in command]
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output and str(folder) in result.output
+    assert len(result.output.strip().splitlines()) == 1

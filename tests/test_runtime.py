@@ -180,6 +180,40 @@ def test_remove_restores_previous_implementation_and_registry():
     assert model.config._attn_implementation == "eager" and not second.active
 
 
+def test_use_attention_switches_back_and_unregisters_even_on_error():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from moa_compress.attn_interface import use_attention
+
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    layers = []
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        layers.append(module.layer_idx)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=True
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    name = "test_use_attention"
+    with (
+        pytest.raises(RuntimeError, match="inside"),
+        use_attention(model, name, attention, padding_mask=True),
+    ):
+        assert model.config._attn_implementation == name
+        model(ids(1, 8))
+        raise RuntimeError("inside")
+    assert layers == [0, 1] and model.config._attn_implementation == "eager"
+    assert name not in AttentionInterface._global_mapping
+    assert name not in AttentionMaskInterface._global_mapping
+    # An implementation chosen inside the body is left alone.
+    with use_attention(model, name, attention):
+        model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_prefill_matches_reference_rows(family):
     """Chunks of odd sizes through a DynamicCache: each chunk's rows are the bottom rows of the

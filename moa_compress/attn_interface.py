@@ -1,0 +1,50 @@
+"""Run a transformers model through an attention function of ours, by its ``AttentionInterface``.
+
+Profiling, gate targets, oracles and plans all change how a model attends the same way: register a
+function under a name, switch the model to that name, and switch back afterwards. No modeling file is
+touched, so any model whose attention layers call through the interface works (STYLE.md, rule 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def use_attention(
+    model: Any, name: str, attention: Callable[..., Any], *, padding_mask: bool = False
+) -> Iterator[None]:
+    """Run ``model`` with ``attention`` (an ``AttentionInterface`` function, registered as ``name``)
+    for the body. On exit the implementation the model had is restored — unless something replaced
+    ours meanwhile — and ``name`` is unregistered.
+
+    ``padding_mask``: also register the SDPA mask builder under ``name``, so that a padded batch
+    arrives with its 4D boolean mask; without it transformers gives a custom function no mask at all.
+
+    Example::
+
+        def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2).contiguous(), None  # [B, S, H, D]
+
+        with use_attention(model, "my_attention", attention):
+            logits = model(input_ids).logits
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    previous = model.config._attn_implementation
+    AttentionInterface.register(name, attention)
+    if padding_mask:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    try:
+        model.set_attn_implementation(name)
+        yield
+    finally:
+        if model.config._attn_implementation == name:
+            model.set_attn_implementation(previous)
+        AttentionInterface._global_mapping.pop(name, None)
+        if padding_mask:
+            AttentionMaskInterface._global_mapping.pop(name, None)
