@@ -2,7 +2,7 @@
 
 :func:`compress` runs every stage on a loaded model and writes into ``out_dir``:
 
-* ``plan.json`` — the Pareto plan with the lowest held-out answer loss relative to dense (mean over
+* ``plan.json`` — the Pareto plan with the lowest held-out loss relative to dense (mean over
   the profiled lengths);
 * ``results.json``, ``report.md`` (+ plots) — a short :func:`moa_compress.evaluate.evaluate_plan` of that
   plan against dense and the uniform baseline (perplexity and fidelity on natural text);
@@ -566,7 +566,7 @@ class _Context:
             or sorted(record.get("alternatives", {})) != names
         ):
             record = {**shape, "seed": s.seed + VALIDATION_SEED_OFFSET, "loss": {}}
-        losses: dict[str, float] = record["loss"]  # "<variant>@<length>" -> answer loss
+        losses: dict[str, float] = record["loss"]  # "<variant>@<length>" -> held-out loss (mean over samples)
         variants = ("uniform", "fallback", *names)
         if self.state.done("validate") and all(f"{name}@{n}" in losses for name in variants for n in lengths):
             _say(self.progress, f"validate: reusing {path}")
@@ -582,7 +582,7 @@ class _Context:
             if not held_out:
                 counts = dict.fromkeys(lengths, s.validation_samples)
                 held_out.update(self.calibration(lengths, counts, record["seed"], held_out=True))
-            _say(self.progress, f"validate: answer loss of {label} at {n} tokens")
+            _say(self.progress, f"validate: held-out loss of {label} at {n} tokens")
             losses[key] = self.loss(plan, held_out[n])
             atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
 
@@ -662,7 +662,7 @@ def _rule_name(plan: Plan) -> str:
 
 
 def validation_score(losses: Mapping[str, float], name: str, lengths: Sequence[int]) -> float:
-    """Mean over ``lengths`` of variant ``name``'s held-out answer loss divided by dense's."""
+    """Mean over ``lengths`` of variant ``name``'s held-out loss divided by dense's."""
     return sum(losses[f"{name}@{n}"] / losses[f"dense@{n}"] for n in lengths) / len(lengths)
 
 
@@ -729,7 +729,7 @@ def _why(validation: Mapping[str, Any]) -> str:
         f"{_LABELS[name]} {_relative(score, 1.0)}" for name, score in scores.items() if name != written
     )
     return (
-        f"{_LABELS[written]} validated best ({_relative(scores[written], 1.0)} held-out answer loss vs "
+        f"{_LABELS[written]} validated best ({_relative(scores[written], 1.0)} held-out loss vs "
         f"dense; {others})"
     )
 
@@ -840,7 +840,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     written = summary["written"]
     alternatives = v.get("alternatives", {})
     basis = (
-        f"held-out answer loss relative to dense, mean over {len(v['lengths'])} length(s), "
+        f"held-out loss relative to dense, mean over {len(v['lengths'])} length(s), "
         f"{v['samples']} sample(s) each"
     )
     if written == "uniform":
@@ -875,7 +875,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
 
     lines += [
         "",
-        f"{'validation answer loss':<24}" + "".join(f"{n:>10}" for n in lengths) + f"{'vs dense':>10}",
+        f"{'validation loss':<24}" + "".join(f"{n:>10}" for n in lengths) + f"{'vs dense':>10}",
         row("dense", v["dense"]),
         row("uniform", v["uniform"]["loss"], v["uniform"]["score"]),
         row("uniform within budget", v["fallback"]["loss"], v["fallback"]["score"]),

@@ -9,7 +9,7 @@ Layout (default ``OUT/work``)::
     gates/             the trained gates (gates.json + gates.safetensors)
     search.json        the Pareto set: every plan with its weights, predicted costs and densities, and
                        the static-only / gate-only optima (search.safetensors: their gate weights)
-    validation.json    the answer loss of each variant, saved after each one
+    validation.json    the held-out loss of each variant (answers and prose tails), saved after each one
 
 A setting that changes a stage already started raises :class:`StaleWorkError` naming it; ``force``
 discards that stage and the ones after it instead.

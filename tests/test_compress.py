@@ -282,7 +282,7 @@ def test_without_default_text_the_eval_is_skipped_and_the_plan_still_written(
     assert len(said) == 1 and "--eval-data" in said[0]
     assert (tmp_path / "o" / "plan.json").is_file() and not (tmp_path / "o" / "results.json").exists()
     report = (tmp_path / "o" / "report.md").read_text()
-    assert "skipped" in report and "--eval-data" in report and "validation answer loss" in report
+    assert "skipped" in report and "--eval-data" in report and "validation loss" in report
     assert "skipped" in load_summary(tmp_path / "o")["eval"]
     with pytest.raises(CompressError, match="not both"):
         compress(model, tokenizer, settings(None), tmp_path / "p", seed=3)
