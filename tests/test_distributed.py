@@ -104,7 +104,7 @@ def test_two_ranks_give_the_one_process_plan_and_a_dead_rank_resumes(setup):
     # `moa-compress profile` shares its samples the same way (same recipe as compress's profile stage).
     alone = torchrun(
         env, "profile", folder / "model", "--out", folder / "prof", "--lengths", "256,512",
-        "--samples", "3,2", "--block-size", "32", "--dtype", "float32", "--no-progress",
+        "--samples", "3,2", "--block-size", "32", "--dtype", "float32", "--mode", "mixed", "--no-progress",
     )  # fmt: skip
     assert alone.returncode == 0, alone.stderr[-3000:]
     profiles_equal(folder / "one" / "work" / "profile", folder / "prof")
