@@ -417,7 +417,8 @@ def bench_decode(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Decode steps after a context of each length: dense attention with a ``DynamicCache`` vs a
-    uniform plan of each density with :class:`PlanKVCache`, at each batch size; ``plans`` (name ->
+    uniform plan of each density with :class:`PlanKVCache` (d = 1: every head dense, the plan's step
+    path without sparsity), at each batch size; ``plans`` (name ->
     :class:`~moa_compress.plan.Plan`, e.g. a searched static or mixed plan) join as further variants.
 
     The caches are filled with random keys/values of the shapes a prompt would leave (no prefill of
@@ -433,8 +434,8 @@ def bench_decode(
 
     check_backends([backend])
     for d in densities:
-        if not 0.0 < d < 1.0:
-            raise BenchError(f"densities must be in (0, 1), got {d}")
+        if not 0.0 < d <= 1.0:
+            raise BenchError(f"densities must be in (0, 1], got {d}")
     if min(batches) < 1 or steps < 1:
         raise BenchError("batches and steps must be positive")
     identity = identity_of(model)
