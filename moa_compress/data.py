@@ -17,6 +17,7 @@ import torch
 
 from moa_compress.errors import UserInputError
 from moa_compress.plan import text_config
+from moa_compress.tasks import encode
 
 # file suffix -> the datasets builder that reads it
 _BUILDERS = {
@@ -107,11 +108,14 @@ def load_texts(spec: str | Path, text_field: str = "text", split: str = "train")
     return texts
 
 
-def token_windows(texts: Sequence[str], tokenizer, length: int, limit: int | None = None) -> list[list[int]]:
-    """Non-overlapping windows of exactly ``length`` tokens, cut from each text in order."""
+def token_windows(
+    texts: Sequence[str | list[int]], tokenizer, length: int, limit: int | None = None
+) -> list[list[int]]:
+    """Non-overlapping windows of exactly ``length`` tokens, cut from each text in order. A text may
+    be given as its token ids already (a caller cutting several lengths tokenizes once)."""
     windows: list[list[int]] = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = text if isinstance(text, list) else encode(tokenizer, text)
         for start in range(0, len(ids) - length + 1, length):
             windows.append(ids[start : start + length])
             if limit is not None and len(windows) >= limit:
@@ -382,10 +386,9 @@ def _prompt_parts(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         before, after = text.split(_CONTEXT_MARK)
-        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
-        return encode(before), encode(after)
+        return encode(tokenizer, before), encode(tokenizer, after)
     prefix = tokenizer("", add_special_tokens=True)["input_ids"]
-    return list(prefix), tokenizer(f"\n\n{instruction}\nAnswer:", add_special_tokens=False)["input_ids"]
+    return list(prefix), encode(tokenizer, f"\n\n{instruction}\nAnswer:")
 
 
 def max_positions(model) -> int | None:
@@ -472,20 +475,23 @@ def calibration_set(
             raise DataError("the calibration data has no non-empty text")
     else:
         texts = load_texts(data, text_field)
+    # Each text is tokenized once, whatever the number of lengths.
+    docs = [encode(tokenizer, t) for t in texts] if texts is not None else None
 
     out: dict[int, list[CalibrationSample]] = {}
     plain_windows: dict[int, list[list[int]]] = {}
     if mode == "mixed":
         if prose is None:
             prose = texts if texts is not None else shipped_texts("tune")
+        prose_docs = docs if prose is texts else [encode(tokenizer, t) for t in prose]
         for n in lengths:
-            plain_windows[n] = _split_windows(prose, tokenizer, n, counts[n] // 2, held_out)
+            plain_windows[n] = _split_windows(prose_docs, tokenizer, n, counts[n] // 2, held_out)
     if mode == "plain":
         for n in lengths:
             rng = random.Random(f"moa-calibration:{seed}:{n}:plain")
             windows = (
-                _plain_windows(texts, tokenizer, n, counts[n], rng)
-                if texts is not None
+                _plain_windows(docs, tokenizer, n, counts[n], rng)
+                if docs is not None
                 else [_synthetic_ids(tokenizer, n, rng) for _ in range(counts[n])]
             )
             scored = max(1, n // PLAIN_SCORED_FRACTION)
@@ -493,7 +499,7 @@ def calibration_set(
         return out
 
     answers = _AnswerCache(model, cache_dir, answer_tokens)
-    documents = {n: _long_documents(texts, tokenizer, n) for n in lengths} if texts is not None else {}
+    documents = {n: _long_documents(docs, n) for n in lengths} if docs is not None else {}
     with progress_steps(progress, sum(counts.values()), "calibration samples") as step:
         for n in lengths:
             out[n] = []
@@ -521,26 +527,26 @@ def _sample(ids: Sequence[int], first_scored: int) -> CalibrationSample:
     return CalibrationSample(torch.tensor(list(ids), dtype=torch.int64), mask)
 
 
-def _plain_windows(texts, tokenizer, n: int, k: int, rng) -> list[list[int]]:
-    windows = token_windows(texts, tokenizer, n)
+def _plain_windows(docs: list[list[int]], tokenizer, n: int, k: int, rng) -> list[list[int]]:
+    windows = token_windows(docs, tokenizer, n)
     if len(windows) < k:
-        long_enough = sum(1 for t in texts if len(tokenizer(t, add_special_tokens=False)["input_ids"]) >= n)
+        long_enough = sum(1 for d in docs if len(d) >= n)
         raise DataError(
             f"need {k} windows of {n} tokens, the data gives {len(windows)} "
-            f"({long_enough} of {len(texts)} texts are at least {n} tokens long)"
+            f"({long_enough} of {len(docs)} texts are at least {n} tokens long)"
         )
     return rng.sample(windows, k)
 
 
-def _split_windows(texts, tokenizer, n: int, k: int, held_out: bool) -> list[list[int]]:
-    """``k`` windows of ``n`` tokens from one fixed shuffle of all of ``texts``' windows (the same for
+def _split_windows(docs: list[list[int]], tokenizer, n: int, k: int, held_out: bool) -> list[list[int]]:
+    """``k`` windows of ``n`` tokens from one fixed shuffle of all of ``docs``' windows (the same for
     every seed, so that held-out samples drawn with another seed still avoid the calibration ones): its
     first ``k`` (calibration) or its last ``k`` (``held_out``), disjoint while there are ``2k``."""
     import random
 
     if k == 0:
         return []
-    windows = token_windows(texts, tokenizer, n)
+    windows = token_windows(docs, tokenizer, n)
     random.Random(f"moa-calibration:{n}:prose-order").shuffle(windows)
     if len(windows) < 2 * k:
         raise DataError(
@@ -553,15 +559,14 @@ def _split_windows(texts, tokenizer, n: int, k: int, held_out: bool) -> list[lis
 def _synthetic_ids(tokenizer, n: int, rng) -> list[int]:
     ids: list[int] = []
     for text, _, _ in _synthetic_sections(rng):
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += encode(tokenizer, text)
         if len(ids) >= n:
             return ids[:n]
     raise AssertionError("unreachable: the synthetic stream is endless")
 
 
-def _long_documents(texts, tokenizer, n: int) -> list[list[int]]:
-    """Token ids of the texts with at least ``n`` tokens (answers mode cuts one context from one text)."""
-    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+def _long_documents(docs: list[list[int]], n: int) -> list[list[int]]:
+    """The tokenized texts with at least ``n`` tokens (answers mode cuts one context from one text)."""
     long_docs = [d for d in docs if len(d) >= n]
     if not long_docs:
         raise DataError(
@@ -582,7 +587,7 @@ def _answer_prompt(tokenizer, documents: list[list[int]] | None, prompt_len: int
         total = 0
         while total < prompt_len:
             text, question, title = next(pieces)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = encode(tokenizer, text)
             stream.append((ids, question, title))
             total += len(ids)
         instruction = key_question
@@ -605,7 +610,7 @@ def _answer_prompt(tokenizer, documents: list[list[int]] | None, prompt_len: int
         start = rng.randrange(0, len(ids) - prompt_len + 1)
         pieces_ids = [ids[start : start + prompt_len]]
     prefix, suffix = _prompt_parts(tokenizer, instruction)
-    key_ids = tokenizer(key_text, add_special_tokens=False)["input_ids"] if task == "passkey" else []
+    key_ids = encode(tokenizer, key_text) if task == "passkey" else []
     budget = prompt_len - len(prefix) - len(suffix) - len(key_ids)
     if budget < 64:
         raise DataError(

@@ -189,6 +189,7 @@ def can_still_match(reply: str, sample: TaskSample) -> bool:
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
