@@ -35,6 +35,7 @@ import torch
 
 from .layout import BlockLayout, derived
 from .reference import block_sparse_attention_reference
+from .slots import SlotVisibility
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -491,6 +492,50 @@ def _gather_masked(q, q_rows, k_rows, v_rows, out_rows, batch, units, counts, in
 # ----------------------------------------------------------------------------------------------
 # Decode: one new token per sequence against a planned cache
 
+# A gate step gathers its selected blocks only while they are at most this fraction of the slots.
+GATHER_MAX_FRACTION = 0.5
+
+
+def decode_attention_selected_torch(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, C, D]: a full buffer, slot t = position t
+    v: torch.Tensor,  # [B, Hkv, C, D]
+    visibility: SlotVisibility,  # with blocks and slot_is_position
+    scale: float,
+    max_fraction: float | None = None,  # default GATHER_MAX_FRACTION
+) -> torch.Tensor:  # [B, Hq, D]
+    """:func:`decode_attention_torch` for a full buffer whose heads chose key blocks (gate heads): the
+    blocks any query head of a KV group selected are gathered once for the group (``index_select``
+    of whole blocks), and one fused SDPA call attends over them with the visibility mask restricted
+    to the gathered slots, so a head reading a quarter of the blocks computes a quarter of the scores.
+    When the gathered slots would exceed ``max_fraction`` of the slots the gather saves little and
+    the step runs :func:`decode_attention_torch` over every slot. Equal to the specification: a slot
+    outside the gathered blocks lies in a block no head of its group selected, so no head sees it."""
+    b, hq, d = q.shape
+    hkv, capacity = k.shape[1], k.shape[2]
+    group, bs = hq // hkv, visibility.block_size
+    chosen = visibility.blocks.view(b, hkv, group, -1).any(2)[..., : -(-capacity // bs)]  # [B, Hkv, nK]
+    count = int(chosen.sum(-1).max()) if chosen.numel() else 0
+    limit = GATHER_MAX_FRACTION if max_fraction is None else max_fraction
+    if count == 0 or count * bs > limit * capacity:
+        return decode_attention_torch(q, k, v, visibility.mask(), scale)
+    # The selected blocks first; a row selecting fewer pads with unselected ones, which no head sees.
+    picked = chosen.to(torch.float32).topk(count, dim=-1, sorted=False).indices  # [B, Hkv, count]
+    slots = (picked[..., None] * bs + torch.arange(bs, device=q.device)).flatten(2)  # [B, Hkv, L]
+    inside = slots < capacity
+    slots = slots.clamp(max=capacity - 1)
+    heads = torch.arange(b * hkv, device=q.device).view(b, hkv, 1) * capacity
+    at = (heads + slots).flatten()
+    length = slots.shape[-1]
+    keys = k.reshape(-1, d).index_select(0, at).view(b, hkv, length, d)
+    values = v.reshape(-1, d).index_select(0, at).view(b, hkv, length, d)
+    per_head = slots[:, :, None].expand(b, hkv, group, length).reshape(b, hq, length)
+    seen = visibility.mask(per_head).view(b, hkv, group, length) & inside[:, :, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(b, hkv, group, d), keys, values, attn_mask=seen, scale=scale
+    )
+    return out.masked_fill_(~seen.any(-1, keepdim=True), 0.0).view(b, hq, d)
+
 
 def decode_attention_torch(
     q: torch.Tensor,  # [B, Hq, D]
@@ -501,7 +546,7 @@ def decode_attention_torch(
 ) -> torch.Tensor:  # [B, Hq, D]
     """:func:`reference.decode_attention_reference` as one fused SDPA call: a GQA group's query
     heads become the rows of one query tile, so K/V are read once per group and never repeated.
-    Assumes every head sees at least one slot (in a planned cache a query always sees its own token)."""
+    A head that sees no slot gets zeros, as on the other backends (SDPA alone would give NaN)."""
     b, hq, d = q.shape
     hkv, capacity = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -511,5 +556,5 @@ def decode_attention_torch(
         v,
         attn_mask=visible.view(b, hkv, group, capacity),
         scale=scale,
-    )
-    return out.view(b, hq, d)
+    ).view(b, hq, d)
+    return out.masked_fill_(~visible.any(-1, keepdim=True), 0.0)

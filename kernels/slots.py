@@ -35,7 +35,10 @@ class SlotVisibility:
     alpha, beta: ``[Hq]`` float64 — the band's span ``alpha + beta * n`` in tokens; ``alpha = inf``
         for heads that see every causal slot.
     block_size: the plan's block size (sinks and bands are whole blocks of it).
-    blocks: ``[B, Hq, nK]`` bool or None — key blocks (of positions) each head may read this step.
+    blocks: ``[B, Hq, nK]`` bool or None — key blocks (of positions) each head may read this step;
+        they must cover every position held (``nK * block_size`` past the query's position).
+    slot_is_position: slot ``t`` holds position ``t`` or nothing (a full buffer, not a ring): a
+        backend may then read only the slots of selected blocks (visibility is unchanged by it).
     """
 
     slot_positions: torch.Tensor
@@ -45,24 +48,27 @@ class SlotVisibility:
     beta: torch.Tensor
     block_size: int
     blocks: torch.Tensor | None = None
+    slot_is_position: bool = False
 
-    def mask(self) -> torch.Tensor:  # [B, Hq, C] bool
-        """The visibility as a dense boolean mask, in plain PyTorch: the specification."""
+    def mask(self, slots: torch.Tensor | None = None) -> torch.Tensor:  # [B, Hq, C] (or [B, Hq, L]) bool
+        """The visibility as a dense boolean mask, in plain PyTorch: the specification. With ``slots``
+        (``[B, Hq, L]`` int64 slot indices) only at those slots, per head: ``mask()`` gathered there."""
         positions = self.positions
         n = (positions + 1).to(torch.float64)[:, None]  # [B, 1]
         band = torch.ceil((self.alpha + self.beta * n) / self.block_size - 1e-9).clamp(min=1)  # [B, Hq]
         first_band_token = ((positions // self.block_size)[:, None] - band + 1) * self.block_size  # [B, Hq]
-        held = self.slot_positions[:, None, :]  # [B, 1, C]
+        if slots is None:
+            held = self.slot_positions[:, None, :]  # [B, 1, C]
+        else:
+            held = self.slot_positions.gather(1, slots.flatten(1)).view(slots.shape)  # [B, Hq, L]
         visible = (
             (held >= 0)
             & (held <= positions[:, None, None])
             & ((held < self.sink_tokens[None, :, None]) | (held >= first_band_token[:, :, None]))
         )
         if self.blocks is not None:
-            slot_block = (self.slot_positions.clamp(min=0) // self.block_size).clamp(
-                max=self.blocks.shape[-1] - 1
-            )  # [B, C]
-            visible &= self.blocks.gather(-1, slot_block[:, None, :].expand(-1, self.blocks.shape[1], -1))
+            held_block = (held.clamp(min=0) // self.block_size).clamp(max=self.blocks.shape[-1] - 1)
+            visible &= self.blocks.gather(-1, held_block.expand(-1, self.blocks.shape[1], -1))
         return visible
 
     def problem(self, batch: int, heads: int, capacity: int, device: torch.device) -> str | None:

@@ -150,7 +150,9 @@ def decode_attention(
     is fine). Backends:
 
     * ``reference`` — the float64-capable specification (a rule visibility becomes its mask first);
-    * ``torch`` — one fused SDPA call with the mask (any device);
+    * ``torch`` — one fused SDPA call with the mask (any device); over a full buffer whose gate heads
+      selected key blocks (``slot_is_position``), over the selected blocks' slots only, gathered once
+      per KV group;
     * ``triton`` — the slot decode kernel (:mod:`moa_compress.kernels.triton_slot_decode`): GQA
       groups share K/V reads, tiles nobody sees are skipped, split-K over long caches (CUDA, or
       CPU tensors under ``TRITON_INTERPRET=1`` for tests);
@@ -158,7 +160,7 @@ def decode_attention(
       dim (float16/bfloat16/float32, 64 or 128), else ``torch``; ``flex`` runs ``torch``.
 
     Shapes are checked, values not (a check would cost a device sync per token). A head that sees
-    no slot yields zeros on ``reference`` and ``triton``; ``torch`` assumes every head sees a slot.
+    no slot yields zeros on every backend.
 
     Example::
 
@@ -206,6 +208,10 @@ def decode_attention(
 
         return slot_decode_triton(q, k, v, visible, scale=scale)
     if isinstance(visible, SlotVisibility):
+        if name == "torch" and visible.blocks is not None and visible.slot_is_position:
+            from moa_compress.kernels.cpu import decode_attention_selected_torch
+
+            return decode_attention_selected_torch(q, k, v, visible, scale)
         visible = visible.mask()
     module_name, fn_name = _DECODE_IMPLEMENTATIONS[name]
     fn = getattr(importlib.import_module(module_name), fn_name)

@@ -11,7 +11,8 @@ empty). Two kinds of class:
   last ``W`` positions from ``S`` on, ``W = max band_blocks(L) * block_size`` at the planned length
   ``L``: a query at position ``p`` needs band blocks from ``p // bs - band + 1``, all inside the last
   ``band * bs`` positions. Position ``t >= S`` lives in slot ``S + (t - S) % W``.
-* **full** — a KV head serving a dense head (or whose ring would not be smaller): slot = position.
+* **full** — a KV head serving a dense or gate head (or whose ring would not be smaller): slot =
+  position. KV heads of gate heads get a full class of their own, apart from the dense ones.
 
 A decode step writes the new token's keys/values into its slot (one indexed write per class, no
 allocation of storage), updates the slot-position table and makes one attention call per class
@@ -24,8 +25,9 @@ slot decode kernel (:mod:`moa_compress.kernels.triton_slot_decode`) reads that t
 query heads of a KV head sharing each K/V read, and skips tiles no head sees; the call allocates its
 output only (plus a small float32 split-K workspace when the cache is split across programs). On CPU
 (``auto``, ``torch``; ``flex`` everywhere) the visibility becomes a ``[B, Hq, capacity]`` mask (a few
-elementwise ops) for one fused SDPA call; ``reference`` is the float64 specification. Nothing is
-built on the host per step.
+elementwise ops) for one fused SDPA call — for gate heads over the slots of the blocks their gates
+selected only, gathered once per KV group — ``reference`` is the float64 specification. Full buffers
+are read up to the columns seen (their later slots are empty). Nothing is built on the host per step.
 
 Multi-token calls (the prompt, chunks of a long prompt) attend with the block-sparse kernels over
 the retained tokens in position order plus the new ones, then write what the storage keeps.
@@ -105,18 +107,19 @@ def plan_layer(
 ) -> list[KVClass]:
     """The storage classes of one layer: ``groups[h]`` are the rules of KV head ``h``'s query heads."""
     group = len(groups[0])
-    shapes: dict[tuple[int, int], list[int]] = {}
+    shapes: dict[tuple[int, int, bool], list[int]] = {}
     for h, rules in enumerate(groups):
-        shape = (0, 0)
+        # Full buffers of gate heads apart from the others: their steps read selected blocks only.
+        shape = (0, 0, any(r.input_dependent for r in rules))
         keeps = [r.kv_keep(ring_length, block_size) for r in rules]
         if all(keep is not None for keep in keeps):  # every head keeps a sink + window: a ring
             sink = max(keep[0] for keep in keeps) * block_size
             window = max(keep[1] for keep in keeps) * block_size
             if sink + window < ring_length:  # else a ring would hold no less than a full buffer
-                shape = (sink, window)
+                shape = (sink, window, False)
         shapes.setdefault(shape, []).append(h)
     classes = []
-    for (sink, window), heads in sorted(shapes.items()):
+    for (sink, window, _), heads in sorted(shapes.items()):
         q_heads = tuple(q for h in heads for q in range(h * group, (h + 1) * group))
         rules = tuple(r for h in heads for r in groups[h])
         grows = any(getattr(r, "beta", 0.0) > 0 for r in rules)
@@ -160,6 +163,7 @@ class ClassStorage:
         self.kv_index = torch.tensor(kv.kv_heads, device=device)
         self.q_index = torch.tensor(kv.q_heads, device=device)
         self.all_heads = False
+        self.gated = any(r.input_dependent for r in kv.rules)  # gate heads: their steps take blocks
         self.rows = torch.arange(batch, device=device)
 
     def visible(
@@ -167,11 +171,13 @@ class ClassStorage:
         positions: torch.Tensor,  # [B] int64: the query's position in each row
         block_size: int,
         blocks: torch.Tensor | None = None,  # [B, Hq_c, nK] bool: key blocks gate heads selected
+        used: int | None = None,  # a full buffer's leading slots that may be filled
     ) -> SlotVisibility:
         """Which slots each of the class's query heads sees from a query at ``positions``: the
         slot-position table and the heads' rules as they are (the decode kernel's input; no mask)."""
+        table = self.slot_positions if used is None else self.slot_positions[:, :used]
         return SlotVisibility(
-            self.slot_positions, positions, self.sink_tokens, self.alpha, self.beta, block_size, blocks
+            table, positions, self.sink_tokens, self.alpha, self.beta, block_size, blocks, not self.kv.is_ring
         )
 
     def grow(self, capacity: int) -> None:
@@ -354,10 +360,16 @@ class PlanKVLayer(CacheLayerMixin):
         for s in self.storage:
             s.write_token(stored.keys, stored.values, positions)
             # Gate heads (their layer's ``blocks``) keep only the key blocks their gate selected.
-            chosen = None if blocks is None else blocks if s.all_heads else blocks.index_select(1, s.q_index)
-            visible = s.visible(positions, self.block_size, chosen)
+            chosen = None
+            if blocks is not None and s.gated:
+                chosen = blocks if s.all_heads else blocks.index_select(1, s.q_index)
+            keys, values, used = s.keys, s.values, None
+            if not s.kv.is_ring:  # slot = position < columns seen: the slots after are empty
+                used = min(s.kv.capacity, -(-stored.length // self.block_size) * self.block_size)
+                keys, values = keys[:, :, :used], values[:, :, :used]
+            visible = s.visible(positions, self.block_size, chosen, used)
             q_class = q if s.all_heads else q.index_select(1, s.q_index)
-            o = decode_attention(q_class, s.keys, s.values, visible, scale=scale, backend=backend)
+            o = decode_attention(q_class, keys, values, visible, scale=scale, backend=backend)
             if out is None:
                 return o[:, :, None]
             out.index_copy_(1, s.q_index, o)

@@ -201,9 +201,15 @@ def test_gate_plan_at_density_one_equals_dense():
     assert (got - dense).abs().max() <= 1e-9
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "plan"])
-def test_mixed_plan_decode_equals_reference_token_by_token(cache):
+@pytest.mark.parametrize(
+    "cache, backend", [("dynamic", "reference"), ("plan", "reference"), ("plan", "torch")]
+)  # torch: the CPU step reading the selected blocks only (forced below, whatever they save)
+def test_mixed_plan_decode_equals_reference_token_by_token(cache, backend, monkeypatch):
     from transformers import DynamicCache
+
+    import moa_compress.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "GATHER_MAX_FRACTION", 1.0)
 
     model = tiny_model("mistral", dtype=torch.float64)
     plan = gated_plan(model, mixed(seed=3), seed=3)
@@ -225,7 +231,7 @@ def test_mixed_plan_decode_equals_reference_token_by_token(cache):
             if cache == "dynamic"
             else (lambda: PlanKVCache(model.config, plan, max_length=80))
         )
-        with apply_plan(model, plan, backend="reference"):
+        with apply_plan(model, plan, backend=backend):
             got = run(make)
     assert (got - want).abs().max() <= 1e-9
 

@@ -56,6 +56,44 @@ def test_decode_attention_backends_match_the_reference():
     ref_error = (decode_attention_reference(*low, visible, 0.25).double() - want).abs().max()
     error = (decode_attention(*low, visible, scale=0.25).double() - want).abs().max()
     assert error <= 3 * ref_error + 1e-6
+    # A head that sees no slot: zeros on every backend, the others unchanged.
+    visible[1, 4] = False
+    want = decode_attention_reference(q, k, v, visible, 0.25)
+    assert want[1, 4].eq(0).all() and want.isfinite().all()
+    torch.testing.assert_close(decode_attention_torch(q, k, v, visible, 0.25), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_fraction", [0.0, 1.0])  # its fallback, and the gathered path
+def test_selected_blocks_decode_equals_the_specification(max_fraction):
+    """A full buffer (slot = position, empty slots at the end) whose heads chose key blocks, GQA 9/3,
+    heads of a group choosing differently, one head seeing nothing: reading the selected blocks only
+    equals the mask over every slot, in float64."""
+    from moa_compress.kernels.cpu import decode_attention_selected_torch
+    from moa_compress.kernels.slots import SlotVisibility
+
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, capacity, bs, d = 2, 9, 3, 256, 16, 8
+    q = torch.randn(b, hq, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, hkv, capacity, d, generator=g, dtype=torch.float64) for _ in range(2))
+    positions = torch.tensor([200, 131])
+    slot_positions = torch.arange(capacity).expand(b, -1).clone()
+    slot_positions[slot_positions > positions[:, None]] = -1
+    n_blocks = 13  # covers position 200 (block 12)
+    blocks = torch.rand(b, hq, n_blocks, generator=g) < 0.15
+    blocks[..., 0] = True
+    blocks[0, 4] = False  # sees nothing
+    visibility = SlotVisibility(
+        slot_positions, positions, torch.zeros(hq, dtype=torch.long), torch.full((hq,), torch.inf, dtype=torch.float64),
+        torch.zeros(hq, dtype=torch.float64), bs, blocks, slot_is_position=True,
+    )  # fmt: skip
+    some = torch.randint(0, capacity, (b, hq, 50), generator=g)  # the mask at chosen slots
+    assert torch.equal(visibility.mask(some), visibility.mask().gather(-1, some))
+    want = decode_attention_reference(q, k, v, visibility.mask(), 0.3)
+    got = decode_attention_selected_torch(q, k, v, visibility, 0.3, max_fraction=max_fraction)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert got[0, 4].eq(0).all()
+    # decode_attention picks this path for such a visibility on CPU
+    torch.testing.assert_close(decode_attention(q, k, v, visibility, scale=0.3), want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("prompt_len", [10, 45, 48])  # shorter than a block, ragged, a multiple of it
