@@ -221,6 +221,8 @@ def gate_selections(
 def pool_queries_at(q: torch.Tensor, first: int, block_size: int) -> torch.Tensor:
     """Mean of the queries ``q [B, H, S, D]`` whose first sits at absolute position ``first``, per
     absolute block they touch -> ``[B, H, nQ, D]`` (a block averages the queries it has)."""
+    if q.shape[2] == 1:  # one query (a decode step): its block's mean is itself
+        return q
     head = first % block_size
     if head == 0:
         return pool_queries(q, block_size)
