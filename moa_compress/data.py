@@ -52,7 +52,10 @@ def shipped_texts(split: str, folder: str | Path | None = None) -> list[str]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     folder = Path(SHIPPED_TEXTS if folder is None else folder)
     if not folder.is_dir():
-        raise DataError(f"the shipped Wikipedia articles ({folder}) are missing from this install")
+        raise DataError(
+            f"the shipped Wikipedia articles ({folder}) are missing from this install; pass --data with a "
+            "text file, folder or dataset"
+        )
     texts = load_texts(folder)  # one text per file, in name order
     if len(texts) <= TUNING_ARTICLES:
         raise DataError(f"{folder} holds {len(texts)} articles; its splits need more than {TUNING_ARTICLES}")

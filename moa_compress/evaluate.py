@@ -187,11 +187,6 @@ def default_texts() -> tuple[list[str], str]:
 
     Raises :class:`DataError` (one line) when this install lacks them, naming ``--data``.
     """
-    if not DEFAULT_DATA.is_dir():
-        raise DataError(
-            f"no --data given and the default evaluation text ({DEFAULT_DATA}) is missing from this "
-            "install; pass --data with a text file, folder or dataset"
-        )
     return shipped_texts("eval", DEFAULT_DATA), f"{DEFAULT_DATA} (eval split)"
 
 
