@@ -303,14 +303,20 @@ def rule_from_dict(data: Mapping[str, Any], where: str) -> Rule:
 def selection_density(k: int, n: int, block_size: int) -> float:
     """Exact fraction of the causal pairs at length ``n`` computed when every query-block row keeps
     ``min(k, row + 1)`` key blocks, the diagonal among them (``k >= 1``). Input-independent: off-diagonal
-    key blocks are all full (only the last block may be ragged, and it is only ever a diagonal)."""
-    nb = num_blocks(n, block_size)
-    sizes = torch.clamp(n - torch.arange(nb, dtype=torch.float64) * block_size, max=block_size)  # rows
-    off_diagonal = torch.clamp(
-        torch.minimum(torch.arange(nb, dtype=torch.float64) + 1, torch.tensor(float(k))) - 1, min=0
-    )
-    kept = sizes * (sizes + 1) / 2 + off_diagonal * block_size * sizes
-    return float(kept.sum() / (n * (n + 1) / 2))
+    key blocks are all full (only the last block may be ragged, and it is only ever a diagonal).
+
+    Counted in integers, in closed form (a decode step asks for every gate rule at every new length)."""
+    bs, nb = block_size, num_blocks(n, block_size)
+    c = max(k - 1, 0)  # off-diagonal blocks a row keeps at most: row i keeps min(i, c)
+    full = nb - 1  # rows 0 .. nb-2 are whole blocks
+
+    def off_diagonal(rows: int) -> int:  # sum of min(i, c) for i < rows
+        return rows * (rows - 1) // 2 if rows - 1 <= c else c * (c + 1) // 2 + c * (rows - 1 - c)
+
+    last = n - full * bs  # rows of the last block
+    kept = full * (bs * (bs + 1) // 2) + off_diagonal(full) * bs * bs
+    kept += last * (last + 1) // 2 + min(full, c) * bs * last
+    return kept / (n * (n + 1) / 2)
 
 
 @functools.lru_cache(maxsize=65536)
