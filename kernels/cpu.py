@@ -514,7 +514,7 @@ def decode_attention_selected_torch(
     b, hq, d = q.shape
     hkv, capacity = k.shape[1], k.shape[2]
     group, bs = hq // hkv, visibility.block_size
-    chosen = visibility.blocks.view(b, hkv, group, -1).any(2)[..., : -(-capacity // bs)]  # [B, Hkv, nK]
+    chosen = visibility.blocks.reshape(b, hkv, group, -1).any(2)[..., : -(-capacity // bs)]  # [B, Hkv, nK]
     count = int(chosen.sum(-1).max()) if chosen.numel() else 0
     limit = GATHER_MAX_FRACTION if max_fraction is None else max_fraction
     if count == 0 or count * bs > limit * capacity:
