@@ -315,7 +315,12 @@ def bench_prefill_cmd(
 def bench_decode_cmd(
     model: ModelArg = None,
     contexts: Annotated[str, typer.Option(help="Comma-separated context lengths.")] = "2048,8192",
-    densities: Annotated[str, typer.Option(help="Densities of the uniform plans (1: every head dense, through the plan cache and its step).")] = "0.5,0.25",
+    densities: Annotated[
+        str,
+        typer.Option(
+            help="Densities of the uniform plans (1: every head dense, through the plan cache and its step)."
+        ),
+    ] = "0.5,0.25",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16,32",
     budget_gib: Annotated[float, typer.Option(help="KV budget for the largest-batch rows, GiB.")] = 4.0,
     backend: Annotated[str, typer.Option(help="Attention backend for the plan: torch or flex.")] = "torch",
