@@ -115,7 +115,8 @@ def token_windows(
     texts: Sequence[str | list[int]], tokenizer, length: int, limit: int | None = None
 ) -> list[list[int]]:
     """Non-overlapping windows of exactly ``length`` tokens, cut from each text in order. A text may
-    be given as its token ids already (a caller cutting several lengths tokenizes once)."""
+    be given as its token ids already (a caller cutting several lengths tokenizes once); ``tokenizer``
+    may then be None."""
     windows: list[list[int]] = []
     for text in texts:
         ids = text if isinstance(text, list) else encode(tokenizer, text)
@@ -488,12 +489,12 @@ def calibration_set(
             prose = texts if texts is not None else shipped_texts("tune")
         prose_docs = docs if prose is texts else [encode(tokenizer, t) for t in prose]
         for n in lengths:
-            plain_windows[n] = _split_windows(prose_docs, tokenizer, n, counts[n] // 2, held_out)
+            plain_windows[n] = _split_windows(prose_docs, n, counts[n] // 2, held_out)
     if mode == "plain":
         for n in lengths:
             rng = random.Random(f"moa-calibration:{seed}:{n}:plain")
             windows = (
-                _plain_windows(docs, tokenizer, n, counts[n], rng)
+                _plain_windows(docs, n, counts[n], rng)
                 if docs is not None
                 else [_synthetic_ids(tokenizer, n, rng) for _ in range(counts[n])]
             )
@@ -530,8 +531,8 @@ def _sample(ids: Sequence[int], first_scored: int) -> CalibrationSample:
     return CalibrationSample(torch.tensor(list(ids), dtype=torch.int64), mask)
 
 
-def _plain_windows(docs: list[list[int]], tokenizer, n: int, k: int, rng) -> list[list[int]]:
-    windows = token_windows(docs, tokenizer, n)
+def _plain_windows(docs: list[list[int]], n: int, k: int, rng) -> list[list[int]]:
+    windows = token_windows(docs, None, n)
     if len(windows) < k:
         long_enough = sum(1 for d in docs if len(d) >= n)
         raise DataError(
@@ -541,7 +542,7 @@ def _plain_windows(docs: list[list[int]], tokenizer, n: int, k: int, rng) -> lis
     return rng.sample(windows, k)
 
 
-def _split_windows(docs: list[list[int]], tokenizer, n: int, k: int, held_out: bool) -> list[list[int]]:
+def _split_windows(docs: list[list[int]], n: int, k: int, held_out: bool) -> list[list[int]]:
     """``k`` windows of ``n`` tokens from one fixed shuffle of all of ``docs``' windows (the same for
     every seed, so that held-out samples drawn with another seed still avoid the calibration ones): its
     first ``k`` (calibration) or its last ``k`` (``held_out``), disjoint while there are ``2k``."""
@@ -549,7 +550,7 @@ def _split_windows(docs: list[list[int]], tokenizer, n: int, k: int, held_out: b
 
     if k == 0:
         return []
-    windows = token_windows(docs, tokenizer, n)
+    windows = token_windows(docs, None, n)
     random.Random(f"moa-calibration:{n}:prose-order").shuffle(windows)
     if len(windows) < 2 * k:
         raise DataError(

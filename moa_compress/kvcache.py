@@ -88,6 +88,11 @@ class KVClass:
     def is_ring(self) -> bool:
         return self.window > 0
 
+    @property
+    def gated(self) -> bool:
+        """Some query head has a gate rule: its decode steps take the gates' block selections."""
+        return any(r.input_dependent for r in self.rules)
+
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Slot of each absolute position (same shape)."""
         if not self.is_ring:
@@ -163,7 +168,6 @@ class ClassStorage:
         self.kv_index = torch.tensor(kv.kv_heads, device=device)
         self.q_index = torch.tensor(kv.q_heads, device=device)
         self.all_heads = False
-        self.gated = any(r.input_dependent for r in kv.rules)  # gate heads: their steps take blocks
         self.rows = torch.arange(batch, device=device)
 
     def visible(
@@ -361,7 +365,7 @@ class PlanKVLayer(CacheLayerMixin):
             s.write_token(stored.keys, stored.values, positions)
             # Gate heads (their layer's ``blocks``) keep only the key blocks their gate selected.
             chosen = None
-            if blocks is not None and s.gated:
+            if blocks is not None and s.kv.gated:
                 chosen = blocks if s.all_heads else blocks.index_select(1, s.q_index)
             keys, values, used = s.keys, s.values, None
             if not s.kv.is_ring:  # slot = position < columns seen: the slots after are empty
