@@ -63,8 +63,11 @@ Tasks (``N`` is each requested length):
       "time": str,                                               # ISO 8601, when the run finished
       "results": {
         "dense" | "plan" | "uniform" | "oracle" | "oracle-layer": {   # oracles: ppl, fidelity, passkey
-          "ppl": {N: {"ppl": float, "nll": float, "windows": int, "tokens": int}},
-          "fidelity": {N: {"kl": float, "top1": float, "windows": int, "tokens": int}},  # not for dense
+          "ppl": {N: {"ppl": float, "nll": float, "windows": int, "tokens": int,
+                      "window_nll": [float]}},   # mean NLL per window, in window order (paired
+                                                 # across variants: the same windows for each)
+          "fidelity": {N: {"kl": float, "top1": float, "windows": int, "tokens": int,
+                           "window_kl": [float]}},  # not for dense; per window as window_nll
           "passkey" | <ruler task>: {N: {
               "accuracy": float, "answer_logprob": float, "samples": int,
               "correct": [bool],                  # per sample, in generation order (paired across variants)
@@ -280,10 +283,18 @@ class _Sums:
     def __init__(self) -> None:
         self.nll = self.kl = 0.0
         self.top1 = self.tokens = self.windows = 0
+        self.window_nll: list[float] = []  # per window, in window order: paired across variants
+        self.window_kl: list[float] = []
 
     def ppl(self) -> dict[str, Any]:
         nll = self.nll / self.tokens
-        return {"ppl": math.exp(nll), "nll": nll, "windows": self.windows, "tokens": self.tokens}
+        return {
+            "ppl": math.exp(nll),
+            "nll": nll,
+            "windows": self.windows,
+            "tokens": self.tokens,
+            "window_nll": list(self.window_nll),
+        }
 
     def fidelity(self) -> dict[str, Any]:
         return {
@@ -291,6 +302,7 @@ class _Sums:
             "top1": self.top1 / self.tokens,
             "windows": self.windows,
             "tokens": self.tokens,
+            "window_kl": list(self.window_kl),
         }
 
 
@@ -302,15 +314,22 @@ def score_window(
     sums: _Sums,
 ) -> None:
     """Add one window's NLL (and, against ``reference``, KL and top-1 agreement) to ``sums``."""
+    nll = kl_sum = 0.0
     for lo in range(0, hidden.shape[0], LOGIT_CHUNK):
         lp = log_probs(model, hidden[lo : lo + LOGIT_CHUNK])
-        sums.nll -= float(lp.gather(1, targets[lo : lo + LOGIT_CHUNK, None]).double().sum())
+        nll -= float(lp.gather(1, targets[lo : lo + LOGIT_CHUNK, None]).double().sum())
         if reference is not None:
             ref = log_probs(model, reference[lo : lo + LOGIT_CHUNK])
             kl = torch.nn.functional.kl_div(lp, ref, reduction="none", log_target=True).sum(-1)
-            sums.kl += float(kl.double().sum())
+            kl_sum += float(kl.double().sum())
             sums.top1 += int((lp.argmax(-1) == ref.argmax(-1)).sum())
-    sums.tokens += int(targets.numel())
+    tokens = int(targets.numel())
+    sums.nll += nll
+    sums.window_nll.append(nll / tokens)
+    if reference is not None:
+        sums.kl += kl_sum
+        sums.window_kl.append(kl_sum / tokens)
+    sums.tokens += tokens
     sums.windows += 1
 
 

@@ -324,6 +324,17 @@ def _verdict(plan: float, uniform: float, higher_is_better: bool) -> str:
     return "▲ win" if (plan > uniform) == higher_is_better else "▼ loss"
 
 
+def _windows_won(results: Mapping[str, Any], task: str, key: str, n: int) -> str:
+    """``+won / −lost``: text windows where the plan's per-window figure (lower is better) beats the
+    uniform baseline's and the reverse; empty for results written before per-window figures."""
+    plan, uniform = (_get(results, v, task, n).get(key) for v in ("plan", "uniform"))
+    if not plan or not uniform or len(plan) != len(uniform):
+        return ""
+    won = sum(a < b for a, b in zip(plan, uniform, strict=True))
+    lost = sum(b < a for a, b in zip(plan, uniform, strict=True))
+    return f"+{won} / −{lost}"
+
+
 def summary_section(results: Mapping[str, Any]) -> list[str]:
     """One row per task and length: the plan against dense and uniform, the gap as a ratio, the
     number of samples, and whether the plan beats the uniform baseline (marked either way)."""
@@ -340,7 +351,7 @@ def summary_section(results: Mapping[str, Any]) -> list[str]:
                     f"{u:.3f}",
                     _ratio(p, d),
                     _ratio(p, u),
-                    "",
+                    _windows_won(results, "ppl", "window_nll", n),
                     _verdict(p, u, False),
                 ]
                 rows.append([task + " (perplexity)", n, f"{count} windows", *cells])
@@ -353,7 +364,7 @@ def summary_section(results: Mapping[str, Any]) -> list[str]:
                     f"{u:.4f}",
                     "—",
                     _ratio(p, u),
-                    "",
+                    _windows_won(results, "fidelity", "window_kl", n),
                     _verdict(p, u, False),
                 ]
                 rows.append([task + " (KL, nats/token)", n, f"{count} windows", *cells])
@@ -372,7 +383,8 @@ def summary_section(results: Mapping[str, Any]) -> list[str]:
             "Per task and length: the plan against dense and the uniform baseline; ratios are plan ÷ "
             "dense and plan ÷ uniform (lower is better for perplexity and KL, higher for accuracy). "
             '"Samples won / lost" counts the prompts the plan answers right and uniform wrong, and '
-            "the reverse. The verdict compares the plan with uniform; with n samples, accuracy "
+            "the reverse (for perplexity and KL: the text windows where the plan's figure is lower than "
+            "uniform's, and the reverse). The verdict compares the plan with uniform; with n samples, accuracy "
             "differences below about 1/√n are within noise."
         ),
         "",

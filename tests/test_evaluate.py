@@ -178,6 +178,12 @@ def test_score_window_nll_and_zero_kl_against_itself(tokenizer, monkeypatch):
     assert same.kl == pytest.approx(0.0, abs=1e-9) and same.top1 == 30 and same.tokens == 30
     assert diff.nll == pytest.approx(float(nll), rel=1e-5)
     assert diff.kl == pytest.approx(float(kl), rel=1e-4) and diff.kl > 0
+    assert diff.window_nll == pytest.approx([float(nll) / 30], rel=1e-5)
+    assert diff.window_kl == pytest.approx([float(kl) / 30], rel=1e-4)
+    with torch.no_grad():  # a second window: its own entry, the totals token-weighted
+        evaluate.score_window(model, hidden[:10], targets[:10], None, diff)
+    assert len(diff.window_nll) == 2 and len(diff.window_kl) == 1  # no reference, no KL entry
+    assert diff.nll / diff.tokens == pytest.approx((30 * diff.window_nll[0] + 10 * diff.window_nll[1]) / 40)
 
 
 def test_uniform_baseline_matches_the_plan_density_and_sink(tokenizer):
@@ -285,6 +291,10 @@ def test_dense_ppl_matches_a_direct_computation(tokenizer, monkeypatch):
         got = results["results"]["dense"]["ppl"][str(n)]
         assert got["nll"] == pytest.approx(float(nll), rel=1e-9)
         assert got["windows"] == 3 and got["tokens"] == 3 * (n - n // 2)
+        per_window = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), ids[:, n // 2 :], reduction="none"
+        ).mean(-1)  # [windows]
+        assert got["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,6 +834,13 @@ def test_summary_leads_the_report_and_marks_wins_and_losses(tokenizer, monkeypat
     assert "| 2 | 100% | 50% | 0% | 0.50 | — | +1 / −0 | ▲ win |" in win
     assert "| 2 | 0% | 0% | 50% | — | 0.00 | +0 / −1 | ▼ loss |" in loss
     assert "ppl (perplexity) | 128 | 2 windows" in text and "fidelity (KL, nats/token) | 256" in text
+
+    # Per-window figures: the windows where the plan is lower than uniform, and the reverse.
+    by["plan"]["ppl"]["128"] = by["plan"]["ppl"]["128"] | {"window_nll": [2.0, 3.0, 1.0]}
+    by["uniform"]["ppl"]["128"] = by["uniform"]["ppl"]["128"] | {"window_nll": [2.5, 2.0, 1.5]}
+    text = evaluate.write_report(results, tmp_path / "w", plan).read_text()
+    row = next(line for line in text.splitlines() if "ppl (perplexity) | 128" in line)
+    assert "| +2 / −1 |" in row
 
 
 def test_report_without_matplotlib_says_plots_were_skipped(tokenizer, monkeypatch, tmp_path):
