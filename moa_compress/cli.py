@@ -828,6 +828,14 @@ def compress_command(
     gate_steps: Annotated[
         int | None, typer.Option(help="AdamW steps of the gates stage (default: the preset's).")
     ] = None,
+    gate_locals: Annotated[
+        str | None,
+        typer.Option(
+            help="Local windows (blocks ending at the diagonal, kept whatever the gate says) offered with "
+            "each gate target, comma-separated (default 1,2,4,8; 1 alone: the gate picks all but sink "
+            "and diagonal)."
+        ),
+    ] = None,
     min_span: MinSpanOpt = None,
     cost: CostOpt = None,
     profile: Annotated[
@@ -879,6 +887,7 @@ def compress_command(
         per_head=per_head,
         rules=tuple(kind.strip() for kind in rules.split(",") if kind.strip()),
         gate_steps=gate_steps,
+        gate_locals=tuple(parse_lengths(gate_locals, "--gate-locals")) if gate_locals else None,
         min_span=min_span,
         cost=cost,
         eval_data=eval_data,

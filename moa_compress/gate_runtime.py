@@ -24,6 +24,7 @@ layer's key cache) so that the cache can be cropped and padded rows pooled from 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,8 +47,8 @@ class GateKeys:
     (``codes [B, H_gate, nFull, gate_dim]``, :meth:`~moa_compress.gates.AttnGate.key_codes`, computed once,
     when the block fills) and the pre-RoPE keys ``raw [B, Hkv, S - offset, D]`` still needed.
 
-    ``keep_raw=False`` (a :class:`~moa_compress.kvcache.PlanKVCache`, which is never cropped and takes
-    unpadded batches) keeps the raw keys of the unfinished last block only, so the layer holds ``gate_dim``
+    ``keep_raw=False`` (a :class:`~moa_compress.kvcache.PlanKVCache`, which is never cropped and keeps one
+    per row of a padded batch) keeps the raw keys of the unfinished last block only, so the layer holds ``gate_dim``
     numbers per gate head and block instead of ``D`` per KV head and token. ``keep_raw=True`` (the
     default cache) keeps every raw key, padding included: a cropped cache drops codes and keys past
     the crop, and a left-padded batch pools each row from its own first token (:func:`row_codes`).
@@ -93,13 +94,14 @@ class GateKeys:
 
     def all_codes(self, gate: AttnGate) -> torch.Tensor:  # [B, H_gate, num_blocks(length), gate_dim]
         """The codes of every key block so far: the complete blocks' and, when the last block is not
-        full, that block's from the keys it has."""
-        tail = self.length % self.block_size
-        if tail == 0:
+        full, a zero placeholder for it. The last key block is causal for the last query-block row only,
+        where it is the diagonal, which every gate rule keeps whatever its score: pooling and projecting
+        the unfinished block at every call (every decode step) would change no selection."""
+        if self.length % self.block_size == 0:
             return self.codes
-        last = self.raw[:, :, self.raw.shape[2] - tail :]
-        code = row_codes(gate, last, self.block_size, first=self.length // self.block_size)
-        return code if self.codes is None else torch.cat([self.codes, code], dim=2)
+        heads = gate.k_proj.shape[0]  # gate heads
+        placeholder = self.raw.new_zeros(self.raw.shape[0], heads, 1, gate.gate_dim, dtype=gate.k_proj.dtype)
+        return placeholder if self.codes is None else torch.cat([self.codes, placeholder], dim=2)
 
     def keys(self) -> torch.Tensor:  # [B, Hkv, length, D]
         if self.offset:
@@ -178,8 +180,7 @@ def gate_selections_for(
     first = kv_len - q_pre.shape[2]
     q_blocks = pool_queries_at(q_pre.to(gate.q_proj.dtype), first, bs)
     scores = gate.scores(gate.query_codes(q_blocks, first // bs), k_codes)
-    blocks, gate_of_head = layer_gate_heads(plan, layer, kv_len)
-    return gate_selections(scores, blocks, gate_of_head)
+    return gate_selections(scores, *layer_gate_heads(plan, layer, kv_len))
 
 
 def layer_block_rows(
@@ -212,14 +213,29 @@ def gated_attention(
     backend: str,
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
     """One unpadded call of a layer with gate heads: every head in one block-sparse call per piece
-    (the queries before the first block boundary, if the call starts inside a block, are a piece of
-    their own: a layout groups rows into blocks from its first row)."""
-    from moa_compress.attention import block_sparse_attention
-
-    bs = plan.block_size
+    (:func:`rows_attention`)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     selections = gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)
     rows = layer_block_rows(plan, layer, kv_len, q_len, selections)  # [B, H, nQ_call, nK]
+    return rows_attention(rows, query, key, value, plan.block_size, scale, backend)
+
+
+def rows_attention(
+    rows: torch.Tensor,  # [B, Hq, nQ_call, nK] bool: block rows of the call's query blocks
+    query: torch.Tensor,  # [B, Hq, Sq, D], the last Sq of the Sk positions
+    key: torch.Tensor,  # [B, Hkv, Sk, D], in position order from position 0
+    value: torch.Tensor,
+    block_size: int,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """Block-sparse attention of a call's queries under the given block rows, one call per piece (the
+    queries before the first block boundary, if the call starts inside a block, are a piece of their
+    own: a layout groups rows into blocks from its first row)."""
+    from moa_compress.attention import block_sparse_attention
+
+    bs = block_size
+    q_len, kv_len = query.shape[2], key.shape[2]
     first_row = kv_len - q_len
     head = min(q_len, (-first_row) % bs)
     outs = []
@@ -248,10 +264,11 @@ def gated_padded_attention(
     padding: torch.Tensor,  # [B] left-padding columns
     scale: float,
     backend: str,
+    codes: Sequence[torch.Tensor] | None = None,  # per row [1, H_gate, nK_row, gate_dim], if held already
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
     """A left-padded batch, one row at a time over its own tokens (positions counted from its first
-    real token, as unpadded: its key blocks are pooled afresh from there); padding query rows return
-    zeros."""
+    real token, as unpadded: its key blocks are pooled from there, unless the caller holds each row's
+    ``codes``, e.g. :meth:`GateKeys.all_codes`); padding query rows return zeros."""
     q_len, kv_len = query.shape[2], key.shape[2]
     out = torch.zeros_like(query)
     for row, pad in enumerate(padding.tolist()):
@@ -259,9 +276,10 @@ def gated_padded_attention(
         if q0 >= q_len:
             continue
         r = slice(row, row + 1)
+        held = codes[row] if codes is not None else row_codes(gate, k_pre[r, :, pad:], plan.block_size)
         out[r, :, q0:] = gated_attention(
             plan, layer, gate, query[r, :, q0:], key[r, :, pad:], value[r, :, pad:],
-            q_pre[r, :, q0:], row_codes(gate, k_pre[r, :, pad:], plan.block_size), scale, backend,
+            q_pre[r, :, q0:], held, scale, backend,
         )  # fmt: skip
     return out
 

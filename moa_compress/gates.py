@@ -175,47 +175,46 @@ class AttnGate(nn.Module):
 # Selection: top-k key blocks per query-block row, density exact for any input
 
 
-def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+def select_blocks(scores: torch.Tensor, k: int, local: int = 1) -> torch.Tensor:
     """Block mask ``[B, H, nQ, nK]`` (bool) from gate ``scores`` (``-inf`` above the block diagonal,
-    bottom-right aligned): each row keeps the sink block 0, its diagonal block and the ``k - 2``
-    best-scoring others (``k < 2`` counts as 2); rows with at most ``k`` causal blocks keep them all.
-    Density at length N is :func:`selection_density` of ``k``, whatever the scores. Batched over every head
-    and row (no Python loop); a row is never empty."""
-    b, h, nq, nk = scores.shape
-    rows = torch.arange(nq, device=scores.device)[:, None] + (nk - nq)  # each row's diagonal block
-    cols = torch.arange(nk, device=scores.device)[None, :]
-    causal = cols <= rows
-    forced = (cols == 0) | (cols == rows)
-    ranked = scores.masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
-    take = min(max(k, 2), nk)  # the sink and the diagonal are never dropped
-    top = ranked.topk(take, dim=-1).indices  # [B, H, nQ, take]
-    mask = torch.zeros(b, h, nq, nk, dtype=torch.bool, device=scores.device)
-    mask.scatter_(-1, top, True)
-    return mask & causal
+    bottom-right aligned): each row keeps the sink block 0, the ``local`` blocks ending at its diagonal
+    block (at most ``k - 1``) and the best-scoring others, ``k`` in all (``k < 2`` counts as 2); rows with
+    at most ``k`` causal blocks keep them all. Density at length N is :func:`selection_density` of ``k``,
+    whatever the scores. Batched over every head and row (no Python loop); a row is never empty."""
+    heads = scores.shape[1]
+    full = torch.full((heads,), k, dtype=torch.long)
+    return gate_selections(scores, full, torch.arange(heads), torch.full((heads,), local, dtype=torch.long))
 
 
 def gate_selections(
     scores: torch.Tensor,  # [B, H_gate, nQ, nK], -inf above the block diagonal (bottom-right aligned)
     blocks: torch.Tensor,  # [H] int: key blocks per row of each query head (0 for heads without a gate)
     gate_of_head: torch.Tensor,  # [H] int: the gate head whose scores each query head follows
+    local: torch.Tensor | None = None,  # [H] int: blocks ending at the diagonal always kept (default 1)
 ) -> torch.Tensor:  # [B, H, nQ, nK] bool
-    """Every query head's block mask from its gate head's scores: the sink, the diagonal and the best
-    others, ``blocks[h]`` per row (rows with fewer causal blocks keep them all). The ranking is done
-    once per gate head and shared by the query heads that follow it; batched over heads and rows."""
+    """Every query head's block mask from its gate head's scores: the sink, the ``local[h]`` blocks
+    ending at the diagonal (at most ``blocks[h] - 1``) and the best others, ``blocks[h]`` per row (rows
+    with fewer causal blocks keep them all). Query heads that follow one gate head share its scores;
+    the ranking is per query head (their windows may differ); batched over heads and rows."""
     b, _, nq, nk = scores.shape
     device = scores.device
+    heads = len(blocks)
+    blocks = blocks.to(device)
+    local = torch.ones(heads, dtype=torch.long, device=device) if local is None else local.to(device)
     rows = torch.arange(nq, device=device)[:, None] + (nk - nq)
     cols = torch.arange(nk, device=device)[None, :]
-    causal = cols <= rows
-    forced = (cols == 0) | (cols == rows)
-    ranked = scores.masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
-    take = max(1, min(int(blocks.max()) if blocks.numel() else 1, nk))
-    top = ranked.topk(take, dim=-1).indices[:, gate_of_head.to(device)]  # [B, H, nQ, take]
-    keep = torch.arange(take, device=device) < blocks.to(device)[:, None, None].clamp(min=2)  # [H, 1, take]
-    mask = torch.zeros(b, len(blocks), nq, nk + 1, dtype=torch.bool, device=device)
+    causal = cols <= rows  # [nQ, nK]
+    window = torch.minimum(local, blocks.clamp(min=2) - 1).clamp(min=1)[:, None, None]  # [H, 1, 1]
+    forced = (cols == 0) | ((rows - cols < window) & causal)  # [H, nQ, nK]
+    ranked = scores.masked_fill(~causal, float("-inf"))[:, gate_of_head.to(device)]  # [B, H, nQ, nK]
+    ranked = ranked.masked_fill(forced[None], float("inf"))
+    take = max(1, min(int(blocks.clamp(min=2).max()) if heads else 1, nk))  # k < 2 counts as 2
+    top = ranked.topk(take, dim=-1).indices  # [B, H, nQ, take]
+    keep = torch.arange(take, device=device) < blocks[:, None, None].clamp(min=2)  # [H, 1, take]
+    mask = torch.zeros(b, heads, nq, nk + 1, dtype=torch.bool, device=device)
     spare = torch.full_like(top, nk)  # dropped picks land in a spare column
     mask.scatter_(-1, torch.where(keep[None], top, spare), True)
-    return mask[..., :nk] & causal & (blocks.to(device) > 0)[None, :, None, None]
+    return mask[..., :nk] & causal & (blocks > 0)[None, :, None, None]
 
 
 def pool_queries_at(q: torch.Tensor, first: int, block_size: int) -> torch.Tensor:
@@ -279,9 +278,10 @@ def gates_from_plan(plan) -> dict[int, AttnGate]:
     return out
 
 
-def layer_gate_heads(plan, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(blocks [H], gate_of_head [H])`` of ``layer`` at total length ``n``: key blocks per row of each
-    gate head (0 for other heads) and the gate head each query head follows."""
+def layer_gate_heads(plan, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(blocks [H], gate_of_head [H], local [H])`` of ``layer`` at total length ``n``: key blocks per row
+    of each gate head (0 for other heads), the gate head each query head follows and each head's local
+    window in blocks (:attr:`moa_compress.plan.GateRule.local`; 1 for other heads)."""
     m = plan.model
     blocks = torch.tensor(
         [r.blocks_per_row(n, plan.block_size) if r.input_dependent else 0 for r in plan.rules[layer]]
@@ -289,7 +289,8 @@ def layer_gate_heads(plan, layer: int, n: int) -> tuple[torch.Tensor, torch.Tens
     group = m.num_heads // m.num_kv_heads
     per_query = plan.gates is not None and plan.gates.per_query_head
     gate_of_head = torch.arange(m.num_heads) if per_query else torch.arange(m.num_heads) // group
-    return blocks, gate_of_head
+    local = torch.tensor([getattr(r, "local", 1) for r in plan.rules[layer]])
+    return blocks, gate_of_head, local
 
 
 # ----------------------------------------------------------------------------------------------

@@ -540,6 +540,7 @@ class _Context:
             rules=s.rules,
             gates=gates.gates if gates is not None else None,
             gate_samples=calibration_maps(self.state.root, profile) if gates is not None else None,
+            gate_locals=s.gate_locals,
             min_span=s.min_span,
             cost=s.cost,
             pareto_size=s.pareto_size,

@@ -32,7 +32,8 @@ import torch
 
 from moa_compress.errors import UserInputError
 
-SCHEMA_VERSION = 2  # the newest plan.json this version reads (2: plans with gate rules)
+# The newest plan.json this version reads (2: gate rules; 3: gate rules with a local window).
+SCHEMA_VERSION = 3
 PLAN_FILE = "plan.json"
 TENSOR_FILE = "plan.safetensors"
 
@@ -247,31 +248,50 @@ class GateRule:
     """A learned block gate (SeerAttention-style) chooses the blocks per input.
 
     At total length ``N`` every query-block row keeps :meth:`blocks_per_row` key blocks — the sink
-    block 0, its diagonal block and the best-scoring others by the layer's gate (rows with fewer causal
+    block 0, the ``local`` blocks ending at its diagonal block (a guaranteed local window; ``local = 1``
+    is the diagonal alone) and the best-scoring others by the layer's gate (rows with fewer causal
     blocks keep them all) — so the density at ``N`` is exact whatever the input, and at most
-    ``target`` (or the smallest possible, two blocks per row, where that exceeds it). The gate's weights
-    are the plan's tensors ``gates.{layer}.q_proj`` / ``gates.{layer}.k_proj`` (:class:`GateConfig`).
+    ``target`` (or the smallest possible, two blocks per row, where that exceeds it). Where ``local``
+    would take every block a row may keep, the window shrinks to leave none for the gate
+    (:meth:`local_blocks`). The gate's weights are the plan's tensors ``gates.{layer}.q_proj`` /
+    ``gates.{layer}.k_proj`` (:class:`GateConfig`).
     """
 
     target: float
+    local: int = 1
     kind: ClassVar[str] = "gate"
     input_dependent: ClassVar[bool] = True
 
     def to_dict(self) -> dict[str, Any]:
-        return _fields(self)
+        out = _fields(self)
+        if self.local == 1:  # the schema-2 rule, readable by every version that reads gates
+            del out["local"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> GateRule:
         try:
-            rule = cls(float(data["target"]))
+            target, local = float(data["target"]), data.get("local", 1)
+            if isinstance(local, bool) or not isinstance(local, int):
+                raise TypeError(f"local must be an integer number of blocks, got {local!r}")
+            rule = cls(target, local)
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"{where}: gate rule needs target ({exc})") from None
+            raise PlanError(
+                f"{where}: gate rule needs target and an optional integer local ({exc})"
+            ) from None
         if not 0.0 < rule.target <= 1.0:
             raise PlanError(f"{where}: gate rule target must be in (0, 1], got {rule.target}")
+        if rule.local < 1:
+            raise PlanError(f"{where}: gate rule local must be at least 1 block, got {rule.local}")
         return rule
 
     def blocks_per_row(self, n: int, block_size: int) -> int:
         return blocks_for_density(self.target, n, block_size)
+
+    def local_blocks(self, n: int, block_size: int) -> int:
+        """Blocks ending at the diagonal that every row keeps at ``n``: ``local``, but at most
+        ``blocks_per_row - 1`` (the sink takes one)."""
+        return max(1, min(self.local, self.blocks_per_row(n, block_size) - 1))
 
     def density(self, n: int, block_size: int) -> float:
         return selection_density(self.blocks_per_row(n, block_size), n, block_size)
@@ -283,7 +303,7 @@ class GateRule:
         return None
 
     def describe(self) -> str:
-        return f"gate@{self.target:g}"
+        return f"gate@{self.target:g}" + (f"+local{self.local}" if self.local > 1 else "")
 
 
 Rule = DenseRule | StaticRule | GateRule
@@ -603,9 +623,15 @@ class Plan:
 
     # -- serialisation -------------------------------------------------------------------------
 
+    def _needed_schema(self) -> int:
+        """The oldest schema that holds this plan (older readers refuse newer files, never misread them)."""
+        if any(getattr(r, "local", 1) > 1 for heads in self.rules for r in heads):
+            return 3
+        return 2 if self.gates is not None else 1
+
     def to_dict(self) -> dict[str, Any]:
         out = {
-            "schema_version": max(self.schema_version, 2 if self.gates is not None else 1),
+            "schema_version": max(self.schema_version, self._needed_schema()),
             "model": dataclasses.asdict(self.model),
             "block_size": self.block_size,
             "budget": self.budget,

@@ -41,7 +41,7 @@ from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
 from moa_compress.kvcache import PlanKVCache, StoredKV
-from moa_compress.plan import Plan, Rule, identity_of, rule_key_blocks, text_config
+from moa_compress.plan import Plan, Rule, identity_of, num_blocks, rule_key_blocks, text_config
 
 __all__ = [
     "PlanHandle",
@@ -350,55 +350,16 @@ class PlanHandle:
         """A layer with gate heads (see :mod:`moa_compress.gate_runtime`): the gate selects blocks
         from this call's pre-RoPE queries and every pre-RoPE key so far, then one attention call (per
         piece) serves static, gate and dense heads together."""
-        from moa_compress.gate_runtime import (
-            GateKeys,
-            decode_visible_blocks,
-            gated_attention,
-            gated_padded_attention,
-        )
+        from moa_compress.gate_runtime import GateKeys, gated_attention, gated_padded_attention
 
         gate = self.gates[layer]
         if gate.q_proj.device != query.device:
             gate = self.gates[layer] = gate.to(query.device)
         q_pre, k_new = self.hooks.take(layer)
         if isinstance(key, StoredKV):
-            stored, cache_layer = key, key.layer
             if key.plan != self.plan:
                 raise PlanRuntimeError("this PlanKVCache was built for a different plan than the applied one")
-            if cache_layer.gate_keys is None:
-                cache_layer.gate_keys = GateKeys(self.plan.block_size, keep_raw=False)
-            cache_layer.gate_keys.update(k_new, stored.start, gate)
-            k_codes = cache_layer.gate_keys.all_codes(gate)
-            mask = None if attention_mask is None else as_bool_mask(attention_mask, stored.length)
-            if (mask is not None and not is_plain_causal(mask)) or cache_layer.padding is not None:
-                raise PlanRuntimeError(
-                    "a plan with gate heads runs a PlanKVCache for unpadded batches only; pass one sequence "
-                    "(or equal lengths) at a time, or use the default cache"
-                )
-            if stored.start == 0:
-                out = gated_attention(
-                    self.plan,
-                    layer,
-                    gate,
-                    query,
-                    stored.keys,
-                    stored.values,
-                    q_pre,
-                    k_codes,
-                    scale,
-                    self.backend,
-                )
-                cache_layer.plan_storage(stored.keys, None)
-                cache_layer.check_length(stored.length)
-                cache_layer.store(stored)
-                return out
-            if query.shape[2] != 1:
-                raise PlanRuntimeError(
-                    "a plan with gate heads takes its prompt in one call through a PlanKVCache (no chunked "
-                    "prefill yet); later calls must be single tokens"
-                )
-            blocks = decode_visible_blocks(self.plan, layer, gate, q_pre, k_codes, stored.length)
-            return cache_layer.decode_step(query, stored, scale, self.backend, blocks=blocks)
+            return self.gated_stored(layer, gate, query, key, attention_mask, q_pre, k_new, scale)
         kv_len = key.shape[2]
         held = self.gate_keys.setdefault(layer, GateKeys(self.plan.block_size, keep_raw=True))
         held.update(k_new, kv_len - query.shape[2], gate)
@@ -412,6 +373,89 @@ class PlanHandle:
         return gated_attention(
             self.plan, layer, gate, query, key, value, q_pre, held.all_codes(gate), scale, self.backend
         )
+
+    def gated_stored(
+        self,
+        layer: int,
+        gate,  # the layer's moa_compress.gates.AttnGate
+        query: torch.Tensor,  # [B, Hq, Sq, D]
+        stored: StoredKV,
+        attention_mask: torch.Tensor | None,
+        q_pre: torch.Tensor,  # [B, Hq, Sq, D] this call's pre-RoPE queries
+        k_new: torch.Tensor,  # [B, Hkv, Sq, D] this call's pre-RoPE keys
+        scale: float,
+    ) -> torch.Tensor:  # [B, Hq, Sq, D]
+        """A gate layer's call through a :class:`PlanKVCache` layer: the prompt (possibly left-padded;
+        a padded batch's rows then run one by one, as with the default cache), a later chunk of an
+        unpadded prompt, or one decoding token. The layer keeps its gate's key codes
+        (:class:`~moa_compress.gate_runtime.GateKeys`): one for the batch, or one per row of a padded
+        batch, each pooling its row's blocks from the row's first token."""
+        from moa_compress.gate_runtime import (
+            GateKeys,
+            decode_visible_blocks,
+            gate_selections_for,
+            gated_attention,
+            gated_padded_attention,
+            layer_block_rows,
+        )
+
+        cache_layer, bs = stored.layer, self.plan.block_size
+        mask = None if attention_mask is None else as_bool_mask(attention_mask, stored.length)
+        padded = mask is not None and not is_plain_causal(mask)
+        if stored.start == 0:  # the prompt: plan the storage
+            if padded:  # each row's codes, pooled from its first token, serve the prompt and the steps
+                pad = left_padding(mask)
+                cache_layer.gate_keys = [GateKeys(bs, keep_raw=False) for _ in range(len(pad))]
+                for row, (held, p) in enumerate(zip(cache_layer.gate_keys, pad.tolist(), strict=True)):
+                    held.update(k_new[row : row + 1, :, p:], 0, gate)
+                out = gated_padded_attention(
+                    self.plan, layer, gate, query, stored.keys, stored.values, q_pre, k_new, pad, scale,
+                    self.backend, [held.all_codes(gate) for held in cache_layer.gate_keys],
+                )  # fmt: skip
+            else:
+                pad = None
+                cache_layer.gate_keys = GateKeys(bs, keep_raw=False)
+                cache_layer.gate_keys.update(k_new, 0, gate)
+                codes = cache_layer.gate_keys.all_codes(gate)
+                out = gated_attention(
+                    self.plan,
+                    layer,
+                    gate,
+                    query,
+                    stored.keys,
+                    stored.values,
+                    q_pre,
+                    codes,
+                    scale,
+                    self.backend,
+                )
+            cache_layer.plan_storage(stored.keys, pad)
+            cache_layer.check_length(stored.length)
+            cache_layer.store(stored)
+            return out
+        if cache_layer.padding is not None or padded:
+            if query.shape[2] != 1 or (padded and cache_layer.padding is None):
+                raise PlanRuntimeError(
+                    "PlanKVCache takes a padded batch's prompt in one call; later calls must be single tokens"
+                )
+            lengths = cache_layer.lengths(stored.length).tolist()  # each row's length with this token
+            nk = num_blocks(max(lengths), bs)
+            blocks = query.new_ones(query.shape[0], query.shape[1], nk, dtype=torch.bool)
+            for row, (held, n) in enumerate(zip(cache_layer.gate_keys, lengths, strict=True)):
+                held.update(k_new[row : row + 1], n - 1, gate)
+                chosen = decode_visible_blocks(
+                    self.plan, layer, gate, q_pre[row : row + 1], held.all_codes(gate), n
+                )  # [1, H, num_blocks(n)]; later blocks hold nothing for this row
+                blocks[row, :, : chosen.shape[-1]] = chosen[0]
+            return cache_layer.decode_step(query, stored, scale, self.backend, blocks=blocks)
+        cache_layer.gate_keys.update(k_new, stored.start, gate)
+        k_codes = cache_layer.gate_keys.all_codes(gate)
+        if query.shape[2] != 1:  # a prompt chunk: each class over its keys, gate rows where full
+            selections = gate_selections_for(self.plan, layer, gate, q_pre, k_codes, stored.length)
+            rows = layer_block_rows(self.plan, layer, stored.length, query.shape[2], selections)
+            return self.chunk_stored(self.plan.rules[layer], query, stored, scale, rows)
+        blocks = decode_visible_blocks(self.plan, layer, gate, q_pre, k_codes, stored.length)
+        return cache_layer.decode_step(query, stored, scale, self.backend, blocks=blocks)
 
     def attend_stored(
         self,
@@ -449,31 +493,67 @@ class PlanHandle:
             raise PlanRuntimeError(
                 "PlanKVCache takes a padded batch's prompt in one call; later calls must be single tokens"
             )
+        return self.chunk_stored(rules, query, stored, scale)
+
+    def chunk_stored(
+        self,
+        rules: tuple[Rule, ...],
+        query: torch.Tensor,  # [B, Hq, Sq, D]
+        stored: StoredKV,
+        scale: float,
+        rows: torch.Tensor | None = None,  # [B, Hq, nQ_call, nK]: a gate layer's block rows
+    ) -> torch.Tensor:  # [B, Hq, Sq, D]
+        """A later multi-token call (a prompt chunk, unpadded) through a :class:`PlanKVCache` layer: each
+        storage class over its keys (:meth:`chunk_through_class`; full buffers under ``rows`` when the
+        layer has gate heads), then the call's keys are stored."""
+        layer = stored.layer
         layer.check_length(stored.length)
         out = torch.empty_like(query)
         for s in layer.storage:
-            keys, values, evicted = s.ordered(stored.start, self.plan.block_size)
-            keys = torch.cat([keys, stored.keys.index_select(1, s.kv_index)], dim=2)
-            values = torch.cat([values, stored.values.index_select(1, s.kv_index)], dim=2)
-            class_rules = tuple(rules[q] for q in s.kv.q_heads)
-            pieces = self.layouts.get(
-                class_rules, self.plan.block_size, query.shape[2], stored.length, query.device, evicted
+            class_rows = None if rows is None or s.kv.is_ring else rows.index_select(1, s.q_index)
+            out.index_copy_(
+                1, s.q_index, self.chunk_through_class(s, rules, query, stored, scale, class_rows)
             )
-            q = query.index_select(1, s.q_index)
-            rows = [
-                block_sparse_attention(
-                    q[:, :, q_start:q_end],
-                    keys[:, :, : layout.kv_len],
-                    values[:, :, : layout.kv_len],
-                    layout,
-                    scale=scale,
-                    backend=self.backend,
-                )
-                for q_start, q_end, layout in pieces
-            ]
-            out.index_copy_(1, s.q_index, rows[0] if len(rows) == 1 else torch.cat(rows, dim=2))
         layer.store(stored)
         return out
+
+    def chunk_through_class(
+        self,
+        s,  # a moa_compress.kvcache.ClassStorage
+        rules: tuple[Rule, ...],
+        query: torch.Tensor,  # [B, Hq, Sq, D] every query head of the layer
+        stored: StoredKV,
+        scale: float,
+        rows: torch.Tensor | None = None,  # [B, Hq_c, nQ_call, nK] the class's block rows (full buffers)
+    ) -> torch.Tensor:  # [B, Hq_c, Sq, D]
+        """One storage class of :meth:`chunk_stored`: block-sparse attention over its retained keys in
+        position order plus this call's, absent blocks skipped. ``rows`` (a full buffer of a layer with
+        gate heads: slot = position) are the rows to compute, the gate heads' selected ones among them;
+        without them the class's rules give the rows."""
+        from moa_compress.gate_runtime import rows_attention
+
+        keys, values, evicted = s.ordered(stored.start, self.plan.block_size)
+        keys = torch.cat([keys, stored.keys.index_select(1, s.kv_index)], dim=2)
+        values = torch.cat([values, stored.values.index_select(1, s.kv_index)], dim=2)
+        q = query.index_select(1, s.q_index)
+        if rows is not None:
+            return rows_attention(rows, q, keys, values, self.plan.block_size, scale, self.backend)
+        class_rules = tuple(rules[i] for i in s.kv.q_heads)
+        pieces = self.layouts.get(
+            class_rules, self.plan.block_size, query.shape[2], stored.length, query.device, evicted
+        )
+        outs = [
+            block_sparse_attention(
+                q[:, :, q_start:q_end],
+                keys[:, :, : layout.kv_len],
+                values[:, :, : layout.kv_len],
+                layout,
+                scale=scale,
+                backend=self.backend,
+            )
+            for q_start, q_end, layout in pieces
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def block_sparse(
         self,

@@ -62,6 +62,9 @@ RULE_KINDS = ("static", "gate", "dense")
 # Target densities of the gate candidates (the budget is added): dense enough around typical budgets
 # that a group can trade a little density for a lot of kept influence, sparse enough below them.
 DEFAULT_GATE_TARGETS = (0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 0.9)
+# Local windows (blocks ending at the diagonal) a gate candidate keeps whatever its gate says: 1 is the
+# diagonal alone; wider ones let the search buy "a window plus retrieved blocks" for a head.
+DEFAULT_GATE_LOCALS = (1, 2, 4, 8)
 # The restricted problems solved beside the full one when both static and gate rules are allowed.
 ALTERNATIVES = {"static-only": ("static", "dense"), "gate-only": ("gate", "dense")}
 # Band offsets in blocks: fixed windows from one block to a few thousand tokens at block 64, and
@@ -285,21 +288,37 @@ def rule_costs(
     return costs
 
 
-def gate_candidates(lengths: Sequence[int], block_size: int, targets: Sequence[float]) -> list[GateRule]:
-    """``GateRule(t)`` for every target ``t`` in (0, 1], smallest first, keeping the first of rules that
-    keep the same number of blocks per row at every length and dropping those that keep every block at
-    every length (``dense`` does that)."""
-    everything = tuple(num_blocks(n, block_size) for n in lengths)
+def gate_candidates(
+    lengths: Sequence[int], block_size: int, targets: Sequence[float], locals_: Sequence[int] = (1,)
+) -> list[GateRule]:
+    """``GateRule(t, l)`` for every target ``t`` in (0, 1] and local window ``l`` (blocks, >= 1), smallest
+    first, keeping the first of rules that keep the same blocks per row and the same window at every
+    length, and dropping those that keep every block at every length (``dense`` does that) and those
+    whose window leaves the gate no block to choose at any length (a fixed band: ``static`` does that,
+    with a smaller cache)."""
+    everything = tuple((num_blocks(n, block_size), 1) for n in lengths)
     kept: list[GateRule] = []
-    seen: set[tuple[int, ...]] = {everything}
+    seen: set[tuple[tuple[int, int], ...]] = {everything}
+    if not locals_ or any(isinstance(w, bool) or int(w) != w or w < 1 for w in locals_):
+        raise SearchError(f"gate local windows must be whole numbers of blocks >= 1, got {list(locals_)}")
     for target in sorted({float(t) for t in targets}):
         if not 0.0 < target <= 1.0:
             raise SearchError(f"gate targets must lie in (0, 1], got {target}")
-        rule = GateRule(target)
-        key = tuple(min(rule.blocks_per_row(n, block_size), num_blocks(n, block_size)) for n in lengths)
-        if key not in seen:
-            seen.add(key)
-            kept.append(rule)
+        for local in sorted({int(w) for w in locals_}):
+            rule = GateRule(target, local)
+            shape = []
+            for n in lengths:
+                keep = min(rule.blocks_per_row(n, block_size), num_blocks(n, block_size))
+                shape.append(
+                    (keep, 1)
+                    if keep >= num_blocks(n, block_size)
+                    else (keep, rule.local_blocks(n, block_size))
+                )
+            key = tuple(shape)
+            gated = any(keep - window > 1 for keep, window in key)  # some block left for the gate to pick
+            if key not in seen and (local == 1 or gated):
+                seen.add(key)
+                kept.append(rule)
     return kept
 
 
@@ -362,9 +381,11 @@ def gate_costs(
         rows = torch.full((nb,), float(bs), dtype=torch.float64)
         rows[-1] = n - (nb - 1) * bs  # a ragged last block has fewer rows
         blocks = torch.tensor([r.blocks_per_row(n, bs) for r in rules], dtype=torch.long)  # [R]
+        windows = torch.tensor([r.local for r in rules], dtype=torch.long)  # [R]
         # Every rule's selection at once: the query heads repeated once per rule.
         tiled_blocks = blocks.repeat_interleave(heads)  # [R*H]
         tiled_gates = gate_of_head.repeat(len(rules))  # [R*H]
+        tiled_windows = windows.repeat_interleave(heads)  # [R*H]
         lost = torch.zeros(model.num_layers, len(rules), heads, dtype=torch.float64)  # [L, R, H]
         count = 0
         for sample in samples[n]:
@@ -380,7 +401,8 @@ def gate_costs(
                     scores = gates[layer](
                         sample.q_blocks[layer][None].float(), sample.k_blocks[layer][None].float()
                     )  # [1, Hg, nB, nB]
-                keep = gate_selections(scores, tiled_blocks, tiled_gates)[0].view(len(rules), heads, nb, nb)
+                keep = gate_selections(scores, tiled_blocks, tiled_gates, tiled_windows)[0]
+                keep = keep.view(len(rules), heads, nb, nb)
                 dropped = (causal & ~keep).double()  # [R, H, nB, nB]
                 values = measure[layer].double() * causal  # [H, nB, nB]
                 per_row = torch.einsum("hqk,rhqk->rhq", values, dropped)  # [R, H, nB]
@@ -668,6 +690,7 @@ def search_plan(
     gates: Sequence[Any] | None = None,
     gate_samples: Mapping[int, Iterable[SampleMaps]] | None = None,
     gate_targets: Sequence[float] | None = None,
+    gate_locals: Sequence[int] | None = None,
     alphas: Sequence[float] | None = None,
     betas: Sequence[float] | None = None,
     sink_blocks: int = 1,
@@ -686,7 +709,8 @@ def search_plan(
     else static and dense). Gate candidates need ``gates`` (one trained
     :class:`moa_compress.gates.AttnGate` per layer) and ``gate_samples`` (the profile's calibration
     samples, see :func:`gate_costs`); ``gate_targets`` are their target densities (default
-    :data:`DEFAULT_GATE_TARGETS` plus the budget). Plans with gate rules carry the gates of the layers
+    :data:`DEFAULT_GATE_TARGETS` plus the budget), each with every local window of ``gate_locals``
+    (blocks ending at the diagonal kept whatever the gate says; default :data:`DEFAULT_GATE_LOCALS`). Plans with gate rules carry the gates of the layers
     that use them. ``alphas`` in tokens (default: :data:`DEFAULT_ALPHA_BLOCKS` times the block size),
     ``betas`` in [0, 1] (default: steps of 1/8). One rule per KV group, or per query head with
     ``per_head``. ``pareto_size`` weight vectors over the profiled lengths' costs are solved, each to
@@ -731,6 +755,7 @@ def search_plan(
     if not betas or not all(0.0 <= b <= 1.0 for b in betas):
         raise SearchError(f"betas must lie in [0, 1], got {betas}")
     targets = sorted({*(DEFAULT_GATE_TARGETS if gate_targets is None else gate_targets), float(budget)})
+    windows = list(DEFAULT_GATE_LOCALS if gate_locals is None else gate_locals)  # gate_candidates checks
     profiled = profile.lengths
     lengths = tuple(sorted(set(profiled) | {int(n) for n in extend_lengths}))
     smallest = minimum_density(lengths, block, sink_blocks)
@@ -781,7 +806,7 @@ def search_plan(
             ]
         costs = rule_costs(profile, candidates, per_head, renormalise, cost) if candidates else {}
         if "gate" in kinds:
-            gate_rules = gate_candidates(lengths, block, targets)
+            gate_rules = gate_candidates(lengths, block, targets, windows)
             extra = gate_costs(profile, gates, gate_samples, gate_rules, per_head, renormalise, cost)
             candidates += gate_rules
             costs = {
@@ -871,7 +896,7 @@ def search_plan(
         "sink_blocks": sink_blocks,
         "alphas": [float(a) for a in alphas],
         "betas": [float(b) for b in betas],
-        **({"gate_targets": targets} if "gate" in kinds else {}),
+        **({"gate_targets": targets, "gate_locals": windows} if "gate" in kinds else {}),
         "candidates": len(candidates),
         "gate_candidates": gate_count,
         "pareto_size": pareto_size,
@@ -1017,6 +1042,7 @@ __all__ = [
     "ALTERNATIVES",
     "DEFAULT_ALPHA_BLOCKS",
     "DEFAULT_BETAS",
+    "DEFAULT_GATE_LOCALS",
     "DEFAULT_GATE_TARGETS",
     "PARETO_FILE",
     "RULE_KINDS",

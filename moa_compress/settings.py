@@ -11,6 +11,7 @@ from typing import Any
 
 from moa_compress.errors import UserInputError
 from moa_compress.profile import Profile
+from moa_compress.search import DEFAULT_GATE_LOCALS
 
 
 class CompressError(UserInputError):
@@ -26,7 +27,8 @@ class CompressSettings:
     ``extend_lengths``: longer lengths the plan's density must also hold at (extrapolated rules).
     ``rules``: the rule kinds the search chooses from (``static``, ``gate``, ``dense``; at least one of
     the first two); with ``gate`` a gates stage trains one gate per layer (``gate_dim``, ``gate_steps``
-    AdamW steps) on the calibration samples.
+    AdamW steps) on the calibration samples, and the search offers gate rules with each local window of
+    ``gate_locals`` (blocks; :data:`moa_compress.search.DEFAULT_GATE_LOCALS`).
     ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
     ``cost``: the search's per-block measure (``"net"`` or ``"entry"``; None: the search's default).
     ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
@@ -53,6 +55,7 @@ class CompressSettings:
     rules: tuple[str, ...] = ("static", "gate", "dense")
     gate_dim: int = 64
     gate_steps: int = 300
+    gate_locals: tuple[int, ...] = DEFAULT_GATE_LOCALS
     min_span: float | None = None
     cost: str | None = None
     pareto_size: int = 7
@@ -78,6 +81,7 @@ class CompressSettings:
         object.__setattr__(self, "samples", tuple(k for _, k in pairs))
         object.__setattr__(self, "extend_lengths", tuple(sorted({int(n) for n in self.extend_lengths})))
         object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "gate_locals", tuple(self.gate_locals))
         if self.data is not None:
             object.__setattr__(self, "data", str(self.data))
         if self.eval_data is not None:
@@ -124,6 +128,12 @@ class CompressSettings:
             raise CompressError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.gate_dim < 2 or self.gate_dim % 2:
             raise CompressError(f"gate_dim must be a positive even number, got {self.gate_dim}")
+        if not self.gate_locals or any(
+            isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.gate_locals
+        ):
+            raise CompressError(
+                f"--gate-locals must be whole numbers of blocks >= 1, got {list(self.gate_locals)}"
+            )
         names = (
             "pareto_size",
             "validation_samples",

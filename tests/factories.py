@@ -48,6 +48,15 @@ def dense_masked_attention(q, k, v, mask, scale):
     return p @ v
 
 
+def left_padded(seqs):
+    """A left-padded batch of 1-D token sequences (pad id 0) and its attention mask."""
+    width = max(len(s) for s in seqs)
+    batch = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, width - len(s) :] = s
+    return batch, (batch != 0).long()
+
+
 def tiny_config(family: str = "llama", layers=2, heads=4, kv_heads=2, head_dim=16, vocab=128, max_pos=1024):
     """A tiny decoder config of ``family`` (llama, qwen2, mistral)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config

@@ -374,6 +374,8 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         (["--rules", "dense"], "--rules must include static or gate"),
         (["--rules", "static,windows"], "unknown rule kind 'windows'"),
         (["--rules", "static,gate,dense", "--profile", str(profile_dir)], "drop --profile"),
+        (["--gate-locals", "1,0"], "--gate-locals must"),
+        (["--gate-locals", "two"], "--gate-locals must"),
     ]
     for extra, message in cases:
         result = runner.invoke(app, [*base, *extra])
@@ -496,6 +498,11 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
         out / "work" / "gates" / "gates.safetensors"
     ).read_bytes()
     assert resumed.plan == first.plan
+
+    # Other gate windows make the search stale (the gates stage stays).
+    with pytest.raises(StaleWorkError, match=r"--gate-locals changed \(1,2,4,8 -> 1\).*search stage"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_locals=(1,)), tmp_path / "p",
+                 work_dir=work, progress=False)  # fmt: skip
 
     # Other gate settings make the gates stage (and what follows) stale.
     with pytest.raises(StaleWorkError, match=r"--gate-steps changed \(20 -> 5\).*gates stage"):

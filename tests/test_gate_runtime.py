@@ -22,7 +22,7 @@ from moa_compress.plan import (
     save_plan,
 )
 from moa_compress.runtime import PlanKVCache, PlanRuntimeError, apply_plan, cache_kwarg
-from tests.factories import dense_masked_attention, tiny_model
+from tests.factories import dense_masked_attention, left_padded, tiny_model
 
 BLOCK = 16
 
@@ -58,7 +58,7 @@ def mixed(seed=0):
         if choice < 0.15:
             return DenseRule()
         if choice < 0.55:
-            return GateRule(rng.choice([0.2, 0.35, 0.6]))
+            return GateRule(rng.choice([0.2, 0.35, 0.6]), rng.choice([1, 1, 2, 3]))
         return StaticRule(
             rng.choice([0, 1]), float(rng.choice([10, BLOCK, 2 * BLOCK])), rng.choice([0.0, 0.2])
         )
@@ -101,10 +101,12 @@ class Reference:
         self.name = name
 
     def block_choice(self, layer, scores_row, head, n, row):
-        """Blocks row ``row`` of ``head`` keeps, by brute force: sink, diagonal, then best scores."""
+        """Blocks row ``row`` of ``head`` keeps, by brute force: sink, the local window ending at the
+        diagonal (at most k - 1 blocks), then best scores."""
         rule = self.plan.rules[layer][head]
         k = rule.blocks_per_row(n, BLOCK)
-        chosen = {0, row}
+        window = max(1, min(rule.local, max(k, 2) - 1))
+        chosen = {0, *range(max(0, row - window + 1), row + 1)}
         order = sorted(range(row + 1), key=lambda j: -float(scores_row[j]))
         for j in order:
             if len(chosen) >= max(k, 2):
@@ -146,25 +148,30 @@ class Reference:
         return out.transpose(1, 2).contiguous(), None
 
 
-def test_gate_selection_batched_equals_brute_force_top_k():
+@pytest.mark.parametrize("with_windows", [False, True])
+def test_gate_selection_batched_equals_brute_force_top_k(with_windows):
+    """Heads sharing a gate head but keeping different local windows rank on their own."""
     from moa_compress.gates import gate_selections
 
     torch.manual_seed(0)
-    b, hg, nq, nk = 2, 2, 5, 7
+    b, hg, nq, nk = 2, 2, 5, 9
     scores = torch.randn(b, hg, nq, nk, dtype=torch.float64)
     rows = torch.arange(nq)[:, None] + nk - nq
     scores = scores.masked_fill(torch.arange(nk)[None] > rows, float("-inf"))
-    blocks = torch.tensor([3, 0, 4, 2])  # four query heads, head 1 has no gate
-    of = torch.tensor([0, 0, 1, 1])
-    got = gate_selections(scores, blocks, of)
+    blocks = torch.tensor([3, 0, 4, 2, 5, 5])  # six query heads, head 1 has no gate
+    of = torch.tensor([0, 0, 1, 1, 1, 0])
+    local = torch.tensor([2, 1, 3, 4, 1, 9]) if with_windows else None
+    got = gate_selections(scores, blocks, of, local)
     for r in range(b):
-        for h in range(4):
+        for h in range(len(blocks)):
             for i in range(nq):
                 row = i + nk - nq
                 if blocks[h] == 0:
                     assert not got[r, h, i].any()
                     continue
-                chosen = {0, row}
+                window = 1 if local is None else max(1, min(int(local[h]), int(blocks[h]) - 1))
+                chosen = {0, *range(row - window + 1, row + 1)}
+                assert len(chosen) <= blocks[h]
                 for j in sorted(range(row + 1), key=lambda j: -float(scores[r, of[h], i, j])):
                     if len(chosen) >= blocks[h]:
                         break
@@ -202,9 +209,18 @@ def test_gate_plan_at_density_one_equals_dense():
 
 
 @pytest.mark.parametrize(
-    "cache, backend", [("dynamic", "reference"), ("plan", "reference"), ("plan", "torch")]
-)  # torch: the CPU step reading the selected blocks only (forced below, whatever they save)
-def test_mixed_plan_decode_equals_reference_token_by_token(cache, backend, monkeypatch):
+    "cache, backend, chunks",
+    [
+        ("dynamic", "reference", (41,)),
+        ("plan", "reference", (41,)),
+        ("plan", "torch", (41,)),
+        ("dynamic", "reference", (23, 41, 58)),
+        ("plan", "reference", (23, 41, 58)),
+        ("plan", "torch", (7, 16, 41, 58)),
+    ],
+)  # torch: the CPU step reading the selected blocks only (forced below, whatever they save); chunks:
+# the prompt fed in pieces ending at these lengths (chunked prefill, inside and at block boundaries)
+def test_mixed_plan_decode_equals_reference_token_by_token(cache, backend, chunks, monkeypatch):
     from transformers import DynamicCache
 
     from moa_compress.kernels import cpu
@@ -214,7 +230,8 @@ def test_mixed_plan_decode_equals_reference_token_by_token(cache, backend, monke
     model = tiny_model("mistral", dtype=torch.float64)
     plan = gated_plan(model, mixed(seed=3), seed=3)
     x = ids(1, 75, seed=3)
-    steps = [(0, 41), *((i, i + 1) for i in range(41, 75))]  # the prompt, then one token at a time
+    ends = (0, *chunks)
+    steps = [*itertools.pairwise(ends), *((i, i + 1) for i in range(chunks[-1], 75))]  # prompt, then tokens
 
     def run(make):
         c = make()
@@ -252,18 +269,73 @@ def test_left_padded_batch_with_gate_heads_equals_each_row_alone():
     assert torch.equal(together[1, 53:], alone[1][0, 30:])
 
 
-def test_plan_kv_cache_refuses_padded_batches_of_a_gate_plan_in_one_line():
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_plan_kv_cache_left_padded_gate_batch_equals_each_row_alone(backend, monkeypatch):
+    """Prompt and 20 decode steps of a left-padded batch through one PlanKVCache, logits of every real
+    token against each row run alone (unpadded, its own PlanKVCache): gate layers keep codes per row."""
+    from moa_compress.kernels import cpu
+
+    monkeypatch.setattr(cpu, "GATHER_MAX_FRACTION", 1.0)
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = gated_plan(model, mixed(seed=4), seed=4)
+    seqs = [ids(1, n, seed=40 + n)[0] for n in (53, 30, 17)]
+    batch, mask = left_padded(seqs)
+    extra = ids(len(seqs), 20, seed=9)
+
+    def run(tokens, mask, following, cache):  # the prompt, then the following tokens one at a time
+        kw = {cache_kwarg(model): cache, "use_cache": True}
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = [model(tokens, attention_mask=mask, position_ids=position, **kw).logits]
+        for t in range(following.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            position = mask.sum(-1, keepdim=True) - 1
+            logits.append(
+                model(following[:, t : t + 1], attention_mask=mask, position_ids=position, **kw).logits
+            )
+        return torch.cat(logits, 1)
+
+    with torch.no_grad(), apply_plan(model, plan, backend=backend):
+        together = run(batch, mask, extra, PlanKVCache(model.config, plan, max_length=batch.shape[1] + 20))
+        for r, q in enumerate(seqs):
+            cache = PlanKVCache(model.config, plan, max_length=len(q) + 20)
+            alone = run(q[None], torch.ones(1, len(q), dtype=torch.long), extra[r : r + 1], cache)
+            pad = batch.shape[1] - len(q)
+            assert (together[r, pad:] - alone[0]).abs().max() <= 1e-9, r
+
+
+def test_left_padded_gate_batch_beam_search_through_plan_kv_cache_equals_each_row_alone():
+    """Beam search reorders and repeats rows: the per-row gate codes follow."""
+    model = tiny_model("llama", dtype=torch.float64)
+    model.generation_config.eos_token_id = None
+    plan = gated_plan(model, mixed(seed=6), seed=6)
+    seqs = [ids(1, n, seed=50 + n)[0] for n in (37, 21)]
+    batch, mask = left_padded(seqs)
+    new = 12
+    options = {"max_new_tokens": new, "do_sample": False, "num_beams": 3, "pad_token_id": 0}
+    with torch.no_grad(), apply_plan(model, plan, backend="reference"):
+        cache = PlanKVCache(model.config, plan, max_length=batch.shape[1] + new)
+        together = model.generate(batch, attention_mask=mask, **options, **{cache_kwarg(model): cache})
+        for r, q in enumerate(seqs):
+            alone = model.generate(
+                q[None],
+                **options,
+                **{cache_kwarg(model): PlanKVCache(model.config, plan, max_length=len(q) + new)},
+            )
+            assert torch.equal(together[r, batch.shape[1] :], alone[0, len(q) :]), r
+
+
+def test_plan_kv_cache_refuses_a_padded_gate_batch_in_chunks_in_one_line():
     model = tiny_model("llama")
     plan = gated_plan(model, mixed(seed=5), seed=5)
     batch = ids(2, 40, seed=6)
     batch[1, :9] = 0
-    with torch.no_grad(), apply_plan(model, plan), pytest.raises(PlanRuntimeError, match="unpadded"):
-        model(
-            batch,
-            attention_mask=(batch != 0).long(),
-            use_cache=True,
-            **{cache_kwarg(model): PlanKVCache(model.config, plan, max_length=60)},
-        )
+    mask = (batch != 0).long()
+    cache = PlanKVCache(model.config, plan, max_length=60)
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    with torch.no_grad(), apply_plan(model, plan):
+        model(batch[:, :30], attention_mask=mask[:, :30], **kw)
+        with pytest.raises(PlanRuntimeError, match="prompt in one call"):
+            model(batch[:, 30:], attention_mask=mask, **kw)
 
 
 def test_gate_plan_round_trips_with_its_tensors_and_bad_files_are_one_line_errors(tmp_path):
@@ -313,19 +385,25 @@ def test_cli_eval_of_a_plan_with_missing_gate_weights_exits_2(tmp_path):
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 100, 333])
 @pytest.mark.parametrize("target", [0.05, 0.3, 0.7, 1.0])
-def test_gate_rule_density_is_exact_for_any_scores_and_no_row_is_empty(n, target):
+@pytest.mark.parametrize("local", [1, 3, 50])
+def test_gate_rule_density_is_exact_for_any_scores_and_no_row_is_empty(n, target, local):
     from moa_compress.gates import gate_selections
     from moa_compress.plan import causal_block_pairs, num_blocks
 
-    rule = GateRule(target)
+    rule = GateRule(target, local)
     nb = num_blocks(n, BLOCK)
     pairs = causal_block_pairs(n, BLOCK)
     for seed in range(3):
         scores = torch.randn(2, 1, nb, nb, generator=torch.Generator().manual_seed(seed))
         scores = scores.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
         blocks = torch.tensor([rule.blocks_per_row(n, BLOCK)])
-        mask = gate_selections(scores, blocks, torch.tensor([0]))[:, 0]  # [2, nB, nB]
+        mask = gate_selections(scores, blocks, torch.tensor([0]), torch.tensor([local]))[:, 0]  # [2, nB, nB]
         assert mask.any(-1).all() and mask.diagonal(dim1=-2, dim2=-1).all() and mask[..., 0].all()
+        window = rule.local_blocks(n, BLOCK)
+        band = torch.ones(nb, nb, dtype=torch.bool).tril() & ~torch.ones(nb, nb, dtype=torch.bool).tril(
+            -window
+        )
+        assert (mask | ~band).all()  # the local window is always kept
         for row_mask in mask:
             assert float(pairs[row_mask].sum() / pairs.sum()) == pytest.approx(
                 rule.density(n, BLOCK), abs=1e-12
@@ -363,12 +441,16 @@ def test_gate_keys_fed_piece_by_piece_code_every_block_as_pooling_all_keys_at_on
     for a, b in itertools.pairwise(cuts):
         held.update(keys[:, :, a:b], a, gate)
         want = row_codes(gate, keys[:, :, :b], BLOCK)
+        if b % BLOCK:  # the unfinished last block (only ever a diagonal, kept unscored) has a placeholder
+            want[:, :, -1] = 0.0
         got = held.all_codes(gate)
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
         assert held.raw.shape[2] == (b if keep_raw else b % BLOCK)  # only the unfinished block's keys
     if keep_raw:  # the default cache can be cropped back, into a coded block too
         held.update(keys[:, :, 40:41], 40, gate)
-        assert torch.allclose(held.all_codes(gate), row_codes(gate, keys[:, :, :41], BLOCK), atol=1e-6)
+        want = row_codes(gate, keys[:, :, :41], BLOCK)
+        want[:, :, -1] = 0.0
+        assert torch.allclose(held.all_codes(gate), want, atol=1e-6)
     else:
         with pytest.raises(PlanRuntimeError, match="pooled the keys before 80"):
             held.update(keys[:, :, 40:41], 40, gate)

@@ -12,7 +12,7 @@ from moa_compress.kernels.reference import decode_attention_reference
 from moa_compress.kvcache import PlanKVCache
 from moa_compress.plan import DenseRule, StaticRule
 from moa_compress.runtime import PlanRuntimeError, apply_plan, cache_kwarg
-from tests.factories import random_qkv, tiny_model
+from tests.factories import left_padded, random_qkv, tiny_model
 from tests.test_runtime import BLOCK, ids, make_plan, register_reference
 
 
@@ -134,14 +134,6 @@ def test_every_step_equals_the_reference_and_keeps_its_buffers(prompt_len):
     # A ring really dropped positions: it holds fewer than the sequence has.
     rings = [s for layer in cache.layers for s in layer.storage if s.kv.is_ring]
     assert all(int((s.slot_positions >= 0).sum()) < prompt_len + steps - 1 for s in rings)
-
-
-def left_padded(seqs):
-    width = max(len(s) for s in seqs)
-    batch = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        batch[i, width - len(s) :] = s
-    return batch, (batch != 0).long()
 
 
 def test_left_padded_batch_generates_what_each_sequence_generates():

@@ -72,6 +72,29 @@ def test_round_trip(tmp_path):
         save_plan(plan, tmp_path)
 
 
+def test_gate_rule_local_window_round_trips_and_needs_schema_3():
+    """A gate rule without a window is written as schema 2 (older readers read it the same); one with a
+    window needs schema 3, so an older reader refuses it instead of dropping the window."""
+    from moa_compress.plan import GateConfig, GateRule, gate_tensor_name
+
+    config = GateConfig(gate_dim=4, per_query_head=False, rope_theta=10000.0, layers=(0,))
+    tensors = {
+        gate_tensor_name(0, w): torch.randn(1, 3 * 16 if w == "k_proj" else 16, 4)
+        for w in ("q_proj", "k_proj")
+    }
+    for rules, schema in (((GateRule(0.3),) * 3, 2), ((GateRule(0.3, 4), DenseRule(), GateRule(0.2)), 3)):
+        plan = Plan(IDENT, (rules, (DenseRule(),) * 3), gates=config, tensors=tensors)
+        data = plan.to_dict()
+        assert data["schema_version"] == schema
+        assert ("local" in data["rules"][0][0]) == (schema == 3)
+        back = Plan.from_dict(json.loads(json.dumps(data)), tensors)
+        assert back.rules == plan.rules and back.rules[0][0].local == rules[0].local
+    assert GateRule(0.3, 4).describe() == "gate@0.3+local4" and GateRule(0.3).describe() == "gate@0.3"
+    for local in (0, -2, "4", True, 2.5):
+        with pytest.raises(PlanError, match="local"):
+            GateRule.from_dict({"kind": "gate", "target": 0.3, "local": local}, "layer 0 head 0")
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

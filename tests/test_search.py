@@ -474,7 +474,7 @@ def test_gate_cost_equals_a_per_sample_brute_force(per_head, per_query_head):
 
     profile, samples = gated_profile()
     gates = random_gates(profile, per_query_head=per_query_head)
-    rules = [GateRule(0.2), GateRule(0.45), GateRule(0.7)]
+    rules = [GateRule(0.2), GateRule(0.45), GateRule(0.7), GateRule(0.45, local=3)]
     got = gate_costs(profile, gates, samples, rules, per_head=per_head)
     m, bs = profile.model, profile.block_size
     group = m.num_heads // m.num_kv_heads
@@ -491,9 +491,11 @@ def test_gate_cost_equals_a_per_sample_brute_force(per_head, per_query_head):
                     row_scores = scores[head if per_query_head else head // group]
                     for r, rule in enumerate(rules):
                         k = rule.blocks_per_row(n, bs)
+                        window = max(1, min(rule.local, k - 1))
                         for q in range(nb):
-                            others = sorted(range(1, q), key=lambda j: -float(row_scores[q, j]))
-                            keep = {0, q, *others[: max(k - 2, 0)]}
+                            keep = {0, *range(max(q - window + 1, 0), q + 1)}
+                            others = sorted(set(range(q + 1)) - keep, key=lambda j: -float(row_scores[q, j]))
+                            keep |= set(others[: max(k - len(keep), 0)])
                             dropped = [j for j in range(q + 1) if j not in keep]
                             lost = sum(float(sample.maps["net"][layer, head, q, j]) for j in dropped)
                             lost_mass = sum(float(sample.maps["mass"][layer, head, q, j]) for j in dropped)
@@ -519,6 +521,32 @@ def test_a_gate_that_keeps_everything_costs_nothing_and_is_no_candidate():
     assert [r.target for r in candidates] == [0.05, 0.3, 0.5]
     with pytest.raises(SearchError, match="gate targets"):
         gate_candidates((100,), 16, [0.0])
+
+
+def test_gate_candidates_with_local_windows_keep_only_rules_that_still_choose():
+    """A window that leaves the gate nothing to pick at every length is a static band (no candidate);
+    windows that clamp to the same blocks at every length are one candidate."""
+    from moa_compress.plan import GateRule, num_blocks
+    from moa_compress.search import gate_candidates
+
+    lengths, bs = (1024, 4096), 16
+    candidates = gate_candidates(lengths, bs, [0.1, 0.3], [1, 2, 4, 64, 65])
+    assert GateRule(0.1, 1) in candidates and GateRule(0.1, 2) in candidates
+    for rule in candidates:
+        assert (
+            any(
+                rule.blocks_per_row(n, bs) - rule.local_blocks(n, bs) > 1
+                and rule.blocks_per_row(n, bs) < num_blocks(n, bs)
+                for n in lengths
+            )
+            or rule.local == 1
+        )
+    shapes = [tuple((r.blocks_per_row(n, bs), r.local_blocks(n, bs)) for n in lengths) for r in candidates]
+    assert len(set(shapes)) == len(shapes)
+    assert GateRule(0.1, 64) not in candidates and GateRule(0.1, 65) not in candidates
+    for bad in ([0], [1.5], [], [True]):
+        with pytest.raises(SearchError, match="local windows"):
+            gate_candidates(lengths, bs, [0.1], bad)
 
 
 class FixedGate(torch.nn.Module):
