@@ -118,6 +118,70 @@ class GateKeys:
         return sum(t.numel() * t.element_size() for t in (self.raw, self.codes) if t is not None)
 
 
+class RowGateKeys:
+    """:class:`GateKeys` for a left-padded batch in a :class:`~moa_compress.kvcache.PlanKVCache`: every
+    row pools its key blocks from its own first token, so rows have their own block boundaries.
+
+    One buffer for the batch: ``codes [B, H_gate, capacity, gate_dim]`` (row ``b``'s complete blocks
+    first, zeros after them: the placeholder of its unfinished block, see :meth:`GateKeys.all_codes`)
+    and ``tail [B, Hkv, block_size, D]``, the pre-RoPE keys of each row's unfinished block. The row
+    lengths are the cache layer's (:meth:`~moa_compress.kvcache.PlanKVLayer.lengths`), passed in. A
+    decode step writes every row's key with one indexed copy and codes, batched, the blocks that the
+    step completes; the capacity doubles when a row needs more blocks."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.codes: torch.Tensor | None = None
+        self.tail: torch.Tensor | None = None
+
+    def start(self, k_pre: torch.Tensor, padding: Sequence[int], gate: AttnGate) -> None:
+        """The prompt ``k_pre [B, Hkv, S, D]`` (pre-RoPE keys; row ``b`` left-padded by ``padding[b]``)."""
+        bs = self.block_size
+        b, hkv, s, d = k_pre.shape
+        capacity = max(1, num_blocks(s, bs))
+        self.codes = k_pre.new_zeros(b, gate.gate_heads, capacity, gate.gate_dim, dtype=gate.k_proj.dtype)
+        self.tail = k_pre.new_zeros(b, hkv, bs, d)
+        for row, pad in enumerate(padding):  # once per prompt: rows have their own block boundaries
+            keys = k_pre[row : row + 1, :, pad:]
+            full = keys.shape[2] // bs
+            if full:
+                self.codes[row : row + 1, :, :full] = row_codes(gate, keys[:, :, : full * bs], bs)
+            rest = keys.shape[2] - full * bs
+            self.tail[row, :, :rest] = keys[0, :, full * bs :]
+
+    def step(self, k_new: torch.Tensor, lengths: torch.Tensor, gate: AttnGate) -> None:
+        """One decoding token per row, ``k_new [B, Hkv, 1, D]``; ``lengths [B]``: each row's length with it."""
+        bs = self.block_size
+        rows = torch.arange(len(lengths), device=self.tail.device)
+        lengths = lengths.to(self.tail.device)
+        self.tail[rows, :, (lengths - 1) % bs] = k_new[:, :, 0].to(self.tail.dtype)
+        needed = num_blocks(int(lengths.max()), bs)  # every row's blocks, its unfinished one included
+        if needed > self.codes.shape[2]:
+            grown = self.codes.new_zeros(*self.codes.shape[:2], 2 * needed, self.codes.shape[3])
+            grown[:, :, : self.codes.shape[2]] = self.codes
+            self.codes = grown
+        done = (lengths % bs == 0).nonzero()[:, 0]  # rows whose last block this token completes
+        if done.numel():
+            blocks = lengths[done] // bs - 1  # the block each completes
+            pooled = pool_keys(self.tail[done].to(gate.k_proj.dtype), bs)  # [n, Hkv, 1, 3·D]
+            fresh = gate.key_codes(pooled, first=blocks)  # [n, H_gate, 1, gate_dim]
+            self.codes[done, :, blocks] = fresh[:, :, 0]
+        # The unfinished block's placeholder stays zero: the next block of a row that just completed one
+        # has never been written (the capacity grows with zeros).
+
+    def all_codes(self, lengths: torch.Tensor) -> torch.Tensor:  # [B, H_gate, max num_blocks, gate_dim]
+        """Every row's block codes up to the longest row's last block (zeros past each row's complete
+        blocks: its unfinished block's placeholder, then blocks not causal for it)."""
+        return self.codes[:, :, : num_blocks(int(lengths.max()), self.block_size)]
+
+    def batch_map(self, fn) -> None:
+        if self.codes is not None:
+            self.codes, self.tail = fn(self.codes).contiguous(), fn(self.tail).contiguous()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.tail, self.codes) if t is not None)
+
+
 def row_codes(gate: AttnGate, k_pre: torch.Tensor, block_size: int, first: int = 0) -> torch.Tensor:
     """Gate codes ``[B, H_gate, nK, gate_dim]`` of every key block of ``k_pre [B, Hkv, S, D]``, pooled
     from its first column, which is the first column of block ``first`` (no cache)."""
@@ -289,11 +353,21 @@ def decode_visible_blocks(
     layer: int,
     gate: AttnGate,
     q_pre: torch.Tensor,  # [B, Hq, 1, D]
-    k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] (GateKeys.all_codes)
-    kv_len: int,
+    k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] (GateKeys.all_codes / RowGateKeys.all_codes)
+    kv_len: int | torch.Tensor,  # the length with this token: one for the batch, or [B] (padded rows)
 ) -> torch.Tensor:  # [B, H, nK] bool
     """A decode step's key blocks per query head: the gate heads' selection, everything for the others
-    (their own rule limits them)."""
-    selections = gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)[:, :, 0]  # [B, H, nK]
+    (their own rule limits them). With per-row lengths (a left-padded batch, blocks counted from each
+    row's first token) every row is selected at its own length, in one batched call."""
+    if isinstance(kv_len, int):
+        selections = gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)[:, :, 0]  # [B, H, nK]
+    else:
+        last = (kv_len - 1) // plan.block_size  # [B]: each row's block of this token
+        scores = gate.scores(gate.query_codes(q_pre.to(gate.q_proj.dtype), last), k_codes)  # [B, Hg, 1, nK]
+        ns = kv_len.tolist()
+        per_length = {n: layer_gate_heads(plan, layer, n) for n in set(ns)}
+        blocks = torch.stack([per_length[n][0] for n in ns])  # [B, H]
+        _, gate_of_head, local = per_length[ns[0]]
+        selections = gate_selections(scores, blocks, gate_of_head, local, last=last)[:, :, 0]
     gated = torch.tensor([r.input_dependent for r in plan.rules[layer]], device=selections.device)
     return selections | ~gated[None, :, None]

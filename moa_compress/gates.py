@@ -92,10 +92,13 @@ def pool_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE (half-split convention) of ``x [B, H, n, E]`` at ``positions [n]``."""
+    """RoPE (half-split convention) of ``x [B, H, n, E]`` at ``positions [n]`` (shared by the batch) or
+    ``[B, n]`` (each batch row its own, e.g. the rows of a left-padded batch)."""
     half = x.shape[-1] // 2
     freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # [n, E/2]
+    angles = positions.to(torch.float32)[..., None] * freqs  # [n, E/2] or [B, n, E/2]
+    if angles.dim() == 3:
+        angles = angles[:, None]  # [B, 1, n, E/2]: every head of a row at the row's positions
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     first, second = x[..., :half], x[..., half:]
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
@@ -141,18 +144,19 @@ class AttnGate(nn.Module):
         nq, nk = q_blocks.shape[2], k_blocks.shape[2]
         return self.scores(self.query_codes(q_blocks, nk - nq), self.key_codes(k_blocks))
 
-    def query_codes(self, q_blocks: torch.Tensor, first: int) -> torch.Tensor:
+    def query_codes(self, q_blocks: torch.Tensor, first: int | torch.Tensor) -> torch.Tensor:
         """Pooled queries ``[B, Hq, nQ, D]`` of blocks ``first, first + 1, …`` -> their gate codes
-        ``[B, H_gate, nQ, gate_dim]`` (projected, RoPE at the blocks' first positions)."""
+        ``[B, H_gate, nQ, gate_dim]`` (projected, RoPE at the blocks' first positions). ``first`` is one
+        block index for the batch or a ``[B]`` tensor of them (rows of a left-padded batch)."""
         b, hq, nq, d = q_blocks.shape
         if not self.per_query_head:
             q_blocks = q_blocks.view(b, self.num_kv_heads, hq // self.num_kv_heads, nq, d).mean(2)
         qg = torch.einsum("bhnd,hde->bhne", q_blocks.to(self.q_proj.dtype), self.q_proj)
         return _rotate(qg, self._positions(first, nq, qg.device), self.rope_theta)
 
-    def key_codes(self, k_blocks: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """Pooled keys ``[B, Hkv, nK, 3·D]`` of blocks ``first, first + 1, …`` -> their gate codes
-        ``[B, H_gate, nK, gate_dim]``. A block's code depends on that block alone, so a decode cache
+    def key_codes(self, k_blocks: torch.Tensor, first: int | torch.Tensor = 0) -> torch.Tensor:
+        """Pooled keys ``[B, Hkv, nK, 3·D]`` of blocks ``first, first + 1, …`` (``first``: as for
+        :meth:`query_codes`) -> their gate codes ``[B, H_gate, nK, gate_dim]``. A block's code depends on that block alone, so a decode cache
         computes it once, when the block is complete (:class:`moa_compress.gate_runtime.GateKeys`)."""
         if self.per_query_head:
             k_blocks = k_blocks.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -167,8 +171,11 @@ class AttnGate(nn.Module):
         rows = torch.arange(nq, device=scores.device)[:, None] + (nk - nq)
         return scores.masked_fill(torch.arange(nk, device=scores.device)[None, :] > rows, float("-inf"))
 
-    def _positions(self, first: int, n: int, device) -> torch.Tensor:
-        return (torch.arange(n, device=device) + first) * self.block_size
+    def _positions(self, first: int | torch.Tensor, n: int, device) -> torch.Tensor:  # [n] or [B, n]
+        steps = torch.arange(n, device=device)
+        if isinstance(first, torch.Tensor):
+            return (steps[None, :] + first.to(device)[:, None]) * self.block_size
+        return (steps + first) * self.block_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,33 +195,39 @@ def select_blocks(scores: torch.Tensor, k: int, local: int = 1) -> torch.Tensor:
 
 def gate_selections(
     scores: torch.Tensor,  # [B, H_gate, nQ, nK], -inf above the block diagonal (bottom-right aligned)
-    blocks: torch.Tensor,  # [H] int: key blocks per row of each query head (0 for heads without a gate)
+    blocks: torch.Tensor,  # [H] or [B, H] int: key blocks per row of each query head (0: no gate)
     gate_of_head: torch.Tensor,  # [H] int: the gate head whose scores each query head follows
     local: torch.Tensor | None = None,  # [H] int: blocks ending at the diagonal always kept (default 1)
+    last: torch.Tensor | None = None,  # [B] int: each batch row's last query block (default nK - 1)
 ) -> torch.Tensor:  # [B, H, nQ, nK] bool
     """Every query head's block mask from its gate head's scores: the sink, the ``local[h]`` blocks
     ending at the diagonal (at most ``blocks[h] - 1``) and the best others, ``blocks[h]`` per row (rows
     with fewer causal blocks keep them all). Query heads that follow one gate head share its scores;
-    the ranking is per query head (their windows may differ); batched over heads and rows."""
+    the ranking is per query head (their windows may differ); batched over heads and rows.
+
+    The query blocks are the last ``nQ`` of the sequence. In a left-padded batch each row has its own
+    length: ``last[b]`` is the block of row ``b``'s last query (key blocks after it are not causal for
+    that row, whatever ``scores`` holds there) and ``blocks[b, h]`` follows the row's length."""
     b, _, nq, nk = scores.shape
     device = scores.device
-    heads = len(blocks)
-    blocks = blocks.to(device)
+    heads = blocks.shape[-1]
+    blocks = (blocks if blocks.dim() == 2 else blocks[None]).to(device)  # [B|1, H]
     local = torch.ones(heads, dtype=torch.long, device=device) if local is None else local.to(device)
-    rows = torch.arange(nq, device=device)[:, None] + (nk - nq)
-    cols = torch.arange(nk, device=device)[None, :]
-    causal = cols <= rows  # [nQ, nK]
-    window = torch.minimum(local, blocks.clamp(min=2) - 1).clamp(min=1)[:, None, None]  # [H, 1, 1]
-    forced = (cols == 0) | ((rows - cols < window) & causal)  # [H, nQ, nK]
-    ranked = scores.masked_fill(~causal, float("-inf"))[:, gate_of_head.to(device)]  # [B, H, nQ, nK]
-    ranked = ranked.masked_fill(forced[None], float("inf"))
+    ends = torch.full((1,), nk - 1, device=device) if last is None else last.to(device)  # [B|1]
+    rows = (torch.arange(nq, device=device)[None, :] + (ends[:, None] - nq + 1))[:, :, None]  # [B|1, nQ, 1]
+    cols = torch.arange(nk, device=device)
+    causal = (cols <= rows)[:, None]  # [B|1, 1, nQ, nK]
+    window = torch.minimum(local, blocks.clamp(min=2) - 1).clamp(min=1)[:, :, None, None]  # [B|1, H, 1, 1]
+    forced = (cols == 0) | ((rows[:, None] - cols < window) & causal)  # [B|1, H, nQ, nK]
+    ranked = scores[:, gate_of_head.to(device)].masked_fill(~causal, float("-inf"))  # [B, H, nQ, nK]
+    ranked = ranked.masked_fill(forced, float("inf"))
     take = max(1, min(int(blocks.clamp(min=2).max()) if heads else 1, nk))  # k < 2 counts as 2
     top = ranked.topk(take, dim=-1).indices  # [B, H, nQ, take]
-    keep = torch.arange(take, device=device) < blocks[:, None, None].clamp(min=2)  # [H, 1, take]
+    keep = torch.arange(take, device=device) < blocks[:, :, None, None].clamp(min=2)  # [B|1, H, 1, take]
     mask = torch.zeros(b, heads, nq, nk + 1, dtype=torch.bool, device=device)
     spare = torch.full_like(top, nk)  # dropped picks land in a spare column
-    mask.scatter_(-1, torch.where(keep[None], top, spare), True)
-    return mask[..., :nk] & causal & (blocks > 0)[None, :, None, None]
+    mask.scatter_(-1, torch.where(keep, top, spare), True)
+    return mask[..., :nk] & causal & (blocks > 0)[:, :, None, None]
 
 
 def pool_queries_at(q: torch.Tensor, first: int, block_size: int) -> torch.Tensor:

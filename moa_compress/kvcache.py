@@ -48,7 +48,6 @@ that call raises :class:`PlanRuntimeError`. Rings with fixed bands never change.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -292,7 +291,7 @@ class PlanKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.storage: list[ClassStorage] = []
-        # A gate layer's key codes (moa_compress.gate_runtime.GateKeys): one, or one per row of a padded batch.
+        # A gate layer's key codes: moa_compress.gate_runtime.GateKeys, or RowGateKeys for a padded batch.
         self.gate_keys = None
         self.padding: torch.Tensor | None = None  # [B] left-padding columns per row
         self.seen = 0  # columns seen, padding included
@@ -406,10 +405,7 @@ class PlanKVLayer(CacheLayerMixin):
     def _batch_map(self, fn, in_place: bool = True) -> None:
         for s in self.storage:
             s.batch_map(fn, in_place)
-        if isinstance(self.gate_keys, list):  # one per row (a padded batch): move the rows as fn does
-            rows = fn(torch.arange(len(self.gate_keys), device=self.device)).tolist()
-            self.gate_keys = [copy.copy(self.gate_keys[r]) for r in rows]  # rows may repeat (beams)
-        elif self.gate_keys is not None:
+        if self.gate_keys is not None:
             self.gate_keys.batch_map(fn)
         if self.padding is not None:
             self.padding = fn(self.padding)
@@ -435,9 +431,9 @@ class PlanKVLayer(CacheLayerMixin):
         for s in self.storage:
             stored, alloc = s.nbytes()
             live, allocated = live + stored, allocated + alloc
-        held = self.gate_keys if isinstance(self.gate_keys, list) else [self.gate_keys]
-        gate = sum(g.nbytes() for g in held if g is not None)
-        live, allocated = live + gate, allocated + gate
+        if self.gate_keys is not None:
+            gate = self.gate_keys.nbytes()
+            live, allocated = live + gate, allocated + gate
         return live, allocated
 
 

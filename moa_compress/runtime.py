@@ -392,6 +392,7 @@ class PlanHandle:
         batch, each pooling its row's blocks from the row's first token."""
         from moa_compress.gate_runtime import (
             GateKeys,
+            RowGateKeys,
             decode_visible_blocks,
             gate_selections_for,
             gated_attention,
@@ -405,12 +406,15 @@ class PlanHandle:
         if stored.start == 0:  # the prompt: plan the storage
             if padded:  # each row's codes, pooled from its first token, serve the prompt and the steps
                 pad = left_padding(mask)
-                cache_layer.gate_keys = [GateKeys(bs, keep_raw=False) for _ in range(len(pad))]
-                for row, (held, p) in enumerate(zip(cache_layer.gate_keys, pad.tolist(), strict=True)):
-                    held.update(k_new[row : row + 1, :, p:], 0, gate)
+                held = cache_layer.gate_keys = RowGateKeys(bs)
+                held.start(k_new, pad.tolist(), gate)
+                lengths = stored.length - pad
+                codes = [
+                    held.codes[r : r + 1, :, : num_blocks(int(n), bs)] for r, n in enumerate(lengths.tolist())
+                ]
                 out = gated_padded_attention(
                     self.plan, layer, gate, query, stored.keys, stored.values, q_pre, k_new, pad, scale,
-                    self.backend, [held.all_codes(gate) for held in cache_layer.gate_keys],
+                    self.backend, codes,
                 )  # fmt: skip
             else:
                 pad = None
@@ -438,15 +442,10 @@ class PlanHandle:
                 raise PlanRuntimeError(
                     "PlanKVCache takes a padded batch's prompt in one call; later calls must be single tokens"
                 )
-            lengths = cache_layer.lengths(stored.length).tolist()  # each row's length with this token
-            nk = num_blocks(max(lengths), bs)
-            blocks = query.new_ones(query.shape[0], query.shape[1], nk, dtype=torch.bool)
-            for row, (held, n) in enumerate(zip(cache_layer.gate_keys, lengths, strict=True)):
-                held.update(k_new[row : row + 1], n - 1, gate)
-                chosen = decode_visible_blocks(
-                    self.plan, layer, gate, q_pre[row : row + 1], held.all_codes(gate), n
-                )  # [1, H, num_blocks(n)]; later blocks hold nothing for this row
-                blocks[row, :, : chosen.shape[-1]] = chosen[0]
+            lengths = cache_layer.lengths(stored.length)  # [B]: each row's length with this token
+            held = cache_layer.gate_keys
+            held.step(k_new, lengths, gate)
+            blocks = decode_visible_blocks(self.plan, layer, gate, q_pre, held.all_codes(lengths), lengths)
             return cache_layer.decode_step(query, stored, scale, self.backend, blocks=blocks)
         cache_layer.gate_keys.update(k_new, stored.start, gate)
         k_codes = cache_layer.gate_keys.all_codes(gate)

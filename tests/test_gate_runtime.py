@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from moa_compress.gates import AttnGate, attention_layers, gates_to_plan_tensors, pool_keys
+from moa_compress.gates import AttnGate, attention_layers, gates_from_plan, gates_to_plan_tensors, pool_keys
 from moa_compress.plan import (
     DenseRule,
     GateRule,
@@ -456,6 +456,57 @@ def test_gate_keys_fed_piece_by_piece_code_every_block_as_pooling_all_keys_at_on
             held.update(keys[:, :, 40:41], 40, gate)
     with pytest.raises(PlanRuntimeError, match="saw"):
         held.update(keys[:, :, :1], held.length + 1, gate)
+
+
+def test_row_gate_keys_code_each_row_from_its_own_first_token_as_pooling_it_at_once():
+    """A left-padded batch's codes, fed a prompt then token by token: every row's complete blocks equal
+    pooling that row's keys at once, its unfinished block (and anything after) is zero, and the
+    capacity grows past the prompt's blocks."""
+    from moa_compress.gate_runtime import RowGateKeys, row_codes
+
+    torch.manual_seed(5)
+    gate = AttnGate(6, 2, 8, 8, BLOCK, 10000.0)
+    padding = [0, 13, 32, 40]  # one row unpadded, one padded by exactly two blocks, one to a single token
+    width, steps = 41, 60
+    keys = torch.randn(len(padding), 2, width + steps, 8, dtype=torch.float64)
+    held = RowGateKeys(BLOCK)
+    held.start(keys[:, :, :width], padding, gate)
+    for t in range(steps + 1):
+        lengths = torch.tensor([width + t - p for p in padding])
+        if t:
+            held.step(keys[:, :, width + t - 1 : width + t], lengths, gate)
+        got = held.all_codes(lengths)
+        assert got.shape[2] == -(-int(lengths.max()) // BLOCK)
+        for r, p in enumerate(padding):
+            n = int(lengths[r])
+            want = row_codes(gate, keys[r : r + 1, :, p : p + n], BLOCK)
+            if n % BLOCK:
+                want[:, :, -1] = 0.0
+            assert torch.allclose(got[r : r + 1, :, : want.shape[2]], want, atol=1e-9), (t, r)
+            assert not got[r, :, want.shape[2] :].any()
+
+
+def test_decode_selection_of_a_padded_batch_equals_each_row_at_its_own_length():
+    """One batched selection for rows of different lengths (their own blocks per row and diagonal)
+    equals selecting each row alone."""
+    from moa_compress.gate_runtime import decode_visible_blocks
+
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = gated_plan(model, mixed(seed=2), seed=2)
+    gate = gates_from_plan(plan)[plan.gate_layers[0]]
+    torch.manual_seed(3)
+    lengths = torch.tensor([150, 17, 96, 1, 97])
+    nk = -(-int(lengths.max()) // BLOCK)
+    q = torch.randn(len(lengths), model.config.num_attention_heads, 1, 16, dtype=torch.float64)
+    codes = torch.randn(len(lengths), gate.gate_heads, nk, gate.gate_dim, dtype=gate.k_proj.dtype)
+    layer = plan.gate_layers[0]
+    together = decode_visible_blocks(plan, layer, gate, q, codes, lengths)
+    for r, n in enumerate(lengths.tolist()):
+        own = -(-n // BLOCK)
+        alone = decode_visible_blocks(plan, layer, gate, q[r : r + 1], codes[r : r + 1, :, :own], n)
+        assert torch.equal(together[r, :, :own], alone[0]), r
+        gated = torch.tensor([rule.input_dependent for rule in plan.rules[layer]])
+        assert not together[r][gated][:, own:].any()  # blocks after the row's own hold nothing for it
 
 
 def test_plan_kv_cache_of_a_gate_plan_counts_and_bounds_what_its_gate_layers_keep():
