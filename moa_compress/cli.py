@@ -717,6 +717,13 @@ MinSpanOpt = Annotated[
         help="Narrowest band a rule may keep, in tokens (default: 3 blocks where the budget allows; 0: any)."
     ),
 ]
+KvBudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Also keep the decode cache within this fraction of a dense cache's keys at the longest length, "
+        "in (0, 1] (gate and dense heads hold every key; default: no limit)."
+    ),
+]
 CostOpt = Annotated[
     str | None,
     typer.Option(
@@ -735,6 +742,7 @@ def search_command(
     ] = None,
     per_head: PerHeadOpt = False,
     min_span: MinSpanOpt = None,
+    kv_budget: KvBudgetOpt = None,
     cost: CostOpt = None,
     out: Annotated[Path, typer.Option(help="Output folder: plan.json + pareto.json.")] = Path("plan"),
     force: Annotated[bool, typer.Option(help="Overwrite an existing plan.json / pareto.json.")] = False,
@@ -746,6 +754,8 @@ def search_command(
     from moa_compress.search import PARETO_FILE, save_search, search_plan, search_summary
 
     check_fraction(budget, "--budget")
+    if kv_budget is not None:
+        check_fraction(kv_budget, "--kv-budget")
     extra = parse_lengths(extend_lengths, "--extend-lengths") if extend_lengths else []
     for name in (PLAN_FILE, PARETO_FILE):
         if (out / name).exists() and not force:
@@ -757,6 +767,7 @@ def search_command(
         extend_lengths=extra,
         per_head=per_head,
         min_span=min_span,
+        kv_budget=kv_budget,
         cost=cost,
         progress=not as_json,
         provenance=provenance(command_line(), profile_path=str(profile_dir)),
@@ -837,6 +848,7 @@ def compress_command(
         ),
     ] = None,
     min_span: MinSpanOpt = None,
+    kv_budget: KvBudgetOpt = None,
     cost: CostOpt = None,
     profile: Annotated[
         Path | None,
@@ -889,6 +901,7 @@ def compress_command(
         gate_steps=gate_steps,
         gate_locals=tuple(parse_lengths(gate_locals, "--gate-locals")) if gate_locals else None,
         min_span=min_span,
+        kv_budget=kv_budget,
         cost=cost,
         eval_data=eval_data,
         block_size=block_size,

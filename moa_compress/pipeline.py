@@ -542,6 +542,7 @@ class _Context:
             gate_samples=calibration_maps(self.state.root, profile) if gates is not None else None,
             gate_locals=s.gate_locals,
             min_span=s.min_span,
+            kv_budget=s.kv_budget,
             cost=s.cost,
             pareto_size=s.pareto_size,
             progress=self.progress,
@@ -603,6 +604,7 @@ class _Context:
         record["fallback"] = {
             "rule": _rule_name(self.fallback),
             "density": {str(n): self.fallback.density(n) for n in result.lengths},
+            "kv_fraction": self.fallback.kv_fraction(result.lengths[-1]),
         }
         for n in lengths:
             measure("fallback", self.fallback, n, f"uniform within the budget ({record['fallback']['rule']})")
@@ -624,7 +626,11 @@ class _Context:
             "uniform": validation_score(losses, "fallback", lengths),
             **{name: validation_score(losses, name, lengths) for name in names},
         }
-        written = min((w for w in WRITTEN if w in scores), key=lambda w: (scores[w], WRITTEN.index(w)))
+        eligible = [w for w in WRITTEN if w in scores]
+        kv_budget = self.settings.kv_budget
+        if kv_budget is not None and self.fallback.kv_fraction(result.lengths[-1]) > kv_budget + 1e-9:
+            eligible.remove("uniform")  # its window holds more keys than the kv budget allows
+        written = min(eligible, key=lambda w: (scores[w], WRITTEN.index(w)))
         return {**record, "chosen": best, "written": written, "scores": scores}
 
     def fallback_plan(self, result) -> Plan:
@@ -776,6 +782,11 @@ def _summary(
         "written": kind,
         "why": _why(validation),
         "density": {str(n): written.density(n) for n in result.lengths},
+        "kv_fraction": {  # the decode cache's keys at the longest length, against dense
+            "length": result.lengths[-1],
+            "value": written.kv_fraction(result.lengths[-1]),
+            "budget": settings.kv_budget,
+        },
         "predicted_cost": {} if kind == "uniform" else {str(n): c for n, c in point.predicted_cost.items()},
         "validation": {
             "lengths": lengths,
@@ -867,6 +878,12 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         cost = summary["predicted_cost"].get(n)
         missing = "(uniform)" if written == "uniform" else "(extended)"
         lines.append(f"{n:>8}  {d:>8.4f}  {missing if cost is None else f'{cost:.4f}':>14}")
+    kv = summary.get("kv_fraction")
+    if kv:
+        limit = "" if kv["budget"] is None else f" (kv budget {kv['budget']:g})"
+        lines.append(
+            f"decode cache at {kv['length']} tokens: {kv['value']:.3f} of a dense cache's keys{limit}"
+        )
     lengths = [str(n) for n in v["lengths"]]
     densities = ", ".join(f"{v['uniform']['density'][n]:.3f}" for n in lengths)
 

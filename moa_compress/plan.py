@@ -339,6 +339,17 @@ def selection_density(k: int, n: int, block_size: int) -> float:
     return kept / (n * (n + 1) / 2)
 
 
+def group_kv_fraction(rules: Sequence[Rule], n: int, block_size: int) -> float:
+    """Keys one KV head holds at length ``n`` for query heads with ``rules``, as a fraction of ``n``:
+    the largest sink plus the largest band (blocks) when every rule keeps a sink and a band
+    (:meth:`RuleKind.kv_keep`), else all of them (dense and gate heads read any key)."""
+    keeps = [r.kv_keep(n, block_size) for r in rules]
+    if any(keep is None for keep in keeps):
+        return 1.0
+    held = (max(k[0] for k in keeps) + max(k[1] for k in keeps)) * block_size
+    return min(1.0, held / n)
+
+
 @functools.lru_cache(maxsize=65536)
 def blocks_for_density(density: float, n: int, block_size: int) -> int:
     """The most key blocks per row (at least 2: the sink and the diagonal) whose
@@ -562,6 +573,19 @@ class Plan:
                     cache[rule] = rule_density(rule, n, self.block_size)
                 total += cache[rule]
         return total / (self.model.num_layers * self.model.num_heads)
+
+    def kv_fraction(self, n: int) -> float:
+        """The keys a decode cache holds at length ``n`` (prompt plus generated tokens) as a fraction of a
+        dense cache's, mean over layers and KV heads: a KV head whose query heads all keep a sink and a
+        band holds those (the largest sink and band among them, as
+        :class:`~moa_compress.kvcache.PlanKVCache` sizes its rings), any other holds every key. Input
+        independent, like :meth:`density`; gate codes and buffer rounding are not counted."""
+        group = self.model.num_heads // self.model.num_kv_heads
+        total = 0.0
+        for heads in self.rules:
+            for h in range(self.model.num_kv_heads):
+                total += group_kv_fraction(heads[h * group : (h + 1) * group], n, self.block_size)
+        return total / (self.model.num_layers * self.model.num_kv_heads)
 
     def layer_density(self, layer: int, n: int) -> float:
         heads = self.rules[layer]

@@ -48,6 +48,7 @@ from moa_compress.plan import (
     StaticRule,
     atomic_write_bytes,
     describe_rule,
+    group_kv_fraction,
     num_blocks,
     rule_block_mask,
     rule_density,
@@ -691,6 +692,7 @@ def search_plan(
     gate_samples: Mapping[int, Iterable[SampleMaps]] | None = None,
     gate_targets: Sequence[float] | None = None,
     gate_locals: Sequence[int] | None = None,
+    kv_budget: float | None = None,
     alphas: Sequence[float] | None = None,
     betas: Sequence[float] | None = None,
     sink_blocks: int = 1,
@@ -720,8 +722,11 @@ def search_plan(
     :attr:`SearchResult.alternatives`. ``renormalise``: charge each rule for the row renormalisation its
     whole dropped set causes (see :func:`rule_costs`). ``min_span``: the narrowest band (tokens, at every
     target length) a static rule may keep; None picks :func:`default_min_span`, 0 allows any. ``cost``:
-    the per-block measure (see :func:`rule_costs`; default :func:`cost_kind`). ``provenance`` is the
-    base of each plan's provenance (default: tool and time).
+    the per-block measure (see :func:`rule_costs`; default :func:`cost_kind`). ``kv_budget``: also keep
+    the decode cache at the longest target length within this fraction of a dense cache's keys
+    (:meth:`Plan.kv_fraction`: gate and dense heads hold every key, static ones their sink and band);
+    one more row of the same MILP, for plans with one rule per KV group. ``provenance`` is the base of
+    each plan's provenance (default: tool and time).
     """
     from moa_compress.data import progress_steps
 
@@ -746,6 +751,19 @@ def search_plan(
         raise SearchError(
             f"gate rules need one gate per layer ({profile.model.num_layers}), got {len(gates)}"
         )
+    if kv_budget is not None:
+        if (
+            isinstance(kv_budget, bool)
+            or not isinstance(kv_budget, (int, float))
+            or not 0.0 < kv_budget <= 1.0
+        ):
+            raise SearchError(f"kv_budget must be in (0, 1], got {kv_budget}")
+        if per_head:
+            raise SearchError(
+                "kv_budget needs one rule per KV group (a KV head's cache serves all its query heads); "
+                "drop per_head"
+            )
+        kv_budget = float(kv_budget)
     cost = cost_kind(profile, cost)
     block = profile.block_size
     alphas = [a * block for a in DEFAULT_ALPHA_BLOCKS] if alphas is None else list(alphas)
@@ -788,7 +806,7 @@ def search_plan(
 
     solutions: list[tuple[dict[int, float], _Solution]] = []
     alternative_solutions: dict[str, tuple[dict[int, float], _Solution]] = {}
-    if budget >= 1.0 and "dense" in kinds:  # nothing to trade: every head dense, nothing lost
+    if budget >= 1.0 and "dense" in kinds and (kv_budget is None or kv_budget >= 1.0):  # nothing to trade
         candidates: list[Rule] = [DenseRule()]
         costs = {n: np.zeros((len(groups), 1)) for n in profiled}
         solutions.append(
@@ -816,6 +834,12 @@ def search_plan(
         sizes = np.array([len(heads) for _, heads in groups], dtype=np.float64)  # [groups]
         total_heads = profile.model.num_layers * profile.model.num_heads
         shares = densities[:, None, :] * sizes[None, :, None] / total_heads  # [T, groups, R]
+        limits = np.full(len(lengths), float(budget))
+        if kv_budget is not None:  # one more row: the decode cache's keys at the longest length
+            kv = np.array([group_kv_fraction([r], lengths[-1], block) for r in candidates])  # [R]
+            kv_shares = np.broadcast_to(kv / len(groups), (1, len(groups), len(candidates)))
+            shares = np.concatenate([shares, kv_shares])  # [T + 1, groups, R]
+            limits = np.append(limits, kv_budget)
         weight_list = pareto_weights(profiled, pareto_size)
 
         def solve(weights: Mapping[int, float], columns: np.ndarray, limit: float) -> _Solution:
@@ -823,11 +847,14 @@ def search_plan(
             objective = sum(w * costs[n][:, columns] for n, w in weights.items())  # [groups, R']
             subset = [candidates[int(c)] for c in columns]
 
-            def check(choice: np.ndarray) -> dict[int, float]:
+            def check(choice: np.ndarray) -> np.ndarray:  # each row's measured value, as limits
                 plan = _build_plan(profile, groups, subset, choice, budget, lengths, gate_weights)
-                return {n: plan.density(n) for n in lengths}
+                measured = [plan.density(n) for n in lengths]
+                return np.array(measured + ([plan.kv_fraction(lengths[-1])] if kv_budget is not None else []))
 
-            solved = _solve_within_budget(objective, shares[:, :, columns], budget, check, mip_gap, limit)
+            solved = _solve_within_budget(
+                objective, shares[:, :, columns], limits, check, mip_gap, limit, kv_budget is not None
+            )
             return dataclasses.replace(solved, choice=columns[solved.choice])
 
         restricted = {}
@@ -873,12 +900,17 @@ def search_plan(
         over = {n: d for n, d in density.items() if d > budget + DENSITY_TOLERANCE}
         if over:  # _solve_within_budget rules this out: a plan over budget is a bug, never a result
             raise RuntimeError(f"search produced a plan over budget {budget}: {over}")
+    if kv_budget is not None:
+        for plan in [p for _, _, p in found] + [p for _, _, _, p in alternatives]:
+            if plan.kv_fraction(lengths[-1]) > kv_budget + DENSITY_TOLERANCE:  # as above: a bug
+                raise RuntimeError(f"search produced a plan over kv_budget {kv_budget}")
     # Sorted by mean cost; the weight order (uniform first) breaks ties.
     order = sorted(range(len(found)), key=lambda i: (sum(cost_of[i].values()) / len(profiled), i))
 
     pareto = [
         {
             "density": {str(n): d for n, d in density_of[i].items()},
+            **({"kv_fraction": found[i][2].kv_fraction(lengths[-1])} if kv_budget is not None else {}),
             "predicted_cost": {str(n): c for n, c in cost_of[i].items()},
             "weights": {str(n): w for n, w in found[i][0].items()},
             "chosen": False,
@@ -903,6 +935,7 @@ def search_plan(
         "mip_gap": mip_gap,
         "cost": cost + (", renormalised" if renormalise and profile.mass else ", additive"),
         "min_span": float(min_span),
+        **({"kv_budget": kv_budget, "kv_length": lengths[-1]} if kv_budget is not None else {}),
         "solver": "scipy.optimize.milp (HiGHS) after its LP relaxation",
     }
     profile_record = {
@@ -948,29 +981,36 @@ def search_plan(
 
 def _solve_within_budget(
     objective: np.ndarray,  # [groups, rules]
-    shares: np.ndarray,  # [T, groups, rules]
-    budget: float,
-    check: Callable[[np.ndarray], dict[int, float]],
+    shares: np.ndarray,  # [T (+1), groups, rules]: density at each length (and the decode cache's keys)
+    limits: np.ndarray,  # [T (+1)]: the budget per length (and the kv budget)
+    check: Callable[[np.ndarray], np.ndarray],
     mip_gap: float,
     time_limit: float,
+    kv_row: bool = False,  # the last row is the kv budget's
 ) -> _Solution:
-    """Solve, then measure the plan with ``check`` (:meth:`Plan.density` at every length). The solver
-    accepts rows over their bound by its feasibility tolerance (~1e-7), so a length found over budget is
-    solved again with its row tightened by the excess."""
-    limits = np.full(shares.shape[0], budget)
+    """Solve, then measure the plan with ``check`` (each row's value: :meth:`Plan.density` at every
+    length, then :meth:`Plan.kv_fraction` with a kv budget). The solver accepts rows over their bound
+    by its feasibility tolerance (~1e-7), so a row found over its limit is solved again, tightened by
+    the excess."""
+    wanted = np.asarray(limits, dtype=np.float64)
+    limits = wanted.copy()
     for _ in range(5):
         solved = _solve(objective, shares, limits, mip_gap, time_limit)
         if solved is None:
-            sparsest = shares.sum(1).min(1)
+            sparsest = shares.sum(1).min(1)  # per row: every group on its smallest share
+            kv = f" and kv budget {wanted[-1]:g}" if kv_row else ""
             raise SearchError(
-                f"no plan of the candidate rules fits budget {budget} at every length (the sparsest "
-                f"candidate's density: {', '.join(f'{d:.4f}' for d in sparsest)}); add a narrower rule"
+                f"no plan of the candidate rules fits budget {wanted[0]:g} at every length{kv} (the sparsest "
+                f"choices give {', '.join(f'{d:.4f}' for d in sparsest)}); add a narrower rule"
+                + (" or allow static rules" if kv_row else "")
             )
-        excess = np.array(list(check(solved.choice).values())) - budget
+        excess = check(solved.choice) - wanted
         if (excess <= DENSITY_TOLERANCE).all():
             return solved
         limits = np.where(excess > DENSITY_TOLERANCE, limits - excess - 1e-9, limits)
-    raise RuntimeError(f"the solver kept returning plans over budget {budget} (excess {excess.max():.3g})")
+    raise RuntimeError(
+        f"the solver kept returning plans over their limits {wanted} (excess {excess.max():.3g})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ class CompressSettings:
     AdamW steps) on the calibration samples, and the search offers gate rules with each local window of
     ``gate_locals`` (blocks; :data:`moa_compress.search.DEFAULT_GATE_LOCALS`).
     ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
+    ``kv_budget``: the decode cache's keys at the longest length, as a fraction of dense's, the plan may
+    hold (None: no limit; see :meth:`moa_compress.plan.Plan.kv_fraction`).
     ``cost``: the search's per-block measure (``"net"`` or ``"entry"``; None: the search's default).
     ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
     (:func:`moa_compress.data.calibration_set`; ``data=None`` is the built-in synthetic set).
@@ -57,6 +59,7 @@ class CompressSettings:
     gate_steps: int = 300
     gate_locals: tuple[int, ...] = DEFAULT_GATE_LOCALS
     min_span: float | None = None
+    kv_budget: float | None = None
     cost: str | None = None
     pareto_size: int = 7
     validation_samples: int = 2
@@ -114,6 +117,16 @@ class CompressSettings:
 
         if not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
             raise CompressError(f"--budget must be in (0, 1], got {self.budget}")
+        if self.kv_budget is not None:
+            if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, (int, float)):
+                raise CompressError(f"--kv-budget must be a number in (0, 1], got {self.kv_budget!r}")
+            if not 0.0 < self.kv_budget <= 1.0:
+                raise CompressError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
+            if self.per_head:
+                raise CompressError(
+                    "--kv-budget needs one rule per KV group (a KV head's cache serves all its query heads); "
+                    "drop --per-head"
+                )
         if not self.lengths or len(set(self.lengths)) != len(self.lengths) or self.lengths[0] <= 0:
             raise CompressError(f"--lengths must be distinct positive lengths, got {list(self.lengths)}")
         if any(k < 1 for k in self.samples):

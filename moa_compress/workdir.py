@@ -146,6 +146,7 @@ _SETTING_NAMES = {
     "gate_dim": "gate_dim",
     "gate_locals": "--gate-locals",
     "min_span": "--min-span",
+    "kv_budget": "--kv-budget",
     "cost": "--cost",
     "pareto_size": "pareto_size",
     "validation_samples": "validation_samples",
@@ -203,6 +204,7 @@ def stage_settings(
         "rules": list(settings.rules),
         **({"gate_locals": list(settings.gate_locals)} if "gate" in settings.rules else {}),
         "min_span": settings.min_span,
+        **({"kv_budget": settings.kv_budget} if settings.kv_budget is not None else {}),
         "cost": settings.cost,
         "pareto_size": settings.pareto_size,
     }

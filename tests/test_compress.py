@@ -375,6 +375,8 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         (["--rules", "static,windows"], "unknown rule kind 'windows'"),
         (["--rules", "static,gate,dense", "--profile", str(profile_dir)], "drop --profile"),
         (["--gate-locals", "1,0"], "--gate-locals must"),
+        (["--kv-budget", "0"], "--kv-budget must be in (0, 1]"),
+        (["--kv-budget", "0.3", "--per-head"], "drop --per-head"),
         (["--gate-locals", "two"], "--gate-locals must"),
     ]
     for extra, message in cases:
@@ -508,6 +510,30 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
     with pytest.raises(StaleWorkError, match=r"--gate-steps changed \(20 -> 5\).*gates stage"):
         compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_steps=5), tmp_path / "p",
                  work_dir=work, progress=False)  # fmt: skip
+
+
+def test_a_kv_budget_bounds_the_written_plans_decode_cache(gated, model, tokenizer, eval_text, tmp_path):
+    """--kv-budget is a search setting: the saved profile and gates serve, the search and what follows
+    run again, and the written plan (searched, an alternative or uniform) holds its decode cache within it."""
+    from moa_compress.pipeline import summary_table
+
+    out, first = gated
+    longest = max(first.plan.lengths)
+    assert first.summary["kv_fraction"] == {
+        "length": longest, "value": first.plan.kv_fraction(longest), "budget": None,
+    }  # fmt: skip
+    work = tmp_path / "work"
+    shutil.copytree(out / "work", work)
+    with pytest.raises(StaleWorkError, match=r"--kv-budget changed \(none -> 0.3\).*search stage"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, kv_budget=0.3), tmp_path / "o",
+                 work_dir=work, progress=False)  # fmt: skip
+    result = compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, kv_budget=0.3), tmp_path / "o",
+                      work_dir=work, force=True, progress=False)  # fmt: skip
+    assert result.summary["seconds"]["gates"] is None  # read back, not trained again
+    assert result.plan.kv_fraction(longest) <= 0.3 + 1e-9
+    assert result.summary["kv_fraction"]["budget"] == 0.3
+    assert f"decode cache at {longest} tokens" in summary_table(result.summary)
+    assert "(kv budget 0.3)" in summary_table(result.summary)
 
 
 def test_an_alternative_is_written_when_it_validates_best(

@@ -301,6 +301,7 @@ def test_search_command_writes_a_loadable_plan(tmp_path):
         (["--budget", "1.5"], "--budget must be in"),
         (["--budget", "0.01"], "smallest possible plan"),
         (["--budget", "0.5", "--extend-lengths", "x"], "--extend-lengths"),
+        (["--budget", "0.5", "--kv-budget", "1.5"], "--kv-budget must be in (0, 1]"),
     ],
 )
 def test_search_command_bad_input(tmp_path, extra, message):
@@ -675,3 +676,75 @@ def test_rule_kinds_are_checked():
     # without gates the default is what it was: static and dense
     plan = search_plan(profile, 0.5, pareto_size=1).points[0].plan
     assert plan.provenance["search"]["rules"] == ["static", "dense"] and plan.gates is None
+
+
+def test_a_kv_budget_bounds_the_decode_cache_and_trades_gates_for_bands():
+    """Gates keep every key: under a kv budget the search keeps as many gate heads as the cache allows
+    (the rest get bands), and every plan it returns holds its keys within the budget."""
+    from moa_compress.plan import GateRule, group_kv_fraction
+
+    profile, samples, gates = hot_profile()
+    budget, kv_budget, lengths = 0.25, 0.5, (512, 1024, 2048)
+    free = search_plan(profile, budget, extend_lengths=(2048,), gates=gates, gate_samples=samples,
+                       pareto_size=2, provenance={})  # fmt: skip
+    assert free.points[0].plan.kv_fraction(2048) == 1.0  # every head a gate: every key kept
+    result = search_plan(profile, budget, extend_lengths=(2048,), gates=gates, gate_samples=samples,
+                         pareto_size=2, kv_budget=kv_budget, provenance={})  # fmt: skip
+    best = result.points[0].plan
+    m = best.model
+    group = m.num_heads // m.num_kv_heads
+    # Recomputed from the rules: each KV head holds every key if any of its heads has a gate.
+    held = [
+        group_kv_fraction(heads[h * group : (h + 1) * group], 2048, best.block_size)
+        for heads in best.rules
+        for h in range(m.num_kv_heads)
+    ]
+    assert best.kv_fraction(2048) == pytest.approx(sum(held) / len(held), abs=1e-15)
+    assert best.kv_fraction(2048) <= kv_budget + TOL
+    gated = sum(isinstance(r, GateRule) for layer in best.rules for r in layer)
+    assert 0 < gated <= kv_budget * m.num_layers * m.num_heads  # gates where the cache allows them
+    assert best.provenance["search"]["kv_budget"] == kv_budget
+    assert best.provenance["search"]["kv_length"] == 2048
+    assert best.provenance["pareto"][0]["kv_fraction"] == pytest.approx(best.kv_fraction(2048))
+    for point in [*result.points, *result.alternatives.values()]:
+        assert point.plan.kv_fraction(2048) <= kv_budget + TOL
+        assert all(point.plan.density(n) <= budget + TOL for n in lengths)
+    assert result.points[0].mean_cost > free.points[0].mean_cost  # the cache limit costs something
+    # Gate and dense heads alone cannot hold less than every key: no gate-only optimum.
+    assert "gate-only" not in result.alternatives and "static-only" in result.alternatives
+
+
+def test_kv_budget_errors():
+    profile = random_profile(layers=2, heads=4, kv_heads=2, lengths=(512, 1024), seed=1)
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(SearchError, match="kv_budget must be in"):
+            search_plan(profile, 0.5, kv_budget=bad)
+    with pytest.raises(SearchError, match="drop per_head"):
+        search_plan(profile, 0.5, kv_budget=0.5, per_head=True)
+    with pytest.raises(SearchError, match="kv budget 0.001"):  # no band is that short
+        search_plan(profile, 0.5, kv_budget=0.001)
+    # At budget 1 a kv budget still trades: not every head dense.
+    plan = search_plan(profile, 1.0, kv_budget=0.5, pareto_size=1).points[0].plan
+    assert plan.kv_fraction(1024) <= 0.5 + TOL
+
+
+def test_plan_kv_fraction_is_what_the_decode_cache_plans_to_hold():
+    """Plan.kv_fraction counts the keys PlanKVCache's layer plan keeps: rings of sink + window for KV
+    heads whose query heads all have bands (the largest of each), every key for the others (a dense
+    head; a band that reaches back to the sink)."""
+    from moa_compress.kvcache import plan_layer
+    from moa_compress.plan import ModelIdentity
+
+    n, block = 1000, 16
+    rules = (
+        (StaticRule(1, 64, 0.0), StaticRule(2, 32, 0.1), DenseRule(), StaticRule(1, 16, 0.0)),
+        (StaticRule(0, 900, 0.5), StaticRule(1, 16, 0.0), StaticRule(1, 48, 0.0), StaticRule(1, 200, 0.0)),
+    )
+    model = ModelIdentity("m", 2, 4, 2, 8, "x")
+    plan = Plan(model, rules, block_size=block)
+    kept = 0
+    for layer in rules:
+        for kv in plan_layer([layer[0:2], layer[2:4]], block, n, n):
+            kept += len(kv.kv_heads) * min(kv.capacity, n)
+    assert plan.kv_fraction(n) == pytest.approx(kept / (2 * 2 * n), abs=1e-15)
+    assert 0 < plan.kv_fraction(n) < 1
