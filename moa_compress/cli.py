@@ -839,6 +839,12 @@ def compress_command(
     gate_steps: Annotated[
         int | None, typer.Option(help="AdamW steps of the gates stage (default: the preset's).")
     ] = None,
+    validation_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="Held-out samples per profiled length scoring the candidate plans (default: the preset's)."
+        ),
+    ] = None,
     gate_locals: Annotated[
         str | None,
         typer.Option(
@@ -899,6 +905,7 @@ def compress_command(
         per_head=per_head,
         rules=tuple(kind.strip() for kind in rules.split(",") if kind.strip()),
         gate_steps=gate_steps,
+        validation_samples=validation_samples,
         gate_locals=tuple(parse_lengths(gate_locals, "--gate-locals")) if gate_locals else None,
         min_span=min_span,
         kv_budget=kv_budget,

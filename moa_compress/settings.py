@@ -155,9 +155,10 @@ class CompressSettings:
             "block_size",
             "gate_steps",
         )
+        options = {"validation_samples": "--validation-samples", "gate_steps": "--gate-steps"}
         for name in names:
             if getattr(self, name) < 1:
-                raise CompressError(f"{name} must be positive, got {getattr(self, name)}")
+                raise CompressError(f"{options.get(name, name)} must be positive, got {getattr(self, name)}")
 
 
 # Presets fill the settings a user does not give. "full" is the recipe for the embedded model's

@@ -149,7 +149,7 @@ _SETTING_NAMES = {
     "kv_budget": "--kv-budget",
     "cost": "--cost",
     "pareto_size": "pareto_size",
-    "validation_samples": "validation_samples",
+    "validation_samples": "--validation-samples",
     "backend": "backend",
 }
 

@@ -376,6 +376,7 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         (["--rules", "static,gate,dense", "--profile", str(profile_dir)], "drop --profile"),
         (["--gate-locals", "1,0"], "--gate-locals must"),
         (["--kv-budget", "0"], "--kv-budget must be in (0, 1]"),
+        (["--validation-samples", "0"], "--validation-samples must be positive"),
         (["--kv-budget", "0.3", "--per-head"], "drop --per-head"),
         (["--gate-locals", "two"], "--gate-locals must"),
     ]
