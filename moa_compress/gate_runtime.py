@@ -174,6 +174,14 @@ class RowGateKeys:
         blocks: its unfinished block's placeholder, then blocks not causal for it)."""
         return self.codes[:, :, : num_blocks(int(lengths.max()), self.block_size)]
 
+    def per_row(self, lengths: torch.Tensor) -> list[torch.Tensor]:  # [1, H_gate, num_blocks(n_b), gate_dim]
+        """Each row's codes alone, up to its own last block (what :class:`GateKeys.all_codes` gives for
+        that row run by itself)."""
+        return [
+            self.codes[r : r + 1, :, : num_blocks(int(n), self.block_size)]
+            for r, n in enumerate(lengths.tolist())
+        ]
+
     def batch_map(self, fn) -> None:
         if self.codes is not None:
             self.codes, self.tail = fn(self.codes).contiguous(), fn(self.tail).contiguous()

@@ -41,7 +41,7 @@ from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
 from moa_compress.kvcache import PlanKVCache, StoredKV
-from moa_compress.plan import Plan, Rule, identity_of, num_blocks, rule_key_blocks, text_config
+from moa_compress.plan import Plan, Rule, identity_of, rule_key_blocks, text_config
 
 __all__ = [
     "PlanHandle",
@@ -408,13 +408,9 @@ class PlanHandle:
                 pad = left_padding(mask)
                 held = cache_layer.gate_keys = RowGateKeys(bs)
                 held.start(k_new, pad.tolist(), gate)
-                lengths = stored.length - pad
-                codes = [
-                    held.codes[r : r + 1, :, : num_blocks(int(n), bs)] for r, n in enumerate(lengths.tolist())
-                ]
                 out = gated_padded_attention(
                     self.plan, layer, gate, query, stored.keys, stored.values, q_pre, k_new, pad, scale,
-                    self.backend, codes,
+                    self.backend, held.per_row(stored.length - pad),
                 )  # fmt: skip
             else:
                 pad = None
