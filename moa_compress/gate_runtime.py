@@ -47,8 +47,8 @@ class GateKeys:
     (``codes [B, H_gate, nFull, gate_dim]``, :meth:`~moa_compress.gates.AttnGate.key_codes`, computed once,
     when the block fills) and the pre-RoPE keys ``raw [B, Hkv, S - offset, D]`` still needed.
 
-    ``keep_raw=False`` (a :class:`~moa_compress.kvcache.PlanKVCache`, which is never cropped and keeps one
-    per row of a padded batch) keeps the raw keys of the unfinished last block only, so the layer holds ``gate_dim``
+    ``keep_raw=False`` (a :class:`~moa_compress.kvcache.PlanKVCache` with an unpadded batch, never cropped;
+    a padded one holds :class:`RowGateKeys`) keeps the raw keys of the unfinished last block only, so the layer holds ``gate_dim``
     numbers per gate head and block instead of ``D`` per KV head and token. ``keep_raw=True`` (the
     default cache) keeps every raw key, padding included: a cropped cache drops codes and keys past
     the crop, and a left-padded batch pools each row from its own first token (:func:`row_codes`).
@@ -340,7 +340,7 @@ def gated_padded_attention(
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
     """A left-padded batch, one row at a time over its own tokens (positions counted from its first
     real token, as unpadded: its key blocks are pooled from there, unless the caller holds each row's
-    ``codes``, e.g. :meth:`GateKeys.all_codes`); padding query rows return zeros."""
+    ``codes``, e.g. :meth:`RowGateKeys.per_row`); padding query rows return zeros."""
     q_len, kv_len = query.shape[2], key.shape[2]
     out = torch.zeros_like(query)
     for row, pad in enumerate(padding.tolist()):

@@ -628,7 +628,7 @@ class _Context:
         }
         eligible = [w for w in WRITTEN if w in scores]
         kv_budget = self.settings.kv_budget
-        if kv_budget is not None and self.fallback.kv_fraction(result.lengths[-1]) > kv_budget + 1e-9:
+        if kv_budget is not None and record["fallback"]["kv_fraction"] > kv_budget + 1e-9:
             eligible.remove("uniform")  # its window holds more keys than the kv budget allows
         written = min(eligible, key=lambda w: (scores[w], WRITTEN.index(w)))
         return {**record, "chosen": best, "written": written, "scores": scores}

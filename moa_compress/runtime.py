@@ -387,9 +387,10 @@ class PlanHandle:
     ) -> torch.Tensor:  # [B, Hq, Sq, D]
         """A gate layer's call through a :class:`PlanKVCache` layer: the prompt (possibly left-padded;
         a padded batch's rows then run one by one, as with the default cache), a later chunk of an
-        unpadded prompt, or one decoding token. The layer keeps its gate's key codes
-        (:class:`~moa_compress.gate_runtime.GateKeys`): one for the batch, or one per row of a padded
-        batch, each pooling its row's blocks from the row's first token."""
+        unpadded prompt, or one decoding token. The layer keeps its gate's key codes:
+        :class:`~moa_compress.gate_runtime.GateKeys` for an unpadded batch, or
+        :class:`~moa_compress.gate_runtime.RowGateKeys` for a padded one (each row's blocks pooled from
+        the row's first token)."""
         from moa_compress.gate_runtime import (
             GateKeys,
             RowGateKeys,
