@@ -100,6 +100,11 @@ class KVClass:
         s = self.sink_tokens
         return torch.where(positions < s, positions, s + (positions - s).remainder(self.window))
 
+    def slot_of(self, position: int) -> int:
+        """:meth:`slots` of one position, on the host."""
+        s = self.sink_tokens
+        return position if not self.is_ring or position < s else s + (position - s) % self.window
+
     def keeps(self, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Which of ``positions`` [B, T] stay stored once rows reach ``lengths`` [B, 1]."""
         if not self.is_ring:
@@ -169,6 +174,10 @@ class ClassStorage:
         self.q_index = torch.tensor(kv.q_heads, device=device)
         self.all_heads = False
         self.rows = torch.arange(batch, device=device)
+        # The unpadded step path (:meth:`step_unpadded`): static rules for the host-side key of the
+        # kept mask (None: the head sees every causal slot), and that mask between steps.
+        self.step_rules = [None if d else r for d, r in zip(dense, kv.rules)]
+        self.step_cache: tuple[int, tuple[int, tuple[int, ...]], torch.Tensor] | None = None
 
     def visible(
         self,
@@ -184,8 +193,80 @@ class ClassStorage:
             table, positions, self.sink_tokens, self.alpha, self.beta, block_size, blocks, not self.kv.is_ring
         )
 
+    def step_unpadded(
+        self,
+        q: torch.Tensor,  # [B, Hq_c, D]: the class's query heads
+        keys: torch.Tensor,  # [B, Hkv_layer, 1, D]: the new token's keys/values, every KV head of the layer
+        values: torch.Tensor,
+        position: int,  # the new token's position, the same in every row
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:  # [B, Hq_c, D]
+        """A decode step of an unpadded batch on the ``torch`` backend, for a class without gate heads:
+        the :meth:`write_token` + ``decode_attention`` pair with the step's numbers on the host.
+
+        Every row holds the same positions, so the slot is a Python int and one visibility row serves
+        the batch. The visibility is kept between steps as an additive mask ``[1, Hq_c, C]`` (0 seen,
+        ``-inf`` not): from one step to the next only the written slot changes (it now holds the new
+        token, which every head sees), unless some head's band moved (a new query block, a band
+        growing with the length) or the buffer's width changed — then the mask is rebuilt from
+        :meth:`SlotVisibility.mask`, the specification, once. A class of dense heads (full buffer)
+        attends over its first ``position + 1`` slots with no mask. One fused SDPA call either way, a
+        KV group's query heads as its rows (K/V not repeated)."""
+        slot = self.kv.slot_of(position)
+        new_k, new_v = keys[:, :, 0], values[:, :, 0]  # [B, Hkv_layer, D]
+        if not self.all_heads:
+            new_k, new_v = new_k.index_select(1, self.kv_index), new_v.index_select(1, self.kv_index)
+        self.keys.select(2, slot).copy_(new_k)
+        self.values.select(2, slot).copy_(new_v)
+        self.slot_positions.select(1, slot).fill_(position)
+        b, hq, d = q.shape
+        hkv = self.keys.shape[1]
+        if self.kv.is_ring:
+            width = self.kv.capacity
+        elif all(r is None for r in self.step_rules):  # dense heads: every slot up to the query's
+            width, mask = position + 1, None
+        else:  # a full buffer is filled up to the query's block
+            width = min(self.kv.capacity, (position // block_size + 1) * block_size)
+        if self.kv.is_ring or any(r is not None for r in self.step_rules):
+            mask = self.step_mask(position, block_size, width, q.dtype).view(1, hkv, hq // hkv, width)
+        keys, values = self.keys, self.values
+        if width < self.kv.capacity:
+            keys, values = keys[:, :, :width], values[:, :, :width]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.view(b, hkv, hq // hkv, d), keys, values, attn_mask=mask, scale=scale
+        )
+        return out.view(b, hq, d)
+
+    def step_mask(self, position: int, block_size: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive visibility ``[1, Hq_c, width]`` of an unpadded step at ``position``, its slot
+        already written (see :meth:`step_unpadded`)."""
+        n = position + 1
+        bands = tuple(0 if r is None else r.band_blocks(n, block_size) for r in self.step_rules)
+        key = (position // block_size, bands)
+        kept = self.step_cache
+        if kept is not None and kept[0] == position - 1 and kept[1] == key:
+            mask = kept[2]
+            if mask.shape[-1] == width and mask.dtype == dtype:
+                mask.select(2, self.kv.slot_of(position)).zero_()
+                self.step_cache = (position, key, mask)
+                return mask
+        visibility = SlotVisibility(
+            self.slot_positions[:1, :width],
+            torch.full((1,), position, dtype=torch.long, device=self.keys.device),
+            self.sink_tokens,
+            self.alpha,
+            self.beta,
+            block_size,
+        )
+        mask = torch.zeros((1, len(self.step_rules), width), dtype=dtype, device=self.keys.device)
+        mask.masked_fill_(~visibility.mask(), float("-inf"))
+        self.step_cache = (position, key, mask)
+        return mask
+
     def grow(self, capacity: int) -> None:
         """Enlarge a full buffer (slot = position) to ``capacity`` slots, keeping its contents."""
+        self.step_cache = None
         old_k, old_v, old_pos = self.keys, self.values, self.slot_positions
         b, h, c, d = old_k.shape
         self.keys = old_k.new_zeros(b, h, capacity, d)
@@ -197,6 +278,7 @@ class ClassStorage:
     def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
         """Store ``keys``/``values`` [B, Hkv_layer, T, D] of absolute ``positions`` [B, T] (-1:
         padding) that the class keeps once rows reach ``lengths`` [B, 1]."""
+        self.step_cache = None
         if not self.all_heads:
             keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
         keep = self.kv.keeps(positions, lengths)  # [B, T]
@@ -210,6 +292,7 @@ class ClassStorage:
     def write_token(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """The decode step's write: one token per row, ``keys``/``values`` [B, Hkv_layer, 1, D] at
         ``positions`` [B]."""
+        self.step_cache = None
         if not self.all_heads:
             keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
         slots = self.kv.slots(positions)
@@ -235,6 +318,7 @@ class ClassStorage:
     def batch_map(self, fn, in_place: bool = True) -> None:
         """Apply ``fn`` (a batch reordering, a device move) to every buffer; a reordering that keeps
         the batch size writes back into the same buffers (beam search reorders at every step)."""
+        self.step_cache = None
         for name in ("keys", "values", "slot_positions"):
             buf = getattr(self, name)
             new = fn(buf)
@@ -356,13 +440,24 @@ class PlanKVLayer(CacheLayerMixin):
     ) -> torch.Tensor:  # [B, Hq, 1, D]
         """Write the new token, then one attention call per class over its slots. ``blocks`` (a layer
         with gate heads) further limits each head to the key blocks its gate selected this step."""
-        from moa_compress.attention import decode_attention
+        from moa_compress.attention import decode_attention, resolve_backend
 
         self.check_length(stored.length)
-        positions = self.lengths(stored.start)  # [B]: the new token's position in each row
+        positions = None  # [B]: the new token's position in each row
         q = query[:, :, 0]  # [B, Hq, D]
         out = torch.empty_like(q) if len(self.storage) > 1 else None
+        # An unpadded batch on the torch backend: classes without gate heads step with host numbers.
+        unpadded = self.padding is None and resolve_backend(backend, q.device) in ("torch", "flex")
         for s in self.storage:
+            if unpadded and not s.kv.gated:
+                q_class = q if s.all_heads else q.index_select(1, s.q_index)
+                o = s.step_unpadded(q_class, stored.keys, stored.values, stored.start, self.block_size, scale)
+                if out is None:
+                    return o[:, :, None]
+                out.index_copy_(1, s.q_index, o)
+                continue
+            if positions is None:
+                positions = self.lengths(stored.start)
             s.write_token(stored.keys, stored.values, positions)
             # Gate heads (their layer's ``blocks``) keep only the key blocks their gate selected.
             chosen = None

@@ -97,13 +97,16 @@ def test_selected_blocks_decode_equals_the_specification(max_fraction):
 
 
 @pytest.mark.parametrize("prompt_len", [10, 45, 48])  # shorter than a block, ragged, a multiple of it
-def test_every_step_equals_the_reference_and_keeps_its_buffers(prompt_len):
+@pytest.mark.parametrize("backend", ["reference", "torch"])  # torch: the unpadded step path, masks kept
+def test_every_step_equals_the_reference_and_keeps_its_buffers(prompt_len, backend):
     """Static rings and full buffers mixed, GQA 4/2: every step's logits equal a dense reference of
-    the plan's mask over a full cache, evictions happen, and no step reallocates storage."""
+    the plan's mask over a full cache, evictions happen, and no step reallocates storage. On the
+    torch backend an unpadded batch steps through ``ClassStorage.step_unpadded``, whose visibility
+    is kept from step to step (rebuilt only when a band moves)."""
     from transformers import DynamicCache
 
-    model = tiny_model("llama", dtype=torch.float64)
-    plan = make_plan(model, mixed_heads)
+    model = tiny_model("llama", dtype=torch.float64, layers=3)  # layer 2: dense heads only
+    plan = make_plan(model, lambda layer, head: DenseRule() if layer == 2 else mixed_heads(layer, head))
     prompt, steps = ids(1, prompt_len, seed=prompt_len), 70
     cache = PlanKVCache(model.config, plan, max_length=prompt_len + steps)
     reference = DynamicCache(config=model.config)
@@ -111,7 +114,7 @@ def test_every_step_equals_the_reference_and_keeps_its_buffers(prompt_len):
         model.set_attn_implementation(register_reference(plan, f"test_ref_ring_{prompt_len}"))
         want = [model(prompt, **{cache_kwarg(model): reference}).logits[:, -1]]
         model.set_attn_implementation("sdpa")
-        with apply_plan(model, plan, backend="reference"):
+        with apply_plan(model, plan, backend=backend):
             got = [model(prompt, **{cache_kwarg(model): cache}).logits[:, -1]]
             before = [tuple(t.data_ptr() for t in trio) for trio in buffers(cache)]
             capacities = [[s.kv.capacity for s in layer.storage] for layer in cache.layers]
@@ -127,6 +130,8 @@ def test_every_step_equals_the_reference_and_keeps_its_buffers(prompt_len):
             tokens = want[-1].argmax(-1, keepdim=True)
     for step, (g, w) in enumerate(zip(got, want)):
         assert (g - w).abs().max() <= 1e-10, step
+    kept = [s.step_cache is not None for layer in cache.layers[:2] for s in layer.storage]
+    assert all(kept) if backend == "torch" else not any(kept)  # the dense layer needs no mask
     assert [tuple(t.data_ptr() for t in trio) for trio in buffers(cache)] == before
     assert [[s.kv.capacity for s in layer.storage] for layer in cache.layers] == capacities
     memory = cache.memory()
@@ -159,7 +164,8 @@ def test_left_padded_batch_generates_what_each_sequence_generates():
 
 
 @pytest.mark.parametrize("mode", ["beams", "sampling"])
-def test_beam_search_and_sampling_equal_a_full_cache(mode):
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_beam_search_and_sampling_equal_a_full_cache(mode, backend):
     from transformers import DynamicCache
 
     model = tiny_model("llama", dtype=torch.float64)
@@ -168,7 +174,7 @@ def test_beam_search_and_sampling_equal_a_full_cache(mode):
     prompt = ids(2, 37, seed=40)
     options = {"num_beams": 3, "do_sample": False} if mode == "beams" else {"do_sample": True, "top_k": 20}
     outs = []
-    with torch.no_grad(), apply_plan(model, plan, backend="reference"):
+    with torch.no_grad(), apply_plan(model, plan, backend=backend):
         for cache in (DynamicCache(config=model.config), PlanKVCache(model.config, plan, max_length=37 + 40)):
             torch.manual_seed(0)
             outs.append(
