@@ -537,6 +537,51 @@ def decode_attention_selected_torch(
     return out.masked_fill_(~seen.any(-1, keepdim=True), 0.0).view(b, hq, d)
 
 
+def decode_attention_selected_unpadded(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, C, D]: a full buffer, slot t = position t, filled up to ``position``
+    v: torch.Tensor,  # [B, Hkv, C, D]
+    blocks: torch.Tensor,  # [B, Hq, nK] bool: key blocks each head reads, nK = position // bs + 1
+    position: int,  # the query's position, the same in every row
+    block_size: int,
+    scale: float,
+    max_fraction: float | None = None,  # default GATHER_MAX_FRACTION
+) -> torch.Tensor:  # [B, Hq, D]
+    """:func:`decode_attention_selected_torch` for an unpadded decode step whose heads see every causal
+    slot of the blocks they read (gate and dense heads: no sink or band of their own), the step's
+    position known on the host: a head sees slot ``t`` iff ``blocks[b, h, t // bs]`` and ``t <=
+    position``. So the mask is the blocks widened to their slots, without the rule arithmetic of
+    :meth:`~moa_compress.kernels.slots.SlotVisibility.mask`. The blocks any head of a KV group reads
+    are gathered once for the group (when they are at most ``max_fraction`` of the filled slots; else
+    every filled slot is read under the mask); one fused SDPA call."""
+    b, hq, d = q.shape
+    hkv, bs, nk = k.shape[1], block_size, blocks.shape[-1]
+    group, used = hq // hkv, nk * block_size
+    grouped = blocks.view(b, hkv, group, nk)
+    chosen = grouped.any(2)  # [B, Hkv, nK]
+    count = int(chosen.sum(-1).max())
+    limit = GATHER_MAX_FRACTION if max_fraction is None else max_fraction
+    if count * bs > limit * used:
+        keys, values = k[:, :, :used], v[:, :, :used]
+        seen = grouped[..., None].expand(b, hkv, group, nk, bs).reshape(b, hkv, group, used)  # a copy
+        seen[..., position + 1 :] = False
+    else:
+        # The selected blocks first; a group selecting fewer pads with unselected ones, which no head sees.
+        picked = chosen.to(torch.float32).topk(count, dim=-1, sorted=False).indices  # [B, Hkv, count]
+        slots = (picked[..., None] * bs + torch.arange(bs, device=q.device)).flatten(2)  # [B, Hkv, L]
+        heads = torch.arange(b * hkv, device=q.device).view(b, hkv, 1) * k.shape[2]
+        at = (heads + slots).flatten()
+        keys = k.reshape(-1, d).index_select(0, at).view(b, hkv, -1, d)
+        values = v.reshape(-1, d).index_select(0, at).view(b, hkv, -1, d)
+        seen = grouped.gather(-1, picked[:, :, None].expand(b, hkv, group, count))  # [B, Hkv, G, count]
+        seen = seen[..., None].expand(b, hkv, group, count, bs).reshape(b, hkv, group, count * bs)
+        seen &= (slots <= position)[:, :, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(b, hkv, group, d), keys, values, attn_mask=seen, scale=scale
+    )
+    return out.masked_fill_(~seen.any(-1, keepdim=True), 0.0).view(b, hq, d)
+
+
 def decode_attention_torch(
     q: torch.Tensor,  # [B, Hq, D]
     k: torch.Tensor,  # [B, Hkv, C, D]

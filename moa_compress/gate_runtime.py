@@ -32,6 +32,7 @@ import torch
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.gates import (
     AttnGate,
+    StepSelection,
     attention_layers,
     gate_selections,
     layer_gate_heads,
@@ -363,19 +364,38 @@ def decode_visible_blocks(
     q_pre: torch.Tensor,  # [B, Hq, 1, D]
     k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] (GateKeys.all_codes / RowGateKeys.all_codes)
     kv_len: int | torch.Tensor,  # the length with this token: one for the batch, or [B] (padded rows)
+    memo: dict | None = None,  # an unpadded batch: the caller's, kept between steps (see below)
 ) -> torch.Tensor:  # [B, H, nK] bool
     """A decode step's key blocks per query head: the gate heads' selection, everything for the others
     (their own rule limits them). With per-row lengths (a left-padded batch, blocks counted from each
-    row's first token) every row is selected at its own length, in one batched call."""
+    row's first token) every row is selected at its own length, in one batched call. With one length
+    and a ``memo`` dict the selection's constants (:class:`~moa_compress.gates.StepSelection`) are made
+    once per length's block count and kept there."""
+    bs, rules = plan.block_size, plan.rules[layer]
+    if isinstance(kv_len, int) and memo is not None:
+        key = (
+            k_codes.shape[2],
+            tuple(r.blocks_per_row(kv_len, bs) if r.input_dependent else 0 for r in rules),
+        )
+        select = memo.get(key)
+        if select is None:
+            memo.clear()  # lengths only grow: the previous block count's constants are done with
+            gated = torch.tensor([r.input_dependent for r in rules])
+            select = StepSelection(key[0], *layer_gate_heads(plan, layer, kv_len), gated, k_codes.device)
+            memo[key] = select
+        q_codes = gate.query_codes(
+            q_pre.to(gate.q_proj.dtype), (kv_len - 1) // bs
+        )  # [B, H_gate, 1, gate_dim]
+        return select(gate.scores(q_codes, k_codes))
     if isinstance(kv_len, int):
         selections = gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)[:, :, 0]  # [B, H, nK]
     else:
-        last = (kv_len - 1) // plan.block_size  # [B]: each row's block of this token
+        last = (kv_len - 1) // bs  # [B]: each row's block of this token
         scores = gate.scores(gate.query_codes(q_pre.to(gate.q_proj.dtype), last), k_codes)  # [B, Hg, 1, nK]
         ns = kv_len.tolist()
         per_length = {n: layer_gate_heads(plan, layer, n) for n in set(ns)}
         blocks = torch.stack([per_length[n][0] for n in ns])  # [B, H]
         _, gate_of_head, local = per_length[ns[0]]
         selections = gate_selections(scores, blocks, gate_of_head, local, last=last)[:, :, 0]
-    gated = torch.tensor([r.input_dependent for r in plan.rules[layer]], device=selections.device)
+    gated = torch.tensor([r.input_dependent for r in rules], device=selections.device)
     return selections | ~gated[None, :, None]

@@ -28,6 +28,7 @@ shapes and dtype, the settings, the model identity and the loss curve. No pickle
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -91,11 +92,17 @@ def pool_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.cat([mean, high, low], dim=-1)
 
 
+@functools.lru_cache(maxsize=64)
+def _rope_frequencies(half: int, theta: float, device: torch.device) -> torch.Tensor:  # [half] float32
+    """``theta ** (-i / half)``, made once per shape and device (a decode step rotates at every token)."""
+    return theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
 def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """RoPE (half-split convention) of ``x [B, H, n, E]`` at ``positions [n]`` (shared by the batch) or
     ``[B, n]`` (each batch row its own, e.g. the rows of a left-padded batch)."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    freqs = _rope_frequencies(half, theta, x.device)
     angles = positions.to(torch.float32)[..., None] * freqs  # [n, E/2] or [B, n, E/2]
     if angles.dim() == 3:
         angles = angles[:, None]  # [B, 1, n, E/2]: every head of a row at the row's positions
@@ -168,6 +175,8 @@ class AttnGate(nn.Module):
         :meth:`key_codes` of all ``nK``: q·kᵀ/√gate_dim, ``-inf`` above the block diagonal."""
         nq, nk = q_codes.shape[2], k_codes.shape[2]
         scores = torch.matmul(q_codes, k_codes.transpose(-1, -2)) / math.sqrt(self.gate_dim)
+        if nq == 1:  # the last block's row (a decode step): every key block is causal
+            return scores
         rows = torch.arange(nq, device=scores.device)[:, None] + (nk - nq)
         return scores.masked_fill(torch.arange(nk, device=scores.device)[None, :] > rows, float("-inf"))
 
@@ -228,6 +237,41 @@ def gate_selections(
     spare = torch.full_like(top, nk)  # dropped picks land in a spare column
     mask.scatter_(-1, torch.where(keep, top, spare), True)
     return mask[..., :nk] & causal & (blocks > 0)[:, :, None, None]
+
+
+class StepSelection:
+    """:func:`gate_selections` for a decode step of an unpadded batch, with what depends only on the
+    length made once per length: one query-block row (the last), every key block causal, the rows of
+    the batch all at the same length. Per step: one gather of the gate heads' scores, one fill of the
+    forced blocks, one top-k, one scatter — equal, tie for tie, to :func:`gate_selections` (the same
+    ranked values, the same top-k).
+
+    ``blocks``, ``gate_of_head``, ``local``: as :func:`layer_gate_heads` gives them at the length;
+    ``gated [H]`` bool: the heads with a gate rule. :meth:`__call__` returns ``[B, H, nK]`` bool, all
+    True for heads without a gate (their own rule limits them), as
+    :func:`moa_compress.gate_runtime.decode_visible_blocks` does."""
+
+    def __init__(self, nk: int, blocks, gate_of_head, local, gated, device) -> None:
+        heads = blocks.shape[0]
+        cols = torch.arange(nk, device=device)
+        window = torch.minimum(local, blocks.clamp(min=2) - 1).clamp(min=1).to(device)  # [H]
+        self.forced = ((cols == 0) | (nk - 1 - cols < window[:, None]))[None, :, None]  # [1, H, 1, nK]
+        self.take = max(1, min(int(blocks.clamp(min=2).max()) if heads else 1, nk))
+        kept = torch.arange(self.take, device=device) < blocks.clamp(min=2).to(device)[:, None]  # [H, take]
+        self.keep = kept[None, :, None]  # [1, H, 1, take]
+        self.allowed = (blocks > 0).to(device)[None, :, None]  # [1, H, 1]
+        self.always = ~gated.to(device)[None, :, None]
+        self.gate_of_head = gate_of_head.to(device)
+        self.nk, self.heads = nk, heads
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:  # scores [B, H_gate, 1, nK] -> [B, H, nK]
+        ranked = scores[:, self.gate_of_head].masked_fill(self.forced, float("inf"))
+        top = ranked.topk(self.take, dim=-1).indices  # [B, H, 1, take]
+        mask = torch.zeros(
+            scores.shape[0], self.heads, 1, self.nk + 1, dtype=torch.bool, device=scores.device
+        )
+        mask.scatter_(-1, torch.where(self.keep, top, self.nk), True)  # dropped picks: the spare column
+        return (mask[:, :, 0, : self.nk] & self.allowed) | self.always
 
 
 def pool_queries_at(q: torch.Tensor, first: int, block_size: int) -> torch.Tensor:

@@ -178,6 +178,8 @@ class ClassStorage:
         # kept mask (None: the head sees every causal slot), and that mask between steps.
         self.step_rules = [None if d else r for d, r in zip(dense, kv.rules)]
         self.step_cache: tuple[int, tuple[int, tuple[int, ...]], torch.Tensor] | None = None
+        # Every head sees whole blocks up to the query (gate and dense heads: no sink or band).
+        self.sees_whole_blocks = not kv.is_ring and all(r is None for r in self.step_rules)
 
     def visible(
         self,
@@ -213,13 +215,7 @@ class ClassStorage:
         :meth:`SlotVisibility.mask`, the specification, once. A class of dense heads (full buffer)
         attends over its first ``position + 1`` slots with no mask. One fused SDPA call either way, a
         KV group's query heads as its rows (K/V not repeated)."""
-        slot = self.kv.slot_of(position)
-        new_k, new_v = keys[:, :, 0], values[:, :, 0]  # [B, Hkv_layer, D]
-        if not self.all_heads:
-            new_k, new_v = new_k.index_select(1, self.kv_index), new_v.index_select(1, self.kv_index)
-        self.keys.select(2, slot).copy_(new_k)
-        self.values.select(2, slot).copy_(new_v)
-        self.slot_positions.select(1, slot).fill_(position)
+        self.write_at(keys, values, position)
         b, hq, d = q.shape
         hkv = self.keys.shape[1]
         if self.kv.is_ring:
@@ -237,6 +233,35 @@ class ClassStorage:
             q.view(b, hkv, hq // hkv, d), keys, values, attn_mask=mask, scale=scale
         )
         return out.view(b, hq, d)
+
+    def write_at(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
+        """:meth:`write_token` for an unpadded batch: one ``position`` for every row, its slot on the host."""
+        slot = self.kv.slot_of(position)
+        new_k, new_v = keys[:, :, 0], values[:, :, 0]  # [B, Hkv_layer, D]
+        if not self.all_heads:
+            new_k, new_v = new_k.index_select(1, self.kv_index), new_v.index_select(1, self.kv_index)
+        self.keys.select(2, slot).copy_(new_k)
+        self.values.select(2, slot).copy_(new_v)
+        self.slot_positions.select(1, slot).fill_(position)
+
+    def step_selected(
+        self,
+        q: torch.Tensor,  # [B, Hq_c, D]
+        keys: torch.Tensor,  # [B, Hkv_layer, 1, D]
+        values: torch.Tensor,
+        blocks: torch.Tensor,  # [B, Hq_c, nK] bool: the key blocks each head reads this step
+        position: int,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:  # [B, Hq_c, D]
+        """:meth:`step_unpadded` for a class of gate (and dense) heads, whose visibility is the blocks
+        they read up to the query (:func:`~moa_compress.kernels.cpu.decode_attention_selected_unpadded`)."""
+        from moa_compress.kernels.cpu import decode_attention_selected_unpadded
+
+        self.write_at(keys, values, position)
+        return decode_attention_selected_unpadded(
+            q, self.keys, self.values, blocks, position, block_size, scale
+        )
 
     def step_mask(self, position: int, block_size: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """The additive visibility ``[1, Hq_c, width]`` of an unpadded step at ``position``, its slot
@@ -377,6 +402,8 @@ class PlanKVLayer(CacheLayerMixin):
         self.storage: list[ClassStorage] = []
         # A gate layer's key codes: moa_compress.gate_runtime.GateKeys, or RowGateKeys for a padded batch.
         self.gate_keys = None
+        # A gate layer's unpadded decode steps: their selection constants, made once per block count.
+        self.step_memo: dict = {}
         self.padding: torch.Tensor | None = None  # [B] left-padding columns per row
         self.seen = 0  # columns seen, padding included
         self.is_initialized = False
@@ -449,9 +476,17 @@ class PlanKVLayer(CacheLayerMixin):
         # An unpadded batch on the torch backend: classes without gate heads step with host numbers.
         unpadded = self.padding is None and resolve_backend(backend, q.device) in ("torch", "flex")
         for s in self.storage:
-            if unpadded and not s.kv.gated:
+            if unpadded and (not s.kv.gated or (blocks is not None and s.sees_whole_blocks)):
                 q_class = q if s.all_heads else q.index_select(1, s.q_index)
-                o = s.step_unpadded(q_class, stored.keys, stored.values, stored.start, self.block_size, scale)
+                if s.kv.gated:
+                    chosen = blocks if s.all_heads else blocks.index_select(1, s.q_index)
+                    o = s.step_selected(
+                        q_class, stored.keys, stored.values, chosen, stored.start, self.block_size, scale
+                    )
+                else:
+                    o = s.step_unpadded(
+                        q_class, stored.keys, stored.values, stored.start, self.block_size, scale
+                    )
                 if out is None:
                     return o[:, :, None]
                 out.index_copy_(1, s.q_index, o)

@@ -450,7 +450,9 @@ class PlanHandle:
             selections = gate_selections_for(self.plan, layer, gate, q_pre, k_codes, stored.length)
             rows = layer_block_rows(self.plan, layer, stored.length, query.shape[2], selections)
             return self.chunk_stored(self.plan.rules[layer], query, stored, scale, rows)
-        blocks = decode_visible_blocks(self.plan, layer, gate, q_pre, k_codes, stored.length)
+        blocks = decode_visible_blocks(
+            self.plan, layer, gate, q_pre, k_codes, stored.length, memo=cache_layer.step_memo
+        )
         return cache_layer.decode_step(query, stored, scale, self.backend, blocks=blocks)
 
     def attend_stored(

@@ -66,6 +66,23 @@ def mixed(seed=0):
     return rule
 
 
+def per_group(seed=0, group=2):
+    """One rule kind per KV group (as a kv-budget search gives): gate, dense or static, the gate heads
+    of a group at their own densities and windows."""
+    rng = random.Random(seed)
+    kinds: dict[tuple[int, int], str] = {}
+
+    def rule(layer, head):
+        kind = kinds.setdefault((layer, head // group), rng.choice(["gate", "gate", "dense", "static"]))
+        if kind == "dense":
+            return DenseRule()
+        if kind == "gate":
+            return GateRule(rng.choice([0.2, 0.35, 0.6]), rng.choice([1, 2]))
+        return StaticRule(rng.choice([0, 1]), float(rng.choice([10, BLOCK])), rng.choice([0.0, 0.2]))
+
+    return rule
+
+
 def ids(b, n, seed=0, vocab=128):
     return torch.randint(1, vocab, (b, n), generator=torch.Generator().manual_seed(seed))
 
@@ -179,6 +196,28 @@ def test_gate_selection_batched_equals_brute_force_top_k(with_windows):
                 assert set(torch.nonzero(got[r, h, i]).flatten().tolist()) == chosen
 
 
+@pytest.mark.parametrize("nk", [1, 2, 5, 13])
+@pytest.mark.parametrize("ties", [False, True])
+def test_step_selection_equals_gate_selections_of_the_last_row(nk, ties):
+    """The unpadded decode step's selection with its per-length constants made once: the same blocks
+    as gate_selections for the last row, heads keeping different numbers of blocks and windows, ties
+    in the scores broken the same way, heads without a gate seeing every block."""
+    from moa_compress.gates import StepSelection, gate_selections
+
+    g = torch.Generator().manual_seed(nk)
+    scores = torch.randn(3, 2, 1, nk, generator=g, dtype=torch.float64)
+    if ties:
+        scores = scores.round()  # many equal scores
+    blocks = torch.tensor([3, 0, 4, 2, 5, 1, 7])  # head 1: no gate
+    of = torch.tensor([0, 0, 1, 1, 1, 0, 1])
+    local = torch.tensor([2, 1, 3, 4, 1, 9, 1])
+    gated = blocks > 0
+    want = gate_selections(scores, blocks, of, local)[:, :, 0] | ~gated[None, :, None]
+    got = StepSelection(nk, blocks, of, local, gated, scores.device)(scores)
+    assert torch.equal(got, want)
+    assert got[:, 1].all() and (got[:, 0].sum(-1) == min(3, nk)).all()
+
+
 @pytest.mark.parametrize("family,per_query_head", [("llama", False), ("qwen2", True)])
 def test_mixed_plan_prefill_equals_masked_reference_of_the_same_selections(family, per_query_head):
     model = tiny_model(family, dtype=torch.float64)
@@ -209,18 +248,22 @@ def test_gate_plan_at_density_one_equals_dense():
 
 
 @pytest.mark.parametrize(
-    "cache, backend, chunks",
+    "cache, backend, chunks, rules, seed",
     [
-        ("dynamic", "reference", (41,)),
-        ("plan", "reference", (41,)),
-        ("plan", "torch", (41,)),
-        ("dynamic", "reference", (23, 41, 58)),
-        ("plan", "reference", (23, 41, 58)),
-        ("plan", "torch", (7, 16, 41, 58)),
+        ("dynamic", "reference", (41,), mixed, 3),
+        ("plan", "reference", (41,), mixed, 3),
+        ("plan", "torch", (41,), mixed, 3),
+        ("dynamic", "reference", (23, 41, 58), mixed, 3),
+        ("plan", "reference", (23, 41, 58), mixed, 3),
+        ("plan", "torch", (7, 16, 41, 58), mixed, 3),
+        ("plan", "torch", (41,), per_group, 1),  # gate and static groups
+        ("plan", "torch", (7, 16, 41, 58), per_group, 4),  # gate and dense groups
     ],
 )  # torch: the CPU step reading the selected blocks only (forced below, whatever they save); chunks:
-# the prompt fed in pieces ending at these lengths (chunked prefill, inside and at block boundaries)
-def test_mixed_plan_decode_equals_reference_token_by_token(cache, backend, chunks, monkeypatch):
+# the prompt fed in pieces ending at these lengths (chunked prefill, inside and at block boundaries);
+# per_group: KV groups of gate (or dense) heads alone, which an unpadded step reads through
+# ClassStorage.step_selected
+def test_mixed_plan_decode_equals_reference_token_by_token(cache, backend, chunks, rules, seed, monkeypatch):
     from transformers import DynamicCache
 
     from moa_compress.kernels import cpu
@@ -228,7 +271,7 @@ def test_mixed_plan_decode_equals_reference_token_by_token(cache, backend, chunk
     monkeypatch.setattr(cpu, "GATHER_MAX_FRACTION", 1.0)
 
     model = tiny_model("mistral", dtype=torch.float64)
-    plan = gated_plan(model, mixed(seed=3), seed=3)
+    plan = gated_plan(model, rules(seed=seed), seed=seed)
     x = ids(1, 75, seed=3)
     ends = (0, *chunks)
     steps = [*itertools.pairwise(ends), *((i, i + 1) for i in range(chunks[-1], 75))]  # prompt, then tokens

@@ -96,6 +96,36 @@ def test_selected_blocks_decode_equals_the_specification(max_fraction):
     torch.testing.assert_close(decode_attention(q, k, v, visibility, scale=0.3), want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("max_fraction", [0.0, 1.0])  # every filled slot under a mask; the gathered blocks
+@pytest.mark.parametrize("position", [200, 207, 191])  # inside a block, its last slot, before a boundary
+def test_unpadded_selected_blocks_decode_equals_the_specification(max_fraction, position):
+    """The unpadded gate step (one position for the batch, known on the host): GQA 9/3, heads of a
+    group choosing differently, rows choosing differently, one head seeing nothing, keys written past
+    the position (they must stay unseen) — equal to the reference over the specification's mask."""
+    from moa_compress.kernels.cpu import decode_attention_selected_unpadded
+    from moa_compress.kernels.slots import SlotVisibility
+
+    g = torch.Generator().manual_seed(position)
+    b, hq, hkv, capacity, bs, d = 2, 9, 3, 256, 16, 8
+    q = torch.randn(b, hq, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, hkv, capacity, d, generator=g, dtype=torch.float64) for _ in range(2))
+    n_blocks = position // bs + 1
+    blocks = torch.rand(b, hq, n_blocks, generator=g) < 0.2
+    blocks[..., 0] = blocks[..., -1] = True
+    blocks[1, 7] = False  # sees nothing
+    slot_positions = torch.arange(capacity).expand(b, -1).clone()
+    slot_positions[slot_positions > position] = -1
+    visibility = SlotVisibility(
+        slot_positions, torch.tensor([position, position]), torch.zeros(hq, dtype=torch.long),
+        torch.full((hq,), torch.inf, dtype=torch.float64), torch.zeros(hq, dtype=torch.float64), bs, blocks,
+        slot_is_position=True,
+    )  # fmt: skip
+    want = decode_attention_reference(q, k, v, visibility.mask(), 0.3)
+    got = decode_attention_selected_unpadded(q, k, v, blocks, position, bs, 0.3, max_fraction=max_fraction)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert got[1, 7].eq(0).all() and not got[0, 7].eq(0).all()
+
+
 @pytest.mark.parametrize("prompt_len", [10, 45, 48])  # shorter than a block, ragged, a multiple of it
 @pytest.mark.parametrize("backend", ["reference", "torch"])  # torch: the unpadded step path, masks kept
 def test_every_step_equals_the_reference_and_keeps_its_buffers(prompt_len, backend):
