@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -391,17 +392,25 @@ def filled_plan_cache(model: Any, plan: Any, batch: int, length: int, max_length
 
 
 def time_steps(model: Any, cache: Any, batch: int, steps: int) -> float:
-    """Seconds per decode step of ``batch`` sequences through ``cache`` (one untimed step first)."""
+    """Seconds per decode step of ``batch`` sequences through ``cache``: the median of ``steps``
+    steps timed one by one (one untimed step first). The median, not the mean: on a shared machine
+    one step in eight can take 20% longer, and a step (tens of milliseconds at least) is long enough
+    to time alone."""
     from moa_compress.runtime import cache_kwarg
 
     kwargs = {cache_kwarg(model): cache, "use_cache": True}
     token = torch.ones(batch, 1, dtype=torch.long, device=model.device)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    times = []
     with torch.no_grad():
         model(input_ids=token, **kwargs)
-        start = time.perf_counter()
         for _ in range(steps):
+            sync()
+            start = time.perf_counter()
             model(input_ids=token, **kwargs)
-        return (time.perf_counter() - start) / steps
+            sync()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench_decode(
@@ -423,7 +432,7 @@ def bench_decode(
 
     The caches are filled with random keys/values of the shapes a prompt would leave (no prefill of
     32 x 8K tokens); the timed steps are real model forwards. One row per (context, variant, batch):
-    ``ms_per_step``, ``tokens_per_s``, ``kv_bytes`` (allocated), ``rss_bytes`` (process RSS after
+    ``ms_per_step`` (the median step, :func:`time_steps`), ``tokens_per_s``, ``kv_bytes`` (allocated), ``rss_bytes`` (process RSS after
     the steps), and per (context, variant) a row with ``budget_batch``: the largest batch whose KV
     fits ``budget_bytes``, timed at that batch.
     """
