@@ -28,6 +28,11 @@ output only (plus a small float32 split-K workspace when the cache is split acro
 elementwise ops) for one fused SDPA call — for gate heads over the slots of the blocks their gates
 selected only, gathered once per KV group — ``reference`` is the float64 specification. Full buffers
 are read up to the columns seen (their later slots are empty). Nothing is built on the host per step.
+An unpadded batch on CPU (every row at one position, a Python int) takes a shorter path
+(:meth:`ClassStorage.step_unpadded`, :meth:`ClassStorage.step_selected`): the slot is computed on the
+host, each class keeps its additive mask between steps and changes one slot of it per step (rebuilt
+from the specification only when a band moves), and gate heads' visibility is their blocks widened to
+slots — a third of the small ops per step, which is most of a batch-1 step's attention time on a CPU.
 
 Multi-token calls (the prompt, chunks of a long prompt) attend with the block-sparse kernels over
 the retained tokens in position order plus the new ones, then write what the storage keeps.
