@@ -563,7 +563,7 @@ def decode_attention_selected_unpadded(
     limit = GATHER_MAX_FRACTION if max_fraction is None else max_fraction
     if count * bs > limit * used:
         keys, values = k[:, :, :used], v[:, :, :used]
-        seen = grouped[..., None].expand(b, hkv, group, nk, bs).reshape(b, hkv, group, used)  # a copy
+        seen = grouped.repeat_interleave(bs, dim=-1)  # [B, Hkv, G, used], a new tensor
         seen[..., position + 1 :] = False
     else:
         # The selected blocks first; a group selecting fewer pads with unselected ones, which no head sees.
@@ -574,8 +574,7 @@ def decode_attention_selected_unpadded(
         keys = k.reshape(-1, d).index_select(0, at).view(b, hkv, -1, d)
         values = v.reshape(-1, d).index_select(0, at).view(b, hkv, -1, d)
         seen = grouped.gather(-1, picked[:, :, None].expand(b, hkv, group, count))  # [B, Hkv, G, count]
-        seen = seen[..., None].expand(b, hkv, group, count, bs).reshape(b, hkv, group, count * bs)
-        seen &= (slots <= position)[:, :, None]
+        seen = seen.repeat_interleave(bs, dim=-1) & (slots <= position)[:, :, None]  # [B, Hkv, G, L]
     out = torch.nn.functional.scaled_dot_product_attention(
         q.view(b, hkv, group, d), keys, values, attn_mask=seen, scale=scale
     )

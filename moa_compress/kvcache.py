@@ -28,7 +28,8 @@ output only (plus a small float32 split-K workspace when the cache is split acro
 elementwise ops) for one fused SDPA call — for gate heads over the slots of the blocks their gates
 selected only, gathered once per KV group — ``reference`` is the float64 specification. Full buffers
 are read up to the columns seen (their later slots are empty). Nothing is built on the host per step.
-An unpadded batch on CPU (every row at one position, a Python int) takes a shorter path
+An unpadded batch on the ``torch`` backend (every row at one position, a Python int: CPU, or CUDA
+when ``torch`` is asked for) takes a shorter path
 (:meth:`ClassStorage.step_unpadded`, :meth:`ClassStorage.step_selected`): the slot is computed on the
 host, each class keeps its additive mask between steps and changes one slot of it per step (rebuilt
 from the specification only when a band moves), and gate heads' visibility is their blocks widened to

@@ -258,6 +258,7 @@ def test_gate_plan_at_density_one_equals_dense():
         ("plan", "torch", (7, 16, 41, 58), mixed, 3),
         ("plan", "torch", (41,), per_group, 1),  # gate and static groups
         ("plan", "torch", (7, 16, 41, 58), per_group, 4),  # gate and dense groups
+        ("plan", "torch", (5,), per_group, 4),  # decoding from inside the first block
     ],
 )  # torch: the CPU step reading the selected blocks only (forced below, whatever they save); chunks:
 # the prompt fed in pieces ending at these lengths (chunked prefill, inside and at block boundaries);

@@ -97,7 +97,7 @@ def test_selected_blocks_decode_equals_the_specification(max_fraction):
 
 
 @pytest.mark.parametrize("max_fraction", [0.0, 1.0])  # every filled slot under a mask; the gathered blocks
-@pytest.mark.parametrize("position", [200, 207, 191])  # inside a block, its last slot, before a boundary
+@pytest.mark.parametrize("position", [200, 207, 191, 5])  # inside a block, its end, before one; the first
 def test_unpadded_selected_blocks_decode_equals_the_specification(max_fraction, position):
     """The unpadded gate step (one position for the batch, known on the host): GQA 9/3, heads of a
     group choosing differently, rows choosing differently, one head seeing nothing, keys written past
