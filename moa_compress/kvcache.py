@@ -224,13 +224,12 @@ class ClassStorage:
         self.write_at(keys, values, position)
         b, hq, d = q.shape
         hkv = self.keys.shape[1]
-        if self.kv.is_ring:
-            width = self.kv.capacity
-        elif all(r is None for r in self.step_rules):  # dense heads: every slot up to the query's
+        if self.sees_whole_blocks:  # dense heads (full buffer): every slot up to the query's
             width, mask = position + 1, None
-        else:  # a full buffer is filled up to the query's block
-            width = min(self.kv.capacity, (position // block_size + 1) * block_size)
-        if self.kv.is_ring or any(r is not None for r in self.step_rules):
+        else:  # a ring, or a full buffer filled up to the query's block
+            width = self.kv.capacity
+            if not self.kv.is_ring:
+                width = min(width, (position // block_size + 1) * block_size)
             mask = self.step_mask(position, block_size, width, q.dtype).view(1, hkv, hq // hkv, width)
         keys, values = self.keys, self.values
         if width < self.kv.capacity:
