@@ -496,6 +496,30 @@ def _gather_masked(q, q_rows, k_rows, v_rows, out_rows, batch, units, counts, in
 GATHER_MAX_FRACTION = 0.5
 
 
+def _gather_blocks(
+    k: torch.Tensor,  # [B, Hkv, C, D]: a full buffer, slot t = position t
+    v: torch.Tensor,  # [B, Hkv, C, D]
+    chosen: torch.Tensor,  # [B, Hkv, nK] bool: blocks any query head of the KV group reads
+    count: int,  # the most blocks any group chose (>= 1)
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The keys/values ``[B, Hkv, L, D]`` of ``count`` blocks per KV group, the chosen ones first (a
+    group choosing fewer pads with unchosen ones, which none of its heads sees), by one
+    ``index_select`` each; with the block indices ``[B, Hkv, count]``, the slots ``[B, Hkv, L]`` they
+    hold (clamped into the buffer) and which of those slots lie inside it (a last block may be partial)."""
+    b, hkv, capacity, d = k.shape
+    picked = chosen.to(torch.float32).topk(count, dim=-1, sorted=False).indices  # [B, Hkv, count]
+    slots = (picked[..., None] * block_size + torch.arange(block_size, device=k.device)).flatten(2)
+    inside = slots < capacity
+    slots = slots.clamp(max=capacity - 1)
+    heads = torch.arange(b * hkv, device=k.device).view(b, hkv, 1) * capacity
+    at = (heads + slots).flatten()
+    length = slots.shape[-1]
+    keys = k.reshape(-1, d).index_select(0, at).view(b, hkv, length, d)
+    values = v.reshape(-1, d).index_select(0, at).view(b, hkv, length, d)
+    return keys, values, picked, slots, inside
+
+
 def decode_attention_selected_torch(
     q: torch.Tensor,  # [B, Hq, D]
     k: torch.Tensor,  # [B, Hkv, C, D]: a full buffer, slot t = position t
@@ -519,16 +543,8 @@ def decode_attention_selected_torch(
     limit = GATHER_MAX_FRACTION if max_fraction is None else max_fraction
     if count == 0 or count * bs > limit * capacity:
         return decode_attention_torch(q, k, v, visibility.mask(), scale)
-    # The selected blocks first; a row selecting fewer pads with unselected ones, which no head sees.
-    picked = chosen.to(torch.float32).topk(count, dim=-1, sorted=False).indices  # [B, Hkv, count]
-    slots = (picked[..., None] * bs + torch.arange(bs, device=q.device)).flatten(2)  # [B, Hkv, L]
-    inside = slots < capacity
-    slots = slots.clamp(max=capacity - 1)
-    heads = torch.arange(b * hkv, device=q.device).view(b, hkv, 1) * capacity
-    at = (heads + slots).flatten()
+    keys, values, _, slots, inside = _gather_blocks(k, v, chosen, count, bs)
     length = slots.shape[-1]
-    keys = k.reshape(-1, d).index_select(0, at).view(b, hkv, length, d)
-    values = v.reshape(-1, d).index_select(0, at).view(b, hkv, length, d)
     per_head = slots[:, :, None].expand(b, hkv, group, length).reshape(b, hq, length)
     seen = visibility.mask(per_head).view(b, hkv, group, length) & inside[:, :, None]
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -565,14 +581,8 @@ def decode_attention_selected_unpadded(
         keys, values = k[:, :, :used], v[:, :, :used]
         seen = grouped.repeat_interleave(bs, dim=-1)  # [B, Hkv, G, used], a new tensor
         seen[..., position + 1 :] = False
-    else:
-        # The selected blocks first; a group selecting fewer pads with unselected ones, which no head sees.
-        picked = chosen.to(torch.float32).topk(count, dim=-1, sorted=False).indices  # [B, Hkv, count]
-        slots = (picked[..., None] * bs + torch.arange(bs, device=q.device)).flatten(2)  # [B, Hkv, L]
-        heads = torch.arange(b * hkv, device=q.device).view(b, hkv, 1) * k.shape[2]
-        at = (heads + slots).flatten()
-        keys = k.reshape(-1, d).index_select(0, at).view(b, hkv, -1, d)
-        values = v.reshape(-1, d).index_select(0, at).view(b, hkv, -1, d)
+    else:  # the buffer holds whole blocks up to the query's: every gathered slot is inside it
+        keys, values, picked, slots, _ = _gather_blocks(k, v, chosen, count, bs)
         seen = grouped.gather(-1, picked[:, :, None].expand(b, hkv, group, count))  # [B, Hkv, G, count]
         seen = seen.repeat_interleave(bs, dim=-1) & (slots <= position)[:, :, None]  # [B, Hkv, G, L]
     out = torch.nn.functional.scaled_dot_product_attention(
