@@ -63,7 +63,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.slots import SlotVisibility
-from moa_compress.plan import Plan, Rule, identity_of, text_config
+from moa_compress.plan import Plan, Rule, group_kv_keep, identity_of, text_config
 
 # Tokens a full buffer holds beyond the prompt before its first doubling (without max_length).
 FULL_HEADROOM = 256
@@ -127,10 +127,9 @@ def plan_layer(
     for h, rules in enumerate(groups):
         # Full buffers of gate heads apart from the others: their steps read selected blocks only.
         shape = (0, 0, any(r.input_dependent for r in rules))
-        keeps = [r.kv_keep(ring_length, block_size) for r in rules]
-        if all(keep is not None for keep in keeps):  # every head keeps a sink + window: a ring
-            sink = max(keep[0] for keep in keeps) * block_size
-            window = max(keep[1] for keep in keeps) * block_size
+        keep = group_kv_keep(rules, ring_length, block_size)
+        if keep is not None:  # every head keeps a sink + window: a ring
+            sink, window = keep[0] * block_size, keep[1] * block_size
             if sink + window < ring_length:  # else a ring would hold no less than a full buffer
                 shape = (sink, window, False)
         shapes.setdefault(shape, []).append(h)

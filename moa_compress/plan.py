@@ -339,15 +339,21 @@ def selection_density(k: int, n: int, block_size: int) -> float:
     return kept / (n * (n + 1) / 2)
 
 
-def group_kv_fraction(rules: Sequence[Rule], n: int, block_size: int) -> float:
-    """Keys one KV head holds at length ``n`` for query heads with ``rules``, as a fraction of ``n``:
-    the largest sink plus the largest band (blocks) when every rule keeps a sink and a band
-    (:meth:`RuleKind.kv_keep`), else all of them (dense and gate heads read any key)."""
+def group_kv_keep(rules: Sequence[Rule], n: int, block_size: int) -> tuple[int, int] | None:
+    """``(sink blocks, band blocks)`` one KV head must keep at length ``n`` for query heads with
+    ``rules``: the largest sink and the largest band when every rule keeps a sink and a band
+    (:meth:`RuleKind.kv_keep`), else None (dense and gate heads read any key)."""
     keeps = [r.kv_keep(n, block_size) for r in rules]
     if any(keep is None for keep in keeps):
-        return 1.0
-    held = (max(k[0] for k in keeps) + max(k[1] for k in keeps)) * block_size
-    return min(1.0, held / n)
+        return None
+    return max(k[0] for k in keeps), max(k[1] for k in keeps)
+
+
+def group_kv_fraction(rules: Sequence[Rule], n: int, block_size: int) -> float:
+    """Keys one KV head holds at length ``n`` for query heads with ``rules``, as a fraction of ``n``
+    (:func:`group_kv_keep`; 1 when it must keep every key)."""
+    keep = group_kv_keep(rules, n, block_size)
+    return 1.0 if keep is None else min(1.0, (keep[0] + keep[1]) * block_size / n)
 
 
 @functools.lru_cache(maxsize=65536)
