@@ -202,6 +202,20 @@ def select_blocks(scores: torch.Tensor, k: int, local: int = 1) -> torch.Tensor:
     return gate_selections(scores, full, torch.arange(heads), torch.full((heads,), local, dtype=torch.long))
 
 
+def _selection_widths(
+    blocks: torch.Tensor, local: torch.Tensor, nk: int
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """What a selection of ``blocks [..., H]`` key blocks per row (``k < 2`` counts as 2) with local
+    windows ``local [H]`` needs over ``nk`` key blocks: each head's window ``[..., H]`` (at least 1, at
+    most its blocks - 1), the top-k width ``take`` and which of the ``take`` picks each head keeps
+    ``[..., H, take]``."""
+    least = blocks.clamp(min=2)
+    window = torch.minimum(local, least - 1).clamp(min=1)
+    take = max(1, min(int(least.max()) if blocks.shape[-1] else 1, nk))
+    keep = torch.arange(take, device=blocks.device) < least[..., None]
+    return window, take, keep
+
+
 def gate_selections(
     scores: torch.Tensor,  # [B, H_gate, nQ, nK], -inf above the block diagonal (bottom-right aligned)
     blocks: torch.Tensor,  # [H] or [B, H] int: key blocks per row of each query head (0: no gate)
@@ -226,13 +240,12 @@ def gate_selections(
     rows = (torch.arange(nq, device=device)[None, :] + (ends[:, None] - nq + 1))[:, :, None]  # [B|1, nQ, 1]
     cols = torch.arange(nk, device=device)
     causal = (cols <= rows)[:, None]  # [B|1, 1, nQ, nK]
-    window = torch.minimum(local, blocks.clamp(min=2) - 1).clamp(min=1)[:, :, None, None]  # [B|1, H, 1, 1]
-    forced = (cols == 0) | ((rows[:, None] - cols < window) & causal)  # [B|1, H, nQ, nK]
+    window, take, keep = _selection_widths(blocks, local, nk)  # [B|1, H], int, [B|1, H, take]
+    forced = (cols == 0) | ((rows[:, None] - cols < window[:, :, None, None]) & causal)  # [B|1, H, nQ, nK]
     ranked = scores[:, gate_of_head.to(device)].masked_fill(~causal, float("-inf"))  # [B, H, nQ, nK]
     ranked = ranked.masked_fill(forced, float("inf"))
-    take = max(1, min(int(blocks.clamp(min=2).max()) if heads else 1, nk))  # k < 2 counts as 2
     top = ranked.topk(take, dim=-1).indices  # [B, H, nQ, take]
-    keep = torch.arange(take, device=device) < blocks[:, :, None, None].clamp(min=2)  # [B|1, H, 1, take]
+    keep = keep[:, :, None]  # [B|1, H, 1, take]
     mask = torch.zeros(b, heads, nq, nk + 1, dtype=torch.bool, device=device)
     spare = torch.full_like(top, nk)  # dropped picks land in a spare column
     mask.scatter_(-1, torch.where(keep, top, spare), True)
@@ -254,11 +267,11 @@ class StepSelection:
     def __init__(self, nk: int, blocks, gate_of_head, local, gated, device) -> None:
         heads = blocks.shape[0]
         cols = torch.arange(nk, device=device)
-        window = torch.minimum(local, blocks.clamp(min=2) - 1).clamp(min=1).to(device)  # [H]
-        self.forced = ((cols == 0) | (nk - 1 - cols < window[:, None]))[None, :, None]  # [1, H, 1, nK]
-        self.take = max(1, min(int(blocks.clamp(min=2).max()) if heads else 1, nk))
-        kept = torch.arange(self.take, device=device) < blocks.clamp(min=2).to(device)[:, None]  # [H, take]
-        self.keep = kept[None, :, None]  # [1, H, 1, take]
+        window, self.take, kept = _selection_widths(blocks, local, nk)  # [H], int, [H, take]
+        self.forced = ((cols == 0) | (nk - 1 - cols < window.to(device)[:, None]))[
+            None, :, None
+        ]  # [1, H, 1, nK]
+        self.keep = kept.to(device)[None, :, None]  # [1, H, 1, take]
         self.allowed = (blocks > 0).to(device)[None, :, None]  # [1, H, 1]
         self.always = ~gated.to(device)[None, :, None]
         self.gate_of_head = gate_of_head.to(device)
