@@ -64,8 +64,23 @@ class GateKeys:
         self.raw: torch.Tensor | None = None
         self.offset = 0  # the column of raw[:, :, 0]
         self.length = 0
+        # keep_raw=False, one token at a time (decoding): raw is a view of ``tail [B, Hkv, bs, D]`` and
+        # codes of ``store [B, H_gate, capacity, gate_dim]``, zeros past the coded blocks (the
+        # placeholder of all_codes); None until the first such step, and again after any other call.
+        self.tail: torch.Tensor | None = None
+        self.store: torch.Tensor | None = None
 
     def update(self, new: torch.Tensor, past: int, gate: AttnGate) -> None:  # new [B, Hkv, s, D]
+        if (
+            not self.keep_raw
+            and new.shape[2] == 1
+            and 0 < past == self.length
+            and self.raw is not None
+            and self.raw.shape[0] == new.shape[0]
+        ):
+            self._step(new, gate)
+            return
+        self.tail = self.store = None
         bs = self.block_size
         if past == 0:
             self.codes, self.raw, self.offset = None, new[:, :, :0], 0
@@ -100,9 +115,38 @@ class GateKeys:
         the unfinished block at every call (every decode step) would change no selection."""
         if self.length % self.block_size == 0:
             return self.codes
+        if self.store is not None:  # the slot after the coded blocks holds zeros
+            return self.store[:, :, : self.length // self.block_size + 1]
         heads = gate.k_proj.shape[0]  # gate heads
         placeholder = self.raw.new_zeros(self.raw.shape[0], heads, 1, gate.gate_dim, dtype=gate.k_proj.dtype)
         return placeholder if self.codes is None else torch.cat([self.codes, placeholder], dim=2)
+
+    def _step(self, new: torch.Tensor, gate: AttnGate) -> None:  # new [B, Hkv, 1, D]
+        """One decoding token without ``keep_raw``: written into the unfinished block's buffer; a block it
+        completes is coded into the next slot of the code store (both made once, then reused)."""
+        bs = self.block_size
+        filled = self.length - self.offset  # raw keys held, < bs
+        if self.tail is None:
+            b, hkv, _, d = new.shape
+            self.tail = new.new_empty(b, hkv, bs, d)
+            self.tail[:, :, :filled].copy_(self.raw)
+        self.tail.select(2, filled).copy_(new.select(2, 0))
+        self.length += 1
+        filled += 1
+        done = self.length // bs  # complete blocks
+        if self.store is None or self.store.shape[2] < done + 1:  # room for them and a zero slot
+            b, heads, gate_dim = new.shape[0], gate.k_proj.shape[0], gate.gate_dim
+            store = gate.k_proj.new_zeros(b, heads, done + max(8, done // 8), gate_dim)  # 1/8 headroom
+            coded = 0 if self.codes is None else self.codes.shape[2]
+            if coded:
+                store[:, :, :coded].copy_(self.codes)
+            self.store = store
+        if filled == bs:  # the block just completed: code it
+            code = row_codes(gate, self.tail, bs, first=done - 1)  # [B, H_gate, 1, gate_dim]
+            self.store[:, :, done - 1].copy_(code.select(2, 0))
+            self.codes = self.store[:, :, :done]
+            self.offset, filled = self.length, 0
+        self.raw = self.tail[:, :, :filled]
 
     def keys(self) -> torch.Tensor:  # [B, Hkv, length, D]
         if self.offset:
@@ -110,13 +154,18 @@ class GateKeys:
         return self.raw
 
     def batch_map(self, fn) -> None:
+        self.tail = self.store = None
         if self.raw is not None:
             self.raw = fn(self.raw).contiguous()
         if self.codes is not None:
             self.codes = fn(self.codes).contiguous()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.raw, self.codes) if t is not None)
+        held = (
+            self.raw if self.tail is None else self.tail,
+            self.codes if self.store is None else self.store,
+        )
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 class RowGateKeys:
@@ -381,12 +430,10 @@ def decode_visible_blocks(
         if select is None:
             memo.clear()  # lengths only grow: the previous block count's constants are done with
             gated = torch.tensor([r.input_dependent for r in rules])
-            select = StepSelection(key[0], *layer_gate_heads(plan, layer, kv_len), gated, k_codes.device)
+            heads = layer_gate_heads(plan, layer, kv_len)
+            select = StepSelection(key[0], *heads, gated, k_codes.device, gate=gate)
             memo[key] = select
-        q_codes = gate.query_codes(
-            q_pre.to(gate.q_proj.dtype), (kv_len - 1) // bs
-        )  # [B, H_gate, 1, gate_dim]
-        return select(gate.scores(q_codes, k_codes))
+        return select(select.scores(q_pre, k_codes))
     if isinstance(kv_len, int):
         selections = gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)[:, :, 0]  # [B, H, nK]
     else:

@@ -180,6 +180,21 @@ class AttnGate(nn.Module):
         rows = torch.arange(nq, device=scores.device)[:, None] + (nk - nq)
         return scores.masked_fill(torch.arange(nk, device=scores.device)[None, :] > rows, float("-inf"))
 
+    def step_query_map(self, block: int) -> torch.Tensor:  # [H_gate, G·D, gate_dim]
+        """:meth:`query_codes` of one query in key block ``block``, scaled as :meth:`scores` scales
+        them, as one linear map: ``q [B, H_gate, 1, G·D] @ map`` is ``query_codes(q, block) /
+        √gate_dim`` up to rounding, with ``G`` the query heads per gate head (their mean, the
+        projection, RoPE at the block's position and the scale are each linear). A decode step of an
+        unpadded batch makes it once per block (:class:`StepSelection`) and then scores its query with
+        one matmul instead of a mean, a projection and a rotation per step."""
+        heads, _, e = self.q_proj.shape
+        group = self.num_heads // heads  # 1 with per_query_head
+        eye = torch.eye(e, dtype=self.q_proj.dtype, device=self.q_proj.device)[None, None]  # rows: e_i
+        at = torch.full((e,), block * self.block_size, device=eye.device)
+        rotation = _rotate(eye, at, self.rope_theta)[0, 0]  # [E, E]: x @ rotation = x rotated
+        mapped = self.q_proj.detach() @ rotation / math.sqrt(self.gate_dim)  # [H_gate, D, E]
+        return (mapped / group).repeat(1, group, 1)  # the mean over the group's heads: [H_gate, G·D, E]
+
     def _positions(self, first: int | torch.Tensor, n: int, device) -> torch.Tensor:  # [n] or [B, n]
         steps = torch.arange(n, device=device)
         if isinstance(first, torch.Tensor):
@@ -262,29 +277,42 @@ class StepSelection:
     ``blocks``, ``gate_of_head``, ``local``: as :func:`layer_gate_heads` gives them at the length;
     ``gated [H]`` bool: the heads with a gate rule. :meth:`__call__` returns ``[B, H, nK]`` bool, all
     True for heads without a gate (their own rule limits them), as
-    :func:`moa_compress.gate_runtime.decode_visible_blocks` does."""
+    :func:`moa_compress.gate_runtime.decode_visible_blocks` does. Given the layer's ``gate``,
+    :meth:`scores` scores the step's query through :meth:`AttnGate.step_query_map` of the last block."""
 
-    def __init__(self, nk: int, blocks, gate_of_head, local, gated, device) -> None:
+    def __init__(self, nk: int, blocks, gate_of_head, local, gated, device, gate: AttnGate | None = None):
         heads = blocks.shape[0]
         cols = torch.arange(nk, device=device)
         window, self.take, kept = _selection_widths(blocks, local, nk)  # [H], int, [H, take]
         self.forced = ((cols == 0) | (nk - 1 - cols < window.to(device)[:, None]))[
             None, :, None
         ]  # [1, H, 1, nK]
-        self.keep = kept.to(device)[None, :, None]  # [1, H, 1, take]
-        self.allowed = (blocks > 0).to(device)[None, :, None]  # [1, H, 1]
-        self.always = ~gated.to(device)[None, :, None]
+        self.drop = ~kept.to(device)[None, :, None]  # [1, H, 1, take]: picks past a head's blocks
+        # Heads without a gate see every block: their rows start True (the spare last column takes
+        # the dropped picks). A gate head with no blocks would see none (never, at a real length).
+        gated = gated.to(device)
+        self.start = (~gated)[None, :, None, None].expand(1, heads, 1, nk + 1).clone()  # [1, H, 1, nK + 1]
+        reads = (blocks.to(device) > 0) | ~gated
+        self.reads = None if bool(reads.all()) else reads[None, :, None]  # [1, H, 1]
         self.gate_of_head = gate_of_head.to(device)
+        self.query_map = None if gate is None else gate.step_query_map(nk - 1).to(device)
         self.nk, self.heads = nk, heads
 
+    def scores(self, q_pre: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:  # -> [B, H_gate, 1, nK]
+        """Block scores of the step's pre-RoPE queries ``q_pre [B, Hq, 1, D]`` against every key block's
+        code ``codes [B, H_gate, nK, gate_dim]``: :meth:`AttnGate.scores` of its query codes, up to
+        rounding (two matmuls)."""
+        qmap = self.query_map  # [H_gate, G·D, gate_dim]
+        q = q_pre.to(qmap.dtype).reshape(q_pre.shape[0], qmap.shape[0], 1, qmap.shape[1])
+        return torch.matmul(torch.matmul(q, qmap), codes.transpose(-1, -2))
+
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:  # scores [B, H_gate, 1, nK] -> [B, H, nK]
-        ranked = scores[:, self.gate_of_head].masked_fill(self.forced, float("inf"))
-        top = ranked.topk(self.take, dim=-1).indices  # [B, H, 1, take]
-        mask = torch.zeros(
-            scores.shape[0], self.heads, 1, self.nk + 1, dtype=torch.bool, device=scores.device
-        )
-        mask.scatter_(-1, torch.where(self.keep, top, self.nk), True)  # dropped picks: the spare column
-        return (mask[:, :, 0, : self.nk] & self.allowed) | self.always
+        ranked = scores.index_select(1, self.gate_of_head).masked_fill_(self.forced, float("inf"))
+        top = ranked.topk(self.take, dim=-1).indices.masked_fill_(self.drop, self.nk)  # [B, H, 1, take]
+        mask = self.start.expand(scores.shape[0], -1, -1, -1).clone()
+        mask.scatter_(-1, top, True)  # dropped picks: the spare column
+        seen = mask[:, :, 0, : self.nk]
+        return seen if self.reads is None else seen & self.reads
 
 
 def pool_queries_at(q: torch.Tensor, first: int, block_size: int) -> torch.Tensor:

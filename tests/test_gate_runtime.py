@@ -218,6 +218,28 @@ def test_step_selection_equals_gate_selections_of_the_last_row(nk, ties):
     assert got[:, 1].all() and (got[:, 0].sum(-1) == min(3, nk)).all()
 
 
+@pytest.mark.parametrize("per_query_head", [False, True])
+@pytest.mark.parametrize("nk", [1, 6])
+def test_step_scores_through_the_block_query_map_equal_the_gates_scores(per_query_head, nk):
+    """A decode step scores its query with the gate's per-block map (mean over the group, projection,
+    RoPE at the block, scale: one matmul): the gate's own scores up to float32 rounding, GQA 6/2."""
+    from moa_compress.gates import StepSelection
+
+    torch.manual_seed(nk)
+    gate = AttnGate(6, 2, 16, 8, BLOCK, 10000.0, per_query_head)
+    q = torch.randn(3, 6, 1, 16, dtype=torch.bfloat16)  # the model's dtype; the gate's is float32
+    codes = gate.key_codes(pool_keys(torch.randn(3, 2, nk * BLOCK, 16), BLOCK))  # [3, H_gate, nK, 8]
+    want = gate.scores(gate.query_codes(q.float(), nk - 1), codes)
+    blocks = torch.full((6,), 2)
+    select = StepSelection(
+        nk, blocks, torch.arange(6) // (1 if per_query_head else 3), blocks, blocks > 0, "cpu", gate
+    )
+    got = select.scores(q, codes)
+    assert got.shape == want.shape == (3, gate.gate_heads, 1, nk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, gate.scores(gate.query_codes(q.float(), nk), codes))  # the block matters
+
+
 @pytest.mark.parametrize("family,per_query_head", [("llama", False), ("qwen2", True)])
 def test_mixed_plan_prefill_equals_masked_reference_of_the_same_selections(family, per_query_head):
     model = tiny_model(family, dtype=torch.float64)
