@@ -502,11 +502,11 @@ def _gather_blocks(
     chosen: torch.Tensor,  # [B, Hkv, nK] bool: blocks any query head of the KV group reads
     count: int,  # the most blocks any group chose (>= 1)
     block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The keys/values ``[B, Hkv, L, D]`` of ``count`` blocks per KV group, the chosen ones first (a
     group choosing fewer pads with unchosen ones, which none of its heads sees), by one
-    ``index_select`` each; with the block indices ``[B, Hkv, count]``, the slots ``[B, Hkv, L]`` they
-    hold (clamped into the buffer) and which of those slots lie inside it (a last block may be partial)."""
+    ``index_select`` each; with the slots ``[B, Hkv, L]`` they hold (clamped into the buffer) and which
+    of those slots lie inside it (a last block may be partial)."""
     b, hkv, capacity, d = k.shape
     picked = chosen.to(torch.float32).topk(count, dim=-1, sorted=False).indices  # [B, Hkv, count]
     slots = (picked[..., None] * block_size + torch.arange(block_size, device=k.device)).flatten(2)
@@ -517,7 +517,7 @@ def _gather_blocks(
     length = slots.shape[-1]
     keys = k.reshape(-1, d).index_select(0, at).view(b, hkv, length, d)
     values = v.reshape(-1, d).index_select(0, at).view(b, hkv, length, d)
-    return keys, values, picked, slots, inside
+    return keys, values, slots, inside
 
 
 def decode_attention_selected_torch(
@@ -543,7 +543,7 @@ def decode_attention_selected_torch(
     limit = GATHER_MAX_FRACTION if max_fraction is None else max_fraction
     if count == 0 or count * bs > limit * capacity:
         return decode_attention_torch(q, k, v, visibility.mask(), scale)
-    keys, values, _, slots, inside = _gather_blocks(k, v, chosen, count, bs)
+    keys, values, slots, inside = _gather_blocks(k, v, chosen, count, bs)
     length = slots.shape[-1]
     per_head = slots[:, :, None].expand(b, hkv, group, length).reshape(b, hq, length)
     seen = visibility.mask(per_head).view(b, hkv, group, length) & inside[:, :, None]
@@ -555,40 +555,54 @@ def decode_attention_selected_torch(
 
 def decode_attention_selected_unpadded(
     q: torch.Tensor,  # [B, Hq, D]
-    k: torch.Tensor,  # [B, Hkv, C, D]: a full buffer, slot t = position t, filled up to ``position``
+    k: torch.Tensor,  # [B, Hkv, C, D]: a full buffer of whole blocks, slot t = position t, filled up to ``position``
     v: torch.Tensor,  # [B, Hkv, C, D]
     blocks: torch.Tensor,  # [B, Hq, nK] bool: key blocks each head reads, nK = position // bs + 1
     position: int,  # the query's position, the same in every row
     block_size: int,
     scale: float,
     max_fraction: float | None = None,  # default GATHER_MAX_FRACTION
+    every_head_reads: bool = False,  # the caller knows no head's blocks are all False
 ) -> torch.Tensor:  # [B, Hq, D]
     """:func:`decode_attention_selected_torch` for an unpadded decode step whose heads see every causal
     slot of the blocks they read (gate and dense heads: no sink or band of their own), the step's
     position known on the host: a head sees slot ``t`` iff ``blocks[b, h, t // bs]`` and ``t <=
     position``. So the mask is the blocks widened to their slots, without the rule arithmetic of
-    :meth:`~moa_compress.kernels.slots.SlotVisibility.mask`. The blocks any head of a KV group reads
-    are gathered once for the group (when they are at most ``max_fraction`` of the filled slots; else
-    every filled slot is read under the mask); one fused SDPA call."""
+    :meth:`~moa_compress.kernels.slots.SlotVisibility.mask`, and the slots after the query are cut off
+    instead of masked (the query's block is read last). The blocks any head of a KV group reads are
+    copied once for the group, whole blocks at a time (when they are at most ``max_fraction`` of the
+    filled slots; else every filled slot is read under the mask); one fused SDPA call. A head that reads
+    no block gets zeros, unless ``every_head_reads`` says there is none (then it would get NaN)."""
     b, hq, d = q.shape
-    hkv, bs, nk = k.shape[1], block_size, blocks.shape[-1]
-    group, used = hq // hkv, nk * block_size
+    hkv, capacity, bs, nk = k.shape[1], k.shape[2], block_size, blocks.shape[-1]
+    if capacity % bs or nk * bs > capacity or not (k.is_contiguous() and v.is_contiguous()):
+        raise ValueError(
+            f"need contiguous buffers of whole {bs}-slot blocks up to the query's, got {tuple(k.shape)}"
+        )
+    group, last = hq // hkv, nk - 1
     grouped = blocks.view(b, hkv, group, nk)
-    chosen = grouped.any(2)  # [B, Hkv, nK]
-    count = int(chosen.sum(-1).max())
+    earlier = grouped[..., :last].any(2)  # [B, Hkv, nK - 1]: blocks before the query's some head reads
+    count = int(earlier.sum(-1).max()) if last else 0
     limit = GATHER_MAX_FRACTION if max_fraction is None else max_fraction
-    if count * bs > limit * used:
-        keys, values = k[:, :, :used], v[:, :, :used]
-        seen = grouped.repeat_interleave(bs, dim=-1)  # [B, Hkv, G, used], a new tensor
-        seen[..., position + 1 :] = False
-    else:  # the buffer holds whole blocks up to the query's: every gathered slot is inside it
-        keys, values, picked, slots, _ = _gather_blocks(k, v, chosen, count, bs)
-        seen = grouped.gather(-1, picked[:, :, None].expand(b, hkv, group, count))  # [B, Hkv, G, count]
-        seen = seen.repeat_interleave(bs, dim=-1) & (slots <= position)[:, :, None]  # [B, Hkv, G, L]
+    if (count + 1) * bs > limit * nk * bs:  # read every block (the query's last, as stored)
+        seen, keys, values = grouped, k, v
+    else:  # the chosen earlier blocks (groups choosing fewer pad with unread ones), then the query's
+        picked = earlier.to(torch.float32).topk(count, dim=-1, sorted=False).indices  # [B, Hkv, count]
+        picked = torch.cat([picked, picked.new_full((b, hkv, 1), last)], dim=-1)
+        whole = capacity // bs
+        rows = (torch.arange(b * hkv, device=k.device).view(b, hkv, 1) * whole + picked).flatten()
+        keys, values = (t.view(-1, bs * d).index_select(0, rows).view(b, hkv, -1, d) for t in (k, v))
+        seen = grouped.gather(-1, picked[:, :, None].expand(b, hkv, group, count + 1))
+    # The additive mask per block (log: 1 -> 0, 0 -> -inf), widened to slots, cut after the query.
+    width = (seen.shape[-1] - 1) * bs + position % bs + 1
+    blockwise = seen.to(q.dtype).log_()[..., None].expand(*seen.shape, bs)
+    mask = blockwise.reshape(b, hkv, group, -1)[..., :width]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.view(b, hkv, group, d), keys, values, attn_mask=seen, scale=scale
+        q.view(b, hkv, group, d), keys[:, :, :width], values[:, :, :width], attn_mask=mask, scale=scale
     )
-    return out.masked_fill_(~seen.any(-1, keepdim=True), 0.0).view(b, hq, d)
+    if not every_head_reads:
+        out.masked_fill_(~blocks.any(-1).view(b, hkv, group, 1), 0.0)
+    return out.view(b, hq, d)
 
 
 def decode_attention_torch(

@@ -124,6 +124,13 @@ def test_unpadded_selected_blocks_decode_equals_the_specification(max_fraction, 
     got = decode_attention_selected_unpadded(q, k, v, blocks, position, bs, 0.3, max_fraction=max_fraction)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert got[1, 7].eq(0).all() and not got[0, 7].eq(0).all()
+    # every head reading a block (a gate step's promise): no zeroing pass, the same result
+    blocks[1, 7, -1] = True
+    want = decode_attention_reference(q, k, v, visibility.mask(), 0.3)  # the visibility holds `blocks`
+    got = decode_attention_selected_unpadded(
+        q, k, v, blocks, position, bs, 0.3, max_fraction=max_fraction, every_head_reads=True
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("prompt_len", [10, 45, 48])  # shorter than a block, ragged, a multiple of it
