@@ -152,6 +152,11 @@ def plan_layer(
     return classes
 
 
+def _span(heads: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(first, count)`` when ``heads`` are consecutive, else None."""
+    return (heads[0], len(heads)) if heads == tuple(range(heads[0], heads[0] + len(heads))) else None
+
+
 class ClassStorage:
     """The buffers of one :class:`KVClass` and the per-head rule tensors its steps read."""
 
@@ -178,6 +183,8 @@ class ClassStorage:
         self.kv_index = torch.tensor(kv.kv_heads, device=device)
         self.q_index = torch.tensor(kv.q_heads, device=device)
         self.all_heads = False
+        # Consecutive heads are a slice (a view) instead of an index_select copy: (first, count) or None.
+        self.q_span, self.kv_span = _span(kv.q_heads), _span(kv.kv_heads)
         self.rows = torch.arange(batch, device=device)
         # The unpadded step path (:meth:`step_unpadded`): static rules for the host-side key of the
         # kept mask (None: the head sees every causal slot), and that mask between steps.
@@ -242,11 +249,26 @@ class ClassStorage:
         """:meth:`write_token` for an unpadded batch: one ``position`` for every row, its slot on the host."""
         slot = self.kv.slot_of(position)
         new_k, new_v = keys[:, :, 0], values[:, :, 0]  # [B, Hkv_layer, D]
-        if not self.all_heads:
+        if self.kv_span is not None:
+            new_k, new_v = new_k.narrow(1, *self.kv_span), new_v.narrow(1, *self.kv_span)
+        else:
             new_k, new_v = new_k.index_select(1, self.kv_index), new_v.index_select(1, self.kv_index)
         self.keys.select(2, slot).copy_(new_k)
         self.values.select(2, slot).copy_(new_v)
         self.slot_positions.select(1, slot).fill_(position)
+
+    def query_heads(self, t: torch.Tensor) -> torch.Tensor:  # [B, Hq_layer, ...] -> [B, Hq_c, ...]
+        """The class's query heads of a per-head tensor of the layer (a view when they are consecutive)."""
+        if self.q_span is not None:
+            return t.narrow(1, *self.q_span)
+        return t.index_select(1, self.q_index)
+
+    def put_query_heads(self, out: torch.Tensor, o: torch.Tensor) -> None:
+        """Write the class's heads ``o [B, Hq_c, ...]`` into the layer's ``out [B, Hq_layer, ...]``."""
+        if self.q_span is not None:
+            out.narrow(1, *self.q_span).copy_(o)
+        else:
+            out.index_copy_(1, self.q_index, o)
 
     def step_selected(
         self,
@@ -263,8 +285,9 @@ class ClassStorage:
         from moa_compress.kernels.cpu import decode_attention_selected_unpadded
 
         self.write_at(keys, values, position)
+        # Every head here reads a block: a gate rule keeps the sink and the diagonal, a dense head all.
         return decode_attention_selected_unpadded(
-            q, self.keys, self.values, blocks, position, block_size, scale
+            q, self.keys, self.values, blocks, position, block_size, scale, every_head_reads=True
         )
 
     def step_mask(self, position: int, block_size: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -481,9 +504,9 @@ class PlanKVLayer(CacheLayerMixin):
         unpadded = self.padding is None and resolve_backend(backend, q.device) in ("torch", "flex")
         for s in self.storage:
             if unpadded and (not s.kv.gated or (blocks is not None and s.sees_whole_blocks)):
-                q_class = q if s.all_heads else q.index_select(1, s.q_index)
+                q_class = q if s.all_heads else s.query_heads(q)
                 if s.kv.gated:
-                    chosen = blocks if s.all_heads else blocks.index_select(1, s.q_index)
+                    chosen = blocks if s.all_heads else s.query_heads(blocks)
                     o = s.step_selected(
                         q_class, stored.keys, stored.values, chosen, stored.start, self.block_size, scale
                     )
@@ -493,7 +516,7 @@ class PlanKVLayer(CacheLayerMixin):
                     )
                 if out is None:
                     return o[:, :, None]
-                out.index_copy_(1, s.q_index, o)
+                s.put_query_heads(out, o)
                 continue
             if positions is None:
                 positions = self.lengths(stored.start)
@@ -511,7 +534,7 @@ class PlanKVLayer(CacheLayerMixin):
             o = decode_attention(q_class, keys, values, visible, scale=scale, backend=backend)
             if out is None:
                 return o[:, :, None]
-            out.index_copy_(1, s.q_index, o)
+            s.put_query_heads(out, o)
         return out[:, :, None]
 
     # -- Cache API ------------------------------------------------------------------------------
