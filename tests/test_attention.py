@@ -112,6 +112,26 @@ def test_static_band_plan_uses_few_batched_calls():
     assert len(schedule.tasks) <= 12  # per rule: a causal tile plus one batched band task
 
 
+@pytest.mark.parametrize("join_max", [0, 1024])  # diagonal kept apart, or joined to its band
+def test_folded_band_with_its_diagonal_in_one_masked_call_equals_the_reference(join_max, monkeypatch):
+    """A GQA group's heads folded into one tile whose band runs straight into the causal diagonal: the
+    two pieces become one masked call (or stay apart), equal to the reference in float64 either way,
+    ragged last block included."""
+    from moa_compress.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_JOIN_MAX_KEYS", join_max)
+    n, block = 300, 16
+    rules = (StaticRule(1, 3 * block, 0.0),) * 9  # every group whole: folded tiles
+    layout = Plan(ModelIdentity("test", 1, 9, 3, 16, "x"), (rules,), block_size=block).layout(0, n)
+    schedule = build_schedule(layout, 3, allow_gather=False)
+    joined = [t for t in schedule.tasks if len(cpu._join_diagonal(t.pieces)) < len(t.pieces)]
+    assert bool(joined) == (join_max > 0)
+    q, k, v = random_qkv(2, 9, 3, n, d=16, seed=4)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale_of(q))
+    out = run_schedule(q, k, v, layout, schedule, scale_of(q))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
 def test_torch_backend_sees_in_place_layout_changes():
     q, k, v = random_qkv(1, 3, 1, 128, d=16)
     layout = causal_layout(128, 128, 3, 32)
