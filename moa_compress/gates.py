@@ -303,8 +303,11 @@ class StepSelection:
         code ``codes [B, H_gate, nK, gate_dim]``: :meth:`AttnGate.scores` of its query codes, up to
         rounding (two matmuls)."""
         qmap = self.query_map  # [H_gate, G·D, gate_dim]
-        q = q_pre.to(qmap.dtype).reshape(q_pre.shape[0], qmap.shape[0], 1, qmap.shape[1])
-        return torch.matmul(torch.matmul(q, qmap), codes.transpose(-1, -2))
+        b, heads = q_pre.shape[0], qmap.shape[0]
+        q = q_pre.to(qmap.dtype).reshape(b, heads, qmap.shape[1]).transpose(0, 1)  # [H_gate, B, G·D]
+        q_codes = torch.bmm(q, qmap).transpose(0, 1).reshape(b * heads, 1, -1)  # [B·H_gate, 1, gate_dim]
+        scores = torch.bmm(q_codes, codes.flatten(0, 1).transpose(1, 2))  # [B·H_gate, 1, nK]
+        return scores.view(b, heads, 1, -1)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:  # scores [B, H_gate, 1, nK] -> [B, H, nK]
         ranked = scores.index_select(1, self.gate_of_head).masked_fill_(self.forced, float("inf"))
