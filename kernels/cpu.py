@@ -315,24 +315,105 @@ def _run_task(q, k, v, layout: BlockLayout, task: Task, scale: float, out: torch
     for batch in batches:
         for h0, h1 in head_ranges(task.heads, group):
             fold = group if (h1 - h0) % group == 0 and group > 1 and rows <= _FOLD_ROWS else 1
-            # [count, kv heads, fold * rows, D]: a copy when folding, a view otherwise.
-            q_tile = _strided(q, batch, h0, h1, task.row0, bs, count, rows, fold)
-            q_tile = q_tile.reshape(count, q_tile.shape[1], fold * rows, q.shape[-1])
-            partial = []
-            for piece in _join_diagonal(task.pieces) if fold > 1 else task.pieces:
-                args = (batch, h0 // group, -(-h1 // group), piece.start, piece.step, count, piece.length)
-                k_view, v_view = (_strided(x, *args)[:, :, 0] for x in (k, v))
-                if piece.mask == "explicit" or (piece.mask == "causal" and fold > 1):
-                    # A folded tile stacks `fold` copies of the causal pattern: an explicit mask.
-                    delta = piece.delta if piece.mask == "explicit" else 0
-                    mask, empty = _explicit_mask(rows, piece.length, delta, fold, q.dtype)
-                    o, lse = _flash(q_tile, k_view, v_view, attn_mask=mask, scale=scale)
-                    if delta < 0:  # the op reports lse 0 for rows that see no key
-                        lse = lse.masked_fill(empty, float("-inf"))
-                else:
-                    o, lse = _flash(q_tile, k_view, v_view, is_causal=piece.mask == "causal", scale=scale)
-                partial.append((o, lse))
-            merge_partials(partial, _strided(out, batch, h0, h1, task.row0, bs, count, rows, fold))
+            pieces = _join_diagonal(task.pieces) if fold > 1 else task.pieces
+            tile = _tile_blocks(pieces, count, rows, bs, q.dtype)
+            tiled = count // tile * tile if tile > 1 else 0
+            where = (batch, h0, h1, group, fold, scale)
+            if tiled:  # ``tile`` query blocks per op batch entry, each piece widened to cover them all
+                calls = [_tile_call(p, tile, bs, fold, q.dtype) for p in pieces]
+                _run_calls(q, k, v, out, where, task.row0, tiled // tile, tile * bs, tile * bs, calls, 0)
+            if count > tiled:  # one query block per entry (all of them, or those left over)
+                calls = [_block_call(p, rows, fold, q.dtype) for p in pieces]
+                row0 = task.row0 + tiled * bs
+                _run_calls(q, k, v, out, where, row0, count - tiled, rows, bs, calls, tiled * bs)
+
+
+def _run_calls(q, k, v, out, where, row0: int, count: int, rows: int, step: int, calls, shift: int) -> None:
+    """One op call per entry of ``calls`` (:func:`_block_call` / :func:`_tile_call`) over ``count`` query
+    tiles of ``rows`` rows, tile ``n`` from row ``row0 + n * step``, of heads ``h0:h1`` of ``batch``;
+    their partial outputs merged into ``out``. Keys that move with the queries start ``shift`` later
+    than their piece says (the piece's first query block is ``shift`` rows before ``row0``)."""
+    batch, h0, h1, group, fold, scale = where
+    # [count, kv heads, fold * rows, D]: a copy when folding, a view otherwise.
+    q_tile = _strided(q, batch, h0, h1, row0, step, count, rows, fold)
+    q_tile = q_tile.reshape(count, q_tile.shape[1], fold * rows, q.shape[-1])
+    partial = []
+    for start, key_step, length, causal, mask, empty in calls:
+        moved = start + shift if key_step else start
+        args = (batch, h0 // group, -(-h1 // group), moved, key_step, count, length)
+        k_view, v_view = (_strided(x, *args)[:, :, 0] for x in (k, v))
+        o, lse = _flash(q_tile, k_view, v_view, attn_mask=mask, is_causal=causal, scale=scale)
+        if empty is not None:  # the op reports lse 0 for rows that see no key
+            lse = lse.masked_fill(empty, float("-inf"))
+        partial.append((o, lse))
+    merge_partials(partial, _strided(out, batch, h0, h1, row0, step, count, rows, fold))
+
+
+def _block_call(piece: Piece, rows: int, fold: int, dtype: torch.dtype):
+    """``(start, key step, length, is_causal, mask, empty rows or None)`` of one piece, one query block
+    per op batch entry."""
+    if piece.mask == "explicit" or (piece.mask == "causal" and fold > 1):
+        # A folded tile stacks `fold` copies of the causal pattern: an explicit mask.
+        delta = piece.delta if piece.mask == "explicit" else 0
+        mask, empty = _explicit_mask(rows, piece.length, delta, fold, dtype)
+        return piece.start, piece.step, piece.length, False, mask, empty if delta < 0 else None
+    return piece.start, piece.step, piece.length, piece.mask == "causal", None, None
+
+
+# Low-precision tiles of this many query blocks per op batch entry, by the longest moving piece (in
+# blocks): the fused op's bfloat16 path runs far below its peak on 64-row tiles, so a tile of several
+# consecutive query blocks against the union of their keys (the extra keys masked) can be faster
+# despite the masked work. Measured at 8K, 2 threads, on a 2-core AMX machine (uniform plans, GQA 9/3,
+# the whole call, medians of 9 interleaved runs): 14-block bands (d = 0.25) 70 -> 53 ms with 4 blocks
+# per tile (58 with 2, 67 with 8), 30-block bands (d = 0.5) 126 -> 109 ms; 5-block bands (d = 0.1)
+# 30.3 -> 30.5 ms with 2 and 33 ms with 4, so short bands keep one block. float32 only lost (d = 0.25
+# 116 -> 120 ms, d = 0.5 217 -> 244 ms with 4): it keeps one block per entry.
+_TILE_BLOCKS = ((10, 4),)  # (from this many blocks, tile blocks), longest first
+_TILE_DTYPES = (torch.bfloat16, torch.float16)
+_TILE_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _tile_blocks(pieces: tuple[Piece, ...], count: int, rows: int, bs: int, dtype: torch.dtype) -> int:
+    """Query blocks per op batch entry for a task of ``count`` whole blocks (1: one each)."""
+    if dtype not in _TILE_DTYPES or rows != bs or count < 2:
+        return 1
+    moving = [p for p in pieces if p.step]
+    if not moving or any(p.step != bs or (p.mask == "explicit" and p.delta < 0) for p in moving):
+        return 1
+    if any(p.mask != "none" for p in pieces if not p.step):
+        return 1
+    longest = max(p.length for p in moving) // bs
+    tile = next((t for least, t in _TILE_BLOCKS if longest >= least), 1)
+    return min(tile, count)
+
+
+def _tile_call(piece: Piece, tile: int, bs: int, fold: int, dtype: torch.dtype):
+    """:func:`_block_call` for ``tile`` consecutive query blocks per entry: a fixed piece (sinks) as it
+    is; a moving piece widened by ``tile - 1`` blocks, block ``j`` of the tile seeing the piece's own
+    keys only (shifted ``j`` blocks), through a mask."""
+    if not piece.step:
+        return piece.start, 0, piece.length, False, None, None
+    length = piece.length + (tile - 1) * bs
+    return piece.start, tile * bs, length, False, _tile_mask(tile, bs, piece, fold, dtype), None
+
+
+def _tile_mask(tile: int, bs: int, piece: Piece, fold: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[fold * tile * bs, piece.length + (tile - 1) * bs]``: row ``r`` (block ``j = r //
+    bs``, row ``i = r % bs`` in it) sees key ``c`` iff ``0 <= c - j * bs < piece.length`` and the
+    piece's own mask lets row ``i`` see key ``c - j * bs``."""
+    key = (tile, bs, piece.length, piece.mask, piece.delta, fold, dtype)
+    if key not in _TILE_MASKS:
+        if len(_TILE_MASKS) > 256:
+            _TILE_MASKS.clear()
+        length = piece.length + (tile - 1) * bs
+        r = torch.arange(tile * bs)[:, None]
+        own = torch.arange(length)[None, :] - (r // bs) * bs  # the key's index in the row's own piece
+        allowed = (own >= 0) & (own < piece.length)
+        if piece.mask != "none":  # causal: row i sees keys <= i; explicit: <= i + delta
+            allowed &= own <= r % bs + (piece.delta if piece.mask == "explicit" else 0)
+        mask = torch.zeros(tile * bs, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        _TILE_MASKS[key] = mask.repeat(fold, 1)
+    return _TILE_MASKS[key]
 
 
 # Unmasked keys a folded tile's diagonal joins into one masked call: up to this many (a call's fixed

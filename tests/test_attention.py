@@ -132,6 +132,34 @@ def test_folded_band_with_its_diagonal_in_one_masked_call_equals_the_reference(j
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("tile", [2, 3])
+@pytest.mark.parametrize("n,block,seed", [(300, 16, 0), (300, 16, 1), (640, 32, 2), (333, 16, 5)])
+def test_tiles_of_several_query_blocks_equal_the_reference(tile, n, block, seed, monkeypatch):
+    """Low-precision tiles (several query blocks per op batch entry, each piece widened and masked),
+    forced on in float64: sinks, bands with and without a joined diagonal, causal squares, folded and
+    unfolded heads, counts that leave blocks over for the one-block path, a ragged last block."""
+    from moa_compress.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_TILE_DTYPES", (torch.float64,))
+    monkeypatch.setattr(cpu, "_TILE_BLOCKS", ((1, tile),))
+    layout = static_plan_layout(n, block, seed)
+    schedule = build_schedule(layout, 3, allow_gather=False)
+    tiled = [
+        t for t in schedule.tasks if cpu._tile_blocks(t.pieces, t.count, t.rows, block, torch.float64) > 1
+    ]
+    assert tiled and any(t.count % tile for t in tiled)  # tiles, and blocks left over
+    q, k, v = random_qkv(2, 9, 3, n, d=16, seed=seed)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale_of(q))
+    out = run_schedule(q, k, v, layout, schedule, scale_of(q))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    # the dtypes tiles are for: within a few times the reference's own bfloat16 error
+    monkeypatch.setattr(cpu, "_TILE_DTYPES", (torch.bfloat16,))
+    low = [x.to(torch.bfloat16) for x in (q, k, v)]
+    ref_error = (block_sparse_attention_reference(*low, layout, scale_of(q)).double() - expected).abs().max()
+    error = (run_schedule(*low, layout, schedule, scale_of(q)).double() - expected).abs().max()
+    assert error <= 3 * ref_error + 1e-6, (error, ref_error)
+
+
 def test_torch_backend_sees_in_place_layout_changes():
     q, k, v = random_qkv(1, 3, 1, 128, d=16)
     layout = causal_layout(128, 128, 3, 32)
