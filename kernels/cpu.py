@@ -541,34 +541,53 @@ def _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, units, counts, indi
     op's head dimension (GQA: K/V gathered once), the off-diagonal blocks in one unmasked call and the
     diagonal in one causal call, merged by log-sum-exp."""
     kv_of = kv_of or (lambda h: h)
+    # Whole blocks are rows of bs * d numbers when every head's length is a multiple of the block:
+    # gathered by block (one row copy each) instead of by token.
+    q_blocks = q_rows.view(-1, bs * d) if sq % bs == 0 else None
+    k_blocks, v_blocks = (x.view(-1, bs * d) for x in (k_rows, v_rows)) if sk % bs == 0 else (None, None)
+    out_blocks = out_rows.view(-1, bs * d) if q_blocks is not None else None
     for count in counts[units].unique().tolist():
         heads, blocks = (units & (counts == count)).nonzero(as_tuple=True)
         chunk = max(1, _GATHER_ELEMENTS // (count * bs * d * max(1, group // 2)))
         for c0 in range(0, heads.numel(), chunk):
             h, i = heads[c0 : c0 + chunk], blocks[c0 : c0 + chunk]
             u = h.numel()
-            rows = i[:, None] * bs + torch.arange(bs)  # [U, bs]
-            q_heads = h[:, None] * group + torch.arange(group)  # [U, G]
-            q_at = ((batch * hq + q_heads)[:, :, None] * sq + rows[:, None, :]).flatten()  # [U*G*bs]
-            qt = q_rows.index_select(0, q_at).view(u, group, bs, d)
-            kv_base = (batch * hkv + kv_of(h))[:, None] * sk  # [U, 1]
-            diag = kv_base + (i[:, None] + offset // bs) * bs + torch.arange(bs)  # [U, bs]
-            o, lse = _flash(qt, k_rows.index_select(0, diag.flatten()).view(u, 1, bs, d),
-                            v_rows.index_select(0, diag.flatten()).view(u, 1, bs, d),
-                            is_causal=True, scale=scale)[:2]  # fmt: skip
-            partial = [(o, lse)]
-            if count > 1:
-                keys = (indices[h, i, : count - 1, None] * bs + torch.arange(bs)).flatten(1)  # [U, L]
-                at = (kv_base + keys).flatten()
-                shape = (u, 1, -1, d)
-                keys_at, values_at = (
-                    k_rows.index_select(0, at).view(shape),
-                    v_rows.index_select(0, at).view(shape),
-                )
-                partial.append(_flash(qt, keys_at, values_at, scale=scale)[:2])
-            merged = torch.empty(u, group, bs, d, dtype=out_rows.dtype)
-            merge_partials(partial, merged)
-            out_rows.index_copy_(0, q_at, merged.view(-1, d))
+            q_heads = batch * hq + h[:, None] * group + torch.arange(group)  # [U, G]
+            if q_blocks is not None:
+                q_at = (q_heads * (sq // bs) + i[:, None]).flatten()  # [U*G] blocks
+                qt = q_blocks.index_select(0, q_at).view(u, group, bs, d)
+            else:
+                rows = i[:, None] * bs + torch.arange(bs)  # [U, bs]
+                q_at = (q_heads[:, :, None] * sq + rows[:, None, :]).flatten()  # [U*G*bs]
+                qt = q_rows.index_select(0, q_at).view(u, group, bs, d)
+            kv_head = (batch * hkv + kv_of(h))[:, None]  # [U, 1]
+            diag = i[:, None] + offset // bs  # [U, 1]: the unit's diagonal block
+            earlier = indices[h, i, : count - 1]  # [U, count - 1]
+            if k_blocks is not None:
+                at = (kv_head * (sk // bs) + torch.cat([earlier, diag], 1)).flatten()  # the diagonal last
+                sources = (k_blocks, v_blocks)
+            else:
+                slots = (torch.cat([earlier, diag], 1)[:, :, None] * bs + torch.arange(bs)).flatten(1)
+                at = (kv_head * sk + slots).flatten()
+                sources = (k_rows, v_rows)
+            # Into buffers kept between calls: a fresh output this large (tens of MB) is mapped anew by
+            # the allocator each time, and its page faults cost more than the copy.
+            keys_all, values_all = (
+                torch.index_select(
+                    x, 0, at, out=_workspace(2 + j, torch.Size((at.numel(), x.shape[1])), x.dtype)
+                ).view(u, 1, count * bs, d)
+                for j, x in enumerate(sources)
+            )
+            # One call: the group's query heads folded into the rows of one tile, every earlier block
+            # seen whole and the diagonal (last) causally, through one mask — no partials to merge.
+            mask, _ = _explicit_mask(bs, count * bs, (count - 1) * bs, group, qt.dtype)
+            merged = _flash(qt.view(u, 1, group * bs, d), keys_all, values_all, attn_mask=mask, scale=scale)[
+                0
+            ]
+            if out_blocks is not None:
+                out_blocks.index_copy_(0, q_at, merged.view(-1, bs * d))
+            else:
+                out_rows.index_copy_(0, q_at, merged.view(-1, d))
 
 
 def _gather_masked(q, q_rows, k_rows, v_rows, out_rows, batch, units, counts, indices, group, hq, hkv, sq, sk,
