@@ -243,7 +243,7 @@ class RowGateKeys:
 def row_codes(gate: AttnGate, k_pre: torch.Tensor, block_size: int, first: int = 0) -> torch.Tensor:
     """Gate codes ``[B, H_gate, nK, gate_dim]`` of every key block of ``k_pre [B, Hkv, S, D]``, pooled
     from its first column, which is the first column of block ``first`` (no cache)."""
-    return gate.key_codes(pool_keys(k_pre.to(gate.k_proj.dtype), block_size), first=first)
+    return gate.key_codes(pool_keys(k_pre, block_size), first=first)
 
 
 class GateHooks:
@@ -300,7 +300,7 @@ def gate_selections_for(
     the last), over every key block; rows of heads without a gate are all False."""
     bs = plan.block_size
     first = kv_len - q_pre.shape[2]
-    q_blocks = pool_queries_at(q_pre.to(gate.q_proj.dtype), first, bs)
+    q_blocks = pool_queries_at(q_pre, first, bs)
     scores = gate.scores(gate.query_codes(q_blocks, first // bs), k_codes)
     return gate_selections(scores, *layer_gate_heads(plan, layer, kv_len))
 

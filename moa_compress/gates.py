@@ -70,26 +70,44 @@ class GateError(UserInputError):
 # Pooling and the gate
 
 
+def _split_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [B, H, S, D]`` as its whole blocks ``[B, H, S // bs, bs, D]`` (a view where the strides allow)
+    and the ragged rest ``[B, H, S % bs, D]`` (None when S is a multiple of the block)."""
+    b, h, s, d = x.shape
+    whole = s // block_size
+    blocks = x[:, :, : whole * block_size].reshape(b, h, whole, block_size, d)
+    return blocks, (x[:, :, whole * block_size :] if s % block_size else None)
+
+
 def pool_queries(q: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean of ``q [B, H, S, D]`` over each block of tokens -> ``[B, H, nB, D]`` (a ragged last block
-    averages the tokens it has)."""
-    b, h, s, d = q.shape
-    nb = num_blocks(s, block_size)
-    padded = F.pad(q, (0, 0, 0, nb * block_size - s)).view(b, h, nb, block_size, d)
-    counts = torch.full((nb,), float(block_size), device=q.device, dtype=q.dtype)
-    counts[-1] = s - (nb - 1) * block_size
-    return padded.sum(3) / counts[:, None]
+    averages the tokens it has), summed and returned in float32 at least (a bfloat16 input is read
+    once, never copied whole to float32 or padded)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    blocks, rest = _split_blocks(q, block_size)
+    if q.dtype == acc:
+        mean = blocks.sum(3).div_(block_size)
+    else:  # summed in float32 a few MB at a time: the op casts its input to float32 first, and one
+        # fresh input-sized float32 copy (tens of MB at 8K) costs more in page faults than the sum
+        step = max(1, (4 << 20) // max(1, blocks[0, 0].numel() * 4))  # heads per piece
+        mean = torch.cat(
+            [blocks[:, h : h + step].sum(3, dtype=acc) for h in range(0, blocks.shape[1], step)], dim=1
+        ).div_(block_size)
+    if rest is None:
+        return mean
+    return torch.cat([mean, rest.sum(2, keepdim=True, dtype=acc).div_(rest.shape[2])], dim=2)
 
 
 def pool_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean, max and min of ``k [B, H, S, D]`` over each block -> ``[B, H, nB, 3·D]``."""
-    b, h, s, d = k.shape
-    nb = num_blocks(s, block_size)
-    pad = nb * block_size - s
-    mean = pool_queries(k, block_size)
-    high = F.pad(k, (0, 0, 0, pad), value=float("-inf")).view(b, h, nb, block_size, d).amax(3)
-    low = F.pad(k, (0, 0, 0, pad), value=float("inf")).view(b, h, nb, block_size, d).amin(3)
-    return torch.cat([mean, high, low], dim=-1)
+    """Mean, max and min of ``k [B, H, S, D]`` over each block -> ``[B, H, nB, 3·D]``, in float32 at
+    least (max and min taken in the input's dtype, where they are exact)."""
+    acc = torch.promote_types(k.dtype, torch.float32)
+    blocks, rest = _split_blocks(k, block_size)
+    high, low = blocks.amax(3), blocks.amin(3)
+    if rest is not None:
+        high = torch.cat([high, rest.amax(2, keepdim=True)], dim=2)
+        low = torch.cat([low, rest.amin(2, keepdim=True)], dim=2)
+    return torch.cat([pool_queries(k, block_size), high.to(acc), low.to(acc)], dim=-1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -328,8 +346,9 @@ def pool_queries_at(q: torch.Tensor, first: int, block_size: int) -> torch.Tenso
         return pool_queries(q, block_size)
     b, h, s, d = q.shape
     padded = torch.cat([q.new_zeros(b, h, head, d), q], dim=2)
-    sums = pool_queries(padded, block_size) * _block_counts(head + s, block_size, q)[:, None]
-    counts = _block_counts(head + s, block_size, q)
+    pooled = pool_queries(padded, block_size)  # float32 at least
+    sums = pooled * _block_counts(head + s, block_size, pooled)[:, None]
+    counts = _block_counts(head + s, block_size, pooled)
     counts[0] -= head
     return sums / counts[:, None]
 

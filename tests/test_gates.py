@@ -36,6 +36,17 @@ def test_pooling_over_ragged_blocks_by_brute_force():
         torch.testing.assert_close(k[:, :, i], torch.cat([part.mean(2), part.amax(2), part.amin(2)], -1))
 
 
+@pytest.mark.parametrize("s", [16384, 16384 - 5])  # whole blocks, a ragged last one
+def test_pooling_a_long_bfloat16_input_equals_pooling_it_in_float32(s):
+    """bfloat16 queries/keys (a model's projections) pool in float32 without a float32 copy of the
+    whole input (summed a few heads at a time): the float32 pooling of the same values."""
+    x = torch.randn(1, 3, s, 64).to(torch.bfloat16)  # 4 MiB of float32 per head: one head per piece
+    q, k = pool_queries(x, 64), pool_keys(x, 64)
+    assert q.dtype == k.dtype == torch.float32
+    torch.testing.assert_close(q, pool_queries(x.float(), 64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, pool_keys(x.float(), 64), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("per_query_head", [False, True])
 def test_targets_equal_brute_force_block_max_of_softmax(per_query_head):
     torch.manual_seed(0)
