@@ -249,9 +249,9 @@ class ClassStorage:
         """:meth:`write_token` for an unpadded batch: one ``position`` for every row, its slot on the host."""
         slot = self.kv.slot_of(position)
         new_k, new_v = keys[:, :, 0], values[:, :, 0]  # [B, Hkv_layer, D]
-        if self.kv_span is not None:
+        if not self.all_heads and self.kv_span is not None:
             new_k, new_v = new_k.narrow(1, *self.kv_span), new_v.narrow(1, *self.kv_span)
-        else:
+        elif not self.all_heads:
             new_k, new_v = new_k.index_select(1, self.kv_index), new_v.index_select(1, self.kv_index)
         self.keys.select(2, slot).copy_(new_k)
         self.values.select(2, slot).copy_(new_v)
