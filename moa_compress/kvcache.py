@@ -55,6 +55,7 @@ that call raises :class:`PlanRuntimeError`. Rings with fixed bands never change.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +95,7 @@ class KVClass:
     def is_ring(self) -> bool:
         return self.window > 0
 
-    @property
+    @functools.cached_property
     def gated(self) -> bool:
         """Some query head has a gate rule: its decode steps take the gates' block selections."""
         return any(r.input_dependent for r in self.rules)
@@ -189,6 +190,7 @@ class ClassStorage:
         # The unpadded step path (:meth:`step_unpadded`): static rules for the host-side key of the
         # kept mask (None: the head sees every causal slot), and that mask between steps.
         self.step_rules = [None if d else r for d, r in zip(dense, kv.rules)]
+        self.bands_grow = any(r is not None and r.beta > 0 for r in self.step_rules)
         self.step_cache: tuple[int, tuple[int, tuple[int, ...]], torch.Tensor] | None = None
         # Every head sees whole blocks up to the query (gate and dense heads: no sink or band).
         self.sees_whole_blocks = not kv.is_ring and all(r is None for r in self.step_rules)
@@ -294,7 +296,9 @@ class ClassStorage:
         """The additive visibility ``[1, Hq_c, width]`` of an unpadded step at ``position``, its slot
         already written (see :meth:`step_unpadded`)."""
         n = position + 1
-        bands = tuple(0 if r is None else r.band_blocks(n, block_size) for r in self.step_rules)
+        bands = None  # fixed bands move with the query block only
+        if self.bands_grow:
+            bands = tuple(0 if r is None else r.band_blocks(n, block_size) for r in self.step_rules)
         key = (position // block_size, bands)
         kept = self.step_cache
         if kept is not None and kept[0] == position - 1 and kept[1] == key:
