@@ -18,6 +18,35 @@ class CompressError(UserInputError):
     """Settings or inputs that ``compress`` cannot work with."""
 
 
+# How a stage setting is named to the user (the CLI option where there is one).
+OPTION_NAMES = {
+    "model": "the model",
+    "weights": "the model's weights (or --dtype)",
+    "profile": "--profile",
+    "lengths": "--lengths",
+    "samples": "--samples",
+    "data": "--data",
+    "text_field": "--text-field",
+    "mode": "--mode",
+    "seed": "--seed",
+    "answer_tokens": "answer_tokens",
+    "block_size": "block_size",
+    "budget": "--budget",
+    "extend_lengths": "--extend-lengths",
+    "per_head": "--per-head",
+    "rules": "--rules",
+    "gate_steps": "--gate-steps",
+    "gate_dim": "gate_dim",
+    "gate_locals": "--gate-locals",
+    "min_span": "--min-span",
+    "kv_budget": "--kv-budget",
+    "cost": "--cost",
+    "pareto_size": "pareto_size",
+    "validation_samples": "--validation-samples",
+    "backend": "backend",
+}
+
+
 @dataclass(frozen=True)
 class CompressSettings:
     """Everything that decides what :func:`compress` computes.
@@ -155,10 +184,11 @@ class CompressSettings:
             "block_size",
             "gate_steps",
         )
-        options = {"validation_samples": "--validation-samples", "gate_steps": "--gate-steps"}
         for name in names:
             if getattr(self, name) < 1:
-                raise CompressError(f"{options.get(name, name)} must be positive, got {getattr(self, name)}")
+                raise CompressError(
+                    f"{OPTION_NAMES.get(name, name)} must be positive, got {getattr(self, name)}"
+                )
 
 
 # Presets fill the settings a user does not give. "full" is the recipe for the embedded model's

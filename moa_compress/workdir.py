@@ -28,7 +28,7 @@ import torch
 from moa_compress.plan import Plan, PlanError, atomic_write_bytes
 from moa_compress.profile import Profile
 from moa_compress.search import SampleMaps
-from moa_compress.settings import CompressError, CompressSettings
+from moa_compress.settings import OPTION_NAMES, CompressError, CompressSettings
 
 WORK_FORMAT = "moa-compress-work"
 MANIFEST_FILE = "manifest.json"
@@ -125,35 +125,6 @@ class WorkFolder:
         atomic_write_bytes(self.manifest, (json.dumps(body, indent=1) + "\n").encode())
 
 
-# How a stage setting is named to the user (the CLI option where there is one).
-_SETTING_NAMES = {
-    "model": "the model",
-    "weights": "the model's weights (or --dtype)",
-    "profile": "--profile",
-    "lengths": "--lengths",
-    "samples": "--samples",
-    "data": "--data",
-    "text_field": "--text-field",
-    "mode": "--mode",
-    "seed": "--seed",
-    "answer_tokens": "answer_tokens",
-    "block_size": "block_size",
-    "budget": "--budget",
-    "extend_lengths": "--extend-lengths",
-    "per_head": "--per-head",
-    "rules": "--rules",
-    "gate_steps": "--gate-steps",
-    "gate_dim": "gate_dim",
-    "gate_locals": "--gate-locals",
-    "min_span": "--min-span",
-    "kv_budget": "--kv-budget",
-    "cost": "--cost",
-    "pareto_size": "pareto_size",
-    "validation_samples": "--validation-samples",
-    "backend": "backend",
-}
-
-
 def _show(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value)) or "none"
@@ -163,7 +134,7 @@ def _show(value: Any) -> str:
 def _stale_message(root: Path, stage: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     changed = [key for key in new if old.get(key) != new[key]] or sorted(set(old) - set(new))
     key = changed[0]
-    name = _SETTING_NAMES.get(key, key)
+    name = OPTION_NAMES.get(key, key)
     return (
         f"{name} changed ({_show(old.get(key))} -> {_show(new.get(key))}) since the {stage} stage in {root} "
         "was made; rerun with the same settings to resume, pass --force to redo that stage and the later "
