@@ -41,8 +41,9 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 # A schedule needing more op calls than this fraction of its units goes down the gather path.
 _MAX_CALLS_PER_UNIT = 0.25
-# Gathered K/V per gather call, in elements (bounds the path's extra memory).
-_GATHER_ELEMENTS = 1 << 24
+# Gathered K/V per gather call, in elements: bounds the path's kept buffers (16 MiB each in float32).
+# At 8K, d = 0.25, a gated layer took the same time with 1 << 22, 1 << 23 and 1 << 24.
+_GATHER_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -293,15 +294,33 @@ _MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _explicit_mask(rows: int, length: int, delta: int, group: int, dtype: torch.dtype):
     """Additive mask ``[group * rows, length]`` (row ``r`` of each group sees key ``c`` iff
-    ``c <= r + delta``) and the boolean ``[group * rows]`` rows that see no key."""
+    ``c <= r + delta``) and the boolean ``[group * rows]`` rows that see no key. Kept per shape, made
+    outside inference mode so that calls outside it (autograd included) can use it too."""
     key = (rows, length, delta, group, dtype)
     if key not in _MASKS:
         if len(_MASKS) > 256:
             _MASKS.clear()
-        allowed = torch.arange(length)[None, :] <= torch.arange(rows)[:, None] + delta
-        mask = torch.zeros(rows, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-        _MASKS[key] = (mask.repeat(group, 1), (torch.arange(rows) + delta < 0).repeat(group))
+        with torch.inference_mode(False):
+            allowed = torch.arange(length)[None, :] <= torch.arange(rows)[:, None] + delta
+            mask = torch.zeros(rows, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+            _MASKS[key] = (mask.repeat(group, 1), (torch.arange(rows) + delta < 0).repeat(group))
     return _MASKS[key]
+
+
+_PREFIX_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _prefix_causal_mask(bs: int, count: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[group * bs, count * bs]``: every row sees the first ``count - 1`` blocks, and the
+    last block (the diagonal) causally — :func:`_explicit_mask` with ``delta = (count - 1) * bs``. One
+    mask per ``(bs, group, dtype)`` is kept, as wide as the widest asked for; narrower ones are its
+    rightmost columns (a view), so the cache does not grow with every block count a layout has."""
+    key = (bs, group, dtype)
+    widest = _PREFIX_MASKS.get(key)
+    if widest is None or widest.shape[1] < count * bs:
+        widest = _PREFIX_MASKS[key] = _explicit_mask(bs, count * bs, (count - 1) * bs, group, dtype)[0]
+        _MASKS.pop((bs, count * bs, (count - 1) * bs, group, dtype), None)  # held here instead
+    return widest[:, widest.shape[1] - count * bs :]
 
 
 def _run_task(q, k, v, layout: BlockLayout, task: Task, scale: float, out: torch.Tensor) -> None:
@@ -400,19 +419,21 @@ def _tile_call(piece: Piece, tile: int, bs: int, fold: int, dtype: torch.dtype):
 def _tile_mask(tile: int, bs: int, piece: Piece, fold: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask ``[fold * tile * bs, piece.length + (tile - 1) * bs]``: row ``r`` (block ``j = r //
     bs``, row ``i = r % bs`` in it) sees key ``c`` iff ``0 <= c - j * bs < piece.length`` and the
-    piece's own mask lets row ``i`` see key ``c - j * bs``."""
+    piece's own mask lets row ``i`` see key ``c - j * bs``. Kept per shape (made outside inference
+    mode, as :func:`_explicit_mask`)."""
     key = (tile, bs, piece.length, piece.mask, piece.delta, fold, dtype)
     if key not in _TILE_MASKS:
         if len(_TILE_MASKS) > 256:
             _TILE_MASKS.clear()
-        length = piece.length + (tile - 1) * bs
-        r = torch.arange(tile * bs)[:, None]
-        own = torch.arange(length)[None, :] - (r // bs) * bs  # the key's index in the row's own piece
-        allowed = (own >= 0) & (own < piece.length)
-        if piece.mask != "none":  # causal: row i sees keys <= i; explicit: <= i + delta
-            allowed &= own <= r % bs + (piece.delta if piece.mask == "explicit" else 0)
-        mask = torch.zeros(tile * bs, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-        _TILE_MASKS[key] = mask.repeat(fold, 1)
+        with torch.inference_mode(False):
+            length = piece.length + (tile - 1) * bs
+            r = torch.arange(tile * bs)[:, None]
+            own = torch.arange(length)[None, :] - (r // bs) * bs  # the key's index in the row's own piece
+            allowed = (own >= 0) & (own < piece.length)
+            if piece.mask != "none":  # causal: row i sees keys <= i; explicit: <= i + delta
+                allowed &= own <= r % bs + (piece.delta if piece.mask == "explicit" else 0)
+            mask = torch.zeros(tile * bs, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+            _TILE_MASKS[key] = mask.repeat(fold, 1)
     return _TILE_MASKS[key]
 
 
@@ -479,13 +500,18 @@ _WORKSPACE = threading.local()
 
 
 def _workspace(slot: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A buffer of ``shape`` kept per thread and ``slot`` and grown as needed (the merge's float32
-    sums of low-precision partials): held between calls, so an 8K prefill's ~19 MiB is allocated once."""
+    """A buffer of ``shape`` kept per thread, ``slot`` and dtype, grown as needed, held between calls:
+    slots 0-1 the merge's float32 sums of low-precision partials (~19 MiB at 8K, 9 heads), slots 2-3
+    the gather path's K/V (at most ``_GATHER_ELEMENTS`` each). A fresh output of tens of MB is mapped
+    anew by the allocator at every call and its page faults cost more than the work written into it.
+    Made outside inference mode, so a buffer first made under ``torch.inference_mode()`` can still be
+    written by later calls outside it."""
     buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
     numel = shape.numel()
     buffer = buffers.get((slot, dtype))
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):
+            buffer = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
 
 
@@ -537,9 +563,10 @@ def _run_gather(q, k, v, layout: BlockLayout, scale: float, out: torch.Tensor) -
 def _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, units, counts, indices, group, hq, hkv, sq, sk,
                     bs, d, scale, offset, kv_of=None) -> None:  # fmt: skip
     """Units ``units [U_heads, nQ]`` (rows: KV heads, or query heads with ``kv_of``), each seeing its
-    ``counts`` blocks of ``indices``, the last its diagonal: the ``group`` query heads of a unit in the
-    op's head dimension (GQA: K/V gathered once), the off-diagonal blocks in one unmasked call and the
-    diagonal in one causal call, merged by log-sum-exp."""
+    ``counts`` blocks of ``indices``, the last its diagonal: units with the same count in one op call
+    per chunk, the ``group`` query heads of a unit folded into the rows of its query tile (GQA: K/V
+    gathered once per unit), its earlier blocks and then its diagonal gathered into one key range, the
+    diagonal's causal part in the mask (:func:`_prefix_causal_mask`): no partials to merge."""
     kv_of = kv_of or (lambda h: h)
     # Whole blocks are rows of bs * d numbers when every head's length is a multiple of the block:
     # gathered by block (one row copy each) instead of by token.
@@ -570,17 +597,21 @@ def _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, units, counts, indi
                 slots = (torch.cat([earlier, diag], 1)[:, :, None] * bs + torch.arange(bs)).flatten(1)
                 at = (kv_head * sk + slots).flatten()
                 sources = (k_rows, v_rows)
-            # Into buffers kept between calls: a fresh output this large (tens of MB) is mapped anew by
-            # the allocator each time, and its page faults cost more than the copy.
+            # Into buffers kept between calls (see _workspace); autograd cannot go through them.
+            kept = not (torch.is_grad_enabled() and k_rows.requires_grad | v_rows.requires_grad)
             keys_all, values_all = (
-                torch.index_select(
-                    x, 0, at, out=_workspace(2 + j, torch.Size((at.numel(), x.shape[1])), x.dtype)
+                (
+                    torch.index_select(
+                        x, 0, at, out=_workspace(2 + j, torch.Size((at.numel(), x.shape[1])), x.dtype)
+                    )
+                    if kept
+                    else x.index_select(0, at)
                 ).view(u, 1, count * bs, d)
                 for j, x in enumerate(sources)
             )
             # One call: the group's query heads folded into the rows of one tile, every earlier block
             # seen whole and the diagonal (last) causally, through one mask — no partials to merge.
-            mask, _ = _explicit_mask(bs, count * bs, (count - 1) * bs, group, qt.dtype)
+            mask = _prefix_causal_mask(bs, count, group, qt.dtype)
             merged = _flash(qt.view(u, 1, group * bs, d), keys_all, values_all, attn_mask=mask, scale=scale)[
                 0
             ]

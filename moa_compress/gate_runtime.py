@@ -213,7 +213,7 @@ class RowGateKeys:
         done = (lengths % bs == 0).nonzero()[:, 0]  # rows whose last block this token completes
         if done.numel():
             blocks = lengths[done] // bs - 1  # the block each completes
-            pooled = pool_keys(self.tail[done].to(gate.k_proj.dtype), bs)  # [n, Hkv, 1, 3·D]
+            pooled = pool_keys(self.tail[done], bs)  # [n, Hkv, 1, 3·D], as row_codes pools
             fresh = gate.key_codes(pooled, first=blocks)  # [n, H_gate, 1, gate_dim]
             self.codes[done, :, blocks] = fresh[:, :, 0]
         # The unfinished block's placeholder stays zero: the next block of a row that just completed one

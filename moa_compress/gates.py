@@ -87,9 +87,10 @@ def pool_queries(q: torch.Tensor, block_size: int) -> torch.Tensor:
     blocks, rest = _split_blocks(q, block_size)
     if q.dtype == acc:
         mean = blocks.sum(3).div_(block_size)
-    else:  # summed in float32 a few MB at a time: the op casts its input to float32 first, and one
+    else:  # summed in float32 ~4 MB of it at a time: the op casts its input to float32 first, and one
         # fresh input-sized float32 copy (tens of MB at 8K) costs more in page faults than the sum
-        step = max(1, (4 << 20) // max(1, blocks[0, 0].numel() * 4))  # heads per piece
+        per_head = blocks[:, :1].numel() * 4  # bytes of one head's float32 copy, every batch row
+        step = max(1, (4 << 20) // max(1, per_head))  # heads per piece
         mean = torch.cat(
             [blocks[:, h : h + step].sum(3, dtype=acc) for h in range(0, blocks.shape[1], step)], dim=1
         ).div_(block_size)

@@ -297,7 +297,8 @@ def test_flex_block_mask_spans_all_key_blocks_and_splits_full_blocks():
 )
 def test_gather_path_on_gate_like_layouts(b, lb, hq, hkv, sq, sk, bs, shared):
     """Sink + diagonal + random others per row, shared by a KV group's heads or not: the grouped gather
-    (unmasked off-diagonal call + causal diagonal call) and the masked one against the reference."""
+    (a unit's blocks then its diagonal in one folded, masked call) and the masked one against the
+    reference."""
     q, k, v = random_qkv(b, hq, hkv, sq, sk, d=16, seed=sq + hq)
     nq, nk = -(-sq // bs), -(-sk // bs)
     g = torch.Generator().manual_seed(sq)
@@ -312,3 +313,29 @@ def test_gather_path_on_gate_like_layouts(b, lb, hq, hkv, sq, sk, bs, shared):
     expected = block_sparse_attention_reference(q, k, v, layout, scale_of(q))
     out = run_schedule(q, k, v, layout, type(build_schedule(layout, hkv))((), gather=True), scale_of(q))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_gather_path_buffers_serve_inference_mode_and_later_calls_and_its_masks_stay_few():
+    """The gather path's kept K/V buffers, first made under inference mode, still take a later call
+    outside it (and a call with autograd on); its masks: one per block size, group and dtype, however
+    many block counts the units have."""
+    from moa_compress.kernels import cpu
+
+    cpu._WORKSPACE.__dict__.pop("buffers", None)
+    cpu._PREFIX_MASKS.clear()
+    q, k, v = random_qkv(1, 4, 2, 256, 256, d=16, seed=7)
+    pick = torch.rand(1, 2, 8, 8, generator=torch.Generator().manual_seed(7)) < 0.5
+    cols, rows = torch.arange(8)[None, :], torch.arange(8)[:, None]
+    pick = ((pick | (cols == 0) | (cols == rows)) & (cols <= rows)).repeat_interleave(2, dim=1)  # shared
+    layout = BlockLayout.from_block_mask(pick, 32, 256, 256)
+    gather = type(build_schedule(layout, 2))((), gather=True)
+    expected = block_sparse_attention_reference(q, k, v, layout, scale_of(q))
+    with torch.inference_mode():
+        first = run_schedule(q, k, v, layout, gather, scale_of(q))
+    second = run_schedule(q, k, v, layout, gather, scale_of(q))
+    k_grad = k.clone().requires_grad_()
+    third = run_schedule(q, k_grad, v, layout, gather, scale_of(q))
+    for out in (first, second, third):
+        torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-12)
+    assert int(layout.kv_num_blocks.unique().numel()) > 2  # several block counts...
+    assert list(cpu._PREFIX_MASKS) == [(32, 2, torch.float64)]  # ...one kept mask

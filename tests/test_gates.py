@@ -45,6 +45,7 @@ def test_pooling_a_long_bfloat16_input_equals_pooling_it_in_float32(s):
     assert q.dtype == k.dtype == torch.float32
     torch.testing.assert_close(q, pool_queries(x.float(), 64), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(k, pool_keys(x.float(), 64), rtol=1e-6, atol=1e-6)
+    assert pool_keys(x[:0], 64).shape == (0, 3, -(-s // 64), 192)  # an empty batch
 
 
 @pytest.mark.parametrize("per_query_head", [False, True])
