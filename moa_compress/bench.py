@@ -257,25 +257,34 @@ def bench_prefill(
     backends: Sequence[str] = ATTENTION_BACKENDS,
     *,
     repeats: int = 2,
+    plans: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Whole forward of ``model`` at each length: its own dense attention (SDPA) vs a uniform
-    sink + window plan of ``density`` per backend. One row per length: ``dense_s``, and per backend
-    ``<name>_s`` and ``<name>_speedup``."""
+    sink + window plan of ``density`` per backend, and each of ``plans`` (name -> plan, e.g. a shipped
+    mixed plan) through the first backend. One row per length: ``dense_s``, and per backend or plan
+    name ``<name>_s`` and ``<name>_speedup`` (a plan's density at the length: ``<name>_density``)."""
     from moa_compress.plan import identity_of, uniform_plan
     from moa_compress.runtime import apply_plan
 
     check_backends(backends)
+    plans = dict(plans or {})
+    taken = [name for name in plans if name in ("dense", *backends)]
+    if taken:
+        raise BenchError(f"plan names {taken} collide with the dense / backend columns; rename the folders")
     identity = identity_of(model)
     rows = []
     for n in lengths:
         plan = uniform_plan(identity, density, [n], block_size=64)
         ids = random_tokens(model, n)
         candidates: dict[str, Callable[[], Any]] = {"dense": lambda ids=ids: prefill(model, ids)}
-        for name in backends:
-            # One handle per backend keeps its layout cache across rounds; it is switched on only
+        runs = [(name, plan, name) for name in backends] + [
+            (name, p, backends[0]) for name, p in plans.items()
+        ]
+        for name, run_plan, backend in runs:
+            # One handle per column keeps its layout cache across rounds; it is switched on only
             # for its own calls so the rounds can interleave with the dense ones.
-            handle = apply_plan(model, plan, backend=name)
+            handle = apply_plan(model, run_plan, backend=backend)
             handle.remove()
             candidates[name] = lambda handle=handle, ids=ids: run_with_plan(handle, model, ids)
         if "flex" in candidates:
@@ -289,7 +298,7 @@ def bench_prefill(
             "dense_s": times["dense"],
             "dense_cpu_s": times["dense_cpu"],
         }
-        for name in backends:
+        for name, run_plan, _ in runs:
             row.update(
                 {
                     f"{name}_s": times[name],
@@ -298,9 +307,11 @@ def bench_prefill(
                     f"{name}_cpu_speedup": times["dense_cpu"] / times[f"{name}_cpu"],
                 }
             )
+            if name in plans:
+                row[f"{name}_density"] = round(run_plan.density(n), 4)
         rows.append(row)
         if progress:
-            progress(prefill_table([row], backends).splitlines()[-1])
+            progress(prefill_table([row], [*backends, *plans]).splitlines()[-1])
     return rows
 
 
@@ -313,6 +324,7 @@ def run_with_plan(handle: Any, model: Any, ids: torch.Tensor) -> None:
 
 
 def prefill_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> str:
+    """Markdown table of :func:`bench_prefill` rows; ``backends``: its backend and plan names."""
     header = ["N", "dtype", "plan density", "dense s", "dense CPU s"]
     for name in backends:
         header += [f"{name} s", f"{name} speedup", f"{name} CPU s", f"{name} CPU-time speedup"]
@@ -326,8 +338,9 @@ def prefill_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> st
             f"{row['dense_cpu_s']:.2f}",
         ]
         for name in backends:
+            density = f" (d {row[f'{name}_density']:.3f})" if f"{name}_density" in row else ""
             cells += [
-                f"{row[f'{name}_s']:.2f}",
+                f"{row[f'{name}_s']:.2f}{density}",
                 f"{row[f'{name}_speedup']:.2f}x",
                 f"{row[f'{name}_cpu_s']:.2f}",
                 f"{row[f'{name}_cpu_speedup']:.2f}x",

@@ -288,26 +288,37 @@ def bench_prefill_cmd(
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "2048,4096,8192",
     density: Annotated[float, typer.Option(help="Density of the uniform plan.")] = 0.25,
     backends: Annotated[str, typer.Option(help="Comma-separated: torch, flex.")] = "torch,flex",
+    plan: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A plan (folder, plan.json or shipped name) to time as well, through the first backend; "
+            "repeatable."
+        ),
+    ] = None,
     dtype: ModelDtypeOpt = "auto",
     repeats: RepeatsOpt = 2,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Whole-model prefill: dense SDPA vs a uniform plan per backend."""
+    """Whole-model prefill: dense SDPA vs a uniform plan per backend (and any --plan)."""
     import torch
 
     from moa_compress.bench import bench_prefill, machine, prefill_table
+    from moa_compress.plan import load_plan
 
     check_fraction(density, "--density")
     torch.set_num_threads(threads)
     names = parse_list(backends, "--backends", str)
     net, _ = load(model, dtype)
+    plans = {Path(str(p)).name or str(p): load_plan(p, net) for p in plan or []}
     typer.echo(f"machine: {machine()}", err=True)
-    rows = bench_prefill(net, parse_lengths(lengths), density, names, repeats=repeats, progress=echo_progress)
+    rows = bench_prefill(
+        net, parse_lengths(lengths), density, names, repeats=repeats, plans=plans, progress=echo_progress
+    )
     if as_json:
         typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
     else:
-        typer.echo(prefill_table(rows, names))
+        typer.echo(prefill_table(rows, [*names, *plans]))
 
 
 @bench_app.command("decode")

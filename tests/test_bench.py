@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from moa_compress.bench import attention_table, bench_attention
@@ -90,3 +91,13 @@ def test_bench_attention_gate_rows_and_decode_of_a_mixed_plan():
     rows = bench_decode(model, [700], [0.5], [2], steps=2, budget_bytes=1 << 20, plans={"mixed": plan})
     mixed_rows = [r for r in rows if r["variant"] == "mixed"]
     assert mixed_rows and all(r["ms_per_step"] > 0 and r["kv_bytes"] > 0 for r in mixed_rows)
+
+    # whole-model prefill of the same plan beside the uniform one; names must not shadow a column
+    from moa_compress.bench import BenchError, bench_prefill, prefill_table
+
+    rows = bench_prefill(model, [700], 0.5, ["torch"], repeats=1, plans={"mixed": plan})
+    assert rows[0]["mixed_s"] > 0 and rows[0]["mixed_density"] == round(plan.density(700), 4)
+    assert "mixed speedup" in prefill_table(rows, ["torch", "mixed"])
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(BenchError, match="collide"):
+        bench_prefill(model, [700], 0.5, ["torch"], repeats=1, plans={"torch": plan})
