@@ -139,7 +139,14 @@ def build_schedule(layout: BlockLayout, num_kv_heads: int, allow_gather: bool = 
         return Schedule((), gather=False)
     # Runs of consecutive selected blocks: [first, last] per run.
     padded = torch.nn.functional.pad(selected, (1, 1))
-    starts = (padded[..., 1:-1] & ~padded[..., :-2]).nonzero().tolist()
+    first = padded[..., 1:-1] & ~padded[..., :-2]
+    # A static rule's unit is at most two runs (sink, band); units of more (gate heads' selections)
+    # rarely repeat from one query block to the next, so each costs calls of its own: when they alone
+    # exceed the call budget, skip planning the strided schedule (a Python loop over every run).
+    irregular = int((first.sum(-1) > 2).sum())
+    if allow_gather and irregular > max(16, units * _MAX_CALLS_PER_UNIT):
+        return Schedule((), gather=True)
+    starts = first.nonzero().tolist()
     ends = (padded[..., 1:-1] & ~padded[..., 2:]).nonzero()[:, 3].tolist()
     if allow_gather and len(starts) > 4 * units:
         return Schedule((), gather=True)  # too fragmented to be worth planning
