@@ -126,8 +126,11 @@ def schedule_for(layout: BlockLayout, num_kv_heads: int) -> Schedule:
 
 def build_schedule(layout: BlockLayout, num_kv_heads: int, allow_gather: bool = True) -> Schedule:
     """Plan the op calls for ``layout``; with ``allow_gather`` an irregular layout gets the gather
-    path instead (``allow_gather=False`` forces the strided schedule, for tests)."""
+    path instead (``allow_gather=False`` forces the strided schedule, for tests). Never for fewer
+    query rows than a block (a decoding row with the default cache): the gather path would compute a
+    whole block of padded query rows per real one."""
     bs, sq, sk = layout.block_size, layout.q_len, layout.kv_len
+    allow_gather = allow_gather and sq >= bs
     offset = sk - sq
     nq, nk = layout.num_q_blocks, layout.num_kv_blocks
     selected = layout.to_block_mask().cpu()  # [LB, H, nQ, nK]
@@ -301,17 +304,23 @@ _MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _explicit_mask(rows: int, length: int, delta: int, group: int, dtype: torch.dtype):
     """Additive mask ``[group * rows, length]`` (row ``r`` of each group sees key ``c`` iff
-    ``c <= r + delta``) and the boolean ``[group * rows]`` rows that see no key. Kept per shape, made
-    outside inference mode so that calls outside it (autograd included) can use it too."""
+    ``c <= r + delta``) and the boolean ``[group * rows]`` rows that see no key, kept per shape."""
     key = (rows, length, delta, group, dtype)
-    if key not in _MASKS:
+    held = _MASKS.get(key)
+    if held is None:
         if len(_MASKS) > 256:
             _MASKS.clear()
-        with torch.inference_mode(False):
-            allowed = torch.arange(length)[None, :] <= torch.arange(rows)[:, None] + delta
-            mask = torch.zeros(rows, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-            _MASKS[key] = (mask.repeat(group, 1), (torch.arange(rows) + delta < 0).repeat(group))
-    return _MASKS[key]
+        held = _MASKS[key] = _made_explicit_mask(*key)
+    return held
+
+
+def _made_explicit_mask(rows: int, length: int, delta: int, group: int, dtype: torch.dtype):
+    """:func:`_explicit_mask` made anew, outside inference mode: a cached mask first made under
+    ``torch.inference_mode()`` must still serve calls outside it (autograd included)."""
+    with torch.inference_mode(False):
+        allowed = torch.arange(length)[None, :] <= torch.arange(rows)[:, None] + delta
+        mask = torch.zeros(rows, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        return mask.repeat(group, 1), (torch.arange(rows) + delta < 0).repeat(group)
 
 
 _PREFIX_MASKS: dict[tuple, torch.Tensor] = {}
@@ -325,8 +334,7 @@ def _prefix_causal_mask(bs: int, count: int, group: int, dtype: torch.dtype) -> 
     key = (bs, group, dtype)
     widest = _PREFIX_MASKS.get(key)
     if widest is None or widest.shape[1] < count * bs:
-        widest = _PREFIX_MASKS[key] = _explicit_mask(bs, count * bs, (count - 1) * bs, group, dtype)[0]
-        _MASKS.pop((bs, count * bs, (count - 1) * bs, group, dtype), None)  # held here instead
+        widest = _PREFIX_MASKS[key] = _made_explicit_mask(bs, count * bs, (count - 1) * bs, group, dtype)[0]
     return widest[:, widest.shape[1] - count * bs :]
 
 
@@ -429,7 +437,8 @@ def _tile_mask(tile: int, bs: int, piece: Piece, fold: int, dtype: torch.dtype) 
     piece's own mask lets row ``i`` see key ``c - j * bs``. Kept per shape (made outside inference
     mode, as :func:`_explicit_mask`)."""
     key = (tile, bs, piece.length, piece.mask, piece.delta, fold, dtype)
-    if key not in _TILE_MASKS:
+    held = _TILE_MASKS.get(key)
+    if held is None:
         if len(_TILE_MASKS) > 256:
             _TILE_MASKS.clear()
         with torch.inference_mode(False):
@@ -440,8 +449,8 @@ def _tile_mask(tile: int, bs: int, piece: Piece, fold: int, dtype: torch.dtype) 
             if piece.mask != "none":  # causal: row i sees keys <= i; explicit: <= i + delta
                 allowed &= own <= r % bs + (piece.delta if piece.mask == "explicit" else 0)
             mask = torch.zeros(tile * bs, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-            _TILE_MASKS[key] = mask.repeat(fold, 1)
-    return _TILE_MASKS[key]
+            held = _TILE_MASKS[key] = mask.repeat(fold, 1)
+    return held
 
 
 # Unmasked keys a folded tile's diagonal joins into one masked call: up to this many (a call's fixed
@@ -605,7 +614,7 @@ def _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, units, counts, indi
                 at = (kv_head * sk + slots).flatten()
                 sources = (k_rows, v_rows)
             # Into buffers kept between calls (see _workspace); autograd cannot go through them.
-            kept = not (torch.is_grad_enabled() and k_rows.requires_grad | v_rows.requires_grad)
+            kept = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q_rows, k_rows, v_rows)))
             keys_all, values_all = (
                 (
                     torch.index_select(

@@ -269,6 +269,8 @@ def bench_prefill(
 
     check_backends(backends)
     plans = dict(plans or {})
+    if plans and not backends:
+        raise BenchError("plans run through the first of the backends; give at least one")
     taken = [name for name in plans if name in ("dense", *backends)]
     if taken:
         raise BenchError(f"plan names {taken} collide with the dense / backend columns; rename the folders")

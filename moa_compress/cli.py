@@ -6,7 +6,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -105,6 +105,21 @@ DeviceMapOpt = Annotated[
 MaxMemoryOpt = Annotated[
     str | None, typer.Option(help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
 ]
+
+
+def named_plans(paths: list[str], net: Any) -> dict[str, Any]:
+    """``--plan`` values loaded for ``net``, each named by its folder (a ``plan.json`` path by the
+    folder holding it); two with the same name are a one-line error."""
+    from moa_compress.plan import load_plan
+
+    plans: dict[str, Any] = {}
+    for given in paths:
+        path = Path(str(given))
+        name = (path.parent.name if path.suffix == ".json" else path.name) or str(given)
+        if name in plans:
+            fail(f"two --plan values are both named {name!r}; give plans in folders of different names")
+        plans[name] = load_plan(given, net)
+    return plans
 
 
 def load(model: str | None, dtype: str, device_map: str | None = None, max_memory: str | None = None):
@@ -304,13 +319,12 @@ def bench_prefill_cmd(
     import torch
 
     from moa_compress.bench import bench_prefill, machine, prefill_table
-    from moa_compress.plan import load_plan
 
     check_fraction(density, "--density")
     torch.set_num_threads(threads)
     names = parse_list(backends, "--backends", str)
     net, _ = load(model, dtype)
-    plans = {Path(str(p)).name or str(p): load_plan(p, net) for p in plan or []}
+    plans = named_plans(plan or [], net)
     typer.echo(f"machine: {machine()}", err=True)
     rows = bench_prefill(
         net, parse_lengths(lengths), density, names, repeats=repeats, plans=plans, progress=echo_progress
@@ -358,9 +372,8 @@ def bench_decode_cmd(
         fail("--steps, --batch and --budget-gib must be positive")
     torch.set_num_threads(threads)
     net, _ = load(model, dtype)
-    from moa_compress.plan import load_plan
 
-    plans = {Path(str(p)).name or str(p): load_plan(p, net) for p in plan or []}
+    plans = named_plans(plan or [], net)
     typer.echo(f"machine: {machine()}", err=True)
     rows = bench_decode(
         net,

@@ -160,6 +160,28 @@ def test_tiles_of_several_query_blocks_equal_the_reference(tile, n, block, seed,
     assert error <= 3 * ref_error + 1e-6, (error, ref_error)
 
 
+def test_schedule_path_static_strided_gated_prefill_gathered_decode_row_strided():
+    """Which path a layout takes: a static plan's bands stay strided; a gate-like prefill (units of
+    many runs) goes to the gather path before any strided planning; a decoding row of the same
+    selection stays strided (the gather path would compute a block of padded rows for it)."""
+    assert not build_schedule(static_plan_layout(2048, 64, 1), 3).gather
+    nq = 32
+    g = torch.Generator().manual_seed(3)
+    cols, rows = torch.arange(nq)[None, :], torch.arange(nq)[:, None]
+    pick = torch.rand(1, 3, nq, nq, generator=g) < 0.3
+    pick = ((pick | (cols == 0) | (cols == rows)) & (cols <= rows)).repeat_interleave(3, dim=1)
+    assert build_schedule(BlockLayout.from_block_mask(pick, 32, nq * 32, nq * 32), 3).gather
+    decode = BlockLayout.from_block_mask(pick[:, :, -1:], 32, 1, nq * 32)
+    assert not build_schedule(decode, 3).gather
+    q, k, v = random_qkv(1, 9, 3, 1, nq * 32, d=16, seed=3)
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, decode, backend="torch"),
+        block_sparse_attention_reference(q, k, v, decode, scale_of(q)),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
 def test_torch_backend_sees_in_place_layout_changes():
     q, k, v = random_qkv(1, 3, 1, 128, d=16)
     layout = causal_layout(128, 128, 3, 32)

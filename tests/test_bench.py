@@ -101,3 +101,17 @@ def test_bench_attention_gate_rows_and_decode_of_a_mixed_plan():
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(BenchError, match="collide"):
         bench_prefill(model, [700], 0.5, ["torch"], repeats=1, plans={"torch": plan})
+    with pytest.raises(BenchError, match="at least one"):
+        bench_prefill(model, [700], 0.5, [], repeats=1, plans={"mixed": plan})
+
+
+def test_bench_prefill_refuses_two_plans_of_one_name_in_one_line():
+    """A shipped plan by name and by its plan.json would share a column: exit 2, one line."""
+    from moa_compress.plan import shipped_plans
+
+    name = "smollm2-135m-instruct-b0.25"
+    args = ["bench", "prefill", "--lengths", "64", "--backends", "torch", "--repeats", "1"]
+    args += ["--plan", name, "--plan", str(shipped_plans()[name])]  # its plan.json
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "two --plan values are both named" in result.stderr and "Traceback" not in result.output
