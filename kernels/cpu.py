@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -306,11 +308,17 @@ def _explicit_mask(rows: int, length: int, delta: int, group: int, dtype: torch.
     """Additive mask ``[group * rows, length]`` (row ``r`` of each group sees key ``c`` iff
     ``c <= r + delta``) and the boolean ``[group * rows]`` rows that see no key, kept per shape."""
     key = (rows, length, delta, group, dtype)
-    held = _MASKS.get(key)
+    return _kept(_MASKS, key, lambda: _made_explicit_mask(*key))
+
+
+def _kept(cache: dict, key: tuple, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by ``make()`` when missing; the cache is emptied past 256 entries. The
+    value is returned as made or found, never read back (another thread may empty the cache)."""
+    held = cache.get(key)
     if held is None:
-        if len(_MASKS) > 256:
-            _MASKS.clear()
-        held = _MASKS[key] = _made_explicit_mask(*key)
+        if len(cache) > 256:
+            cache.clear()
+        held = cache[key] = make()
     return held
 
 
@@ -437,20 +445,19 @@ def _tile_mask(tile: int, bs: int, piece: Piece, fold: int, dtype: torch.dtype) 
     piece's own mask lets row ``i`` see key ``c - j * bs``. Kept per shape (made outside inference
     mode, as :func:`_explicit_mask`)."""
     key = (tile, bs, piece.length, piece.mask, piece.delta, fold, dtype)
-    held = _TILE_MASKS.get(key)
-    if held is None:
-        if len(_TILE_MASKS) > 256:
-            _TILE_MASKS.clear()
-        with torch.inference_mode(False):
-            length = piece.length + (tile - 1) * bs
-            r = torch.arange(tile * bs)[:, None]
-            own = torch.arange(length)[None, :] - (r // bs) * bs  # the key's index in the row's own piece
-            allowed = (own >= 0) & (own < piece.length)
-            if piece.mask != "none":  # causal: row i sees keys <= i; explicit: <= i + delta
-                allowed &= own <= r % bs + (piece.delta if piece.mask == "explicit" else 0)
-            mask = torch.zeros(tile * bs, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-            held = _TILE_MASKS[key] = mask.repeat(fold, 1)
-    return held
+    return _kept(_TILE_MASKS, key, lambda: _made_tile_mask(tile, bs, piece, fold, dtype))
+
+
+def _made_tile_mask(tile: int, bs: int, piece: Piece, fold: int, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):
+        length = piece.length + (tile - 1) * bs
+        r = torch.arange(tile * bs)[:, None]
+        own = torch.arange(length)[None, :] - (r // bs) * bs  # the key's index in the row's own piece
+        allowed = (own >= 0) & (own < piece.length)
+        if piece.mask != "none":  # causal: row i sees keys <= i; explicit: <= i + delta
+            allowed &= own <= r % bs + (piece.delta if piece.mask == "explicit" else 0)
+        mask = torch.zeros(tile * bs, length, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        return mask.repeat(fold, 1)
 
 
 # Unmasked keys a folded tile's diagonal joins into one masked call: up to this many (a call's fixed
@@ -589,6 +596,8 @@ def _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, units, counts, indi
     q_blocks = q_rows.view(-1, bs * d) if sq % bs == 0 else None
     k_blocks, v_blocks = (x.view(-1, bs * d) for x in (k_rows, v_rows)) if sk % bs == 0 else (None, None)
     out_blocks = out_rows.view(-1, bs * d) if q_blocks is not None else None
+    # Gathered into buffers kept between calls (see _workspace); autograd cannot go through them.
+    kept = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q_rows, k_rows, v_rows)))
     for count in counts[units].unique().tolist():
         heads, blocks = (units & (counts == count)).nonzero(as_tuple=True)
         chunk = max(1, _GATHER_ELEMENTS // (count * bs * d * max(1, group // 2)))
@@ -613,8 +622,6 @@ def _gather_grouped(q_rows, k_rows, v_rows, out_rows, batch, units, counts, indi
                 slots = (torch.cat([earlier, diag], 1)[:, :, None] * bs + torch.arange(bs)).flatten(1)
                 at = (kv_head * sk + slots).flatten()
                 sources = (k_rows, v_rows)
-            # Into buffers kept between calls (see _workspace); autograd cannot go through them.
-            kept = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q_rows, k_rows, v_rows)))
             keys_all, values_all = (
                 (
                     torch.index_select(
