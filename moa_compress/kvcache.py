@@ -158,6 +158,16 @@ def _span(heads: tuple[int, ...]) -> tuple[int, int] | None:
     return (heads[0], len(heads)) if heads == tuple(range(heads[0], heads[0] + len(heads))) else None
 
 
+def _some_heads(
+    t: torch.Tensor, every: bool, span: tuple[int, int] | None, index: torch.Tensor
+) -> torch.Tensor:
+    """Heads ``index`` (dim 1) of ``t``: ``t`` itself when they are all of them, a slice (a view) when
+    they are consecutive (``span``), else an ``index_select`` copy."""
+    if every:
+        return t
+    return t.narrow(1, *span) if span is not None else t.index_select(1, index)
+
+
 class ClassStorage:
     """The buffers of one :class:`KVClass` and the per-head rule tensors its steps read."""
 
@@ -250,20 +260,17 @@ class ClassStorage:
     def write_at(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
         """:meth:`write_token` for an unpadded batch: one ``position`` for every row, its slot on the host."""
         slot = self.kv.slot_of(position)
-        new_k, new_v = keys[:, :, 0], values[:, :, 0]  # [B, Hkv_layer, D]
-        if not self.all_heads and self.kv_span is not None:
-            new_k, new_v = new_k.narrow(1, *self.kv_span), new_v.narrow(1, *self.kv_span)
-        elif not self.all_heads:
-            new_k, new_v = new_k.index_select(1, self.kv_index), new_v.index_select(1, self.kv_index)
-        self.keys.select(2, slot).copy_(new_k)
-        self.values.select(2, slot).copy_(new_v)
+        self.keys.select(2, slot).copy_(self.kv_heads_of(keys[:, :, 0]))  # [B, Hkv_c, D]
+        self.values.select(2, slot).copy_(self.kv_heads_of(values[:, :, 0]))
         self.slot_positions.select(1, slot).fill_(position)
 
     def query_heads(self, t: torch.Tensor) -> torch.Tensor:  # [B, Hq_layer, ...] -> [B, Hq_c, ...]
-        """The class's query heads of a per-head tensor of the layer (a view when they are consecutive)."""
-        if self.q_span is not None:
-            return t.narrow(1, *self.q_span)
-        return t.index_select(1, self.q_index)
+        """The class's query heads of a per-head tensor of the layer (see :func:`_some_heads`)."""
+        return _some_heads(t, self.all_heads, self.q_span, self.q_index)
+
+    def kv_heads_of(self, t: torch.Tensor) -> torch.Tensor:  # [B, Hkv_layer, ...] -> [B, Hkv_c, ...]
+        """The class's KV heads of a per-KV-head tensor of the layer (see :func:`_some_heads`)."""
+        return _some_heads(t, self.all_heads, self.kv_span, self.kv_index)
 
     def put_query_heads(self, out: torch.Tensor, o: torch.Tensor) -> None:
         """Write the class's heads ``o [B, Hq_c, ...]`` into the layer's ``out [B, Hq_layer, ...]``."""
@@ -335,8 +342,7 @@ class ClassStorage:
         """Store ``keys``/``values`` [B, Hkv_layer, T, D] of absolute ``positions`` [B, T] (-1:
         padding) that the class keeps once rows reach ``lengths`` [B, 1]."""
         self.step_cache = None
-        if not self.all_heads:
-            keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
+        keys, values = self.kv_heads_of(keys), self.kv_heads_of(values)
         keep = self.kv.keeps(positions, lengths)  # [B, T]
         rows, cols = keep.nonzero(as_tuple=True)
         slots = self.kv.slots(positions[rows, cols])
@@ -349,8 +355,7 @@ class ClassStorage:
         """The decode step's write: one token per row, ``keys``/``values`` [B, Hkv_layer, 1, D] at
         ``positions`` [B]."""
         self.step_cache = None
-        if not self.all_heads:
-            keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
+        keys, values = self.kv_heads_of(keys), self.kv_heads_of(values)
         slots = self.kv.slots(positions)
         self.keys.transpose(1, 2).index_put_((self.rows, slots), keys[:, :, 0])
         self.values.transpose(1, 2).index_put_((self.rows, slots), values[:, :, 0])
@@ -508,9 +513,9 @@ class PlanKVLayer(CacheLayerMixin):
         unpadded = self.padding is None and resolve_backend(backend, q.device) in ("torch", "flex")
         for s in self.storage:
             if unpadded and (not s.kv.gated or (blocks is not None and s.sees_whole_blocks)):
-                q_class = q if s.all_heads else s.query_heads(q)
+                q_class = s.query_heads(q)
                 if s.kv.gated:
-                    chosen = blocks if s.all_heads else s.query_heads(blocks)
+                    chosen = s.query_heads(blocks)
                     o = s.step_selected(
                         q_class, stored.keys, stored.values, chosen, stored.start, self.block_size, scale
                     )
@@ -534,6 +539,7 @@ class PlanKVLayer(CacheLayerMixin):
                 used = min(s.kv.capacity, -(-stored.length // self.block_size) * self.block_size)
                 keys, values = keys[:, :, :used], values[:, :, :used]
             visible = s.visible(positions, self.block_size, chosen, used)
+            # Copies, not query_heads' views: every decode backend (Triton included) gets them dense.
             q_class = q if s.all_heads else q.index_select(1, s.q_index)
             o = decode_attention(q_class, keys, values, visible, scale=scale, backend=backend)
             if out is None:
