@@ -348,9 +348,9 @@ def pool_queries_at(q: torch.Tensor, first: int, block_size: int) -> torch.Tenso
     b, h, s, d = q.shape
     padded = torch.cat([q.new_zeros(b, h, head, d), q], dim=2)
     pooled = pool_queries(padded, block_size)  # float32 at least
-    sums = pooled * _block_counts(head + s, block_size, pooled)[:, None]
     counts = _block_counts(head + s, block_size, pooled)
-    counts[0] -= head
+    sums = pooled * counts[:, None]
+    counts[0] -= head  # the first block's padding zeros are not queries
     return sums / counts[:, None]
 
 
