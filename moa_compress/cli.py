@@ -877,6 +877,14 @@ def compress_command(
             "and diagonal)."
         ),
     ] = None,
+    gate_folds: Annotated[
+        int,
+        typer.Option(
+            help="Cost gate rules by cross-fitting: this many more gate sets, each trained without one fold "
+            "of the calibration samples, select each sample's blocks (1: the final gates, on the samples "
+            "they were trained on)."
+        ),
+    ] = 2,
     min_span: MinSpanOpt = None,
     kv_budget: KvBudgetOpt = None,
     cost: CostOpt = None,
@@ -931,6 +939,7 @@ def compress_command(
         gate_steps=gate_steps,
         validation_samples=validation_samples,
         gate_locals=tuple(parse_lengths(gate_locals, "--gate-locals")) if gate_locals else None,
+        gate_folds=gate_folds,
         min_span=min_span,
         kv_budget=kv_budget,
         cost=cost,

@@ -21,8 +21,9 @@ sample are computed once (one dense forward) and kept in the work folder, so an 
 resumes without another forward.
 
 Files (:func:`save_gates`): ``gates.safetensors`` with ``layers.{i}.q_proj`` ``[H_gate, D, gate_dim]``
-and ``layers.{i}.k_proj`` ``[H_gate, 3·D, gate_dim]`` float32, and ``gates.json`` recording those
-shapes and dtype, the settings, the model identity and the loss curve. No pickle.
+and ``layers.{i}.k_proj`` ``[H_gate, 3·D, gate_dim]`` float32 (cross-fitting gates, when trained, as
+``folds.{f}.layers.{i}.*``), and ``gates.json`` recording those shapes and dtype, the settings, the model
+identity, the loss curve and each sample's fold. No pickle.
 """
 
 from __future__ import annotations
@@ -622,6 +623,38 @@ class TrainedGates:
     samples: dict[int, int]
     seconds: dict[str, float] = field(default_factory=dict)
     heldout: dict[str, float] = field(default_factory=dict)  # "initial" / "final" loss on held-out samples
+    # Cross-fitting (``folds > 1``): ``fold_gates[f]`` trained on every sample outside fold ``f``;
+    # ``fold_of[N][i]``: the fold of sample ``i`` at ``N`` (:func:`sample_folds`); ``fold_losses[f]``:
+    # ``fold_gates[f]``'s final loss on its training samples and its loss on fold ``f``'s.
+    fold_gates: list[list[AttnGate]] = field(default_factory=list)
+    fold_of: dict[int, list[int]] = field(default_factory=dict)
+    fold_losses: list[dict[str, float]] = field(default_factory=list)
+
+    def sample_gates(self) -> dict[int, list[list[AttnGate]]] | None:
+        """Length -> for each calibration sample, the gates to cost it with: those trained without it
+        (None without folds)."""
+        return held_out_gates(self.fold_gates, self.fold_of)
+
+
+def sample_folds(counts: Mapping[int, int], folds: int) -> dict[int, list[int]]:
+    """Length -> the fold of each of its ``counts[N]`` samples: the samples taken in length order, then
+    in their own order, dealt to ``folds`` folds in turn (so every fold holds samples of each length
+    that has at least ``folds`` of them)."""
+    out: dict[int, list[int]] = {}
+    dealt = 0
+    for n in sorted(counts):
+        out[n] = [(dealt + i) % folds for i in range(counts[n])]
+        dealt += counts[n]
+    return out
+
+
+def held_out_gates(
+    fold_gates: Sequence[Sequence[AttnGate]], fold_of: Mapping[int, Sequence[int]]
+) -> dict[int, list[list[AttnGate]]] | None:
+    """Length -> per sample, ``fold_gates[its fold]`` (None when there are no fold gates)."""
+    if not fold_gates:
+        return None
+    return {n: [list(fold_gates[f]) for f in folds] for n, folds in fold_of.items()}
 
 
 def distillation_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -664,10 +697,16 @@ def train_gates(
     work_dir: str | Path | None = None,
     progress: bool = True,
     heldout: Mapping[int, Sequence[CalibrationSample]] | None = None,
+    folds: int = 1,
 ) -> TrainedGates:
     """Distil one :class:`AttnGate` per layer from ``model``'s dense attention on ``samples``
     (``{N: [sample, ...]}``; only their ``input_ids`` are used). ``heldout`` samples, never trained on,
     measure the loss before and after.
+
+    ``folds > 1`` (cross-fitting): besides the gates trained on every sample, ``folds`` more sets are
+    trained the same way, set ``f`` on every sample outside fold ``f`` (:func:`sample_folds`), so a
+    sample can be scored by gates that never saw it — what the search charges gate rules with, since
+    gates fit their own training samples far better than new text. Needs at least ``folds`` samples.
 
     With ``work_dir`` each sample's pooled Q/K and targets are written there as they are computed and
     read back on a rerun with the same model and settings (training itself takes a minute or two).
@@ -678,6 +717,13 @@ def train_gates(
     settings.check()
     if not samples or any(len(v) == 0 for v in samples.values()):
         raise GateError("gate training needs at least one sample per length")
+    counts = {n: len(v) for n, v in samples.items()}
+    if folds < 1:
+        raise GateError(f"--gate-folds must be positive, got {folds}")
+    if folds > 1 and sum(counts.values()) < folds:
+        raise GateError(
+            f"--gate-folds {folds} needs at least {folds} calibration samples, got {sum(counts.values())}"
+        )
     identity = identity_of(model)
     work = Path(work_dir) if work_dir is not None else None
     key = {"model_weights": model_digest(model), "block_size": settings.block_size,
@@ -704,35 +750,25 @@ def train_gates(
     targets_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    gates = _make_gates(identity, settings, _rope_theta(model))
-    params = [p for gate in gates for p in gate.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-
-    def loss_of_all(items: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        total_loss = torch.zeros(())
-        for item in items:
-            for layer, gate in enumerate(gates):
-                scores = gate(item[f"q.{layer}"][None], item[f"k.{layer}"][None])[0]
-                total_loss = total_loss + distillation_loss(scores, item[f"target.{layer}"])
-        return total_loss / (len(items) * len(gates))
-
-    with torch.no_grad():
-        initial = float(loss_of_all(data["train"]))
-        heldout_losses = {"initial": float(loss_of_all(data["heldout"]))} if data["heldout"] else {}
-    losses: list[float] = []
-    with progress_steps(progress, settings.steps, "training gates") as step:
-        for _ in range(settings.steps):
-            optimizer.zero_grad()
-            loss = loss_of_all(data["train"])
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            step(f"training gates (KL {losses[-1]:.4f})")
-    for gate in gates:
-        gate.requires_grad_(False)
+    theta = _rope_theta(model)
+    gates, losses, initial = _fit(data["train"], identity, settings, theta, progress, "training gates")
+    heldout_losses: dict[str, float] = {}
     if data["heldout"]:
-        with torch.no_grad():
-            heldout_losses["final"] = float(loss_of_all(data["heldout"]))
+        fresh = _make_gates(identity, settings, theta)
+        heldout_losses = {
+            "initial": _mean_loss(fresh, data["heldout"]),
+            "final": _mean_loss(gates, data["heldout"]),
+        }
+    fold_of = sample_folds(counts, folds) if folds > 1 else {}
+    dealt = [f for n in sorted(fold_of) for f in fold_of[n]]  # data["train"] is in the same order
+    fold_gates, fold_losses = [], []
+    for f in range(folds if folds > 1 else 0):
+        inside = [item for item, g in zip(data["train"], dealt, strict=True) if g != f]
+        left_out = [item for item, g in zip(data["train"], dealt, strict=True) if g == f]
+        label = f"training gates without fold {f + 1}/{folds}"
+        fitted, fold_curve, _ = _fit(inside, identity, settings, theta, progress, label)
+        fold_gates.append(fitted)
+        fold_losses.append({"train": fold_curve[-1], "held_out": _mean_loss(fitted, left_out)})
     return TrainedGates(
         model=identity,
         settings=settings,
@@ -743,7 +779,53 @@ def train_gates(
         samples={n: len(samples[n]) for n in sorted(samples)},
         seconds={"targets": round(targets_s, 2), "training": round(time.perf_counter() - started, 2)},
         heldout=heldout_losses,
+        fold_gates=fold_gates,
+        fold_of=fold_of,
+        fold_losses=fold_losses,
     )
+
+
+def _fit(
+    items: list[dict[str, torch.Tensor]],
+    identity: ModelIdentity,
+    settings: GateSettings,
+    rope_theta: float,
+    progress: bool,
+    label: str,
+) -> tuple[list[AttnGate], list[float], float]:
+    """Fresh gates (seeded by ``settings.seed``) trained on ``items`` (:func:`sample_targets`' tensors):
+    ``(gates, loss at each step, loss before training)``. Every step sees every item."""
+    gates = _make_gates(identity, settings, rope_theta)
+    params = [p for gate in gates for p in gate.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    initial = _mean_loss(gates, items)
+    losses: list[float] = []
+    with progress_steps(progress, settings.steps, label) as step:
+        for _ in range(settings.steps):
+            optimizer.zero_grad()
+            loss = _loss_of_all(gates, items)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step(f"{label} (KL {losses[-1]:.4f})")
+    for gate in gates:
+        gate.requires_grad_(False)
+    return gates, losses, initial
+
+
+def _loss_of_all(gates: Sequence[AttnGate], items: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean distillation loss over ``items`` and layers."""
+    total_loss = torch.zeros(())
+    for item in items:
+        for layer, gate in enumerate(gates):
+            scores = gate(item[f"q.{layer}"][None], item[f"k.{layer}"][None])[0]
+            total_loss = total_loss + distillation_loss(scores, item[f"target.{layer}"])
+    return total_loss / (len(items) * len(gates))
+
+
+def _mean_loss(gates: Sequence[AttnGate], items: Sequence[dict[str, torch.Tensor]]) -> float:
+    with torch.no_grad():
+        return float(_loss_of_all(gates, items))
 
 
 def _save_targets(path: Path, tensors: Mapping[str, torch.Tensor], key: Mapping[str, Any]) -> None:
@@ -783,9 +865,11 @@ def save_gates(trained: TrainedGates, out_dir: str | Path, force: bool = False) 
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists; pass --force to overwrite")
     tensors = {}
-    for i, gate in enumerate(trained.gates):
-        tensors[f"layers.{i}.q_proj"] = gate.q_proj.detach().float().contiguous()
-        tensors[f"layers.{i}.k_proj"] = gate.k_proj.detach().float().contiguous()
+    sets = [("", trained.gates)] + [(f"folds.{f}.", g) for f, g in enumerate(trained.fold_gates)]
+    for prefix, gates in sets:
+        for i, gate in enumerate(gates):
+            tensors[f"{prefix}layers.{i}.q_proj"] = gate.q_proj.detach().float().contiguous()
+            tensors[f"{prefix}layers.{i}.k_proj"] = gate.k_proj.detach().float().contiguous()
     atomic_write_bytes(out / GATES_TENSORS, save(tensors))
     body = {
         "format": FORMAT,
@@ -801,6 +885,12 @@ def save_gates(trained: TrainedGates, out_dir: str | Path, force: bool = False) 
         "heldout_loss": trained.heldout,
         "seconds": trained.seconds,
     }
+    if trained.fold_gates:
+        body["folds"] = {
+            "count": len(trained.fold_gates),
+            "of": {str(n): folds for n, folds in trained.fold_of.items()},
+            "losses": trained.fold_losses,
+        }
     atomic_write_bytes(target, (json.dumps(body, indent=1) + "\n").encode())
     return target
 
@@ -808,6 +898,18 @@ def save_gates(trained: TrainedGates, out_dir: str | Path, force: bool = False) 
 def load_gates(path: str | Path, model: Any = None) -> list[AttnGate]:
     """Read :func:`save_gates`' files (a folder or its ``gates.json``); with ``model``, check the gates
     were trained for it. Every tensor's shape is checked against the JSON; errors are one line."""
+    return _read_gates(path, model)[0]
+
+
+def load_fold_gates(path: str | Path, model: Any = None) -> tuple[list[list[AttnGate]], dict[int, list[int]]]:
+    """The cross-fitting gates :func:`save_gates` wrote beside the main ones: ``(fold_gates, fold_of)``
+    as in :class:`TrainedGates` (both empty for gates trained without folds)."""
+    return _read_gates(path, model)[1:]
+
+
+def _read_gates(
+    path: str | Path, model: Any
+) -> tuple[list[AttnGate], list[list[AttnGate]], dict[int, list[int]]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -828,8 +930,13 @@ def load_gates(path: str | Path, model: Any = None) -> list[AttnGate]:
         settings = GateSettings(**body["settings"])
         rope_theta = float(body["rope_theta"])
         shapes = {key: tuple(entry["shape"]) for key, entry in body["tensors"].items()}
+        folds = body.get("folds") or {"count": 0, "of": {}}
+        fold_count = int(folds["count"])
+        fold_of = {int(n): [int(f) for f in of] for n, of in folds["of"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise GateError(f"{json_path}: malformed gates file ({type(exc).__name__}: {exc})") from None
+    if any(not 0 <= f < fold_count for of in fold_of.values() for f in of):
+        raise GateError(f"{json_path}: a sample's fold is outside the {fold_count} fold(s) recorded")
     if model is not None and identity_of(model).fingerprint != identity.fingerprint:
         raise GateError(f"{json_path}: the gates were trained for another model ({identity.name})")
     try:
@@ -838,16 +945,20 @@ def load_gates(path: str | Path, model: Any = None) -> list[AttnGate]:
         raise GateError(
             f"{json_path.parent / GATES_TENSORS}: missing or damaged ({type(exc).__name__})"
         ) from None
-    gates = _make_gates(identity, settings, rope_theta)
-    for i, gate in enumerate(gates):
-        for name in ("q_proj", "k_proj"):
-            key = f"layers.{i}.{name}"
-            found = tensors.get(key)
-            expected = tuple(getattr(gate, name).shape)
-            if found is None or tuple(found.shape) != expected or shapes.get(key) != expected:
-                raise GateError(
-                    f"{json_path.parent / GATES_TENSORS}: {key} is missing or not of shape {expected}"
-                )
-            getattr(gate, name).data.copy_(found)
-        gate.requires_grad_(False)
-    return gates
+
+    def gate_set(prefix: str) -> list[AttnGate]:
+        gates = _make_gates(identity, settings, rope_theta)
+        for i, gate in enumerate(gates):
+            for name in ("q_proj", "k_proj"):
+                key = f"{prefix}layers.{i}.{name}"
+                found = tensors.get(key)
+                expected = tuple(getattr(gate, name).shape)
+                if found is None or tuple(found.shape) != expected or shapes.get(key) != expected:
+                    raise GateError(
+                        f"{json_path.parent / GATES_TENSORS}: {key} is missing or not of shape {expected}"
+                    )
+                getattr(gate, name).data.copy_(found)
+            gate.requires_grad_(False)
+        return gates
+
+    return gate_set(""), [gate_set(f"folds.{f}.") for f in range(fold_count)], fold_of

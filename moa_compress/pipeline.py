@@ -102,17 +102,23 @@ class GateStage:
 
     gates: list[Any]
     losses: dict[str, Any]
+    cost_gates: dict[int, list[list[Any]]] | None = None  # per sample, gates trained without it
 
 
 def _gate_losses(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict) or not body.get("losses"):
         return {}
+    folds = body.get("folds") if isinstance(body.get("folds"), dict) else {}
     return {
         "initial": body.get("initial_loss"),
         "final": body["losses"][-1],
         "heldout": body.get("heldout_loss", {}),
         "steps": len(body["losses"]),
         "seconds": body.get("seconds", {}),
+        # How gate rules were costed: by gates trained without each sample (cross-fitting) or by
+        # the final gates on their own training samples (folds 1).
+        "cost_folds": folds.get("count", 1) if folds else 1,
+        "fold_losses": folds.get("losses", []) if folds else [],
     }
 
 
@@ -484,6 +490,8 @@ class _Context:
             GATES_FILE,
             GateError,
             GateSettings,
+            held_out_gates,
+            load_fold_gates,
             load_gates,
             save_gates,
             train_gates,
@@ -493,29 +501,41 @@ class _Context:
         if self.state.done("gates"):
             try:
                 gates = load_gates(folder, self.model)
+                fold_gates, fold_of = load_fold_gates(folder, self.model)
                 record = read_json(folder / GATES_FILE)
             except GateError:
                 pass  # damaged: train again (the samples' targets are still reused)
             else:
                 _say(self.progress, f"gates: reusing {folder}")
                 self.resumed.add("gates")
-                return GateStage(gates, _gate_losses(record))
+                return GateStage(gates, _gate_losses(record), held_out_gates(fold_gates, fold_of))
         self.state.mark("gates", done=False)
         s = self.settings
         samples = self.calibration_samples()
         count = sum(len(v) for v in samples.values())
-        _say(self.progress, f"gates: training one gate per layer on {count} calibration sample(s)")
+        folds = min(s.gate_folds, count)
+        crossfit = (
+            f", and {folds} more sets each without one fold of them to cost the rules" if folds > 1 else ""
+        )
+        _say(self.progress, f"gates: training one gate per layer on {count} calibration sample(s){crossfit}")
         trained = train_gates(
             self.model,
             samples,
             GateSettings(block_size=s.block_size, gate_dim=s.gate_dim, steps=s.gate_steps, seed=s.seed),
             work_dir=self.state.root / GATE_SAMPLES_DIR,
             progress=self.progress,
+            folds=folds,
         )
         path = save_gates(trained, folder, force=True)
         self.state.mark("gates", done=True)
         _say(self.progress, f"gates: KL per row {trained.initial_loss:.4f} -> {trained.losses[-1]:.4f}")
-        return GateStage(trained.gates, _gate_losses(read_json(path)))
+        for f, losses in enumerate(trained.fold_losses):
+            _say(
+                self.progress,
+                f"gates without fold {f + 1}: KL per row {losses['train']:.4f} on their samples, "
+                f"{losses['held_out']:.4f} on the fold's",
+            )
+        return GateStage(trained.gates, _gate_losses(read_json(path)), trained.sample_gates())
 
     def search_stage(self, profile: Profile, record: Mapping[str, Any], gates: GateStage | None = None):
         from moa_compress.search import search_plan
@@ -540,6 +560,7 @@ class _Context:
             rules=s.rules,
             gates=gates.gates if gates is not None else None,
             gate_samples=calibration_maps(self.state.root, profile) if gates is not None else None,
+            cost_gates=gates.cost_gates if gates is not None else None,
             gate_locals=s.gate_locals,
             min_span=s.min_span,
             kv_budget=s.kv_budget,
@@ -913,6 +934,10 @@ def summary_table(summary: Mapping[str, Any]) -> str:
             f"gates: KL per query-block row {gates['initial']:.4f} -> {gates['final']:.4f} "
             f"after {gates['steps']} steps"
         )
+        if gates.get("fold_losses"):
+            held = ", ".join(f"{f['held_out']:.4f}" for f in gates["fold_losses"])
+            lines.append(f"gate rules costed by {len(gates['fold_losses'])} gate sets each without one fold "
+                         f"of the samples (KL per row on the fold left out: {held})")  # fmt: skip
     ppl = summary["eval"].get("ppl", {})
     if "skipped" in summary["eval"]:
         lines += ["", f"eval skipped: {summary['eval']['skipped']}"]

@@ -338,6 +338,15 @@ class SampleMaps:
     k_blocks: Sequence[torch.Tensor]
 
 
+def _sample_gates(sample_gates: Mapping[int, Sequence[Sequence[Any]]], n: int, i: int) -> Sequence[Any]:
+    per_sample = sample_gates.get(n, ())
+    if i >= len(per_sample):
+        raise SearchError(
+            f"no cost gates for calibration sample {i + 1} at {n} tokens ({len(per_sample)} given)"
+        )
+    return per_sample[i]
+
+
 def gate_costs(
     profile: Profile,
     gates: Sequence[Any],
@@ -346,10 +355,17 @@ def gate_costs(
     per_head: bool = False,
     renormalise: bool = True,
     cost: str | None = None,
+    *,
+    sample_gates: Mapping[int, Sequence[Sequence[Any]]] | None = None,
 ) -> dict[int, np.ndarray]:
     """Profiled length -> float64 ``[groups, rules]``: the fraction of the model's causal influence at
     that length that each group loses with each gate rule, in the unit :func:`rule_costs` charges static
     rules, so the two compare.
+
+    ``sample_gates[N][i]``: the per-layer gates that select sample ``i``'s blocks at ``N`` instead of
+    ``gates`` — gates trained without that sample (:func:`moa_compress.gates.train_gates` with
+    ``folds``), so a gate rule is charged what it drops on text its gates did not fit, as a static rule
+    (fitted to nothing) is.
 
     A gate's blocks depend on the input, so the cost is taken sample by sample: on each calibration
     sample ``s`` (``samples[N]``, iterated once, in the profile's sample order, ``profile.samples[N]`` of
@@ -391,6 +407,7 @@ def gate_costs(
         count = 0
         for sample in samples[n]:
             count += 1
+            chosen = gates if sample_gates is None else _sample_gates(sample_gates, n, count - 1)
             measure, mass = sample.maps[name], sample.maps.get("mass")
             if tuple(measure.shape) != (model.num_layers, heads, nb, nb):
                 raise SearchError(
@@ -399,7 +416,7 @@ def gate_costs(
                 )
             for layer in range(model.num_layers):
                 with torch.no_grad():
-                    scores = gates[layer](
+                    scores = chosen[layer](
                         sample.q_blocks[layer][None].float(), sample.k_blocks[layer][None].float()
                     )  # [1, Hg, nB, nB]
                 keep = gate_selections(scores, tiled_blocks, tiled_gates, tiled_windows)[0]
@@ -690,6 +707,7 @@ def search_plan(
     rules: Sequence[str] | None = None,
     gates: Sequence[Any] | None = None,
     gate_samples: Mapping[int, Iterable[SampleMaps]] | None = None,
+    cost_gates: Mapping[int, Sequence[Sequence[Any]]] | None = None,
     gate_targets: Sequence[float] | None = None,
     gate_locals: Sequence[int] | None = None,
     kv_budget: float | None = None,
@@ -710,7 +728,8 @@ def search_plan(
     ``rules``: the rule kinds to choose from (:data:`RULE_KINDS`; default all three with ``gates``,
     else static and dense). Gate candidates need ``gates`` (one trained
     :class:`moa_compress.gates.AttnGate` per layer) and ``gate_samples`` (the profile's calibration
-    samples, see :func:`gate_costs`); ``gate_targets`` are their target densities (default
+    samples, see :func:`gate_costs`; ``cost_gates``: per sample, the gates to cost it with instead, e.g.
+    gates that never saw it); ``gate_targets`` are their target densities (default
     :data:`DEFAULT_GATE_TARGETS` plus the budget), each with every local window of ``gate_locals``
     (blocks ending at the diagonal kept whatever the gate says; default :data:`DEFAULT_GATE_LOCALS`). Plans with gate rules carry the gates of the layers
     that use them. ``alphas`` in tokens (default: :data:`DEFAULT_ALPHA_BLOCKS` times the block size),
@@ -825,7 +844,9 @@ def search_plan(
         costs = rule_costs(profile, candidates, per_head, renormalise, cost) if candidates else {}
         if "gate" in kinds:
             gate_rules = gate_candidates(lengths, block, targets, windows)
-            extra = gate_costs(profile, gates, gate_samples, gate_rules, per_head, renormalise, cost)
+            extra = gate_costs(
+                profile, gates, gate_samples, gate_rules, per_head, renormalise, cost, sample_gates=cost_gates
+            )
             candidates += gate_rules
             costs = {
                 n: np.concatenate([costs[n], extra[n]], axis=1) if n in costs else extra[n] for n in profiled

@@ -38,6 +38,7 @@ OPTION_NAMES = {
     "gate_steps": "--gate-steps",
     "gate_dim": "gate_dim",
     "gate_locals": "--gate-locals",
+    "gate_folds": "--gate-folds",
     "min_span": "--min-span",
     "kv_budget": "--kv-budget",
     "cost": "--cost",
@@ -57,7 +58,10 @@ class CompressSettings:
     ``rules``: the rule kinds the search chooses from (``static``, ``gate``, ``dense``; at least one of
     the first two); with ``gate`` a gates stage trains one gate per layer (``gate_dim``, ``gate_steps``
     AdamW steps) on the calibration samples, and the search offers gate rules with each local window of
-    ``gate_locals`` (blocks; :data:`moa_compress.search.DEFAULT_GATE_LOCALS`).
+    ``gate_locals`` (blocks; :data:`moa_compress.search.DEFAULT_GATE_LOCALS`). ``gate_folds``: gate rules
+    are costed by cross-fitting — ``gate_folds`` more gate sets, each trained without one fold of the
+    calibration samples, select each sample's blocks (1: the final gates cost the samples they were
+    trained on; with fewer samples than folds, as many folds as samples).
     ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
     ``kv_budget``: the decode cache's keys at the longest length, as a fraction of dense's, the plan may
     hold (None: no limit; see :meth:`moa_compress.plan.Plan.kv_fraction`).
@@ -87,6 +91,7 @@ class CompressSettings:
     gate_dim: int = 64
     gate_steps: int = 300
     gate_locals: tuple[int, ...] = DEFAULT_GATE_LOCALS
+    gate_folds: int = 2
     min_span: float | None = None
     kv_budget: float | None = None
     cost: str | None = None
@@ -183,6 +188,7 @@ class CompressSettings:
             "answer_tokens",
             "block_size",
             "gate_steps",
+            "gate_folds",
         )
         for name in names:
             if getattr(self, name) < 1:

@@ -167,7 +167,11 @@ def stage_settings(
         profiled = {**model, "profile": profile_digest(profile)}
     stages: dict[str, dict[str, Any]] = {"profile": profiled}
     if "gate" in settings.rules:
-        stages["gates"] = {"gate_dim": settings.gate_dim, "gate_steps": settings.gate_steps}
+        stages["gates"] = {
+            "gate_dim": settings.gate_dim,
+            "gate_steps": settings.gate_steps,
+            "gate_folds": settings.gate_folds,
+        }
     stages["search"] = {
         "budget": settings.budget,
         "extend_lengths": list(settings.extend_lengths),

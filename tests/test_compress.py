@@ -436,7 +436,7 @@ def test_static_and_dense_rules_search_as_before(finished):
 
 
 def test_gate_run_trains_gates_validates_every_candidate_and_writes_the_best(gated, model):
-    from moa_compress.pipeline import WRITTEN
+    from moa_compress.pipeline import WRITTEN, summary_table
 
     out, result = gated
     summary = load_summary(out)
@@ -445,6 +445,9 @@ def test_gate_run_trains_gates_validates_every_candidate_and_writes_the_best(gat
     assert gates["steps"] == 20 and gates["final"] <= gates["initial"]
     assert set(gates["seconds"]) == {"targets", "training"} and summary["seconds"]["gates"] is not None
     assert (out / "work" / "gates" / "gates.json").is_file()
+    # Gate rules were costed by cross-fitting: two more gate sets, each without one of the two samples.
+    assert gates["cost_folds"] == 2 and len(gates["fold_losses"]) == 2
+    assert "without one fold of the samples" in summary_table(summary)
     validation = summary["validation"]
     assert set(validation["alternatives"]) == {"static-only", "gate-only"}
     scores = {
@@ -510,6 +513,9 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
     # Other gate settings make the gates stage (and what follows) stale.
     with pytest.raises(StaleWorkError, match=r"--gate-steps changed \(20 -> 5\).*gates stage"):
         compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_steps=5), tmp_path / "p",
+                 work_dir=work, progress=False)  # fmt: skip
+    with pytest.raises(StaleWorkError, match=r"--gate-folds changed \(2 -> 1\).*gates stage"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_folds=1), tmp_path / "p",
                  work_dir=work, progress=False)  # fmt: skip
 
 

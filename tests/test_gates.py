@@ -140,6 +140,55 @@ def test_sample_targets_match_the_model_and_training_lowers_the_loss(tmp_path):
         save_gates(trained, tmp_path / "gates")
 
 
+def test_cross_fitting_gates_are_the_gates_trained_without_each_fold(tmp_path):
+    """folds=2: samples dealt to folds in length order; fold f's gates equal gates trained on the other
+    samples alone; they are saved beside the main gates and read back; each sample is costed by the
+    gates of its own fold (trained without it)."""
+    from moa_compress.gates import load_fold_gates, sample_folds
+
+    assert sample_folds({100: 3, 160: 2, 64: 1}, 2) == {64: [0], 100: [1, 0, 1], 160: [0, 1]}
+    model = tiny_model("llama", **MODEL)
+    settings = GateSettings(block_size=32, gate_dim=8, steps=15, lr=1e-2)
+    data = {100: samples(100, 3), 160: samples(160, 2, seed=1)}
+    trained = train_gates(model, data, settings, progress=False, folds=2)
+    assert trained.fold_of == {100: [0, 1, 0], 160: [1, 0]} and len(trained.fold_gates) == 2
+    without = {
+        0: {100: [data[100][1]], 160: [data[160][0]]},
+        1: {100: [data[100][0], data[100][2]], 160: [data[160][1]]},
+    }
+    for f, subset in without.items():
+        expected = train_gates(model, subset, settings, progress=False)
+        for got, want in zip(trained.fold_gates[f], expected.gates, strict=True):
+            assert torch.equal(got.q_proj, want.q_proj) and torch.equal(got.k_proj, want.k_proj)
+        assert trained.fold_losses[f]["train"] == expected.losses[-1]
+        assert trained.fold_losses[f]["held_out"] > 0
+    full = train_gates(model, data, settings, progress=False)  # the main gates: folds change nothing
+    assert all(torch.equal(a.q_proj, b.q_proj) for a, b in zip(full.gates, trained.gates, strict=True))
+    by_sample = trained.sample_gates()
+    assert by_sample[100][1] == trained.fold_gates[1] and by_sample[160][0] == trained.fold_gates[1]
+    assert full.sample_gates() is None and full.fold_of == {}
+
+    save_gates(trained, tmp_path)
+    fold_gates, fold_of = load_fold_gates(tmp_path, model)
+    assert fold_of == trained.fold_of and len(load_gates(tmp_path, model)) == 2
+    for got_set, want_set in zip(fold_gates, trained.fold_gates, strict=True):
+        for got, want in zip(got_set, want_set, strict=True):
+            assert torch.equal(got.q_proj, want.q_proj) and torch.equal(got.k_proj, want.k_proj)
+    assert json.loads((tmp_path / "gates.json").read_text())["folds"]["count"] == 2
+    save_gates(full, tmp_path / "plain")
+    assert load_fold_gates(tmp_path / "plain") == ([], {})
+
+    body = json.loads((tmp_path / "gates.json").read_text())
+    body["folds"]["of"]["100"] = [0, 2, 0]
+    (tmp_path / "gates.json").write_text(json.dumps(body))
+    with pytest.raises(GateError, match="outside the 2 fold"):
+        load_fold_gates(tmp_path)
+    with pytest.raises(GateError, match="--gate-folds 3 needs at least 3 calibration samples"):
+        train_gates(model, {100: samples(100, 2)}, settings, progress=False, folds=3)
+    with pytest.raises(GateError, match="--gate-folds must be positive"):
+        train_gates(model, {100: samples(100, 2)}, settings, progress=False, folds=0)
+
+
 def test_damaged_gate_files_are_one_line_errors(tmp_path):
     model = tiny_model("llama", **MODEL)
     trained = train_gates(model, {64: samples(64, 1)}, GateSettings(block_size=32, gate_dim=8, steps=2),

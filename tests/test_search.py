@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -465,18 +466,33 @@ def random_gates(profile, seed=0, per_query_head=False):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("per_head, per_query_head", [(False, False), (True, False), (True, True)])
-def test_gate_cost_equals_a_per_sample_brute_force(per_head, per_query_head):
+@pytest.mark.parametrize(
+    "per_head, per_query_head, cross", [(False, False, False), (True, False, False), (True, True, False),
+                                        (False, False, True)]
+)  # fmt: skip
+def test_gate_cost_equals_a_per_sample_brute_force(per_head, per_query_head, cross):
     """Sample by sample, head by head, row by row: the gate's own top blocks (sorted here, not by
     gate_selections), the net influence of the causal blocks it drops divided by the row's kept mass
-    (floored), mean over samples, over the profile's total net influence."""
+    (floored), mean over samples, over the profile's total net influence. ``cross``: each sample
+    selected by its own gates (``sample_gates``, as cross-fitting gives), not the main ones."""
     from moa_compress.plan import GateRule
     from moa_compress.search import gate_costs
 
     profile, samples = gated_profile()
     gates = random_gates(profile, per_query_head=per_query_head)
     rules = [GateRule(0.2), GateRule(0.45), GateRule(0.7), GateRule(0.45, local=3)]
-    got = gate_costs(profile, gates, samples, rules, per_head=per_head)
+    chosen = {n: [gates] * len(items) for n, items in samples.items()}
+    if cross:
+        sets = [random_gates(profile, seed=s, per_query_head=per_query_head) for s in (1, 2)]
+        chosen = {n: [sets[i % 2] for i in range(len(items))] for n, items in samples.items()}
+        got = gate_costs(profile, gates, samples, rules, per_head=per_head, sample_gates=chosen)
+        assert not np.allclose(
+            got[profile.lengths[0]], gate_costs(profile, gates, samples, rules)[profile.lengths[0]]
+        )
+        with pytest.raises(SearchError, match="no cost gates for calibration sample 2"):
+            gate_costs(profile, gates, samples, rules, sample_gates={n: c[:1] for n, c in chosen.items()})
+    else:
+        got = gate_costs(profile, gates, samples, rules, per_head=per_head)
     m, bs = profile.model, profile.block_size
     group = m.num_heads // m.num_kv_heads
     for n in profile.lengths:
@@ -485,9 +501,10 @@ def test_gate_cost_equals_a_per_sample_brute_force(per_head, per_query_head):
         causal = torch.ones(nb, nb, dtype=torch.bool).tril()
         total = float(profile.net[n].double()[..., causal].sum())
         expected = torch.zeros(m.num_layers, m.num_heads, len(rules), dtype=torch.float64)
-        for sample in samples[n]:
+        for i, sample in enumerate(samples[n]):
             for layer in range(m.num_layers):
-                scores = gates[layer](sample.q_blocks[layer][None], sample.k_blocks[layer][None])[0]
+                own = chosen[n][i][layer]
+                scores = own(sample.q_blocks[layer][None], sample.k_blocks[layer][None])[0]
                 for head in range(m.num_heads):
                     row_scores = scores[head if per_query_head else head // group]
                     for r, rule in enumerate(rules):
