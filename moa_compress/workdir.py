@@ -62,8 +62,10 @@ class WorkFolder:
 
     def files(self, stage: str) -> list[Path]:
         return {
-            "profile": [self.root / PROFILE_SAMPLES_DIR, self.root / "profile"],
-            "gates": [self.root / GATE_SAMPLES_DIR, self.root / GATES_DIR],
+            # The gates' inputs and targets come from the profile's calibration samples and the model
+            # alone: they go with the profile stage, and survive redoing the gates with other settings.
+            "profile": [self.root / PROFILE_SAMPLES_DIR, self.root / "profile", self.root / GATE_SAMPLES_DIR],
+            "gates": [self.root / GATES_DIR],
             "search": [self.root / SEARCH_FILE, self.root / SEARCH_TENSORS],
             "validate": [self.root / "validation.json"],
         }[stage]

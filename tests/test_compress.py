@@ -517,6 +517,11 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
     with pytest.raises(StaleWorkError, match=r"--gate-folds changed \(2 -> 1\).*gates stage"):
         compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_folds=1), tmp_path / "p",
                  work_dir=work, progress=False)  # fmt: skip
+    # --force redoes the gates with the new settings from the kept targets (sample_targets still fails).
+    redone = compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_folds=1), tmp_path / "p",
+                      work_dir=work, force=True, progress=False)  # fmt: skip
+    assert redone.summary["gates"]["cost_folds"] == 1 and not redone.summary["gates"]["fold_losses"]
+    assert redone.summary["seconds"]["gates"] is not None
 
 
 def test_a_kv_budget_bounds_the_written_plans_decode_cache(gated, model, tokenizer, eval_text, tmp_path):
