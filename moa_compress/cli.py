@@ -881,8 +881,9 @@ def compress_command(
         int,
         typer.Option(
             help="Cost gate rules by cross-fitting: this many more gate sets, each trained without one fold "
-            "of the calibration samples, select each sample's blocks (1: the final gates, on the samples "
-            "they were trained on)."
+            "of the calibration samples, select each sample's blocks (at most one fold per sample; each set "
+            "trains as long as the final gates on fewer samples). 1: the final gates, on the samples they "
+            "were trained on."
         ),
     ] = 2,
     min_span: MinSpanOpt = None,

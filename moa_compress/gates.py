@@ -901,10 +901,13 @@ def load_gates(path: str | Path, model: Any = None) -> list[AttnGate]:
     return _read_gates(path, model)[0]
 
 
-def load_fold_gates(path: str | Path, model: Any = None) -> tuple[list[list[AttnGate]], dict[int, list[int]]]:
-    """The cross-fitting gates :func:`save_gates` wrote beside the main ones: ``(fold_gates, fold_of)``
-    as in :class:`TrainedGates` (both empty for gates trained without folds)."""
-    return _read_gates(path, model)[1:]
+def load_gates_with_folds(
+    path: str | Path, model: Any = None
+) -> tuple[list[AttnGate], list[list[AttnGate]], dict[int, list[int]]]:
+    """:func:`load_gates` and the cross-fitting gates :func:`save_gates` wrote beside them:
+    ``(gates, fold_gates, fold_of)`` as in :class:`TrainedGates` (the last two empty for gates trained
+    without folds)."""
+    return _read_gates(path, model)
 
 
 def _read_gates(
@@ -933,10 +936,17 @@ def _read_gates(
         folds = body.get("folds") or {"count": 0, "of": {}}
         fold_count = int(folds["count"])
         fold_of = {int(n): [int(f) for f in of] for n, of in folds["of"].items()}
+        counts = {int(n): int(k) for n, k in body["samples"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise GateError(f"{json_path}: malformed gates file ({type(exc).__name__}: {exc})") from None
-    if any(not 0 <= f < fold_count for of in fold_of.values() for f in of):
-        raise GateError(f"{json_path}: a sample's fold is outside the {fold_count} fold(s) recorded")
+    if fold_count and (
+        fold_count < 2
+        or {n: len(of) for n, of in fold_of.items()} != counts
+        or {f for of in fold_of.values() for f in of} != set(range(fold_count))
+    ):
+        raise GateError(
+            f"{json_path}: its folds ({fold_count}) do not deal its samples ({counts}) into every fold once"
+        )
     if model is not None and identity_of(model).fingerprint != identity.fingerprint:
         raise GateError(f"{json_path}: the gates were trained for another model ({identity.name})")
     try:

@@ -491,8 +491,7 @@ class _Context:
             GateError,
             GateSettings,
             held_out_gates,
-            load_fold_gates,
-            load_gates,
+            load_gates_with_folds,
             save_gates,
             train_gates,
         )
@@ -500,8 +499,7 @@ class _Context:
         folder = self.state.root / GATES_DIR
         if self.state.done("gates"):
             try:
-                gates = load_gates(folder, self.model)
-                fold_gates, fold_of = load_fold_gates(folder, self.model)
+                gates, fold_gates, fold_of = load_gates_with_folds(folder, self.model)
                 record = read_json(folder / GATES_FILE)
             except GateError:
                 pass  # damaged: train again (the samples' targets are still reused)
@@ -514,6 +512,9 @@ class _Context:
         samples = self.calibration_samples()
         count = sum(len(v) for v in samples.values())
         folds = min(s.gate_folds, count)
+        if s.gate_folds > 1 and folds == 1:  # what --gate-folds asked for cannot be done: say so once
+            print("note: one calibration sample: gate rules are costed on it in-sample (cross-fitting needs two)",
+                  file=sys.stderr)  # fmt: skip
         crossfit = (
             f", and {folds} more sets each without one fold of them to cost the rules" if folds > 1 else ""
         )

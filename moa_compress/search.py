@@ -338,15 +338,6 @@ class SampleMaps:
     k_blocks: Sequence[torch.Tensor]
 
 
-def _sample_gates(sample_gates: Mapping[int, Sequence[Sequence[Any]]], n: int, i: int) -> Sequence[Any]:
-    per_sample = sample_gates.get(n, ())
-    if i >= len(per_sample):
-        raise SearchError(
-            f"no cost gates for calibration sample {i + 1} at {n} tokens ({len(per_sample)} given)"
-        )
-    return per_sample[i]
-
-
 def gate_costs(
     profile: Profile,
     gates: Sequence[Any],
@@ -391,6 +382,13 @@ def gate_costs(
     heads = model.num_heads
     per_query = bool(getattr(gates[0], "per_query_head", False)) if len(gates) else False
     gate_of_head = torch.arange(heads) if per_query else torch.arange(heads) // (heads // model.num_kv_heads)
+    for n in profile.lengths if sample_gates is not None else ():
+        given = sample_gates.get(n, ())
+        if len(given) != profile.samples[n] or any(len(chosen) != model.num_layers for chosen in given):
+            raise SearchError(
+                f"cost gates at {n} tokens: {len(given)} set(s) of {[len(c) for c in given]} layer gates, "
+                f"the profile has {profile.samples[n]} sample(s) and {model.num_layers} layers"
+            )
     costs: dict[int, np.ndarray] = {}
     for n in profile.lengths:
         nb = num_blocks(n, bs)
@@ -407,7 +405,7 @@ def gate_costs(
         count = 0
         for sample in samples[n]:
             count += 1
-            chosen = gates if sample_gates is None else _sample_gates(sample_gates, n, count - 1)
+            chosen = gates if sample_gates is None else sample_gates[n][count - 1]
             measure, mass = sample.maps[name], sample.maps.get("mass")
             if tuple(measure.shape) != (model.num_layers, heads, nb, nb):
                 raise SearchError(
@@ -952,6 +950,7 @@ def search_plan(
         **({"gate_targets": targets, "gate_locals": windows} if "gate" in kinds else {}),
         "candidates": len(candidates),
         "gate_candidates": gate_count,
+        **({"gate_costs": "cross-fitted" if cost_gates is not None else "in-sample"} if gate_count else {}),
         "pareto_size": pareto_size,
         "mip_gap": mip_gap,
         "cost": cost + (", renormalised" if renormalise and profile.mass else ", additive"),

@@ -133,12 +133,18 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+# Stage settings recorded only when they differ from these values (work folders made before the setting
+# existed were made with this value, and resume).
+_UNRECORDED = {"gate_folds": 1}
+
+
 def _stale_message(root: Path, stage: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     changed = [key for key in new if old.get(key) != new[key]] or sorted(set(old) - set(new))
     key = changed[0]
     name = OPTION_NAMES.get(key, key)
+    was, now = (side.get(key, _UNRECORDED.get(key)) for side in (old, new))
     return (
-        f"{name} changed ({_show(old.get(key))} -> {_show(new.get(key))}) since the {stage} stage in {root} "
+        f"{name} changed ({_show(was)} -> {_show(now)}) since the {stage} stage in {root} "
         "was made; rerun with the same settings to resume, pass --force to redo that stage and the later "
         "ones, or use another --work"
     )
@@ -169,11 +175,9 @@ def stage_settings(
         profiled = {**model, "profile": profile_digest(profile)}
     stages: dict[str, dict[str, Any]] = {"profile": profiled}
     if "gate" in settings.rules:
-        stages["gates"] = {
-            "gate_dim": settings.gate_dim,
-            "gate_steps": settings.gate_steps,
-            "gate_folds": settings.gate_folds,
-        }
+        stages["gates"] = {"gate_dim": settings.gate_dim, "gate_steps": settings.gate_steps}
+        if settings.gate_folds != _UNRECORDED["gate_folds"]:
+            stages["gates"]["gate_folds"] = settings.gate_folds
     stages["search"] = {
         "budget": settings.budget,
         "extend_lengths": list(settings.extend_lengths),

@@ -445,7 +445,8 @@ def test_gate_run_trains_gates_validates_every_candidate_and_writes_the_best(gat
     assert gates["steps"] == 20 and gates["final"] <= gates["initial"]
     assert set(gates["seconds"]) == {"targets", "training"} and summary["seconds"]["gates"] is not None
     assert (out / "work" / "gates" / "gates.json").is_file()
-    # Gate rules were costed by cross-fitting: two more gate sets, each without one of the two samples.
+    # Gate rules were costed by cross-fitting: two more gate sets, each without one fold of the three
+    # samples (dealt 256: [0, 1], 512: [0]).
     assert gates["cost_folds"] == 2 and len(gates["fold_losses"]) == 2
     assert "without one fold of the samples" in summary_table(summary)
     validation = summary["validation"]
@@ -504,6 +505,33 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
         out / "work" / "gates" / "gates.safetensors"
     ).read_bytes()
     assert resumed.plan == first.plan
+
+    # A search redone on read-back gates costs each sample with the gates of the fold that left it out.
+    from moa_compress import search as search_module
+    from moa_compress.gates import held_out_gates, load_gates_with_folds
+
+    seen = {}
+    real_costs = search_module.gate_costs
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs["sample_gates"])
+        return real_costs(*args, **kwargs)
+
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"]["search"]["done"] = False
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(search_module, "gate_costs", spy)
+    searched = compress(
+        model, tokenizer, settings(eval_text, rules=ALL_RULES), tmp_path / "s", work_dir=work, progress=False
+    )
+    monkeypatch.setattr(search_module, "gate_costs", real_costs)
+    _, fold_gates, fold_of = load_gates_with_folds(work / "gates")
+    expected = held_out_gates(fold_gates, fold_of)
+    assert fold_of == {256: [0, 1], 512: [0]} and set(seen) == set(expected)
+    for n, per_sample in expected.items():
+        for got, want in zip(seen[n], per_sample, strict=True):
+            assert all(torch.equal(a.k_proj, b.k_proj) for a, b in zip(got, want, strict=True))
+    assert searched.plan.rules == first.plan.rules and searched.summary["seconds"]["search"] is not None
 
     # Other gate windows make the search stale (the gates stage stays).
     with pytest.raises(StaleWorkError, match=r"--gate-locals changed \(1,2,4,8 -> 1\).*search stage"):

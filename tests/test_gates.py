@@ -144,7 +144,7 @@ def test_cross_fitting_gates_are_the_gates_trained_without_each_fold(tmp_path):
     """folds=2: samples dealt to folds in length order; fold f's gates equal gates trained on the other
     samples alone; they are saved beside the main gates and read back; each sample is costed by the
     gates of its own fold (trained without it)."""
-    from moa_compress.gates import load_fold_gates, sample_folds
+    from moa_compress.gates import load_gates_with_folds, sample_folds
 
     assert sample_folds({100: 3, 160: 2, 64: 1}, 2) == {64: [0], 100: [1, 0, 1], 160: [0, 1]}
     model = tiny_model("llama", **MODEL)
@@ -169,20 +169,29 @@ def test_cross_fitting_gates_are_the_gates_trained_without_each_fold(tmp_path):
     assert full.sample_gates() is None and full.fold_of == {}
 
     save_gates(trained, tmp_path)
-    fold_gates, fold_of = load_fold_gates(tmp_path, model)
-    assert fold_of == trained.fold_of and len(load_gates(tmp_path, model)) == 2
+    main, fold_gates, fold_of = load_gates_with_folds(tmp_path, model)
+    assert fold_of == trained.fold_of and len(main) == 2 and len(load_gates(tmp_path, model)) == 2
     for got_set, want_set in zip(fold_gates, trained.fold_gates, strict=True):
         for got, want in zip(got_set, want_set, strict=True):
             assert torch.equal(got.q_proj, want.q_proj) and torch.equal(got.k_proj, want.k_proj)
     assert json.loads((tmp_path / "gates.json").read_text())["folds"]["count"] == 2
     save_gates(full, tmp_path / "plain")
-    assert load_fold_gates(tmp_path / "plain") == ([], {})
+    assert load_gates_with_folds(tmp_path / "plain")[1:] == ([], {})
 
-    body = json.loads((tmp_path / "gates.json").read_text())
-    body["folds"]["of"]["100"] = [0, 2, 0]
-    (tmp_path / "gates.json").write_text(json.dumps(body))
-    with pytest.raises(GateError, match="outside the 2 fold"):
-        load_fold_gates(tmp_path)
+    # A fold record that does not deal every recorded sample into every fold once is damage.
+    good = json.loads((tmp_path / "gates.json").read_text())
+    damages = [
+        (2, {"100": [0, 2, 0], "160": [1, 0]}),  # a fold that does not exist
+        (2, {}),  # no samples
+        (2, {"100": [0, 1, 0], "160": [1]}),  # a sample missing
+        (2, {"100": [0, 0, 0], "160": [0, 0]}),  # fold 1 costs nothing
+        (1, {"100": [0, 0, 0], "160": [0, 0]}),  # one fold is no cross-fitting
+    ]
+    for count, of in damages:
+        body = {**good, "folds": {**good["folds"], "count": count, "of": of}}
+        (tmp_path / "gates.json").write_text(json.dumps(body))
+        with pytest.raises(GateError, match="do not deal its samples"):
+            load_gates_with_folds(tmp_path)
     with pytest.raises(GateError, match="--gate-folds 3 needs at least 3 calibration samples"):
         train_gates(model, {100: samples(100, 2)}, settings, progress=False, folds=3)
     with pytest.raises(GateError, match="--gate-folds must be positive"):

@@ -489,8 +489,12 @@ def test_gate_cost_equals_a_per_sample_brute_force(per_head, per_query_head, cro
         assert not np.allclose(
             got[profile.lengths[0]], gate_costs(profile, gates, samples, rules)[profile.lengths[0]]
         )
-        with pytest.raises(SearchError, match="no cost gates for calibration sample 2"):
-            gate_costs(profile, gates, samples, rules, sample_gates={n: c[:1] for n, c in chosen.items()})
+        for short in (
+            {n: c[:1] for n, c in chosen.items()},
+            {n: [g[:1] for g in c] for n, c in chosen.items()},
+        ):
+            with pytest.raises(SearchError, match="cost gates at 100 tokens"):
+                gate_costs(profile, gates, samples, rules, sample_gates=short)
     else:
         got = gate_costs(profile, gates, samples, rules, per_head=per_head)
     m, bs = profile.model, profile.block_size
