@@ -512,8 +512,11 @@ class _Context:
         samples = self.calibration_samples()
         count = sum(len(v) for v in samples.values())
         folds = min(s.gate_folds, count)
-        if s.gate_folds > 1 and folds == 1:  # what --gate-folds asked for cannot be done: say so once
+        if folds == 1 < s.gate_folds:  # what --gate-folds asked for cannot be done: say so once
             print("note: one calibration sample: gate rules are costed on it in-sample (cross-fitting needs two)",
+                  file=sys.stderr)  # fmt: skip
+        elif folds < s.gate_folds:
+            print(f"note: --gate-folds {s.gate_folds} with {count} calibration samples: {folds} folds, one sample each",
                   file=sys.stderr)  # fmt: skip
         crossfit = (
             f", and {folds} more sets each without one fold of them to cost the rules" if folds > 1 else ""

@@ -464,6 +464,7 @@ def test_gate_run_trains_gates_validates_every_candidate_and_writes_the_best(gat
     # The search considered gate candidates and stored the gate plans' weights beside search.json.
     search = json.loads((out / "work" / "search.json").read_text())
     assert search["points"][0]["plan"]["provenance"]["search"]["gate_candidates"] > 0
+    assert search["points"][0]["plan"]["provenance"]["search"]["gate_costs"] == "cross-fitted"
     gate_only = search["alternatives"]["gate-only"]
     assert gate_only["tensors"] and (out / "work" / "search.safetensors").is_file()
     assert any(r["kind"] == "gate" for heads in gate_only["plan"]["rules"] for r in heads)
@@ -550,6 +551,15 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
                       work_dir=work, force=True, progress=False)  # fmt: skip
     assert redone.summary["gates"]["cost_folds"] == 1 and not redone.summary["gates"]["fold_losses"]
     assert redone.summary["seconds"]["gates"] is not None
+
+
+def test_one_calibration_sample_is_costed_in_sample_with_a_note(model, tokenizer, tmp_path, capsys):
+    run = settings(None, rules=ALL_RULES, lengths=(256,), samples=(1,), extend_lengths=(), gate_steps=3)
+    result = compress(model, tokenizer, run, tmp_path / "out", progress=False)
+    assert "one calibration sample: gate rules are costed on it in-sample" in capsys.readouterr().err
+    assert result.summary["gates"]["cost_folds"] == 1 and not result.summary["gates"]["fold_losses"]
+    search = json.loads((tmp_path / "out" / "work" / "search.json").read_text())
+    assert search["points"][0]["plan"]["provenance"]["search"]["gate_costs"] == "in-sample"
 
 
 def test_a_kv_budget_bounds_the_written_plans_decode_cache(gated, model, tokenizer, eval_text, tmp_path):
