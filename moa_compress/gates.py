@@ -898,7 +898,7 @@ def save_gates(trained: TrainedGates, out_dir: str | Path, force: bool = False) 
 def load_gates(path: str | Path, model: Any = None) -> list[AttnGate]:
     """Read :func:`save_gates`' files (a folder or its ``gates.json``); with ``model``, check the gates
     were trained for it. Every tensor's shape is checked against the JSON; errors are one line."""
-    return _read_gates(path, model)[0]
+    return _read_gates(path, model, with_folds=False)[0]
 
 
 def load_gates_with_folds(
@@ -907,12 +907,14 @@ def load_gates_with_folds(
     """:func:`load_gates` and the cross-fitting gates :func:`save_gates` wrote beside them:
     ``(gates, fold_gates, fold_of)`` as in :class:`TrainedGates` (the last two empty for gates trained
     without folds)."""
-    return _read_gates(path, model)
+    return _read_gates(path, model, with_folds=True)
 
 
 def _read_gates(
-    path: str | Path, model: Any
+    path: str | Path, model: Any, with_folds: bool
 ) -> tuple[list[AttnGate], list[list[AttnGate]], dict[int, list[int]]]:
+    """``(gates, fold gates, fold_of)``; the fold gates are built only ``with_folds`` (their record is
+    checked either way)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -971,4 +973,5 @@ def _read_gates(
             gate.requires_grad_(False)
         return gates
 
-    return gate_set(""), [gate_set(f"folds.{f}.") for f in range(fold_count)], fold_of
+    fold_gates = [gate_set(f"folds.{f}.") for f in range(fold_count)] if with_folds else []
+    return gate_set(""), fold_gates, fold_of
