@@ -693,6 +693,9 @@ def train_gates_command(
     ] = False,
     steps: Annotated[int, typer.Option(help="AdamW steps (each over every sample).")] = 300,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW (decoupled) weight decay (default 3.0).")
+    ] = None,
     dtype: DtypeOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     force: Annotated[bool, typer.Option(help="Overwrite existing gates.")] = False,
@@ -705,8 +708,9 @@ def train_gates_command(
     ns = parse_lengths(lengths)
     counts = parse_counts(samples, ns)
     settings = GateSettings(
-        block_size=block_size, gate_dim=gate_dim, per_query_head=per_query_head, steps=steps, lr=lr, seed=seed
-    )
+        block_size=block_size, gate_dim=gate_dim, per_query_head=per_query_head, steps=steps, lr=lr, seed=seed,
+        **({} if weight_decay is None else {"weight_decay": weight_decay}),
+    )  # fmt: skip
     settings.check()
     if (out / GATES_FILE).exists() and not force:
         fail(f"{out / GATES_FILE} exists; pass --force to overwrite")
@@ -886,6 +890,13 @@ def compress_command(
             "were trained on."
         ),
     ] = 2,
+    gate_weight_decay: Annotated[
+        float | None,
+        typer.Option(
+            help="AdamW weight decay of the gates stage (default 3.0: the gates then fit their few "
+            "calibration samples less closely and new text better)."
+        ),
+    ] = None,
     min_span: MinSpanOpt = None,
     kv_budget: KvBudgetOpt = None,
     cost: CostOpt = None,
@@ -941,6 +952,7 @@ def compress_command(
         validation_samples=validation_samples,
         gate_locals=tuple(parse_lengths(gate_locals, "--gate-locals")) if gate_locals else None,
         gate_folds=gate_folds,
+        gate_weight_decay=gate_weight_decay,
         min_span=min_span,
         kv_budget=kv_budget,
         cost=cost,

@@ -522,10 +522,14 @@ class _Context:
             f", and {folds} more sets each without one fold of them to cost the rules" if folds > 1 else ""
         )
         _say(self.progress, f"gates: training one gate per layer on {count} calibration sample(s){crossfit}")
+        recipe = GateSettings(
+            block_size=s.block_size, gate_dim=s.gate_dim, steps=s.gate_steps, weight_decay=s.gate_weight_decay,
+            seed=s.seed,
+        )  # fmt: skip
         trained = train_gates(
             self.model,
             samples,
-            GateSettings(block_size=s.block_size, gate_dim=s.gate_dim, steps=s.gate_steps, seed=s.seed),
+            recipe,
             work_dir=self.state.root / GATE_SAMPLES_DIR,
             progress=self.progress,
             folds=folds,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moa_compress.errors import UserInputError
+from moa_compress.gates import DEFAULT_WEIGHT_DECAY
 from moa_compress.profile import Profile
 from moa_compress.search import DEFAULT_GATE_LOCALS
 
@@ -39,6 +40,7 @@ OPTION_NAMES = {
     "gate_dim": "gate_dim",
     "gate_locals": "--gate-locals",
     "gate_folds": "--gate-folds",
+    "gate_weight_decay": "--gate-weight-decay",
     "min_span": "--min-span",
     "kv_budget": "--kv-budget",
     "cost": "--cost",
@@ -57,8 +59,9 @@ class CompressSettings:
     ``extend_lengths``: longer lengths the plan's density must also hold at (extrapolated rules).
     ``rules``: the rule kinds the search chooses from (``static``, ``gate``, ``dense``; at least one of
     the first two); with ``gate`` a gates stage trains one gate per layer (``gate_dim``, ``gate_steps``
-    AdamW steps) on the calibration samples, and the search offers gate rules with each local window of
-    ``gate_locals`` (blocks; :data:`moa_compress.search.DEFAULT_GATE_LOCALS`). ``gate_folds``: gate rules
+    AdamW steps with weight decay ``gate_weight_decay``) on the calibration samples, and the search
+    offers gate rules with each local window of ``gate_locals`` (blocks;
+    :data:`moa_compress.search.DEFAULT_GATE_LOCALS`). ``gate_folds``: gate rules
     are costed by cross-fitting — ``gate_folds`` more gate sets, each trained without one fold of the
     calibration samples, select each sample's blocks (1: the final gates cost the samples they were
     trained on; with fewer samples than folds, as many folds as samples).
@@ -92,6 +95,7 @@ class CompressSettings:
     gate_steps: int = 300
     gate_locals: tuple[int, ...] = DEFAULT_GATE_LOCALS
     gate_folds: int = 2
+    gate_weight_decay: float = DEFAULT_WEIGHT_DECAY
     min_span: float | None = None
     kv_budget: float | None = None
     cost: str | None = None
@@ -175,6 +179,10 @@ class CompressSettings:
             raise CompressError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.gate_dim < 2 or self.gate_dim % 2:
             raise CompressError(f"gate_dim must be a positive even number, got {self.gate_dim}")
+        if isinstance(self.gate_weight_decay, bool) or not (
+            isinstance(self.gate_weight_decay, (int, float)) and self.gate_weight_decay >= 0
+        ):
+            raise CompressError(f"--gate-weight-decay must be a number >= 0, got {self.gate_weight_decay!r}")
         if not self.gate_locals or any(
             isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.gate_locals
         ):

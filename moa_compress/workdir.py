@@ -135,7 +135,7 @@ def _show(value: Any) -> str:
 
 # Stage settings recorded only when they differ from these values (work folders made before the setting
 # existed were made with this value, and resume).
-_UNRECORDED = {"gate_folds": 1}
+_UNRECORDED = {"gate_folds": 1, "gate_weight_decay": 0.01}
 
 
 def _stale_message(root: Path, stage: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -176,8 +176,9 @@ def stage_settings(
     stages: dict[str, dict[str, Any]] = {"profile": profiled}
     if "gate" in settings.rules:
         stages["gates"] = {"gate_dim": settings.gate_dim, "gate_steps": settings.gate_steps}
-        if settings.gate_folds != _UNRECORDED["gate_folds"]:
-            stages["gates"]["gate_folds"] = settings.gate_folds
+        for key in ("gate_folds", "gate_weight_decay"):
+            if getattr(settings, key) != _UNRECORDED[key]:
+                stages["gates"][key] = getattr(settings, key)
     stages["search"] = {
         "budget": settings.budget,
         "extend_lengths": list(settings.extend_lengths),

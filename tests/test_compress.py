@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -379,6 +381,7 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         (["--validation-samples", "0"], "--validation-samples must be positive"),
         (["--kv-budget", "0.3", "--per-head"], "drop --per-head"),
         (["--gate-locals", "two"], "--gate-locals must"),
+        (["--gate-weight-decay", "-1"], "--gate-weight-decay must be a number >= 0"),
     ]
     for extra, message in cases:
         result = runner.invoke(app, [*base, *extra])
@@ -546,6 +549,16 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
     with pytest.raises(StaleWorkError, match=r"--gate-folds changed \(2 -> 1\).*gates stage"):
         compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_folds=1), tmp_path / "p",
                  work_dir=work, progress=False)  # fmt: skip
+    with pytest.raises(StaleWorkError, match=r"--gate-weight-decay changed \(3.0 -> 0.5\).*gates stage"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_weight_decay=0.5), tmp_path / "p",
+                 work_dir=work, progress=False)  # fmt: skip
+    # A work folder made before the setting was recorded trained its gates with a decay of 0.01.
+    manifest = json.loads((work / "manifest.json").read_text())
+    del manifest["stages"]["gates"]["settings"]["gate_weight_decay"]
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StaleWorkError, match=r"--gate-weight-decay changed \(0.01 -> 3.0\).*gates stage"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES), tmp_path / "p", work_dir=work,
+                 progress=False)  # fmt: skip
     # --force redoes the gates with the new settings from the kept targets (sample_targets still fails).
     redone = compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_folds=1), tmp_path / "p",
                       work_dir=work, force=True, progress=False)  # fmt: skip
@@ -632,3 +645,25 @@ def test_gate_rules_need_the_profiles_own_samples(finished, model, tokenizer, ev
     with pytest.raises(CompressError, match="unknown rule kind 'window'"):
         settings(eval_text, rules=("static", "window")).check()
     assert not (tmp_path / "x").exists()
+
+
+def test_the_gate_decay_bench_retrains_the_fold_gates_of_a_run(gated, monkeypatch, capsys):
+    """bench/gate_decay.py trains each fold's gates as the gates stage does: at the run's own settings its
+    last row is the held-out KL the run recorded for its fold gates."""
+    import runpy
+
+    out, _ = gated
+    record = json.loads((out / "work" / "gates" / "gates.json").read_text())
+    steps, decay = record["settings"]["steps"], record["settings"]["weight_decay"]
+    script = Path(__file__).resolve().parents[1] / "bench" / "gate_decay.py"
+    argv = [str(script), str(out / "work"), "--decays", f"{decay!r}", "--steps", str(steps), "--every", "5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [
+        line.split("|")[1:-1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(f"| {decay:g} |")
+    ]
+    assert [int(r[1]) for r in rows] == list(range(5, steps + 1, 5))
+    recorded = [fold["held_out"] for fold in record["folds"]["losses"]]
+    assert float(rows[-1][3]) == pytest.approx(sum(recorded) / len(recorded), abs=2e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -196,6 +197,8 @@ def test_cross_fitting_gates_are_the_gates_trained_without_each_fold(tmp_path):
         train_gates(model, {100: samples(100, 2)}, settings, progress=False, folds=3)
     with pytest.raises(GateError, match="--gate-folds must be positive"):
         train_gates(model, {100: samples(100, 2)}, settings, progress=False, folds=0)
+    with pytest.raises(GateError, match="--weight-decay must be >= 0"):
+        train_gates(model, {100: samples(100, 2)}, replace(settings, weight_decay=-0.1), progress=False)
 
 
 def test_damaged_gate_files_are_one_line_errors(tmp_path):
