@@ -389,6 +389,41 @@ def test_oracle_layer_spends_the_layer_budget_by_mass_per_pair_and_never_more(to
     assert torch.equal(full, causal.expand(4, nb, nb))
 
 
+def test_the_per_head_oracle_of_the_bench_spends_each_heads_own_budget(tokenizer):
+    """bench/oracle_head.py's ceiling: each head its own rule's pairs, over its rows by mass per pair."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "oracle_head.py"
+    select = runpy.run_path(str(script))["per_head_selection"]
+    plan = sparse_plan(make_model(tokenizer))
+    n = 200
+    nb = -(-n // BLOCK)
+    pairs = causal_block_pairs(n, BLOCK)
+    causal = pairs > 0
+    others = causal & ~forced_blocks(nb)
+    handle = oracle.OracleHandle(None, plan, "oracle", "torch", 1 << 20)
+    for layer in range(2):
+        mass = random_mass(4, n, seed=20 + layer)
+        mask = select(handle, layer, mass, n)[0]
+        assert not (mask & ~causal).any() and (mask | ~forced_blocks(nb)).all()
+        for h, rule in enumerate(plan.rules[layer]):
+            budget = rule_density(rule, n, BLOCK) * n * (n + 1) / 2
+            spent = float((mask[h] * pairs).sum())
+            assert spent <= budget + 1e-6 and budget - spent < BLOCK * BLOCK
+            per_pair = mass[0, h] / pairs.clamp(min=1)
+            if (mask[h] & others).any() and (~mask[h] & others).any():
+                assert per_pair[mask[h] & others].min() >= per_pair[~mask[h] & others].max()
+        # Rows differ: a head's blocks are not spread evenly over its rows as the per-row oracle's are.
+        assert len({int(c) for c in (mask & others).sum(-1).flatten()}) > 2
+    handle.kind = "oracle-layer"  # the other kind is the library's own
+    mass = random_mass(4, n, seed=30)
+    assert torch.equal(
+        select(handle, 0, mass, n),
+        oracle.top_blocks_in_layer(mass, n, BLOCK, oracle.layer_budget(plan, 0, n)),
+    )
+
+
 def brute_oracle_mask(mass, blocks):  # [H, nB, nB], [H] -> [H, nB, nB] bool, one row at a time
     h, nb, _ = mass.shape
     out = torch.zeros(h, nb, nb, dtype=torch.bool)
