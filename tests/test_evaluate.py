@@ -424,6 +424,39 @@ def test_the_per_head_oracle_of_the_bench_spends_each_heads_own_budget(tokenizer
     )
 
 
+def test_the_pooled_gate_bench_keeps_each_inputs_block_count_and_ranks_by_gate_probability():
+    """bench/pooled_gates.py: the layer's gate heads keep sink and local blocks and as many blocks in all
+    as their per-row selection, the others by gate probability over heads and rows; other heads untouched."""
+    import runpy
+    from pathlib import Path
+
+    from moa_compress.gates import gate_selections
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "pooled_gates.py"
+    pooled_selection = runpy.run_path(str(script))["pooled_selection"]
+    torch.manual_seed(0)
+    b, nq, nk = 2, 9, 13  # the last 9 of 13 blocks
+    scores = torch.randn(b, 2, nq, nk) * 3
+    rows = torch.arange(nk - nq, nk)[:, None]
+    scores = scores.masked_fill(torch.arange(nk)[None, :] > rows, float("-inf"))
+    blocks = torch.tensor([3, 5, 0, 4])  # head 2 is no gate head
+    gate_of_head = torch.tensor([0, 0, 1, 1])
+    local = torch.tensor([1, 2, 1, 1])
+    per_row = gate_selections(scores, blocks, gate_of_head, local)
+    pooled = pooled_selection(scores, blocks, gate_of_head, local, per_row)
+    forced = gate_selections(scores, torch.tensor([2, 3, 0, 2]), gate_of_head, local)
+    causal = (torch.arange(nk)[None, :] <= rows).expand(b, 4, nq, nk)
+    assert not (pooled & ~causal).any() and (pooled | ~forced).all()
+    assert not pooled[:, 2].any()
+    probs = scores.softmax(-1)[:, gate_of_head]
+    for i in range(b):
+        assert int(pooled[i].sum()) == int(per_row[i].sum())
+        others = causal[i] & ~forced[i] & (blocks > 0)[:, None, None]
+        kept, dropped = probs[i][pooled[i] & others], probs[i][~pooled[i] & others]
+        assert kept.min() >= dropped.max()
+        assert not torch.equal(pooled[i], per_row[i])  # heads' shares moved
+
+
 def brute_oracle_mask(mass, blocks):  # [H, nB, nB], [H] -> [H, nB, nB] bool, one row at a time
     h, nb, _ = mass.shape
     out = torch.zeros(h, nb, nb, dtype=torch.bool)
