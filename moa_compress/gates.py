@@ -612,8 +612,12 @@ class GateSettings:
             raise GateError(f"--gate-dim must be even, got {self.gate_dim}")
         if not self.lr > 0:
             raise GateError(f"--lr must be positive, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise GateError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        decay = self.weight_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1 / self.lr:
+            raise GateError(
+                f"--weight-decay must be a number >= 0 and below 1 / lr ({1 / self.lr:g}; AdamW shrinks the "
+                f"weights by lr * decay each step), got {decay!r}"
+            )
 
 
 @dataclass(frozen=True)

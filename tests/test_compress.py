@@ -382,6 +382,7 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         (["--kv-budget", "0.3", "--per-head"], "drop --per-head"),
         (["--gate-locals", "two"], "--gate-locals must"),
         (["--gate-weight-decay", "-1"], "--gate-weight-decay must be a number >= 0"),
+        (["--gate-weight-decay", "inf"], "--gate-weight-decay must be a number >= 0"),
     ]
     for extra, message in cases:
         result = runner.invoke(app, [*base, *extra])
@@ -560,8 +561,9 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
         compress(model, tokenizer, settings(eval_text, rules=ALL_RULES), tmp_path / "p", work_dir=work,
                  progress=False)  # fmt: skip
     # --force redoes the gates with the new settings from the kept targets (sample_targets still fails).
-    redone = compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_folds=1), tmp_path / "p",
-                      work_dir=work, force=True, progress=False)  # fmt: skip
+    redone = compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_folds=1, gate_weight_decay=0.5),
+                      tmp_path / "p", work_dir=work, force=True, progress=False)  # fmt: skip
+    assert json.loads((work / "gates" / "gates.json").read_text())["settings"]["weight_decay"] == 0.5
     assert redone.summary["gates"]["cost_folds"] == 1 and not redone.summary["gates"]["fold_losses"]
     assert redone.summary["seconds"]["gates"] is not None
 

@@ -197,8 +197,9 @@ def test_cross_fitting_gates_are_the_gates_trained_without_each_fold(tmp_path):
         train_gates(model, {100: samples(100, 2)}, settings, progress=False, folds=3)
     with pytest.raises(GateError, match="--gate-folds must be positive"):
         train_gates(model, {100: samples(100, 2)}, settings, progress=False, folds=0)
-    with pytest.raises(GateError, match="--weight-decay must be >= 0"):
-        train_gates(model, {100: samples(100, 2)}, replace(settings, weight_decay=-0.1), progress=False)
+    for decay in (-0.1, float("nan"), 1 / settings.lr, True):  # AdamW diverges at lr * decay >= 1
+        with pytest.raises(GateError, match="--weight-decay must be a number >= 0"):
+            train_gates(model, {100: samples(100, 2)}, replace(settings, weight_decay=decay), progress=False)
 
 
 def test_damaged_gate_files_are_one_line_errors(tmp_path):
@@ -247,16 +248,19 @@ def test_train_gates_command_writes_gates_and_a_report(tmp_path):
     out = tmp_path / "gates"
     args = ["train-gates", str(folder), "--out", str(out), "--data", str(text), "--lengths", "128,256",
             "--samples", "1", "--block-size", "32", "--gate-dim", "8", "--steps", "20", "--dtype", "float32",
-            "--no-progress"]  # fmt: skip
+            "--weight-decay", "0.5", "--no-progress"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "KL per query-block row" in result.output and "held out" in result.output
     assert (out / "gates.json").is_file() and (out / "gates.safetensors").is_file()
+    assert json.loads((out / "gates.json").read_text())["settings"]["weight_decay"] == 0.5
     assert "Distillation loss" in (out / "report.md").read_text()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "exists; pass --force" in again.output
     bad = CliRunner().invoke(app, [*args, "--force", "--gate-dim", "7"])
     assert bad.exit_code == 2 and "--gate-dim must be even" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(app, [*args, "--force", "--weight-decay", "inf"])
+    assert bad.exit_code == 2 and "--weight-decay must be a number >= 0" in bad.output
 
 
 @pytest.mark.parametrize("n", [64, 200, 1000, 1029])
