@@ -10,7 +10,8 @@ the fold left out, every 25 steps::
     python bench/gate_decay.py WORK_DIR [--decays 0.01,1,3,10] [--steps 300] [--folds 2]
 
 It reads the saved targets of the work folder (``gates-samples/train``; no model forward) and the
-model's shape from its ``gates/gates.json``. Every other setting is the gates stage's default.
+model's shape and the run's gate settings (seed, width, learning rate, fold count) from its
+``gates/gates.json``; at the run's own decay and steps the last row is the held-out KL the run recorded.
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("work", type=Path, help="a compress work folder (gates/ and gates-samples/)")
     parser.add_argument("--decays", default="0.01,1,3,10", help="weight decays, comma-separated")
-    parser.add_argument("--steps", type=int, default=GateSettings().steps)
-    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="default: the run's own")
+    parser.add_argument("--folds", type=int, default=None, help="default: the run's own fold count")
     parser.add_argument("--every", type=int, default=25, help="steps between measurements")
     args = parser.parse_args()
     record, samples = read_samples(args.work)
+    args.steps = args.steps or record["settings"]["steps"]
+    args.folds = args.folds or (record.get("folds") or {}).get("count", 2)
+    if args.folds < 2:
+        parser.error("--folds must be at least 2 (a fold left out needs a fold to train on)")
     dealt = sample_folds({n: len(v) for n, v in samples.items()}, args.folds)
     items = [(item, f) for n in sorted(samples) for item, f in zip(samples[n], dealt[n], strict=True)]
     print(
@@ -74,9 +79,8 @@ def main() -> None:
     print("| weight decay | step | KL on the samples trained on | KL on the fold left out |")
     print("|---|---|---|---|")
     for decay in (float(d) for d in args.decays.split(",")):
-        settings = GateSettings(
-            steps=args.steps, weight_decay=decay, block_size=record["settings"]["block_size"]
-        )
+        # The run's own settings (seed, gate_dim, lr, ...) but the steps and decay asked for.
+        settings = GateSettings(**{**record["settings"], "steps": args.steps, "weight_decay": decay})
         started = time.perf_counter()
         runs = []
         for fold in range(args.folds):

@@ -29,8 +29,10 @@ def pooled_selection(scores, blocks, gate_of_head, local, per_row):
     """``per_row [B, H, nQ, nK]`` (the plan's selection from ``scores``) with the gate heads' blocks
     beyond sink and local window re-dealt over the layer by gate probability; same count per input."""
     gated = (blocks > 0).to(scores.device)
+    # Sink and local window as the per-row selection keeps them: the window is at most blocks - 1.
+    kept = torch.minimum(local + 1, blocks.clamp(min=2))
     forced = gate_selections(
-        scores, torch.where(blocks > 0, local + 1, torch.zeros_like(blocks)), gate_of_head, local
+        scores, torch.where(blocks > 0, kept, torch.zeros_like(blocks)), gate_of_head, local
     )
     probs = scores.float().softmax(-1)[:, gate_of_head.to(scores.device)]  # [B, H, nQ, nK]; 0 where masked
     pooled = forced.clone()

@@ -441,10 +441,10 @@ def test_the_pooled_gate_bench_keeps_each_inputs_block_count_and_ranks_by_gate_p
     scores = scores.masked_fill(torch.arange(nk)[None, :] > rows, float("-inf"))
     blocks = torch.tensor([3, 5, 0, 4])  # head 2 is no gate head
     gate_of_head = torch.tensor([0, 0, 1, 1])
-    local = torch.tensor([1, 2, 1, 1])
+    local = torch.tensor([1, 2, 1, 8])  # head 3's window is cut to its blocks - 1, as per row
     per_row = gate_selections(scores, blocks, gate_of_head, local)
     pooled = pooled_selection(scores, blocks, gate_of_head, local, per_row)
-    forced = gate_selections(scores, torch.tensor([2, 3, 0, 2]), gate_of_head, local)
+    forced = gate_selections(scores, torch.tensor([2, 3, 0, 4]), gate_of_head, local)
     causal = (torch.arange(nk)[None, :] <= rows).expand(b, 4, nq, nk)
     assert not (pooled & ~causal).any() and (pooled | ~forced).all()
     assert not pooled[:, 2].any()
