@@ -612,12 +612,20 @@ class GateSettings:
             raise GateError(f"--gate-dim must be even, got {self.gate_dim}")
         if not self.lr > 0:
             raise GateError(f"--lr must be positive, got {self.lr}")
-        decay = self.weight_decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1 / self.lr:
-            raise GateError(
-                f"--weight-decay must be a number >= 0 and below 1 / lr ({1 / self.lr:g}; AdamW shrinks the "
-                f"weights by lr * decay each step), got {decay!r}"
-            )
+        problem = weight_decay_problem(self.weight_decay, self.lr)
+        if problem:
+            raise GateError(f"--weight-decay {problem}")
+
+
+def weight_decay_problem(decay: Any, lr: float) -> str | None:
+    """Why ``decay`` cannot be AdamW's weight decay at learning rate ``lr`` (None when it can): AdamW
+    shrinks the weights by ``lr * decay`` each step, so it must be a number from 0 to below ``1 / lr``."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1 / lr:
+        return (
+            f"must be a number >= 0 and below {1 / lr:g} (1 / the learning rate: AdamW shrinks the weights by "
+            f"lr * decay each step), got {decay!r}"
+        )
+    return None
 
 
 @dataclass(frozen=True)

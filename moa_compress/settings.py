@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moa_compress.errors import UserInputError
-from moa_compress.gates import DEFAULT_WEIGHT_DECAY, GateSettings
+from moa_compress.gates import DEFAULT_WEIGHT_DECAY, GateSettings, weight_decay_problem
 from moa_compress.profile import Profile
 from moa_compress.search import DEFAULT_GATE_LOCALS
 
@@ -48,9 +48,6 @@ OPTION_NAMES = {
     "validation_samples": "--validation-samples",
     "backend": "backend",
 }
-
-
-GATE_LR = GateSettings().lr  # the gates stage trains at GateSettings' learning rate
 
 
 @dataclass(frozen=True)
@@ -182,12 +179,9 @@ class CompressSettings:
             raise CompressError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.gate_dim < 2 or self.gate_dim % 2:
             raise CompressError(f"gate_dim must be a positive even number, got {self.gate_dim}")
-        decay = self.gate_weight_decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1 / GATE_LR:
-            raise CompressError(
-                f"--gate-weight-decay must be a number >= 0 and below {1 / GATE_LR:g} (1 / the gates' "
-                f"learning rate), got {decay!r}"
-            )
+        problem = weight_decay_problem(self.gate_weight_decay, GateSettings.lr)  # the stage trains at its lr
+        if problem:
+            raise CompressError(f"--gate-weight-decay {problem}")
         if not self.gate_locals or any(
             isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.gate_locals
         ):
