@@ -108,7 +108,7 @@ class GateStage:
 def _gate_losses(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict) or not body.get("losses"):
         return {}
-    folds = body.get("folds") if isinstance(body.get("folds"), dict) else {}
+    folds = body.get("folds") if isinstance(body.get("folds"), dict) else {}  # {} without cross-fitting
     return {
         "initial": body.get("initial_loss"),
         "final": body["losses"][-1],
@@ -117,8 +117,8 @@ def _gate_losses(body: Any) -> dict[str, Any]:
         "seconds": body.get("seconds", {}),
         # How gate rules were costed: by gates trained without each sample (cross-fitting) or by
         # the final gates on their own training samples (folds 1).
-        "cost_folds": folds.get("count", 1) if folds else 1,
-        "fold_losses": folds.get("losses", []) if folds else [],
+        "cost_folds": folds.get("count", 1),
+        "fold_losses": folds.get("losses", []),
     }
 
 
