@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import native
 from .layout import BlockLayout, derived
 from .reference import block_sparse_attention_reference
 from .slots import SlotVisibility
@@ -92,7 +93,12 @@ def block_sparse_attention_torch(
     layout: BlockLayout,
     scale: float,
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
-    """Block-sparse causal attention on CPU; same contract as the reference backend."""
+    """Block-sparse causal attention on CPU; same contract as the reference backend.
+
+    Prefill goes to the compiled kernel (``native.py``) where it builds on this machine; decoding
+    steps, autograd and dtypes it lacks (float64) take the fused-op schedule below."""
+    if native.usable(q, k, v, layout):
+        return native.block_sparse_attention_native(q, k, v, layout, scale)
     if v.shape[-1] != q.shape[-1] or q.device.type != "cpu":
         # The fused op wants one head size for Q/K/V and CPU tensors.
         return block_sparse_attention_reference(q, k, v, layout, scale)

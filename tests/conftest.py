@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -6,6 +7,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The compiled CPU kernel is built into a test cache of its own, kept between test runs.
+os.environ.setdefault("MOA_COMPRESS_CACHE", os.path.join(tempfile.gettempdir(), "moa-compress-test-cache"))
 
 
 def pytest_collection_modifyitems(config, items):

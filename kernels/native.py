@@ -1,0 +1,187 @@
+"""The compiled CPU backend: ``csrc/block_sparse_cpu.cpp``, built on first use on the machine it runs on.
+
+The fused CPU flash-attention op that ``cpu.py`` drives can only be given a block-sparse layout as many
+small calls whose partial results are merged; in bfloat16 on CPUs with AMX it runs those small tiles
+far below its dense rate (BENCHMARKS.md, "Why bfloat16 prefill misses"). The C++ kernel walks each
+query block's selected key blocks in one pass with an online softmax, causality from positions and
+the KV group's query heads folded into its rows, on ATen's batch-reduce GEMM micro-kernels.
+
+Building. The source is compiled once per (source, torch version, compiler flags, CPU) with the
+system C++ compiler (``$CXX``, else ``c++``) against the installed torch's headers, with
+``-march=native`` (so the library is tied to the CPU flags it was built on: they are part of its
+name), into ``$MOA_COMPRESS_CACHE/native`` (default ``$XDG_CACHE_HOME/moa-compress/native``, else
+``~/.cache/moa-compress/native``), written to a temporary name and renamed, so an interrupted build
+leaves nothing half-written. It takes about half a minute on two cores. Where it cannot be built (no
+compiler, no headers) or ``MOA_COMPRESS_NATIVE=0`` is set, :func:`available` is False, the reason is
+in :func:`problem`, and callers use the PyTorch backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .layout import BlockLayout
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "block_sparse_cpu.cpp"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+)
+_BUILD_TIMEOUT_S = 900
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOA_COMPRESS_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "moa-compress")
+    return Path(root) / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() + platform.processor()
+
+
+def _compile_command(output: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [os.environ.get("CXX", "c++"), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    command += [f"-I{p}" for p in include_paths()]
+    command += [str(SOURCE), "-o", str(output)]
+    command += [f"-L{p}" for p in library_paths()] + ["-lc10", "-ltorch_cpu"]
+    return command
+
+
+def library_path() -> Path:
+    """Where the built library for this source, torch, flags and CPU lives."""
+    digest = hashlib.sha256()
+    for part in (
+        SOURCE.read_bytes(),
+        torch.__version__.encode(),
+        " ".join(_FLAGS).encode(),
+        _cpu_flags().encode(),
+    ):
+        digest.update(part)
+        digest.update(b"\0")
+    return cache_dir() / f"block_sparse_cpu-{digest.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        print(
+            "moa-compress: building the CPU attention kernel (once per machine and torch version)",
+            file=sys.stderr,
+        )
+        done = subprocess.run(
+            _compile_command(Path(tmp)), capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False
+        )
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"compiler exited with {done.returncode}: {lines[0] if lines else ''}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> None:
+    if os.environ.get("MOA_COMPRESS_NATIVE", "1") == "0":
+        raise RuntimeError("disabled by MOA_COMPRESS_NATIVE=0")
+    if not SOURCE.is_file():
+        raise RuntimeError(f"kernel source missing: {SOURCE}")
+    target = library_path()
+    if not target.is_file():
+        _build(target)
+    torch.ops.load_library(str(target))
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run here (builds and loads it on the first call)."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _load()
+                _state["ok"] = True
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _state["ok"] = False
+                _state["problem"] = f"{type(err).__name__}: {err}"
+        return bool(_state["ok"])
+
+
+def problem() -> str | None:
+    """Why :func:`available` is False (None while it is True or not yet asked)."""
+    return _state.get("problem")  # type: ignore[return-value]
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these inputs (then :func:`available` says whether it can run)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in DTYPES
+        and q.dtype == k.dtype == v.dtype
+        and v.shape[-1] == q.shape[-1]
+        and not q.requires_grad
+        and not k.requires_grad
+        and not v.requires_grad
+    )
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> bool:
+    """Whether the CPU backend should run these inputs through the kernel: it takes them, it is
+    available, and there are at least two query blocks (a decoding step or a short chunk would pay
+    more for packing all of K/V than the kernel saves)."""
+    return supports(q, k, v) and layout.q_len >= 2 * layout.block_size and available()
+
+
+def block_sparse_attention_native(
+    q: torch.Tensor,  # [B, Hq, Sq, D]
+    k: torch.Tensor,  # [B, Hkv, Sk, D]
+    v: torch.Tensor,  # [B, Hkv, Sk, D]
+    layout: BlockLayout,
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """Block-sparse causal attention through the compiled kernel; same contract as the reference."""
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    return torch.ops.moa_compress_cpu.block_sparse_attention(
+        rows(q),
+        rows(k),
+        rows(v),
+        layout.kv_num_blocks.to(torch.int32),
+        rows(layout.kv_indices.to(torch.int32)),
+        layout.block_size,
+        float(scale),
+    )

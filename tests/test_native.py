@@ -1,0 +1,149 @@
+"""The compiled CPU kernel (kernels/csrc/block_sparse_cpu.cpp) against the float64 reference.
+
+The kernel computes in float32 from float32 / bfloat16 / float16 inputs; the reference runs in float64 on
+the same (rounded) inputs, so the tolerance is the operand dtype's, not float32's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from moa_compress.kernels import cpu, native
+from moa_compress.kernels.layout import BlockLayout, causal_layout
+from moa_compress.kernels.reference import block_sparse_attention_reference
+from tests.factories import random_layout, random_qkv
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not native.available():
+        # CI machines have a compiler: there a kernel that does not build is a failure, not a skip.
+        if os.environ.get("CI"):
+            pytest.fail(f"the CPU kernel did not build: {native.problem()}")
+        pytest.skip(f"the CPU kernel did not build: {native.problem()}")
+
+
+# (batch, layout batch, query heads, KV heads, q_len, kv_len, head dim, block, keep probability, per group)
+CASES = {
+    "gqa-folded-odd": (1, 1, 9, 3, 333, 333, 64, 64, 0.5, True),
+    "gqa-per-head": (1, 1, 8, 2, 300, 300, 64, 64, 0.5, False),
+    "batch-own-layouts": (2, 2, 6, 2, 257, 257, 32, 32, 0.6, False),
+    "q-shorter-unaligned": (1, 1, 4, 2, 150, 411, 64, 64, 0.5, True),
+    "block-16-mha": (1, 1, 3, 3, 130, 130, 64, 16, 0.4, False),
+    "head-96": (1, 1, 4, 1, 200, 200, 96, 64, 0.5, True),
+    "head-128-dense": (1, 1, 4, 2, 300, 300, 128, 64, 1.0, True),
+    "diagonal-only": (1, 1, 4, 2, 260, 260, 64, 32, 0.0, False),
+}
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def make_case(name: str):
+    b, lb, hq, hkv, sq, sk, d, bs, p, per_group = CASES[name]
+    q, k, v = random_qkv(b, hq, hkv, sq, sk, d=d, seed=sq + d)
+    layout = random_layout(lb, hkv if per_group else hq, sq, sk, bs, p=p, seed=sk)
+    if per_group:
+        group = hq // hkv
+        layout = BlockLayout(
+            layout.kv_num_blocks.repeat_interleave(group, 1).contiguous(),
+            layout.kv_indices.repeat_interleave(group, 1).contiguous(),
+            bs,
+            sq,
+            sk,
+        )
+    return q, k, v, layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference(name, dtype):
+    q, k, v, layout = make_case(name)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    expected = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, scale)
+    out = native.block_sparse_attention_native(q, k, v, layout, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=TOLERANCE[dtype])
+
+
+def test_rows_that_see_nothing_are_zero():
+    # Query block 1 selects nothing; block 2 selects only a block after all of its rows.
+    q, k, v = random_qkv(1, 2, 1, 192, 192, d=64, dtype=torch.float32, seed=3)
+    num = torch.tensor([[[1, 0, 1], [1, 0, 1]]], dtype=torch.int32)
+    idx = torch.zeros(1, 2, 3, 1, dtype=torch.int32)
+    layout = BlockLayout(num, idx, 64, 192, 192)
+    out = native.block_sparse_attention_native(q, k, v, layout, 0.125)
+    assert bool((out[:, :, 64:128] == 0).all())
+    assert bool((out[:, :, :64] != 0).any()) and bool((out[:, :, 128:] != 0).any())
+    expected = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, 0.125)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5)
+
+
+def test_strided_inputs_and_threads_give_the_same_result():
+    q, k, v, layout = make_case("gqa-folded-odd")
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    # [B, S, H, D] storage seen as [B, H, S, D], as a model's projections give it.
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    out = native.block_sparse_attention_native(q, k, v, layout, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = native.block_sparse_attention_native(qt, kt, vt, layout, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    # Each work item runs start to end on one thread: the result does not depend on the split.
+    assert torch.equal(out, single)
+
+
+def test_density_one_equals_sdpa():
+    q, k, v = random_qkv(1, 9, 3, 500, 500, d=64, dtype=torch.float32, seed=5)
+    out = native.block_sparse_attention_native(q, k, v, causal_layout(500, 500, 9, 64), 0.125)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, sdpa, rtol=0, atol=2e-5)
+
+
+def test_cpu_backend_uses_the_kernel_for_prefill_only(monkeypatch):
+    q, k, v, layout = make_case("gqa-folded-odd")
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    calls = []
+    real = native.block_sparse_attention_native
+    monkeypatch.setattr(native, "block_sparse_attention_native", lambda *a: calls.append(1) or real(*a))
+    out = cpu.block_sparse_attention_torch(q32, k32, v32, layout, 0.125)
+    assert calls == [1]
+    expected = block_sparse_attention_reference(q, k, v, layout, 0.125)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5)
+    # float64, autograd and a one-block chunk take the fused-op schedule.
+    cpu.block_sparse_attention_torch(q, k, v, layout, 0.125)
+    cpu.block_sparse_attention_torch(q32.requires_grad_(), k32, v32, layout, 0.125)
+    short = causal_layout(64, 333, 9, 64)
+    cpu.block_sparse_attention_torch(q32.detach()[:, :, :64], k32, v32, short, 0.125)
+    assert calls == [1]
+
+
+def test_failed_build_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
+    saved = dict(native._state)
+    monkeypatch.setenv("MOA_COMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    native._state.clear()
+    try:
+        assert native.available() is False
+        assert "compiler exited with 1" in native.problem()
+        assert list((tmp_path / "native").iterdir()) == []
+        monkeypatch.setenv("MOA_COMPRESS_NATIVE", "0")
+        native._state.clear()
+        assert native.available() is False and "MOA_COMPRESS_NATIVE=0" in native.problem()
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
+def test_library_name_changes_with_the_source(monkeypatch, tmp_path):
+    first = native.library_path()
+    source = tmp_path / "block_sparse_cpu.cpp"
+    source.write_bytes(native.SOURCE.read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    assert native.library_path() != first
