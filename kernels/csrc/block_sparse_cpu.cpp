@@ -38,7 +38,7 @@
 namespace {
 
 // Keys scored per pass of the online softmax (a multiple of the block size is used).
-constexpr int64_t kChunkKeys = 512;
+constexpr int64_t kChunkKeys = 1024;
 // Widest right-hand operand the packed micro-kernel is given (columns).
 constexpr int64_t kPackWidth = 64;
 
@@ -203,6 +203,43 @@ struct Operands {
   }
 };
 
+// Keys per slice of the operand preparation's work.
+constexpr int64_t kPrepKeys = 1024;
+
+// One packed column chunk of K^T ([D / 2, kPackWidth, 2], 16-bit types) from `rows` rows of K
+// (row stride `ld`); columns past `rows` are zero.
+template <typename scalar_t>
+void pack_k_direct(const scalar_t* k, int64_t ld, int64_t rows, int64_t D, scalar_t* out) {
+  static_assert(sizeof(scalar_t) == 2, "16-bit types only");
+  const int64_t pairs = D / 2;
+  auto* o = reinterpret_cast<uint32_t*>(out);
+  for (int64_t p = 0; p < pairs; ++p) {
+    uint32_t* orow = o + p * kPackWidth;
+    for (int64_t n = 0; n < rows; ++n) std::memcpy(orow + n, k + n * ld + 2 * p, 4);
+    for (int64_t n = rows; n < kPackWidth; ++n) orow[n] = 0;
+  }
+}
+
+// Whether pack_k_direct writes what cpublas::pack writes for this dtype (asked once per process).
+template <typename scalar_t>
+bool same_as_pack(at::ScalarType dt) {
+  if constexpr (sizeof(scalar_t) != 2) {
+    return false;
+  } else {
+    static const bool same = [dt] {
+      constexpr int64_t D = 64;
+      std::vector<scalar_t> k(kPackWidth * D), kt(D * kPackWidth), a(D * kPackWidth), b(D * kPackWidth);
+      for (int64_t i = 0; i < kPackWidth * D; ++i) k[i] = static_cast<scalar_t>(static_cast<float>((i * 7919) % 251) - 125);
+      for (int64_t n = 0; n < kPackWidth; ++n)
+        for (int64_t d = 0; d < D; ++d) kt[d * kPackWidth + n] = k[n * D + d];
+      at::native::cpublas::pack(D, kPackWidth, kPackWidth, kPackWidth, dt, dt, kt.data(), a.data());
+      pack_k_direct(k.data(), D, kPackWidth, D, b.data());
+      return std::memcmp(a.data(), b.data(), a.size() * sizeof(scalar_t)) == 0;
+    }();
+    return same;
+  }
+}
+
 // Fills the right-hand operands from k / v (strided), zero-padding keys past Sk.
 template <typename scalar_t>
 void prepare_operands(const at::Tensor& k, const at::Tensor& v, int64_t bs, bool packed, Operands<scalar_t>& ops) {
@@ -219,7 +256,7 @@ void prepare_operands(const at::Tensor& k, const at::Tensor& v, int64_t bs, bool
   }
   ops.Kcols = packed ? (ops.Skp + kPackWidth - 1) / kPackWidth * kPackWidth : ops.Skp;
   ops.kb.assign(B * Hkv * D * ops.Kcols, scalar_t(0));
-  ops.vb.assign(B * Hkv * ops.Skp * D, scalar_t(0));
+  ops.vb.resize(B * Hkv * ops.Skp * D);
   const auto* kp = k.data_ptr<scalar_t>();
   const auto* vp = v.data_ptr<scalar_t>();
   const int64_t ksb = k.stride(0), ksh = k.stride(1), kss = k.stride(2);
@@ -227,48 +264,56 @@ void prepare_operands(const at::Tensor& k, const at::Tensor& v, int64_t bs, bool
   const auto dt = k.scalar_type();
   const int64_t nK = ops.nK, Skp = ops.Skp;
 
-  // K^T per KV head, [D, Kcols]; packed, in column chunks of kPackWidth, each packed on its own
-  // (the micro-kernel's packed operand is at most that wide).
+  // Work in slices of kPrepKeys keys per (batch, KV head), so both threads share even one head.
+  // K^T per KV head, [D, Kcols]: plain, or packed in column chunks of kPackWidth (the widest packed
+  // operand the micro-kernel takes), each chunk [D / 2, kPackWidth, 2]: for key n and dimension pair
+  // p the two 16-bit values (K[n, 2p], K[n, 2p + 1]), i.e. a transpose of K's rows read as 32-bit
+  // pairs. That is the layout cpublas::pack writes (checked once per process by same_as_pack).
+  // V per KV head and column chunk of at most kPackWidth, [Skp, width], packed as [Skp / 2, width, 2].
   const int64_t Kcols = ops.Kcols;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> tmp;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t hk = i % Hkv, b = i / Hkv;
-      scalar_t* dst = ops.kb.data() + i * D * Kcols;
-      const scalar_t* src = kp + b * ksb + hk * ksh;
-      if (!packed) {
-        for (int64_t s0 = 0; s0 < Sk; s0 += 16)
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t s1 = s0; s1 < std::min(Sk, s0 + 16); ++s1) dst[d * Kcols + s1] = src[s1 * kss + d];
-        continue;
-      }
-      tmp.resize(D * kPackWidth);
-      for (int64_t c0 = 0; c0 < Kcols; c0 += kPackWidth) {
-        std::fill(tmp.begin(), tmp.end(), scalar_t(0));
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t s1 = c0; s1 < std::min(Sk, c0 + kPackWidth); ++s1)
-            tmp[d * kPackWidth + s1 - c0] = src[s1 * kss + d];
-        at::native::cpublas::pack(D, kPackWidth, kPackWidth, kPackWidth, dt, dt, tmp.data(), dst + c0 * D);
-      }
-    }
-  });
-
-  // V per KV head and column chunk, over all (padded) keys.
   const int64_t nDc = static_cast<int64_t>(ops.dc_start.size());
-  at::parallel_for(0, B * Hkv * nDc, 1, [&](int64_t begin, int64_t end) {
+  const int64_t slices = (Skp + kPrepKeys - 1) / kPrepKeys;
+  const bool direct_k = packed && D % 2 == 0 && same_as_pack<scalar_t>(dt);
+  at::parallel_for(0, B * Hkv * slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> tmp;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t dc = i % nDc, hk = (i / nDc) % Hkv, b = i / (nDc * Hkv);
-      const int64_t c0 = ops.dc_start[dc], w = ops.dc_width[dc];
-      tmp.assign(Skp * w, scalar_t(0));
-      const scalar_t* src = vp + b * vsb + hk * vsh;
-      for (int64_t s = 0; s < Sk; ++s)
-        for (int64_t j = 0; j < w; ++j) tmp[s * w + j] = src[s * vss + c0 + j];
-      scalar_t* dst = ops.vb.data() + (b * Hkv + hk) * Skp * D + Skp * c0;
-      if (packed) {
-        at::native::cpublas::pack(Skp, w, w, w, dt, dt, tmp.data(), dst);
+      const int64_t slice = i % slices, hk = (i / slices) % Hkv, b = i / (slices * Hkv);
+      const int64_t s_begin = slice * kPrepKeys, s_end = std::min(Skp, s_begin + kPrepKeys);
+      const scalar_t* ksrc = kp + b * ksb + hk * ksh;
+      scalar_t* kdst = ops.kb.data() + (b * Hkv + hk) * D * Kcols;
+      if (!packed) {
+        for (int64_t s0 = s_begin; s0 < std::min(Sk, s_end); s0 += 16)
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t s1 = s0; s1 < std::min(Sk, s0 + 16); ++s1) kdst[d * Kcols + s1] = ksrc[s1 * kss + d];
       } else {
-        std::copy(tmp.begin(), tmp.end(), dst);
+        tmp.resize(D * kPackWidth);
+        for (int64_t c0 = s_begin; c0 < s_end; c0 += kPackWidth) {
+          const int64_t rows = std::max<int64_t>(0, std::min(Sk, c0 + kPackWidth) - c0);
+          if constexpr (sizeof(scalar_t) == 2) {
+            if (direct_k) {
+              pack_k_direct(ksrc + c0 * kss, kss, rows, D, kdst + c0 * D);
+              continue;
+            }
+          }
+          std::fill(tmp.begin(), tmp.end(), scalar_t(0));
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t r = 0; r < rows; ++r) tmp[d * kPackWidth + r] = ksrc[(c0 + r) * kss + d];
+          at::native::cpublas::pack(D, kPackWidth, kPackWidth, kPackWidth, dt, dt, tmp.data(), kdst + c0 * D);
+        }
+      }
+      const scalar_t* vsrc = vp + b * vsb + hk * vsh;
+      for (int64_t dc = 0; dc < nDc; ++dc) {
+        const int64_t c0 = ops.dc_start[dc], w = ops.dc_width[dc], n = s_end - s_begin;
+        scalar_t* vdst = ops.vb.data() + (b * Hkv + hk) * Skp * D + Skp * c0 + s_begin * w;
+        scalar_t* t = packed ? (tmp.resize(n * w), tmp.data()) : vdst;
+        for (int64_t s1 = s_begin; s1 < s_end; ++s1) {
+          if (s1 < Sk) {
+            std::memcpy(t + (s1 - s_begin) * w, vsrc + s1 * vss + c0, w * sizeof(scalar_t));
+          } else {
+            std::fill(t + (s1 - s_begin) * w, t + (s1 - s_begin + 1) * w, scalar_t(0));
+          }
+        }
+        if (packed) at::native::cpublas::pack(n, w, w, w, dt, dt, t, vdst);
       }
     }
   });
