@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -32,16 +33,9 @@ from .layout import BlockLayout
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "block_sparse_cpu.cpp"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FLAGS = (
-    "-O3",
-    "-march=native",
-    "-mprefer-vector-width=512",
-    "-fopenmp",
-    "-fno-math-errno",
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-)
+_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
+# Tuned for the CPU it is built on (the library's name carries the CPU's flags).
+_X86_FLAGS = ("-march=native", "-mprefer-vector-width=512")
 _BUILD_TIMEOUT_S = 900
 
 _lock = threading.Lock()
@@ -64,16 +58,18 @@ def _cpu_flags() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.machine() + platform.processor()
+
+
+def _flags() -> tuple[str, ...]:
+    return _FLAGS + (_X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ("-mcpu=native",))
 
 
 def _compile_command(output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    command = [os.environ.get("CXX", "c++"), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    command = [os.environ.get("CXX", "c++"), *_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     command += [f"-I{p}" for p in include_paths()]
     command += [str(SOURCE), "-o", str(output)]
     command += [f"-L{p}" for p in library_paths()] + ["-lc10", "-ltorch_cpu"]
@@ -86,7 +82,7 @@ def library_path() -> Path:
     for part in (
         SOURCE.read_bytes(),
         torch.__version__.encode(),
-        " ".join(_FLAGS).encode(),
+        " ".join(_flags()).encode(),
         _cpu_flags().encode(),
     ):
         digest.update(part)

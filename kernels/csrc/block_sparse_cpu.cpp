@@ -21,7 +21,6 @@
 // same calls run on plain row-major operands.
 
 #include <ATen/ATen.h>
-#include <immintrin.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -34,6 +33,10 @@
 #include <limits>
 #include <numeric>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
