@@ -1,4 +1,8 @@
-"""Fast CPU backend: computes only the selected blocks with PyTorch's fused CPU flash-attention op.
+"""Fast CPU backend: computes only the selected blocks.
+
+Prefill runs through the compiled kernel of ``native.py`` where it builds. This module is the rest:
+decoding steps, float64, autograd and machines without a C++ compiler, with PyTorch's fused CPU
+flash-attention op.
 
 How it works. Every (batch, query head, query block) — a *unit* — sees a set of key blocks. Each
 maximal run of consecutive key blocks is a contiguous slice of K/V, so it needs no gather: a

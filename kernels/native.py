@@ -119,7 +119,13 @@ def _load() -> None:
     target = library_path()
     if not target.is_file():
         _build(target)
-    torch.ops.load_library(str(target))
+    try:
+        torch.ops.load_library(str(target))
+    except OSError:
+        # A library that exists but does not load (a disk that filled up under another writer,
+        # a cache copied from elsewhere): build it again, once.
+        _build(target)
+        torch.ops.load_library(str(target))
 
 
 def available() -> bool:

@@ -11,6 +11,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MOA_COMPRESS_CACHE", os.path.join(tempfile.gettempdir(), "moa-compress-test-cache"))
 
 
+def pytest_sessionstart(session):
+    # Build the compiled CPU kernel before any test runs, so that no test's captured output holds the
+    # build's one-line notice (and a failed build is reported by tests/test_native.py).
+    from moa_compress.kernels import native
+
+    native.available()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
