@@ -101,7 +101,7 @@ def block_sparse_attention_torch(
 
     Prefill goes to the compiled kernel (``native.py``) where it builds on this machine; decoding
     steps, autograd and dtypes it lacks (float64) take the fused-op schedule below."""
-    if native.usable(q, k, v, layout):
+    if native.usable(q, k, v, layout, scale):
         return native.block_sparse_attention_native(q, k, v, layout, scale)
     if v.shape[-1] != q.shape[-1] or q.device.type != "cpu":
         # The fused op wants one head size for Q/K/V and CPU tensors.

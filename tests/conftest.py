@@ -8,7 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The compiled CPU kernel is built into a test cache of its own, kept between test runs.
-os.environ.setdefault("MOA_COMPRESS_CACHE", os.path.join(tempfile.gettempdir(), "moa-compress-test-cache"))
+os.environ.setdefault(
+    "MOA_COMPRESS_CACHE", os.path.join(tempfile.gettempdir(), f"moa-compress-test-cache-{os.getuid()}")
+)
 
 
 def pytest_sessionstart(session):

@@ -24,7 +24,7 @@ def built():
     if not native.available():
         # Where a C++ compiler exists (CI machines have one) a kernel that does not build is a
         # failure, not a skip.
-        if shutil.which(os.environ.get("CXX", "c++")) and os.environ.get("MOA_COMPRESS_NATIVE") != "0":
+        if shutil.which(native.compiler()[0]) and os.environ.get("MOA_COMPRESS_NATIVE") != "0":
             pytest.fail(f"the CPU kernel did not build: {native.problem()}")
         pytest.skip(f"the CPU kernel is not available: {native.problem()}")
 
@@ -39,6 +39,12 @@ CASES = {
     "head-96": (1, 1, 4, 1, 200, 200, 96, 64, 0.5, True),
     "head-128-dense": (1, 1, 4, 2, 300, 300, 128, 64, 1.0, True),
     "diagonal-only": (1, 1, 4, 2, 260, 260, 64, 32, 0.0, False),
+    # Rows that see more keys than one 1024-key softmax chunk: earlier chunks are rescaled.
+    "chunks-64": (1, 1, 4, 2, 300, 2600, 64, 64, 0.7, True),
+    "chunks-16": (1, 1, 2, 1, 130, 2600, 64, 16, 0.6, False),
+    # Head dims the packed operands do not take (plain path) and a 48-wide packed chunk.
+    "head-40": (1, 1, 4, 2, 200, 200, 40, 64, 0.5, True),
+    "head-48": (1, 1, 4, 2, 200, 200, 48, 32, 0.5, False),
 }
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
@@ -72,14 +78,15 @@ def test_kernel_matches_reference(name, dtype):
 
 
 def test_rows_that_see_nothing_are_zero():
-    # Query block 1 selects nothing; block 2 selects only a block after all of its rows.
+    # Query block 0 selects only key block 2, after all of its rows; block 1 selects nothing; block 2
+    # selects block 0.
     q, k, v = random_qkv(1, 2, 1, 192, 192, d=64, dtype=torch.float32, seed=3)
     num = torch.tensor([[[1, 0, 1], [1, 0, 1]]], dtype=torch.int32)
-    idx = torch.zeros(1, 2, 3, 1, dtype=torch.int32)
+    idx = torch.tensor([[[[2], [0], [0]], [[2], [0], [0]]]], dtype=torch.int32)
     layout = BlockLayout(num, idx, 64, 192, 192)
     out = native.block_sparse_attention_native(q, k, v, layout, 0.125)
-    assert bool((out[:, :, 64:128] == 0).all())
-    assert bool((out[:, :, :64] != 0).any()) and bool((out[:, :, 128:] != 0).any())
+    assert bool((out[:, :, :128] == 0).all())
+    assert bool((out[:, :, 128:] != 0).all())
     expected = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, 0.125)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5)
 
@@ -123,7 +130,14 @@ def test_cpu_backend_uses_the_kernel_for_prefill_only(monkeypatch):
     cpu.block_sparse_attention_torch(q32.requires_grad_(), k32, v32, layout, 0.125)
     short = causal_layout(64, 333, 9, 64)
     cpu.block_sparse_attention_torch(q32.detach()[:, :, :64], k32, v32, short, 0.125)
+    cpu.block_sparse_attention_torch(q32.detach(), k32, v32, layout, -0.125)
     assert calls == [1]
+    # 16-bit types go to the kernel only where the CPU runs them on packed operands.
+    for dtype in (torch.bfloat16, torch.float16):
+        calls.clear()
+        cpu.block_sparse_attention_torch(q.to(dtype), k.to(dtype), v.to(dtype), layout, 0.125)
+        assert calls == ([1] if native.packs(dtype) else [])
+    assert native.packs(torch.float32) is False
 
 
 def test_failed_build_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
@@ -166,3 +180,34 @@ def test_a_library_that_does_not_load_is_built_again(monkeypatch, tmp_path):
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+def test_a_layout_broadcast_over_batch_and_heads():
+    q, k, v = random_qkv(3, 6, 2, 200, 200, d=64, dtype=torch.float32, seed=7)
+    one = random_layout(1, 1, 200, 200, 32, p=0.5, seed=2)
+    # Stride-0 views: one row of blocks for every batch entry and head.
+    layout = BlockLayout(
+        one.kv_num_blocks.expand(3, 6, -1), one.kv_indices.expand(3, 6, -1, -1), 32, 200, 200
+    )
+    out = native.block_sparse_attention_native(q, k, v, layout, 0.125)
+    expected = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, 0.125)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda num, idx: idx.__setitem__((0, 0, 2, 0), 9), "outside \\[0, 4\\)"),
+        (lambda num, idx: num.__setitem__((0, 1, 3), 5), "kv_num_blocks entry 5"),
+        (lambda num, idx: idx[0, 0, 3, :2].copy_(torch.tensor([1, 0])), "strictly ascending"),
+    ],
+    ids=["index-past-the-end", "count-past-the-row", "descending"],
+)
+def test_bad_layout_values_raise_instead_of_reading_out_of_bounds(change, message):
+    q, k, v = random_qkv(1, 2, 1, 256, 256, d=64, dtype=torch.float32, seed=1)
+    layout = causal_layout(256, 256, 2, 64)
+    num, idx = layout.kv_num_blocks.clone(), layout.kv_indices.clone()
+    change(num, idx)
+    with pytest.raises(RuntimeError, match=message):
+        native.block_sparse_attention_native(q, k, v, BlockLayout(num, idx, 64, 256, 256), 0.125)
+

@@ -62,7 +62,7 @@ inline vf16 splat(float x) { return vf16{} + x; }
 // Plain arithmetic, so it runs in the vector width the CPU has.
 template <int Degree>
 inline vf16 fast_exp2(vf16 t) {
-  t = t > -126.0f ? t : splat(-126.0f);
+  t = t < -126.0f ? splat(-126.0f) : t;  // a NaN score stays NaN (as SDPA gives it)
   // Round to nearest by the 1.5 * 2^23 trick (|t| < 2^22).
   const vf16 n = (t + 12582912.0f) - 12582912.0f;
   const vf16 f = t - n;
@@ -271,12 +271,11 @@ void prepare_operands(const at::Tensor& k, const at::Tensor& v, int64_t bs, bool
   // K^T per KV head, [D, Kcols]: plain, or packed in column chunks of kPackWidth (the widest packed
   // operand the micro-kernel takes), each chunk [D / 2, kPackWidth, 2]: for key n and dimension pair
   // p the two 16-bit values (K[n, 2p], K[n, 2p + 1]), i.e. a transpose of K's rows read as 32-bit
-  // pairs. That is the layout cpublas::pack writes (checked once per process by same_as_pack).
+  // pairs. That is the layout cpublas::pack writes (packed is only chosen where same_as_pack says so).
   // V per KV head and column chunk of at most kPackWidth, [Skp, width], packed as [Skp / 2, width, 2].
   const int64_t Kcols = ops.Kcols;
   const int64_t nDc = static_cast<int64_t>(ops.dc_start.size());
   const int64_t slices = (Skp + kPrepKeys - 1) / kPrepKeys;
-  const bool direct_k = packed && D % 2 == 0 && same_as_pack<scalar_t>(dt);
   at::parallel_for(0, B * Hkv * slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> tmp;
     for (int64_t i = begin; i < end; ++i) {
@@ -288,20 +287,10 @@ void prepare_operands(const at::Tensor& k, const at::Tensor& v, int64_t bs, bool
         for (int64_t s0 = s_begin; s0 < std::min(Sk, s_end); s0 += 16)
           for (int64_t d = 0; d < D; ++d)
             for (int64_t s1 = s0; s1 < std::min(Sk, s0 + 16); ++s1) kdst[d * Kcols + s1] = ksrc[s1 * kss + d];
-      } else {
-        tmp.resize(D * kPackWidth);
+      } else if constexpr (sizeof(scalar_t) == 2) {
         for (int64_t c0 = s_begin; c0 < s_end; c0 += kPackWidth) {
           const int64_t rows = std::max<int64_t>(0, std::min(Sk, c0 + kPackWidth) - c0);
-          if constexpr (sizeof(scalar_t) == 2) {
-            if (direct_k) {
-              pack_k_direct(ksrc + c0 * kss, kss, rows, D, kdst + c0 * D);
-              continue;
-            }
-          }
-          std::fill(tmp.begin(), tmp.end(), scalar_t(0));
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t r = 0; r < rows; ++r) tmp[d * kPackWidth + r] = ksrc[(c0 + r) * kss + d];
-          at::native::cpublas::pack(D, kPackWidth, kPackWidth, kPackWidth, dt, dt, tmp.data(), kdst + c0 * D);
+          pack_k_direct(ksrc + c0 * kss, kss, rows, D, kdst + c0 * D);
         }
       }
       const scalar_t* vsrc = vp + b * vsb + hk * vsh;
@@ -465,8 +454,11 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   auto out = at::zeros({B, Hq, Sq, D}, q.options());
   if (B == 0 || Sq == 0 || Sk == 0) return out;
 
+  // Packed (VNNI) operands where the CPU's micro-kernels take them: 16-bit types, V's column chunks
+  // 16, 32, 48 or 64 wide (the widths the packing accepts), pairs of keys, and the layout the
+  // offsets below assume (checked once against cpublas::pack). Elsewhere plain operands.
   const bool packed = !std::is_same_v<scalar_t, float> && at::native::cpublas::could_pack(q.scalar_type()) &&
-                      D % 2 == 0 && bs % 2 == 0;
+                      D % 16 == 0 && bs % 2 == 0 && same_as_pack<scalar_t>(q.scalar_type());
   Operands<scalar_t> ops;
   prepare_operands<scalar_t>(k, v, bs, packed, ops);
 
@@ -498,6 +490,28 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out;
 }
 
+// The layout's values, which the kernel trusts for its reads: counts within [0, maxK], indices of the
+// counted entries ascending and within [0, nK). O(B * H * nQ * maxK), small beside the attention.
+void check_layout(const at::Tensor& num_t, const at::Tensor& idx_t, int64_t B, int64_t nQ, int64_t nK) {
+  const int64_t lb = num_t.size(0), H = num_t.size(1), maxk = idx_t.size(3);
+  TORCH_CHECK(lb == 1 || lb == B, "layout batch must be 1 or the batch size");
+  TORCH_CHECK(num_t.size(2) == nQ, "layout has ", num_t.size(2), " query blocks, the inputs ", nQ);
+  TORCH_CHECK(idx_t.size(0) == lb && idx_t.size(1) == H && idx_t.size(2) == nQ, "kv_indices and kv_num_blocks disagree");
+  const auto* num = num_t.data_ptr<int32_t>();
+  const auto* idx = idx_t.data_ptr<int32_t>();
+  for (int64_t b = 0; b < lb; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < nQ; ++r) {
+        const int64_t n = num[b * num_t.stride(0) + h * num_t.stride(1) + r * num_t.stride(2)];
+        TORCH_CHECK(n >= 0 && n <= maxk, "kv_num_blocks entry ", n, " outside [0, ", maxk, "]");
+        const int32_t* row = idx + b * idx_t.stride(0) + h * idx_t.stride(1) + r * idx_t.stride(2);
+        for (int64_t j = 0; j < n; ++j) {
+          TORCH_CHECK(row[j] >= 0 && row[j] < nK, "kv_indices entry ", row[j], " outside [0, ", nK, ")");
+          TORCH_CHECK(j == 0 || row[j] > row[j - 1], "kv_indices rows must be strictly ascending");
+        }
+      }
+}
+
 at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices, int64_t block_size,
                                   double scale) {
@@ -512,6 +526,9 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4, "layout shapes");
   TORCH_CHECK(kv_num_blocks.size(1) == q.size(1) && kv_indices.size(1) == q.size(1), "layout heads != query heads");
   TORCH_CHECK(kv_indices.stride(3) == 1, "kv_indices rows must be contiguous");
+  TORCH_CHECK(kv_num_blocks.device().is_cpu() && kv_indices.device().is_cpu(), "layout must be on the CPU");
+  check_layout(kv_num_blocks, kv_indices, q.size(0), (q.size(2) + block_size - 1) / block_size,
+               (k.size(2) + block_size - 1) / block_size);
   switch (q.scalar_type()) {
     case at::kFloat:
       return attention_impl<float>(q, k, v, kv_num_blocks, kv_indices, block_size, scale);
@@ -524,9 +541,23 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   }
 }
 
+// Whether this CPU runs `like`'s dtype on packed operands (AMX for bfloat16 / float16 here).
+bool packs(const at::Tensor& like) {
+  switch (like.scalar_type()) {
+    case at::kBFloat16:
+      return at::native::cpublas::could_pack(at::kBFloat16) && same_as_pack<at::BFloat16>(at::kBFloat16);
+    case at::kHalf:
+      return at::native::cpublas::could_pack(at::kHalf) && same_as_pack<at::Half>(at::kHalf);
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moa_compress_cpu, m) {
+  m.def("packs(Tensor like) -> bool");
+  m.impl("packs", c10::DispatchKey::CPU, TORCH_FN(packs));
   m.def(
       "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
       "int block_size, float scale) -> Tensor");
