@@ -210,4 +210,3 @@ def test_bad_layout_values_raise_instead_of_reading_out_of_bounds(change, messag
     change(num, idx)
     with pytest.raises(RuntimeError, match=message):
         native.block_sparse_attention_native(q, k, v, BlockLayout(num, idx, 64, 256, 256), 0.125)
-
