@@ -1041,3 +1041,25 @@ def test_cli_oracle_flag_adds_the_oracles(model_dir, data_file, tmp_path):
     assert "## Oracle ceilings" in (out / "report.md").read_text()
     bad = run_cli(*args, "--tasks", "ruler", "--oracle")
     assert bad.exit_code == 2 and "not on the ruler tasks" in bad.output
+
+
+def test_the_mass_target_bench_distils_block_mass_averaged_over_the_group():
+    """bench/mass_targets.py: per KV group, the mean over its query heads of each block's attention
+    mass, rows summing to 1 — checked against a brute-force softmax on a small input."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "mass_targets.py"
+    mass_targets = runpy.run_path(str(script))["block_targets_mass"]
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 70, 8, dtype=torch.float64), torch.randn(1, 2, 70, 8, dtype=torch.float64)
+    out = mass_targets(q, k, 0.3, 16)
+    assert out.shape == (1, 2, 5, 5)
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    probs = scores.masked_fill(torch.ones(70, 70, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    padded = torch.nn.functional.pad(probs, (0, 10, 0, 10))  # 80 = 5 blocks of 16
+    mass = padded.view(1, 4, 5, 16, 5, 16).sum((3, 5)).view(1, 2, 2, 5, 5).mean(2)
+    expected = mass / mass.sum(-1, keepdim=True)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
+    per_head = mass_targets(q, k, 0.3, 16, per_query_head=True)
+    assert per_head.shape == (1, 4, 5, 5) and torch.allclose(per_head.sum(-1), torch.ones(1, 4, 5, dtype=per_head.dtype))
