@@ -1062,4 +1062,6 @@ def test_the_mass_target_bench_distils_block_mass_averaged_over_the_group():
     expected = mass / mass.sum(-1, keepdim=True)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
     per_head = mass_targets(q, k, 0.3, 16, per_query_head=True)
-    assert per_head.shape == (1, 4, 5, 5) and torch.allclose(per_head.sum(-1), torch.ones(1, 4, 5, dtype=per_head.dtype))
+    assert per_head.shape == (1, 4, 5, 5) and torch.allclose(
+        per_head.sum(-1), torch.ones(1, 4, 5, dtype=per_head.dtype)
+    )
