@@ -12,7 +12,8 @@ query heads (rows still sum to 1)::
 
 A work folder's saved gate targets are keyed by model and block size, not by this choice: give the
 command a work folder without ``gates-samples`` (and without the stages after it) so they are made
-again.
+again — and do not hand a folder this script filled to a plain `moa-compress compress`, which would
+reuse its mass targets without knowing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Fast CPU backend: computes only the selected blocks.
 
-Prefill runs through the compiled kernel of ``native.py`` where it builds. This module is the rest:
-decoding steps, float64, autograd and machines without a C++ compiler, with PyTorch's fused CPU
-flash-attention op.
+Prefill runs through the compiled kernel of ``native.py`` where :func:`native.usable` says so. This
+module is the rest, with PyTorch's fused CPU flash-attention op: decoding steps and chunks shorter
+than two blocks, float64, autograd, 16-bit inputs the kernel does not pack, negative or non-finite
+scales, machines where the kernel cannot be built, and ``MOA_COMPRESS_NATIVE=0``.
 
 How it works. Every (batch, query head, query block) — a *unit* — sees a set of key blocks. Each
 maximal run of consecutive key blocks is a contiguous slice of K/V, so it needs no gather: a
@@ -99,8 +100,8 @@ def block_sparse_attention_torch(
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
     """Block-sparse causal attention on CPU; same contract as the reference backend.
 
-    Prefill goes to the compiled kernel (``native.py``) where it builds on this machine; decoding
-    steps, autograd and dtypes it lacks (float64) take the fused-op schedule below."""
+    Prefill goes to the compiled kernel (``native.py``) where :func:`native.usable` allows; the rest
+    takes the fused-op schedule below."""
     if native.usable(q, k, v, layout, scale):
         return native.block_sparse_attention_native(q, k, v, layout, scale)
     if v.shape[-1] != q.shape[-1] or q.device.type != "cpu":

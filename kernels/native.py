@@ -11,9 +11,11 @@ system C++ compiler (``$CXX``, else ``c++``) against the installed torch's heade
 ``-march=native`` (so the library is tied to the CPU flags it was built on: they are part of its
 name), into ``$MOA_COMPRESS_CACHE/native`` (default ``$XDG_CACHE_HOME/moa-compress/native``, else
 ``~/.cache/moa-compress/native``), written to a temporary name and renamed, so an interrupted build
-leaves nothing half-written. It takes about 11 s on two cores. Where it cannot be built (no
-compiler, no headers) or ``MOA_COMPRESS_NATIVE=0`` is set, :func:`available` is False, the reason is
-in :func:`problem`, and callers use the PyTorch backend.
+leaves nothing half-written. It takes about 11 s on two cores. Only a cache folder this user owns
+is used (it is made unwritable to others), since the library found there is loaded as code. Where it
+cannot be built (no compiler, no headers), where a fresh build does not load (a ``.failed`` note next
+to it then stops later processes from building again), or with ``MOA_COMPRESS_NATIVE=0``,
+:func:`available` is False, the reason is in :func:`problem`, and callers use the PyTorch backend.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ _BUILD_TIMEOUT_S = 900
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-_PACKS: dict[torch.dtype, bool] = {}
+_PACKS: dict[tuple[torch.dtype, int, int], bool] = {}
 
 
 def cache_dir() -> Path:
@@ -98,25 +100,32 @@ def library_path() -> Path:
     return cache_dir() / f"block_sparse_cpu-{digest.hexdigest()[:16]}.so"
 
 
+def _own_folder(folder: Path) -> None:
+    """Create ``folder`` if needed and make sure only this user can put code in it: a library found
+    there is loaded into the process, so a folder another user owns or may write to is refused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not hasattr(os, "getuid"):
+        return
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise RuntimeError(f"{folder} belongs to another user; set MOA_COMPRESS_CACHE to a folder of yours")
+    if info.st_mode & 0o022:
+        os.chmod(folder, info.st_mode & ~0o022)
+
+
 def _build(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        print(
-            "moa-compress: building the CPU attention kernel (once per machine and torch version)",
-            file=sys.stderr,
-        )
+        print("moa-compress: building the CPU attention kernel (once per source, torch version and CPU)",
+              file=sys.stderr)  # fmt: skip
         done = subprocess.run(
             _compile_command(Path(tmp)), capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False
         )
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise RuntimeError(f"compiler exited with {done.returncode}: {lines[0] if lines else ''}")
-        # mkstemp made the file private; give it a compiler output's usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o755 & ~umask)
+        os.chmod(tmp, 0o755)  # mkstemp made it private; a compiler output's usual mode
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -129,17 +138,22 @@ def _load() -> None:
     if not SOURCE.is_file():
         raise RuntimeError(f"kernel source missing: {SOURCE}")
     target = library_path()
+    _own_folder(target.parent)
+    failed = target.with_suffix(".failed")
+    if failed.is_file():
+        raise RuntimeError(f"an earlier build here did not load ({failed.read_text().strip()}); delete {failed} "
+                           "to try again")  # fmt: skip
     found = target.is_file()
-    if found and hasattr(os, "getuid") and target.stat().st_uid != os.getuid():
-        # A library is code this process would run: only one this user built is loaded.
-        raise RuntimeError(f"{target} belongs to another user; set MOA_COMPRESS_CACHE to a folder of yours")
     if not found:
         _build(target)
     try:
         torch.ops.load_library(str(target))
-    except OSError:
+    except OSError as err:
         if not found:
-            raise  # just built and it does not load: building again would not help
+            # Just built and it does not load (a cache folder mounted noexec, say): building again
+            # would not help, so later processes are told at once instead of building in turn.
+            failed.write_text(f"{type(err).__name__}: {err}\n")
+            raise
         # A library found in the cache that does not load (a disk that filled up under another
         # writer, a cache copied from elsewhere): build it again, once.
         _build(target)
@@ -165,10 +179,8 @@ def problem() -> str | None:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel takes these inputs and is the faster path for them (then :func:`available`
-    says whether it can run): float32, and bfloat16 / float16 where the CPU runs them on packed
-    operands (AMX). Without those, 16-bit GEMMs fall back to converting copies, slower than the
-    fused-op path (float16 on the AMX-BF16 machine: 132 ms against 121 ms at 8K, d = 0.25)."""
+    """Whether the kernel takes these inputs: CPU tensors of one dtype in :data:`DTYPES`, one head size
+    for Q/K/V, no autograd. (:func:`usable` adds when it is also the faster path.)"""
     return (
         q.device.type == "cpu"
         and q.dtype in DTYPES
@@ -177,28 +189,35 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and not q.requires_grad
         and not k.requires_grad
         and not v.requires_grad
-        and (q.dtype == torch.float32 or packs(q.dtype))
     )
 
 
-def packs(dtype: torch.dtype) -> bool:
-    """Whether this CPU runs ``dtype`` on the kernel's packed operands (False where unavailable)."""
-    if dtype not in _PACKS:
-        _PACKS[dtype] = available() and bool(torch.ops.moa_compress_cpu.packs(torch.empty(0, dtype=dtype)))
-    return _PACKS[dtype]
+def packs(dtype: torch.dtype, head_dim: int, block_size: int) -> bool:
+    """Whether the kernel runs ``dtype`` inputs of this head size and block size on packed operands:
+    bfloat16 on AMX, float16 on AMX-FP16, head sizes a multiple of 16, even blocks (False where the
+    kernel is unavailable)."""
+    key = (dtype, head_dim, block_size)
+    if key not in _PACKS:
+        like = torch.empty(0, dtype=dtype, device="cpu")
+        _PACKS[key] = available() and bool(torch.ops.moa_compress_cpu.packs(like, head_dim, block_size))
+    return _PACKS[key]
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float) -> bool:
-    """Whether the CPU backend should run these inputs through the kernel: it takes them, it is
-    available, and there are at least two query blocks (a decoding step or a short chunk would pay
-    more for packing all of K/V than the kernel saves). A negative or non-finite scale (its base-2
-    exponents assume scores scaled by a finite non-negative number) takes the other path."""
+    """Whether the CPU backend should run these inputs through the kernel: it takes them
+    (:func:`supports`), there are at least two query blocks (a decoding step or a short chunk would pay
+    more for packing all of K/V than the kernel saves), the scale is finite and non-negative (its
+    base-2 exponents assume it), the kernel is available, and the dtype is float32 or a 16-bit type it
+    packs (:func:`packs`: elsewhere 16-bit GEMMs fall back to converting copies, slower than the
+    fused op — float16 on the AMX-BF16 machine: 132 ms against 121 ms at 8K, d = 0.25). The cheap
+    tests come first, so a decoding step never builds the kernel."""
     return (
         supports(q, k, v)
         and layout.q_len >= 2 * layout.block_size
         and math.isfinite(scale)
         and scale >= 0
         and available()
+        and (q.dtype == torch.float32 or packs(q.dtype, q.shape[-1], layout.block_size))
     )
 
 

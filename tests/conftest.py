@@ -8,8 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The compiled CPU kernel is built into a test cache of its own, kept between test runs.
+_USER = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
 os.environ.setdefault(
-    "MOA_COMPRESS_CACHE", os.path.join(tempfile.gettempdir(), f"moa-compress-test-cache-{os.getuid()}")
+    "MOA_COMPRESS_CACHE", os.path.join(tempfile.gettempdir(), f"moa-compress-test-cache-{_USER}")
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -136,8 +137,10 @@ def test_cpu_backend_uses_the_kernel_for_prefill_only(monkeypatch):
     for dtype in (torch.bfloat16, torch.float16):
         calls.clear()
         cpu.block_sparse_attention_torch(q.to(dtype), k.to(dtype), v.to(dtype), layout, 0.125)
-        assert calls == ([1] if native.packs(dtype) else [])
-    assert native.packs(torch.float32) is False
+        assert calls == ([1] if native.packs(dtype, 64, 64) else [])
+    assert native.packs(torch.float32, 64, 64) is False
+    # Head sizes whose V chunks the packing does not take, odd blocks: never packed.
+    assert native.packs(torch.bfloat16, 40, 64) is False and native.packs(torch.bfloat16, 64, 33) is False
 
 
 def test_failed_build_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
@@ -210,3 +213,45 @@ def test_bad_layout_values_raise_instead_of_reading_out_of_bounds(change, messag
     change(num, idx)
     with pytest.raises(RuntimeError, match=message):
         native.block_sparse_attention_native(q, k, v, BlockLayout(num, idx, 64, 256, 256), 0.125)
+
+
+FAKE_COMPILER = """
+import sys
+out = sys.argv[sys.argv.index("-o") + 1]
+open(out, "wb").write(b"not a shared library")
+with open(sys.argv[0] + ".calls", "a") as f:
+    f.write("1")
+"""
+
+
+def test_a_fresh_build_that_does_not_load_is_not_built_again(monkeypatch, tmp_path):
+    compiler = tmp_path / "fake_cxx.py"
+    compiler.write_text(FAKE_COMPILER)
+    saved = dict(native._state)
+    monkeypatch.setenv("MOA_COMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", f"{sys.executable} {compiler}")  # split like a shell
+    native._state.clear()
+    try:
+        assert native.available() is False and "OSError" in native.problem()
+        target = native.library_path()
+        assert (target.stat().st_mode & 0o777) == 0o755  # not mkstemp's private mode
+        assert target.with_suffix(".failed").is_file()
+        native._state.clear()
+        assert native.available() is False and "did not load" in native.problem()
+        assert (tmp_path / "fake_cxx.py.calls").read_text() == "1"  # built once, not once per process
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
+def test_a_cache_folder_of_another_user_is_refused(monkeypatch, tmp_path):
+    saved = dict(native._state)
+    monkeypatch.setenv("MOA_COMPRESS_CACHE", str(tmp_path))
+    (tmp_path / "native").mkdir()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    native._state.clear()
+    try:
+        assert native.available() is False and "belongs to another user" in native.problem()
+    finally:
+        native._state.clear()
+        native._state.update(saved)

@@ -16,9 +16,9 @@
 //
 // Matrix products go through ATen's batch-reduce GEMM (at::native::cpublas::brgemm, oneDNN's
 // micro-kernels: AMX tiles where the CPU has them). For bfloat16 / float16 on such CPUs the right-hand
-// operands are packed once per call into the VNNI layout the micro-kernel reads: per key block,
-// K^T as [D, block]; per KV head, V as [Sk_padded, D] in column chunks of at most 64. Elsewhere the
-// same calls run on plain row-major operands.
+// operands are packed once per call into the VNNI layout the micro-kernel reads (see uses_packed for
+// when): per KV head, K^T in chunks of 64 keys ([D / 2, 64, 2] each) and V as [Sk_padded, D] in column
+// chunks of at most 64. Elsewhere the same calls run on plain row-major operands.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -445,6 +445,22 @@ std::vector<Item> make_items(int64_t B, int64_t Hq, int64_t Hkv, int64_t nQ, con
   return items;
 }
 
+// Packed (VNNI) operands where the CPU's micro-kernels take them: 16-bit types the CPU packs (AMX:
+// bfloat16; AMX-FP16: float16), head dims whose V column chunks are 16, 32, 48 or 64 wide (the widths
+// the packing accepts), even block sizes (pairs of keys), and the layout the offsets here assume
+// (checked once against cpublas::pack). Elsewhere plain operands.
+bool uses_packed(at::ScalarType dt, int64_t D, int64_t bs) {
+  if (D % 16 != 0 || bs % 2 != 0) return false;
+  switch (dt) {
+    case at::kBFloat16:
+      return at::native::cpublas::could_pack(dt) && same_as_pack<at::BFloat16>(dt);
+    case at::kHalf:
+      return at::native::cpublas::could_pack(dt) && same_as_pack<at::Half>(dt);
+    default:
+      return false;
+  }
+}
+
 template <typename scalar_t>
 at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& num_t,
                           const at::Tensor& idx_t, int64_t bs, double scale_d) {
@@ -454,11 +470,7 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   auto out = at::zeros({B, Hq, Sq, D}, q.options());
   if (B == 0 || Sq == 0 || Sk == 0) return out;
 
-  // Packed (VNNI) operands where the CPU's micro-kernels take them: 16-bit types, V's column chunks
-  // 16, 32, 48 or 64 wide (the widths the packing accepts), pairs of keys, and the layout the
-  // offsets below assume (checked once against cpublas::pack). Elsewhere plain operands.
-  const bool packed = !std::is_same_v<scalar_t, float> && at::native::cpublas::could_pack(q.scalar_type()) &&
-                      D % 16 == 0 && bs % 2 == 0 && same_as_pack<scalar_t>(q.scalar_type());
+  const bool packed = uses_packed(q.scalar_type(), D, bs);
   Operands<scalar_t> ops;
   prepare_operands<scalar_t>(k, v, bs, packed, ops);
 
@@ -541,22 +553,15 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   }
 }
 
-// Whether this CPU runs `like`'s dtype on packed operands (AMX for bfloat16 / float16 here).
-bool packs(const at::Tensor& like) {
-  switch (like.scalar_type()) {
-    case at::kBFloat16:
-      return at::native::cpublas::could_pack(at::kBFloat16) && same_as_pack<at::BFloat16>(at::kBFloat16);
-    case at::kHalf:
-      return at::native::cpublas::could_pack(at::kHalf) && same_as_pack<at::Half>(at::kHalf);
-    default:
-      return false;
-  }
+// Whether inputs of `like`'s dtype with this head dim and block size run on packed operands.
+bool packs(const at::Tensor& like, int64_t head_dim, int64_t block_size) {
+  return uses_packed(like.scalar_type(), head_dim, block_size);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(moa_compress_cpu, m) {
-  m.def("packs(Tensor like) -> bool");
+  m.def("packs(Tensor like, int head_dim, int block_size) -> bool");
   m.impl("packs", c10::DispatchKey::CPU, TORCH_FN(packs));
   m.def(
       "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
