@@ -20,6 +20,7 @@ to it then stops later processes from building again), or with ``MOA_COMPRESS_NA
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ _BUILD_TIMEOUT_S = 900
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 _PACKS: dict[tuple[torch.dtype, int, int], bool] = {}
+_FAKES_REGISTERED = False
 
 
 def cache_dir() -> Path:
@@ -145,7 +148,10 @@ def _load() -> None:
                            "to try again")  # fmt: skip
     found = target.is_file()
     if not found:
-        _build(target)
+        with _build_lock(target):  # two processes starting at once: one builds, the other waits
+            found = target.is_file()
+            if not found:
+                _build(target)
     try:
         torch.ops.load_library(str(target))
     except OSError as err:
@@ -158,6 +164,38 @@ def _load() -> None:
         # writer, a cache copied from elsewhere): build it again, once.
         _build(target)
         torch.ops.load_library(str(target))
+    _register_fake()
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock on ``target``'s lock file while building (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(target.with_suffix(".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _register_fake() -> None:
+    """Shapes without data for tracing (``torch.compile``, FakeTensor): the output is ``q``'s shape."""
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return
+    name = "moa_compress_cpu::block_sparse_attention"
+
+    @torch.library.register_fake(name)
+    def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale):
+        return q.new_empty(q.shape)
+
+    torch.library.register_fake("moa_compress_cpu::packs")(lambda like, head_dim, block_size: False)
+    _FAKES_REGISTERED = True
 
 
 def available() -> bool:

@@ -151,7 +151,8 @@ def test_failed_build_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
     try:
         assert native.available() is False
         assert "compiler exited with 1" in native.problem()
-        assert list((tmp_path / "native").iterdir()) == []
+        # No library and no half-written temp file: only the (empty) build lock remains.
+        assert [p.suffix for p in (tmp_path / "native").iterdir()] == [".lock"]
         monkeypatch.setenv("MOA_COMPRESS_NATIVE", "0")
         native._state.clear()
         assert native.available() is False and "MOA_COMPRESS_NATIVE=0" in native.problem()
@@ -255,3 +256,22 @@ def test_a_cache_folder_of_another_user_is_refused(monkeypatch, tmp_path):
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+def test_the_op_passes_torch_library_checks_with_its_fake_kernel():
+    """Schema, autograd registration and the fake (shape-only) kernel that tracing uses."""
+    q, k, v, layout = make_case("gqa-per-head")
+    native._load()  # a second load in one process (the tests clear state) must not fail
+    op = torch.ops.moa_compress_cpu.block_sparse_attention.default
+    torch.library.opcheck(
+        op, (q.float(), k.float(), v.float(), layout.kv_num_blocks, layout.kv_indices, 64, 0.125)
+    )
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q32, k32, v32))
+        out = op(
+            fq, fk, fv, mode.from_tensor(layout.kv_num_blocks), mode.from_tensor(layout.kv_indices), 64, 0.125
+        )
+    assert out.shape == q.shape and out.dtype == torch.float32
