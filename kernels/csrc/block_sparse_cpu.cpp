@@ -173,10 +173,43 @@ struct Item {
   int64_t b, hk, qb, h0, nh, cost;
 };
 
+// The layout tensors as the kernel reads them: batch b of the inputs maps to layout batch 0 when the
+// layout has one (it broadcasts), any strides (stride 0 included), rows of kv_indices contiguous.
+struct LayoutView {
+  const int32_t* num;
+  const int32_t* idx;
+  int64_t batch, lsb, lsh, lsq, isb, ish, isq;
+
+  LayoutView(const at::Tensor& num_t, const at::Tensor& idx_t)
+      : num(num_t.data_ptr<int32_t>()),
+        idx(idx_t.data_ptr<int32_t>()),
+        batch(num_t.size(0)),
+        lsb(num_t.stride(0)),
+        lsh(num_t.stride(1)),
+        lsq(num_t.stride(2)),
+        isb(idx_t.stride(0)),
+        ish(idx_t.stride(1)),
+        isq(idx_t.stride(2)) {}
+  int64_t lb(int64_t b) const { return batch == 1 ? 0 : b; }
+  // Number of key blocks query block q of head h selects, and their indices.
+  int64_t count(int64_t b, int64_t h, int64_t q) const { return num[lb(b) * lsb + h * lsh + q * lsq]; }
+  const int32_t* row(int64_t b, int64_t h, int64_t q) const { return idx + lb(b) * isb + h * ish + q * isq; }
+};
+
+// One thread's buffers for run_item: the folded query rows, scores, probabilities, output accumulator
+// and each row's running max and sum.
+template <typename scalar_t>
+struct Scratch {
+  std::vector<scalar_t> q, p;
+  std::vector<float> s, acc, mx, sm;
+  Scratch(int64_t rows, int64_t D, int64_t ldc)
+      : q(rows * D), p(rows * ldc), s(rows * ldc), acc(rows * D), mx(rows), sm(rows) {}
+};
+
 template <typename scalar_t>
 struct Operands {
   bool packed;
-  int64_t D, bs, nK, Skp, Kcols;
+  int64_t D, bs, Skp, Kcols;
   // Kt[b, hk]: the QK right-hand side for all keys, [D, Kcols] (packed: per column chunk).
   std::vector<scalar_t> kb;
   // Vb[b, hk, dc]: the PV right-hand side for all keys and one column chunk, [Skp, width(dc)].
@@ -251,8 +284,7 @@ void prepare_operands(const at::Tensor& k, const at::Tensor& v, int64_t bs, bool
   ops.D = D;
   ops.bs = bs;
   ops.Hkv = Hkv;
-  ops.nK = (Sk + bs - 1) / bs;
-  ops.Skp = ops.nK * bs;
+  ops.Skp = (Sk + bs - 1) / bs * bs;
   for (int64_t c = 0; c < D; c += kPackWidth) {
     ops.dc_start.push_back(c);
     ops.dc_width.push_back(std::min(kPackWidth, D - c));
@@ -265,7 +297,7 @@ void prepare_operands(const at::Tensor& k, const at::Tensor& v, int64_t bs, bool
   const int64_t ksb = k.stride(0), ksh = k.stride(1), kss = k.stride(2);
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vss = v.stride(2);
   const auto dt = k.scalar_type();
-  const int64_t nK = ops.nK, Skp = ops.Skp;
+  const int64_t Skp = ops.Skp;
 
   // Work in slices of kPrepKeys keys per (batch, KV head), so both threads share even one head.
   // K^T per KV head, [D, Kcols]: plain, or packed in column chunks of kPackWidth (the widest packed
@@ -311,19 +343,19 @@ void prepare_operands(const at::Tensor& k, const at::Tensor& v, int64_t bs, bool
   });
 }
 
+// Writes the output rows of one item; an item that selects no block writes zeros.
 template <typename scalar_t>
-void run_item(const Item& it, const at::Tensor& q, at::Tensor& out, const int32_t* num, const int32_t* idx,
-              int64_t lsb, int64_t lsh, int64_t lsq, int64_t isb, int64_t ish, int64_t isq, int64_t layout_batch,
-              int64_t offset, float scale, const Operands<scalar_t>& ops, std::vector<scalar_t>& qbuf,
-              std::vector<float>& sbuf, std::vector<scalar_t>& pbuf, std::vector<float>& acc,
-              std::vector<float>& mx, std::vector<float>& sm) {
+void run_item(const Item& it, const at::Tensor& q, at::Tensor& out, const LayoutView& layout, int64_t offset,
+              float scale, const Operands<scalar_t>& ops, Scratch<scalar_t>& buf) {
   const int64_t D = ops.D, bs = ops.bs, Sq = q.size(2);
   const int64_t q0 = it.qb * bs;
   const int64_t rb = std::min(bs, Sq - q0);
   const int64_t R = it.nh * rb;
-  const int64_t lb = layout_batch == 1 ? 0 : it.b;
-  const int64_t nsel = num[lb * lsb + it.h0 * lsh + it.qb * lsq];
-  const int32_t* sel = idx + lb * isb + it.h0 * ish + it.qb * isq;
+  const int64_t nsel = layout.count(it.b, it.h0, it.qb);
+  const int32_t* sel = layout.row(it.b, it.h0, it.qb);
+  std::vector<scalar_t>& qbuf = buf.q;
+  std::vector<scalar_t>& pbuf = buf.p;
+  std::vector<float>&sbuf = buf.s, &acc = buf.acc, &mx = buf.mx, &sm = buf.sm;
   const bool packed = ops.packed;
   const float k2 = scale * 1.4426950408889634f;  // scores to base-2 exponents
 
@@ -409,34 +441,26 @@ void run_item(const Item& it, const at::Tensor& q, at::Tensor& out, const int32_
 }
 
 // The work items: one per (batch, KV head, query block), with the group's query heads folded
-// when they select the same blocks, else one per query head.
-std::vector<Item> make_items(int64_t B, int64_t Hq, int64_t Hkv, int64_t nQ, const int32_t* num, const int32_t* idx,
-                             int64_t lsb, int64_t lsh, int64_t lsq, int64_t isb, int64_t ish, int64_t isq,
-                             int64_t layout_batch) {
+// when they select the same blocks, else one per query head. Rows that select nothing are items too
+// (they write the zeros), so the output needs no fill first.
+std::vector<Item> make_items(int64_t B, int64_t Hq, int64_t Hkv, int64_t nQ, const LayoutView& layout) {
   const int64_t G = Hq / Hkv;
   std::vector<Item> items;
   items.reserve(B * Hkv * nQ);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t lb = layout_batch == 1 ? 0 : b;
     for (int64_t hk = 0; hk < Hkv; ++hk) {
       for (int64_t qb = 0; qb < nQ; ++qb) {
         const int64_t h0 = hk * G;
-        const int32_t n0 = num[lb * lsb + h0 * lsh + qb * lsq];
-        const int32_t* s0 = idx + lb * isb + h0 * ish + qb * isq;
+        const int64_t n0 = layout.count(b, h0, qb);
+        const int32_t* s0 = layout.row(b, h0, qb);
         bool same = true;
-        for (int64_t g = 1; g < G && same; ++g) {
-          const int64_t h = h0 + g;
-          const int32_t* s = idx + lb * isb + h * ish + qb * isq;
-          same = num[lb * lsb + h * lsh + qb * lsq] == n0 && std::equal(s0, s0 + n0, s);
-        }
+        for (int64_t h = h0 + 1; h < h0 + G && same; ++h)
+          same = layout.count(b, h, qb) == n0 && std::equal(s0, s0 + n0, layout.row(b, h, qb));
         if (same) {
-          if (n0 > 0) items.push_back({b, hk, qb, h0, G, static_cast<int64_t>(n0) * G});
+          items.push_back({b, hk, qb, h0, G, n0 * G});
           continue;
         }
-        for (int64_t g = 0; g < G; ++g) {
-          const int32_t n = num[lb * lsb + (h0 + g) * lsh + qb * lsq];
-          if (n > 0) items.push_back({b, hk, qb, h0 + g, 1, n});
-        }
+        for (int64_t h = h0; h < h0 + G; ++h) items.push_back({b, hk, qb, h, 1, layout.count(b, h, qb)});
       }
     }
   }
@@ -467,19 +491,15 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2);
   const int64_t nQ = (Sq + bs - 1) / bs;
-  auto out = at::zeros({B, Hq, Sq, D}, q.options());
-  if (B == 0 || Sq == 0 || Sk == 0) return out;
+  if (B == 0 || Sq == 0 || Sk == 0) return at::zeros({B, Hq, Sq, D}, q.options());
+  auto out = at::empty({B, Hq, Sq, D}, q.options());  // every row belongs to an item (make_items)
 
   const bool packed = uses_packed(q.scalar_type(), D, bs);
   Operands<scalar_t> ops;
   prepare_operands<scalar_t>(k, v, bs, packed, ops);
 
-  const auto* num = num_t.data_ptr<int32_t>();
-  const auto* idx = idx_t.data_ptr<int32_t>();
-  const int64_t layout_batch = num_t.size(0);
-  const int64_t lsb = num_t.stride(0), lsh = num_t.stride(1), lsq = num_t.stride(2);
-  const int64_t isb = idx_t.stride(0), ish = idx_t.stride(1), isq = idx_t.stride(2);
-  const auto items = make_items(B, Hq, Hkv, nQ, num, idx, lsb, lsh, lsq, isb, ish, isq, layout_batch);
+  const LayoutView layout(num_t, idx_t);
+  const auto items = make_items(B, Hq, Hkv, nQ, layout);
   const int64_t offset = Sk - Sq;
   const float scale = static_cast<float>(scale_d);
   const int64_t G = Hq / Hkv;
@@ -491,12 +511,9 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, n_items, 1, [&](int64_t, int64_t) {
-    std::vector<scalar_t> qbuf(rmax * D), pbuf(rmax * ldc);
-    std::vector<float> sbuf(rmax * ldc), acc(rmax * D), mx(rmax), sm(rmax);
-    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
-      run_item<scalar_t>(items[i], q, out, num, idx, lsb, lsh, lsq, isb, ish, isq, layout_batch, offset, scale, ops,
-                         qbuf, sbuf, pbuf, acc, mx, sm);
-    }
+    Scratch<scalar_t> buf(rmax, D, ldc);
+    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1))
+      run_item<scalar_t>(items[i], q, out, layout, offset, scale, ops, buf);
     if (packed) at::native::cpublas::brgemm_release();
   });
   return out;
@@ -509,14 +526,13 @@ void check_layout(const at::Tensor& num_t, const at::Tensor& idx_t, int64_t B, i
   TORCH_CHECK(lb == 1 || lb == B, "layout batch must be 1 or the batch size");
   TORCH_CHECK(num_t.size(2) == nQ, "layout has ", num_t.size(2), " query blocks, the inputs ", nQ);
   TORCH_CHECK(idx_t.size(0) == lb && idx_t.size(1) == H && idx_t.size(2) == nQ, "kv_indices and kv_num_blocks disagree");
-  const auto* num = num_t.data_ptr<int32_t>();
-  const auto* idx = idx_t.data_ptr<int32_t>();
+  const LayoutView layout(num_t, idx_t);
   for (int64_t b = 0; b < lb; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t r = 0; r < nQ; ++r) {
-        const int64_t n = num[b * num_t.stride(0) + h * num_t.stride(1) + r * num_t.stride(2)];
+        const int64_t n = layout.count(b, h, r);
         TORCH_CHECK(n >= 0 && n <= maxk, "kv_num_blocks entry ", n, " outside [0, ", maxk, "]");
-        const int32_t* row = idx + b * idx_t.stride(0) + h * idx_t.stride(1) + r * idx_t.stride(2);
+        const int32_t* row = layout.row(b, h, r);
         for (int64_t j = 0; j < n; ++j) {
           TORCH_CHECK(row[j] >= 0 && row[j] < nK, "kv_indices entry ", row[j], " outside [0, ", nK, ")");
           TORCH_CHECK(j == 0 || row[j] > row[j - 1], "kv_indices rows must be strictly ascending");
