@@ -51,11 +51,10 @@ _FAKES_REGISTERED = False
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MOA_COMPRESS_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "moa-compress")
-    return Path(root) / "native"
+    """``native`` in the project's cache (:func:`moa_compress.models.cache_dir`)."""
+    from moa_compress.models import cache_dir as project_cache
+
+    return project_cache() / "native"
 
 
 def _cpu_flags() -> str:
