@@ -742,7 +742,8 @@ PerHeadOpt = Annotated[bool, typer.Option(help="One rule per query head instead 
 MinSpanOpt = Annotated[
     float | None,
     typer.Option(
-        help="Narrowest band a rule may keep, in tokens (default: 3 blocks where the budget allows; 0: any)."
+        help="Narrowest band a rule may keep, in tokens; gate rows keep the sink plus as many blocks "
+        "(default: 3 blocks where the budget allows; 0: any)."
     ),
 ]
 KvBudgetOpt = Annotated[

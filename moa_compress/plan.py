@@ -32,8 +32,9 @@ import torch
 
 from moa_compress.errors import UserInputError
 
-# The newest plan.json this version reads (2: gate rules; 3: gate rules with a local window).
-SCHEMA_VERSION = 3
+# The newest plan.json this version reads (2: gate rules; 3: gate rules with a local window; 4: gate
+# rules with a floor of blocks per row).
+SCHEMA_VERSION = 4
 PLAN_FILE = "plan.json"
 TENSOR_FILE = "plan.safetensors"
 
@@ -250,8 +251,10 @@ class GateRule:
     At total length ``N`` every query-block row keeps :meth:`blocks_per_row` key blocks — the sink
     block 0, the ``local`` blocks ending at its diagonal block (a guaranteed local window; ``local = 1``
     is the diagonal alone) and the best-scoring others by the layer's gate (rows with fewer causal
-    blocks keep them all) — so the density at ``N`` is exact whatever the input, and at most
-    ``target`` (or the smallest possible, two blocks per row, where that exceeds it). Where ``local``
+    blocks keep them all) — so the density at ``N`` is exact whatever the input. The count is the most
+    whose density stays within ``target``, but at least ``min_blocks`` (and two: the sink and the
+    diagonal): a floor like the static rules' narrowest band, since the first-order costs the search
+    reads rate rows of two or three blocks as nearly free when they are not. Where ``local``
     would take every block a row may keep, the window shrinks to leave none for the gate
     (:meth:`local_blocks`). The gate's weights are the plan's tensors ``gates.{layer}.q_proj`` /
     ``gates.{layer}.k_proj`` (:class:`GateConfig`).
@@ -259,6 +262,7 @@ class GateRule:
 
     target: float
     local: int = 1
+    min_blocks: int = 2
     kind: ClassVar[str] = "gate"
     input_dependent: ClassVar[bool] = True
 
@@ -266,27 +270,36 @@ class GateRule:
         out = _fields(self)
         if self.local == 1:  # the schema-2 rule, readable by every version that reads gates
             del out["local"]
+        if self.min_blocks <= 2:  # no floor beyond the sink and the diagonal: readable before schema 4
+            del out["min_blocks"]
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> GateRule:
         try:
-            target, local = float(data["target"]), data.get("local", 1)
-            if isinstance(local, bool) or not isinstance(local, int):
-                raise TypeError(f"local must be an integer number of blocks, got {local!r}")
-            rule = cls(target, local)
+            target, local, floor = float(data["target"]), data.get("local", 1), data.get("min_blocks", 2)
+            for name, value in (("local", local), ("min_blocks", floor)):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"{name} must be an integer number of blocks, got {value!r}")
+            rule = cls(target, local, floor)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(
-                f"{where}: gate rule needs target and an optional integer local ({exc})"
+                f"{where}: gate rule needs target and optional integers local and min_blocks ({exc})"
             ) from None
         if not 0.0 < rule.target <= 1.0:
             raise PlanError(f"{where}: gate rule target must be in (0, 1], got {rule.target}")
         if rule.local < 1:
             raise PlanError(f"{where}: gate rule local must be at least 1 block, got {rule.local}")
+        if rule.min_blocks < 2:
+            raise PlanError(
+                f"{where}: gate rule min_blocks must be at least 2 (sink and diagonal), got {rule.min_blocks}"
+            )
         return rule
 
     def blocks_per_row(self, n: int, block_size: int) -> int:
-        return blocks_for_density(self.target, n, block_size)
+        return min(
+            max(self.min_blocks, blocks_for_density(self.target, n, block_size)), num_blocks(n, block_size)
+        )
 
     def local_blocks(self, n: int, block_size: int) -> int:
         """Blocks ending at the diagonal that every row keeps at ``n``: ``local``, but at most
@@ -303,7 +316,11 @@ class GateRule:
         return None
 
     def describe(self) -> str:
-        return f"gate@{self.target:g}" + (f"+local{self.local}" if self.local > 1 else "")
+        return (
+            f"gate@{self.target:g}"
+            + (f"+local{self.local}" if self.local > 1 else "")
+            + (f"+min{self.min_blocks}" if self.min_blocks > 2 else "")
+        )
 
 
 Rule = DenseRule | StaticRule | GateRule
@@ -655,6 +672,8 @@ class Plan:
 
     def _needed_schema(self) -> int:
         """The oldest schema that holds this plan (older readers refuse newer files, never misread them)."""
+        if any(getattr(r, "min_blocks", 2) > 2 for heads in self.rules for r in heads):
+            return 4
         if any(getattr(r, "local", 1) > 1 for heads in self.rules for r in heads):
             return 3
         return 2 if self.gates is not None else 1

@@ -3,7 +3,8 @@
 Every group picks one candidate rule of the kinds asked for (``rules``: ``static``, ``gate``,
 ``dense``): ``dense``; ``sink_blocks`` sink blocks plus a band of span ``S(N) = alpha + beta * N``
 tokens (a grid of ``alpha`` and ``beta``); or a learned gate that keeps a fixed number of blocks per
-row at a grid of target densities (:class:`GateRule`). The cost of a rule at a profiled length ``N`` is
+row at a grid of target densities, never fewer than the narrowest static band keeps (:class:`GateRule`,
+:func:`gate_floor`). The cost of a rule at a profiled length ``N`` is
 the influence it throws away: the profile's per-block measure summed over the causal blocks it drops
 (for a gate: the blocks its selection drops on each calibration sample, see :func:`gate_costs`),
 divided by the whole model's causal influence at ``N`` (so costs are fractions that compare across
@@ -169,6 +170,13 @@ def default_min_span(budget: float, lengths: Sequence[int], block_size: int, sin
     return 0.0
 
 
+def gate_floor(min_span: float, block_size: int, sink_blocks: int = 1) -> int:
+    """The fewest key blocks per row a gate candidate keeps: as many as the narrowest static rule
+    allowed (``sink_blocks`` plus a band of ``min_span`` tokens), at least 2 (the sink and the diagonal).
+    The first-order costs misjudge a gate row of two or three blocks as they do a band that narrow."""
+    return max(2, sink_blocks + math.ceil(min_span / block_size)) if min_span > 0 else 2
+
+
 def candidate_rules(
     lengths: Sequence[int],
     block_size: int,
@@ -290,13 +298,18 @@ def rule_costs(
 
 
 def gate_candidates(
-    lengths: Sequence[int], block_size: int, targets: Sequence[float], locals_: Sequence[int] = (1,)
+    lengths: Sequence[int],
+    block_size: int,
+    targets: Sequence[float],
+    locals_: Sequence[int] = (1,),
+    min_blocks: int = 2,
 ) -> list[GateRule]:
-    """``GateRule(t, l)`` for every target ``t`` in (0, 1] and local window ``l`` (blocks, >= 1), smallest
-    first, keeping the first of rules that keep the same blocks per row and the same window at every
-    length, and dropping those that keep every block at every length (``dense`` does that) and those
-    whose window leaves the gate no block to choose at any length (a fixed band: ``static`` does that,
-    with a smaller cache)."""
+    """``GateRule(t, l, min_blocks)`` for every target ``t`` in (0, 1] and local window ``l`` (blocks,
+    >= 1), smallest first, keeping the first of rules that keep the same blocks per row and the same
+    window at every length, and dropping those that keep every block at every length (``dense`` does
+    that) and those whose window leaves the gate no block to choose at any length (a fixed band:
+    ``static`` does that, with a smaller cache). ``min_blocks``: the fewest blocks any row keeps
+    (:func:`gate_floor`)."""
     everything = tuple((num_blocks(n, block_size), 1) for n in lengths)
     kept: list[GateRule] = []
     seen: set[tuple[tuple[int, int], ...]] = {everything}
@@ -306,7 +319,7 @@ def gate_candidates(
         if not 0.0 < target <= 1.0:
             raise SearchError(f"gate targets must lie in (0, 1], got {target}")
         for local in sorted({int(w) for w in locals_}):
-            rule = GateRule(target, local)
+            rule = GateRule(target, local, max(2, int(min_blocks)))
             shape = []
             for n in lengths:
                 keep = min(rule.blocks_per_row(n, block_size), num_blocks(n, block_size))
@@ -738,7 +751,8 @@ def search_plan(
     rules, the uniformly weighted problem is also solved with each kind alone (plus dense), giving
     :attr:`SearchResult.alternatives`. ``renormalise``: charge each rule for the row renormalisation its
     whole dropped set causes (see :func:`rule_costs`). ``min_span``: the narrowest band (tokens, at every
-    target length) a static rule may keep; None picks :func:`default_min_span`, 0 allows any. ``cost``:
+    target length) a static rule may keep, and so the fewest blocks per row of a gate rule
+    (:func:`gate_floor`); None picks :func:`default_min_span`, 0 allows any. ``cost``:
     the per-block measure (see :func:`rule_costs`; default :func:`cost_kind`). ``kv_budget``: also keep
     the decode cache at the longest target length within this fraction of a dense cache's keys
     (:meth:`Plan.kv_fraction`: gate and dense heads hold every key, static ones their sink and band);
@@ -804,7 +818,7 @@ def search_plan(
         min_span = default_min_span(budget, lengths, block, sink_blocks)
     if not math.isfinite(min_span) or min_span < 0:
         raise SearchError(f"min_span must be a number of tokens >= 0, got {min_span}")
-    if budget < 1.0 and min_span > 0 and "gate" not in kinds:  # gates reach the smallest plan
+    if budget < 1.0 and min_span > 0:  # gate rules keep the same floor (gate_floor)
         floor = StaticRule(sink_blocks, float(min_span), 0.0)
         over = [(n, d) for n in lengths if (d := rule_density(floor, n, block)) > budget]
         if over:
@@ -841,7 +855,9 @@ def search_plan(
             ]
         costs = rule_costs(profile, candidates, per_head, renormalise, cost) if candidates else {}
         if "gate" in kinds:
-            gate_rules = gate_candidates(lengths, block, targets, windows)
+            gate_rules = gate_candidates(
+                lengths, block, targets, windows, gate_floor(min_span, block, sink_blocks)
+            )
             extra = gate_costs(
                 profile, gates, gate_samples, gate_rules, per_head, renormalise, cost, sample_gates=cost_gates
             )
@@ -1115,6 +1131,7 @@ __all__ = [
     "default_min_span",
     "gate_candidates",
     "gate_costs",
+    "gate_floor",
     "minimum_density",
     "pareto_weights",
     "rule_costs",

@@ -41,6 +41,7 @@ OPTION_NAMES = {
     "gate_locals": "--gate-locals",
     "gate_folds": "--gate-folds",
     "gate_weight_decay": "--gate-weight-decay",
+    "gate_floor": "the gate rules' floor of blocks per row",
     "min_span": "--min-span",
     "kv_budget": "--kv-budget",
     "cost": "--cost",
@@ -65,7 +66,8 @@ class CompressSettings:
     are costed by cross-fitting — ``gate_folds`` more gate sets, each trained without one fold of the
     calibration samples, select each sample's blocks (1: the final gates cost the samples they were
     trained on; with fewer samples than folds, as many folds as samples).
-    ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default).
+    ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default); gate
+    rules keep at least as many blocks per row.
     ``kv_budget``: the decode cache's keys at the longest length, as a fraction of dense's, the plan may
     hold (None: no limit; see :meth:`moa_compress.plan.Plan.kv_fraction`).
     ``cost``: the search's per-block measure (``"net"`` or ``"entry"``; None: the search's default).

@@ -135,7 +135,7 @@ def _show(value: Any) -> str:
 
 # Stage settings recorded only when they differ from these values (work folders made before the setting
 # existed were made with this value, and resume).
-_UNRECORDED = {"gate_folds": 1, "gate_weight_decay": 0.01}
+_UNRECORDED = {"gate_folds": 1, "gate_weight_decay": 0.01, "gate_floor": "none (a search before gate floors)"}
 
 
 def _stale_message(root: Path, stage: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -184,7 +184,13 @@ def stage_settings(
         "extend_lengths": list(settings.extend_lengths),
         "per_head": settings.per_head,
         "rules": list(settings.rules),
-        **({"gate_locals": list(settings.gate_locals)} if "gate" in settings.rules else {}),
+        # Gate rules keep at least the narrowest band's blocks (search.gate_floor); searches made
+        # before that read as stale.
+        **(
+            {"gate_locals": list(settings.gate_locals), "gate_floor": "the --min-span band"}
+            if "gate" in settings.rules
+            else {}
+        ),
         "min_span": settings.min_span,
         **({"kv_budget": settings.kv_budget} if settings.kv_budget is not None else {}),
         "cost": settings.cost,

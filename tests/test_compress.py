@@ -553,6 +553,14 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
     with pytest.raises(StaleWorkError, match=r"--gate-weight-decay changed \(3.0 -> 0.5\).*gates stage"):
         compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_weight_decay=0.5), tmp_path / "p",
                  work_dir=work, progress=False)  # fmt: skip
+    # A search made before gate rules kept the band floor is stale.
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert manifest["stages"]["search"]["settings"].pop("gate_floor") == "the --min-span band"
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    stale = r"floor of blocks per row changed \(none \(a search before gate floors\) -> the --min-span band\)"
+    with pytest.raises(StaleWorkError, match=stale + r".*search stage"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES), tmp_path / "p", work_dir=work,
+                 progress=False)  # fmt: skip
     # A work folder made before the setting was recorded trained its gates with a decay of 0.01.
     manifest = json.loads((work / "manifest.json").read_text())
     del manifest["stages"]["gates"]["settings"]["gate_weight_decay"]

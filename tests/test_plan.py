@@ -95,6 +95,45 @@ def test_gate_rule_local_window_round_trips_and_needs_schema_3():
             GateRule.from_dict({"kind": "gate", "target": 0.3, "local": local}, "layer 0 head 0")
 
 
+def test_gate_rule_floor_keeps_min_blocks_exactly_and_needs_schema_4():
+    """``min_blocks`` raises a row's block count where the target would give fewer (never above the
+    causal blocks), the density stays exact, and a plan with a floor is schema 4 so older readers refuse
+    it instead of reading a sparser rule."""
+    from moa_compress.plan import (
+        GateConfig,
+        GateRule,
+        blocks_for_density,
+        gate_tensor_name,
+        num_blocks,
+        selection_density,
+    )
+
+    bs = 16
+    for n in (17, 100, 160, 1024, 4000):
+        for target in (0.05, 0.2, 0.6):
+            plain, floored = GateRule(target), GateRule(target, 1, 5)
+            want = min(max(5, blocks_for_density(target, n, bs)), num_blocks(n, bs))
+            assert floored.blocks_per_row(n, bs) == want
+            assert plain.blocks_per_row(n, bs) == blocks_for_density(target, n, bs)
+            assert floored.density(n, bs) == selection_density(want, n, bs) >= plain.density(n, bs)
+    assert GateRule(0.05, 1, 5).blocks_per_row(1024, bs) == 5 > GateRule(0.05).blocks_per_row(1024, bs)
+    config = GateConfig(gate_dim=4, per_query_head=False, rope_theta=10000.0, layers=(0,))
+    tensors = {
+        gate_tensor_name(0, w): torch.randn(1, 3 * 16 if w == "k_proj" else 16, 4)
+        for w in ("q_proj", "k_proj")
+    }
+    rules = (GateRule(0.1, 2, 4), GateRule(0.1), DenseRule())
+    plan = Plan(IDENT, (rules, (DenseRule(),) * 3), gates=config, tensors=tensors)
+    data = plan.to_dict()
+    assert data["schema_version"] == 4
+    assert data["rules"][0][0]["min_blocks"] == 4 and "min_blocks" not in data["rules"][0][1]
+    assert Plan.from_dict(json.loads(json.dumps(data)), tensors).rules == plan.rules
+    assert GateRule(0.1, 2, 4).describe() == "gate@0.1+local2+min4"
+    for floor in (1, 0, "4", True, 2.5):
+        with pytest.raises(PlanError, match="min_blocks"):
+            GateRule.from_dict({"kind": "gate", "target": 0.3, "min_blocks": floor}, "layer 0 head 0")
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

@@ -571,6 +571,52 @@ def test_gate_candidates_with_local_windows_keep_only_rules_that_still_choose():
             gate_candidates(lengths, bs, [0.1], bad)
 
 
+def test_gate_candidates_keep_the_static_floor():
+    """With a floor, no gate candidate keeps fewer blocks per row than it at any length (where the rows
+    have that many), and the floor is the narrowest static band's blocks plus the sink."""
+    from moa_compress.plan import num_blocks
+    from moa_compress.search import gate_candidates, gate_floor
+
+    assert gate_floor(192.0, 64) == 4 and gate_floor(100.0, 64) == 3 and gate_floor(0.0, 64) == 2
+    assert gate_floor(64.0, 64, sink_blocks=0) == 2
+    lengths, bs = (1024, 4096), 16
+    unfloored = gate_candidates(lengths, bs, [0.02, 0.05, 0.1, 0.3], [1, 2])
+    floored = gate_candidates(lengths, bs, [0.02, 0.05, 0.1, 0.3], [1, 2], min_blocks=12)
+    assert any(r.blocks_per_row(1024, bs) < 12 for r in unfloored)
+    assert floored and all(r.min_blocks == 12 for r in floored)
+    for rule in floored:
+        for n in lengths:
+            assert rule.blocks_per_row(n, bs) >= min(12, num_blocks(n, bs))
+
+
+def test_search_holds_gate_rules_to_the_band_floor():
+    """The search's gate rules keep at least the floor of its min_span; with min_span 0 they may keep
+    the sink and the diagonal alone."""
+    from moa_compress.plan import GateRule
+    from moa_compress.search import gate_floor
+
+    profile, samples = gated_profile(lengths=(400, 640))
+    gates = random_gates(profile)
+    bs = profile.block_size
+    for min_span, budget in ((3.0 * bs, 0.4), (0.0, 0.2)):
+        result = search_plan(
+            profile,
+            budget,
+            rules=["gate", "dense"],
+            gates=gates,
+            gate_samples={n: list(samples[n]) for n in profile.lengths},
+            gate_targets=[0.01, 0.1, 0.3],
+            min_span=min_span,
+            pareto_size=1,
+        )
+        floor = gate_floor(min_span, bs)
+        gated = [r for row in result.points[0].plan.rules for r in row if isinstance(r, GateRule)]
+        assert gated and all(r.min_blocks == floor for r in gated)
+        for n in profile.lengths:
+            assert result.points[0].plan.density(n) <= budget + 1e-9
+    assert min(r.blocks_per_row(n, bs) for r in gated for n in profile.lengths) < gate_floor(3.0 * bs, bs)
+
+
 class FixedGate(torch.nn.Module):
     """A gate whose scores are given (per length), with the weights a plan carries."""
 
