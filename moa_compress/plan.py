@@ -266,6 +266,12 @@ class GateRule:
     kind: ClassVar[str] = "gate"
     input_dependent: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        if self.min_blocks < 2:  # a smaller value would write as 2 and read back unequal
+            raise ValueError(
+                f"min_blocks must be at least 2 (the sink and the diagonal), got {self.min_blocks}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         out = _fields(self)
         if self.local == 1:  # the schema-2 rule, readable by every version that reads gates
@@ -290,10 +296,6 @@ class GateRule:
             raise PlanError(f"{where}: gate rule target must be in (0, 1], got {rule.target}")
         if rule.local < 1:
             raise PlanError(f"{where}: gate rule local must be at least 1 block, got {rule.local}")
-        if rule.min_blocks < 2:
-            raise PlanError(
-                f"{where}: gate rule min_blocks must be at least 2 (sink and diagonal), got {rule.min_blocks}"
-            )
         return rule
 
     def blocks_per_row(self, n: int, block_size: int) -> int:

@@ -134,7 +134,8 @@ def _show(value: Any) -> str:
 
 
 # Stage settings recorded only when they differ from these values (work folders made before the setting
-# existed were made with this value, and resume).
+# existed were made with this value, and resume); "gate_floor" is always recorded, its entry here only
+# names what a search made before it did, for the stale message.
 _UNRECORDED = {"gate_folds": 1, "gate_weight_decay": 0.01, "gate_floor": "none (a search before gate floors)"}
 
 

@@ -129,6 +129,8 @@ def test_gate_rule_floor_keeps_min_blocks_exactly_and_needs_schema_4():
     assert data["rules"][0][0]["min_blocks"] == 4 and "min_blocks" not in data["rules"][0][1]
     assert Plan.from_dict(json.loads(json.dumps(data)), tensors).rules == plan.rules
     assert GateRule(0.1, 2, 4).describe() == "gate@0.1+local2+min4"
+    with pytest.raises(ValueError, match="min_blocks"):
+        GateRule(0.1, 1, 1)
     for floor in (1, 0, "4", True, 2.5):
         with pytest.raises(PlanError, match="min_blocks"):
             GateRule.from_dict({"kind": "gate", "target": 0.3, "min_blocks": floor}, "layer 0 head 0")

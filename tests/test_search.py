@@ -598,8 +598,9 @@ def test_search_holds_gate_rules_to_the_band_floor():
     profile, samples = gated_profile(lengths=(400, 640))
     gates = random_gates(profile)
     bs = profile.block_size
-    for min_span, budget in ((3.0 * bs, 0.4), (0.0, 0.2)):
-        result = search_plan(
+
+    def search(budget, min_span, sink_blocks=1):
+        return search_plan(
             profile,
             budget,
             rules=["gate", "dense"],
@@ -607,14 +608,22 @@ def test_search_holds_gate_rules_to_the_band_floor():
             gate_samples={n: list(samples[n]) for n in profile.lengths},
             gate_targets=[0.01, 0.1, 0.3],
             min_span=min_span,
+            sink_blocks=sink_blocks,
             pareto_size=1,
         )
-        floor = gate_floor(min_span, bs)
+
+    for min_span, budget, sink in ((3.0 * bs, 0.4, 1), (2.0 * bs, 0.4, 2), (0.0, 0.2, 1)):
+        result = search(budget, min_span, sink)
+        floor = gate_floor(min_span, bs, sink)
+        assert floor == (2 if min_span == 0 else sink + int(min_span // bs))
         gated = [r for row in result.points[0].plan.rules for r in row if isinstance(r, GateRule)]
         assert gated and all(r.min_blocks == floor for r in gated)
         for n in profile.lengths:
             assert result.points[0].plan.density(n) <= budget + 1e-9
     assert min(r.blocks_per_row(n, bs) for r in gated for n in profile.lengths) < gate_floor(3.0 * bs, bs)
+    # A floor the budget cannot afford is refused up front, gates or not.
+    with pytest.raises(SearchError, match="bands of at least"):
+        search(0.2, 8.0 * bs)
 
 
 class FixedGate(torch.nn.Module):
