@@ -322,7 +322,7 @@ def gate_candidates(
             rule = GateRule(target, local, max(2, int(min_blocks)))
             shape = []
             for n in lengths:
-                keep = min(rule.blocks_per_row(n, block_size), num_blocks(n, block_size))
+                keep = rule.blocks_per_row(n, block_size)  # at most the row count (GateRule caps it)
                 shape.append(
                     (keep, 1)
                     if keep >= num_blocks(n, block_size)
