@@ -51,8 +51,8 @@ def pooled_selection(scores, blocks, gate_of_head, local, per_row):
 def pooled_selections_for(plan, layer, gate, q_pre, k_codes, kv_len):
     """``gate_runtime.gate_selections_for`` with the gate heads' blocks pooled over the layer."""
     per_row = _per_row(plan, layer, gate, q_pre, k_codes, kv_len)
-    blocks, gate_of_head, local = layer_gate_heads(plan, layer, kv_len)
-    if int((blocks > 0).sum()) < 2:
+    blocks, gate_of_head, local, tail = layer_gate_heads(plan, layer, kv_len)
+    if int((blocks > 0).sum()) < 2 or bool((tail > 0).any()):  # dense tails: not re-dealt here
         return per_row
     bs = plan.block_size
     first = kv_len - q_pre.shape[2]

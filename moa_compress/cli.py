@@ -75,13 +75,16 @@ def _fail_once(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
+def parse_lengths(text: str, option: str = "--lengths", least: int = 1) -> list[int]:
+    """Comma-separated integers, each at least ``least`` (positive lengths by default)."""
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         fail(f"{option} must be comma-separated integers, got {text!r}")
-    if not lengths or any(n <= 0 for n in lengths):
-        fail(f"{option} must list positive lengths, got {text!r}")
+    if not lengths or any(n < least for n in lengths):
+        fail(
+            f"{option} must list {'positive lengths' if least == 1 else f'whole numbers >= {least}'}, got {text!r}"
+        )
     return lengths
 
 
@@ -882,6 +885,13 @@ def compress_command(
             "and diagonal)."
         ),
     ] = None,
+    gate_tails: Annotated[
+        str | None,
+        typer.Option(
+            help="Dense tails (last query-block rows that keep every block: the end of a prompt and every "
+            "decoding step) offered with each gate target, comma-separated rows (default 0: none)."
+        ),
+    ] = None,
     gate_folds: Annotated[
         int,
         typer.Option(
@@ -952,6 +962,7 @@ def compress_command(
         gate_steps=gate_steps,
         validation_samples=validation_samples,
         gate_locals=tuple(parse_lengths(gate_locals, "--gate-locals")) if gate_locals else None,
+        gate_tails=tuple(parse_lengths(gate_tails, "--gate-tails", least=0)) if gate_tails else None,
         gate_folds=gate_folds,
         gate_weight_decay=gate_weight_decay,
         min_span=min_span,

@@ -12,8 +12,9 @@ it has in this call: one token when decoding), scores them against the gate code
 (its keys pooled by mean, max and min, projected and rotated; a complete block's code is computed once
 and kept) with the layer's :class:`~moa_compress.gates.AttnGate` and keeps, per query head and
 query-block row, the sink, the diagonal and the best others —
-:meth:`~moa_compress.plan.GateRule.blocks_per_row` at total length ``kv_len`` — all heads and rows at
-once. :func:`layer_block_rows` merges those rows with the static heads' fixed rows, so one attention
+:meth:`~moa_compress.plan.GateRule.blocks_per_row` at total length ``kv_len`` (every causal block in a
+rule's dense tail rows, :attr:`~moa_compress.plan.GateRule.tail`: a decoding step is such a row) — all
+heads and rows at once. :func:`layer_block_rows` merges those rows with the static heads' fixed rows, so one attention
 call serves every head of the layer.
 
 Memory: in a :class:`~moa_compress.kvcache.PlanKVCache` a gate layer keeps ``gate_dim`` numbers per gate
@@ -442,7 +443,7 @@ def decode_visible_blocks(
         ns = kv_len.tolist()
         per_length = {n: layer_gate_heads(plan, layer, n) for n in set(ns)}
         blocks = torch.stack([per_length[n][0] for n in ns])  # [B, H]
-        _, gate_of_head, local = per_length[ns[0]]
-        selections = gate_selections(scores, blocks, gate_of_head, local, last=last)[:, :, 0]
+        _, gate_of_head, local, tail = per_length[ns[0]]
+        selections = gate_selections(scores, blocks, gate_of_head, local, tail, last=last)[:, :, 0]
     gated = torch.tensor([r.input_dependent for r in rules], device=selections.device)
     return selections | ~gated[None, :, None]

@@ -256,12 +256,14 @@ def gate_selections(
     blocks: torch.Tensor,  # [H] or [B, H] int: key blocks per row of each query head (0: no gate)
     gate_of_head: torch.Tensor,  # [H] int: the gate head whose scores each query head follows
     local: torch.Tensor | None = None,  # [H] int: blocks ending at the diagonal always kept (default 1)
+    tail: torch.Tensor | None = None,  # [H] int: last rows that keep every causal block (default 0)
     last: torch.Tensor | None = None,  # [B] int: each batch row's last query block (default nK - 1)
 ) -> torch.Tensor:  # [B, H, nQ, nK] bool
     """Every query head's block mask from its gate head's scores: the sink, the ``local[h]`` blocks
     ending at the diagonal (at most ``blocks[h] - 1``) and the best others, ``blocks[h]`` per row (rows
-    with fewer causal blocks keep them all). Query heads that follow one gate head share its scores;
-    the ranking is per query head (their windows may differ); batched over heads and rows.
+    with fewer causal blocks keep them all); the last ``tail[h]`` rows of the sequence keep every causal
+    block (:attr:`moa_compress.plan.GateRule.tail`). Query heads that follow one gate head share its
+    scores; the ranking is per query head (their windows may differ); batched over heads and rows.
 
     The query blocks are the last ``nQ`` of the sequence. In a left-padded batch each row has its own
     length: ``last[b]`` is the block of row ``b``'s last query (key blocks after it are not causal for
@@ -284,7 +286,13 @@ def gate_selections(
     mask = torch.zeros(b, heads, nq, nk + 1, dtype=torch.bool, device=device)
     spare = torch.full_like(top, nk)  # dropped picks land in a spare column
     mask.scatter_(-1, torch.where(keep, top, spare), True)
-    return mask[..., :nk] & causal & (blocks > 0)[:, :, None, None]
+    mask = mask[..., :nk]
+    if tail is not None and bool((tail > 0).any()):
+        in_tail = (
+            rows[:, None] > ends[:, None, None, None] - tail.to(device)[None, :, None, None]
+        )  # [B|1, H, nQ, 1]
+        mask = mask | in_tail
+    return mask & causal & (blocks > 0)[:, :, None, None]
 
 
 class StepSelection:
@@ -294,14 +302,18 @@ class StepSelection:
     forced blocks, one top-k, one scatter — equal, tie for tie, to :func:`gate_selections` (the same
     ranked values, the same top-k).
 
-    ``blocks``, ``gate_of_head``, ``local``: as :func:`layer_gate_heads` gives them at the length;
-    ``gated [H]`` bool: the heads with a gate rule. :meth:`__call__` returns ``[B, H, nK]`` bool, all
+    ``blocks``, ``gate_of_head``, ``local``, ``tail``: as :func:`layer_gate_heads` gives them at the
+    length; ``gated [H]`` bool: the heads with a gate rule. A step is the last row at its length, so a
+    head with a dense tail (``tail > 0``) sees every block, as a head without a gate does. :meth:`__call__` returns ``[B, H, nK]`` bool, all
     True for heads without a gate (their own rule limits them), as
     :func:`moa_compress.gate_runtime.decode_visible_blocks` does. Given the layer's ``gate``,
     :meth:`scores` scores the step's query through :meth:`AttnGate.step_query_map` of the last block."""
 
-    def __init__(self, nk: int, blocks, gate_of_head, local, gated, device, gate: AttnGate | None = None):
+    def __init__(
+        self, nk: int, blocks, gate_of_head, local, tail, gated, device, gate: AttnGate | None = None
+    ):
         heads = blocks.shape[0]
+        gated = gated & (tail < 1)  # a tail row keeps every block
         cols = torch.arange(nk, device=device)
         window, self.take, kept = _selection_widths(blocks, local, nk)  # [H], int, [H, take]
         self.forced = ((cols == 0) | (nk - 1 - cols < window.to(device)[:, None]))[
@@ -400,10 +412,13 @@ def gates_from_plan(plan) -> dict[int, AttnGate]:
     return out
 
 
-def layer_gate_heads(plan, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(blocks [H], gate_of_head [H], local [H])`` of ``layer`` at total length ``n``: key blocks per row
-    of each gate head (0 for other heads), the gate head each query head follows and each head's local
-    window in blocks (:attr:`moa_compress.plan.GateRule.local`; 1 for other heads)."""
+def layer_gate_heads(
+    plan, layer: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(blocks [H], gate_of_head [H], local [H], tail [H])`` of ``layer`` at total length ``n``: key
+    blocks per row of each gate head (0 for other heads), the gate head each query head follows, each
+    head's local window in blocks (:attr:`moa_compress.plan.GateRule.local`; 1 for other heads) and its
+    dense tail rows (:attr:`moa_compress.plan.GateRule.tail`; 0 for other heads)."""
     m = plan.model
     blocks = torch.tensor(
         [r.blocks_per_row(n, plan.block_size) if r.input_dependent else 0 for r in plan.rules[layer]]
@@ -412,7 +427,8 @@ def layer_gate_heads(plan, layer: int, n: int) -> tuple[torch.Tensor, torch.Tens
     per_query = plan.gates is not None and plan.gates.per_query_head
     gate_of_head = torch.arange(m.num_heads) if per_query else torch.arange(m.num_heads) // group
     local = torch.tensor([getattr(r, "local", 1) for r in plan.rules[layer]])
-    return blocks, gate_of_head, local
+    tail = torch.tensor([getattr(r, "tail", 0) for r in plan.rules[layer]])
+    return blocks, gate_of_head, local, tail
 
 
 # ----------------------------------------------------------------------------------------------

@@ -570,6 +570,7 @@ class _Context:
             gate_samples=calibration_maps(self.state.root, profile) if gates is not None else None,
             cost_gates=gates.cost_gates if gates is not None else None,
             gate_locals=s.gate_locals,
+            gate_tails=s.gate_tails,
             min_span=s.min_span,
             kv_budget=s.kv_budget,
             cost=s.cost,

@@ -34,7 +34,7 @@ from moa_compress.errors import UserInputError
 
 # The newest plan.json this version reads (2: gate rules; 3: gate rules with a local window; 4: gate
 # rules with a floor of blocks per row).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PLAN_FILE = "plan.json"
 TENSOR_FILE = "plan.safetensors"
 
@@ -258,11 +258,17 @@ class GateRule:
     would take every block a row may keep, the window shrinks to leave none for the gate
     (:meth:`local_blocks`). The gate's weights are the plan's tensors ``gates.{layer}.q_proj`` /
     ``gates.{layer}.k_proj`` (:class:`GateConfig`).
+
+    ``tail`` > 0: the last ``tail`` query-block rows at length ``N`` keep every causal block (the other
+    rows keep fewer, so the density still meets ``target``). Those rows hold the end of a prompt — the
+    question a reply reads — and every decoding step (a step is the last row at its length), so with a
+    tail the prompt's last tokens and each generated token see every key.
     """
 
     target: float
     local: int = 1
     min_blocks: int = 2
+    tail: int = 0
     kind: ClassVar[str] = "gate"
     input_dependent: ClassVar[bool] = True
 
@@ -271,6 +277,8 @@ class GateRule:
             raise ValueError(
                 f"min_blocks must be at least 2 (the sink and the diagonal), got {self.min_blocks}"
             )
+        if self.tail < 0:
+            raise ValueError(f"tail must be a number of query-block rows >= 0, got {self.tail}")
 
     def to_dict(self) -> dict[str, Any]:
         out = _fields(self)
@@ -278,19 +286,22 @@ class GateRule:
             del out["local"]
         if self.min_blocks <= 2:  # no floor beyond the sink and the diagonal: readable before schema 4
             del out["min_blocks"]
+        if self.tail == 0:  # no dense tail: readable before schema 5
+            del out["tail"]
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> GateRule:
         try:
             target, local, floor = float(data["target"]), data.get("local", 1), data.get("min_blocks", 2)
-            for name, value in (("local", local), ("min_blocks", floor)):
+            tail = data.get("tail", 0)
+            for name, value in (("local", local), ("min_blocks", floor), ("tail", tail)):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError(f"{name} must be an integer number of blocks, got {value!r}")
-            rule = cls(target, local, floor)
+            rule = cls(target, local, floor, tail)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(
-                f"{where}: gate rule needs target and optional integers local and min_blocks ({exc})"
+                f"{where}: gate rule needs target and optional integers local, min_blocks and tail ({exc})"
             ) from None
         if not 0.0 < rule.target <= 1.0:
             raise PlanError(f"{where}: gate rule target must be in (0, 1], got {rule.target}")
@@ -300,7 +311,8 @@ class GateRule:
 
     def blocks_per_row(self, n: int, block_size: int) -> int:
         return min(
-            max(self.min_blocks, blocks_for_density(self.target, n, block_size)), num_blocks(n, block_size)
+            max(self.min_blocks, blocks_for_density(self.target, n, block_size, self.tail)),
+            num_blocks(n, block_size),
         )
 
     def local_blocks(self, n: int, block_size: int) -> int:
@@ -309,7 +321,7 @@ class GateRule:
         return max(1, min(self.local, self.blocks_per_row(n, block_size) - 1))
 
     def density(self, n: int, block_size: int) -> float:
-        return selection_density(self.blocks_per_row(n, block_size), n, block_size)
+        return selection_density(self.blocks_per_row(n, block_size), n, block_size, self.tail)
 
     def block_mask(self, n: int, block_size: int) -> None:
         return None
@@ -322,6 +334,7 @@ class GateRule:
             f"gate@{self.target:g}"
             + (f"+local{self.local}" if self.local > 1 else "")
             + (f"+min{self.min_blocks}" if self.min_blocks > 2 else "")
+            + (f"+tail{self.tail}" if self.tail else "")
         )
 
 
@@ -339,10 +352,11 @@ def rule_from_dict(data: Mapping[str, Any], where: str) -> Rule:
     return RULE_KINDS[kind].from_dict(data, where)
 
 
-def selection_density(k: int, n: int, block_size: int) -> float:
+def selection_density(k: int, n: int, block_size: int, tail: int = 0) -> float:
     """Exact fraction of the causal pairs at length ``n`` computed when every query-block row keeps
-    ``min(k, row + 1)`` key blocks, the diagonal among them (``k >= 1``). Input-independent: off-diagonal
-    key blocks are all full (only the last block may be ragged, and it is only ever a diagonal).
+    ``min(k, row + 1)`` key blocks, the diagonal among them (``k >= 1``), and the last ``tail`` rows keep
+    all of theirs. Input-independent: off-diagonal key blocks are all full (only the last block may be
+    ragged, and it is only ever a diagonal).
 
     Counted in integers, in closed form (a decode step asks for every gate rule at every new length)."""
     bs, nb = block_size, num_blocks(n, block_size)
@@ -355,6 +369,8 @@ def selection_density(k: int, n: int, block_size: int) -> float:
     last = n - full * bs  # rows of the last block
     kept = full * (bs * (bs + 1) // 2) + off_diagonal(full) * bs * bs
     kept += last * (last + 1) // 2 + min(full, c) * bs * last
+    for i in range(max(0, nb - tail), nb):  # tail rows: the blocks past the first c become kept too
+        kept += (i - min(i, c)) * bs * (last if i == full else bs)
     return kept / (n * (n + 1) / 2)
 
 
@@ -376,16 +392,17 @@ def group_kv_fraction(rules: Sequence[Rule], n: int, block_size: int) -> float:
 
 
 @functools.lru_cache(maxsize=65536)
-def blocks_for_density(density: float, n: int, block_size: int) -> int:
+def blocks_for_density(density: float, n: int, block_size: int, tail: int = 0) -> int:
     """The most key blocks per row (at least 2: the sink and the diagonal) whose
-    :func:`selection_density` at ``n`` stays within ``density``; 2 when even that exceeds it."""
+    :func:`selection_density` at ``n`` (with ``tail`` full last rows) stays within ``density``; 2 when
+    even that exceeds it."""
     nb = num_blocks(n, block_size)
     lo, hi = min(2, nb), nb  # selection_density grows with k: bisect for the last k within density
-    if selection_density(hi, n, block_size) <= density + 1e-12:
+    if selection_density(hi, n, block_size, tail) <= density + 1e-12:
         return hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if selection_density(mid, n, block_size) <= density + 1e-12:
+        if selection_density(mid, n, block_size, tail) <= density + 1e-12:
             lo = mid
         else:
             hi = mid
@@ -674,6 +691,8 @@ class Plan:
 
     def _needed_schema(self) -> int:
         """The oldest schema that holds this plan (older readers refuse newer files, never misread them)."""
+        if any(getattr(r, "tail", 0) > 0 for heads in self.rules for r in heads):
+            return 5
         if any(getattr(r, "min_blocks", 2) > 2 for heads in self.rules for r in heads):
             return 4
         if any(getattr(r, "local", 1) > 1 for heads in self.rules for r in heads):

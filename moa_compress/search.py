@@ -67,6 +67,7 @@ DEFAULT_GATE_TARGETS = (0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4
 # Local windows (blocks ending at the diagonal) a gate candidate keeps whatever its gate says: 1 is the
 # diagonal alone; wider ones let the search buy "a window plus retrieved blocks" for a head.
 DEFAULT_GATE_LOCALS = (1, 2, 4, 8)
+DEFAULT_GATE_TAILS = (0,)
 # The restricted problems solved beside the full one when both static and gate rules are allowed.
 ALTERNATIVES = {"static-only": ("static", "dense"), "gate-only": ("gate", "dense")}
 # Band offsets in blocks: fixed windows from one block to a few thousand tokens at block 64, and
@@ -303,36 +304,40 @@ def gate_candidates(
     targets: Sequence[float],
     locals_: Sequence[int] = (1,),
     min_blocks: int = 2,
+    tails: Sequence[int] = (0,),
 ) -> list[GateRule]:
-    """``GateRule(t, l, min_blocks)`` for every target ``t`` in (0, 1] and local window ``l`` (blocks,
-    >= 1), smallest first, keeping the first of rules that keep the same blocks per row and the same
-    window at every length, and dropping those that keep every block at every length (``dense`` does
-    that) and those whose window leaves the gate no block to choose at any length (a fixed band:
-    ``static`` does that, with a smaller cache). ``min_blocks``: the fewest blocks any row keeps
-    (:func:`gate_floor`)."""
-    everything = tuple((num_blocks(n, block_size), 1) for n in lengths)
+    """``GateRule(t, l, min_blocks, tail)`` for every target ``t`` in (0, 1], local window ``l`` (blocks,
+    >= 1) and dense tail ``tail`` (rows, >= 0), smallest first, keeping the first of rules that keep the
+    same blocks per row, the same window and the same tail at every length, and dropping those that keep
+    every block at every length (``dense`` does that) and those whose window leaves the gate no block to
+    choose at any length (a fixed band: ``static`` does that, with a smaller cache). ``min_blocks``: the
+    fewest blocks any row keeps (:func:`gate_floor`)."""
+    everything = tuple((num_blocks(n, block_size), 1, 0) for n in lengths)
     kept: list[GateRule] = []
-    seen: set[tuple[tuple[int, int], ...]] = {everything}
+    seen: set[tuple[tuple[int, int, int], ...]] = {everything}
     if not locals_ or any(isinstance(w, bool) or int(w) != w or w < 1 for w in locals_):
         raise SearchError(f"gate local windows must be whole numbers of blocks >= 1, got {list(locals_)}")
+    if not tails or any(isinstance(t, bool) or int(t) != t or t < 0 for t in tails):
+        raise SearchError(f"gate tails must be whole numbers of rows >= 0, got {list(tails)}")
     for target in sorted({float(t) for t in targets}):
         if not 0.0 < target <= 1.0:
             raise SearchError(f"gate targets must lie in (0, 1], got {target}")
         for local in sorted({int(w) for w in locals_}):
-            rule = GateRule(target, local, max(2, int(min_blocks)))
-            shape = []
-            for n in lengths:
-                keep = rule.blocks_per_row(n, block_size)  # at most the row count (GateRule caps it)
-                shape.append(
-                    (keep, 1)
-                    if keep >= num_blocks(n, block_size)
-                    else (keep, rule.local_blocks(n, block_size))
-                )
-            key = tuple(shape)
-            gated = any(keep - window > 1 for keep, window in key)  # some block left for the gate to pick
-            if key not in seen and (local == 1 or gated):
-                seen.add(key)
-                kept.append(rule)
+            for tail in sorted({int(t) for t in tails}):
+                rule = GateRule(target, local, max(2, int(min_blocks)), tail)
+                shape = []
+                for n in lengths:
+                    keep = rule.blocks_per_row(n, block_size)  # at most the row count (GateRule caps it)
+                    shape.append(
+                        (keep, 1, 0)
+                        if keep >= num_blocks(n, block_size)
+                        else (keep, rule.local_blocks(n, block_size), min(tail, num_blocks(n, block_size)))
+                    )
+                key = tuple(shape)
+                gated = any(keep - window > 1 for keep, window, _ in key)  # some block left for the gate
+                if key not in seen and (local == 1 or gated):
+                    seen.add(key)
+                    kept.append(rule)
     return kept
 
 
@@ -410,10 +415,12 @@ def gate_costs(
         rows[-1] = n - (nb - 1) * bs  # a ragged last block has fewer rows
         blocks = torch.tensor([r.blocks_per_row(n, bs) for r in rules], dtype=torch.long)  # [R]
         windows = torch.tensor([r.local for r in rules], dtype=torch.long)  # [R]
+        tails = torch.tensor([r.tail for r in rules], dtype=torch.long)  # [R]
         # Every rule's selection at once: the query heads repeated once per rule.
         tiled_blocks = blocks.repeat_interleave(heads)  # [R*H]
         tiled_gates = gate_of_head.repeat(len(rules))  # [R*H]
         tiled_windows = windows.repeat_interleave(heads)  # [R*H]
+        tiled_tails = tails.repeat_interleave(heads)  # [R*H]
         lost = torch.zeros(model.num_layers, len(rules), heads, dtype=torch.float64)  # [L, R, H]
         count = 0
         for sample in samples[n]:
@@ -430,7 +437,7 @@ def gate_costs(
                     scores = chosen[layer](
                         sample.q_blocks[layer][None].float(), sample.k_blocks[layer][None].float()
                     )  # [1, Hg, nB, nB]
-                keep = gate_selections(scores, tiled_blocks, tiled_gates, tiled_windows)[0]
+                keep = gate_selections(scores, tiled_blocks, tiled_gates, tiled_windows, tiled_tails)[0]
                 keep = keep.view(len(rules), heads, nb, nb)
                 dropped = (causal & ~keep).double()  # [R, H, nB, nB]
                 values = measure[layer].double() * causal  # [H, nB, nB]
@@ -721,6 +728,7 @@ def search_plan(
     cost_gates: Mapping[int, Sequence[Sequence[Any]]] | None = None,
     gate_targets: Sequence[float] | None = None,
     gate_locals: Sequence[int] | None = None,
+    gate_tails: Sequence[int] | None = None,
     kv_budget: float | None = None,
     alphas: Sequence[float] | None = None,
     betas: Sequence[float] | None = None,
@@ -742,8 +750,10 @@ def search_plan(
     samples, see :func:`gate_costs`; ``cost_gates``: per sample, the gates to cost it with instead, e.g.
     gates that never saw it); ``gate_targets`` are their target densities (default
     :data:`DEFAULT_GATE_TARGETS` plus the budget), each with every local window of ``gate_locals``
-    (blocks ending at the diagonal kept whatever the gate says; default :data:`DEFAULT_GATE_LOCALS`). Plans with gate rules carry the gates of the layers
-    that use them. ``alphas`` in tokens (default: :data:`DEFAULT_ALPHA_BLOCKS` times the block size),
+    (blocks ending at the diagonal kept whatever the gate says; default :data:`DEFAULT_GATE_LOCALS`) and
+    every dense tail of ``gate_tails`` (last query-block rows that keep every block, see
+    :attr:`GateRule.tail`; default :data:`DEFAULT_GATE_TAILS`). Plans with gate rules carry the gates of
+    the layers that use them. ``alphas`` in tokens (default: :data:`DEFAULT_ALPHA_BLOCKS` times the block size),
     ``betas`` in [0, 1] (default: steps of 1/8). One rule per KV group, or per query head with
     ``per_head``. ``pareto_size`` weight vectors over the profiled lengths' costs are solved, each to
     within ``mip_gap`` (relative) of its optimum (0: exactly), all together in about ``time_limit``
@@ -805,6 +815,7 @@ def search_plan(
         raise SearchError(f"betas must lie in [0, 1], got {betas}")
     targets = sorted({*(DEFAULT_GATE_TARGETS if gate_targets is None else gate_targets), float(budget)})
     windows = list(DEFAULT_GATE_LOCALS if gate_locals is None else gate_locals)  # gate_candidates checks
+    tails = list(DEFAULT_GATE_TAILS if gate_tails is None else gate_tails)
     profiled = profile.lengths
     lengths = tuple(sorted(set(profiled) | {int(n) for n in extend_lengths}))
     smallest = minimum_density(lengths, block, sink_blocks)
@@ -856,7 +867,7 @@ def search_plan(
         costs = rule_costs(profile, candidates, per_head, renormalise, cost) if candidates else {}
         if "gate" in kinds:
             gate_rules = gate_candidates(
-                lengths, block, targets, windows, gate_floor(min_span, block, sink_blocks)
+                lengths, block, targets, windows, gate_floor(min_span, block, sink_blocks), tails
             )
             extra = gate_costs(
                 profile, gates, gate_samples, gate_rules, per_head, renormalise, cost, sample_gates=cost_gates
@@ -963,7 +974,7 @@ def search_plan(
         "sink_blocks": sink_blocks,
         "alphas": [float(a) for a in alphas],
         "betas": [float(b) for b in betas],
-        **({"gate_targets": targets, "gate_locals": windows} if "gate" in kinds else {}),
+        **({"gate_targets": targets, "gate_locals": windows, "gate_tails": tails} if "gate" in kinds else {}),
         "candidates": len(candidates),
         "gate_candidates": gate_count,
         **({"gate_costs": "cross-fitted" if cost_gates is not None else "in-sample"} if gate_count else {}),
@@ -1119,6 +1130,7 @@ __all__ = [
     "DEFAULT_ALPHA_BLOCKS",
     "DEFAULT_BETAS",
     "DEFAULT_GATE_LOCALS",
+    "DEFAULT_GATE_TAILS",
     "DEFAULT_GATE_TARGETS",
     "PARETO_FILE",
     "RULE_KINDS",

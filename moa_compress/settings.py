@@ -12,7 +12,7 @@ from typing import Any
 from moa_compress.errors import UserInputError
 from moa_compress.gates import DEFAULT_WEIGHT_DECAY, GateSettings, weight_decay_problem
 from moa_compress.profile import Profile
-from moa_compress.search import DEFAULT_GATE_LOCALS
+from moa_compress.search import DEFAULT_GATE_LOCALS, DEFAULT_GATE_TAILS
 
 
 class CompressError(UserInputError):
@@ -39,6 +39,7 @@ OPTION_NAMES = {
     "gate_steps": "--gate-steps",
     "gate_dim": "gate_dim",
     "gate_locals": "--gate-locals",
+    "gate_tails": "--gate-tails",
     "gate_folds": "--gate-folds",
     "gate_weight_decay": "--gate-weight-decay",
     "gate_floor": "the gate rules' floor of blocks per row",
@@ -62,7 +63,8 @@ class CompressSettings:
     the first two); with ``gate`` a gates stage trains one gate per layer (``gate_dim``, ``gate_steps``
     AdamW steps with weight decay ``gate_weight_decay``) on the calibration samples, and the search
     offers gate rules with each local window of ``gate_locals`` (blocks;
-    :data:`moa_compress.search.DEFAULT_GATE_LOCALS`). ``gate_folds``: gate rules
+    :data:`moa_compress.search.DEFAULT_GATE_LOCALS`) and each dense tail of ``gate_tails`` (last rows;
+    :attr:`moa_compress.plan.GateRule.tail`). ``gate_folds``: gate rules
     are costed by cross-fitting — ``gate_folds`` more gate sets, each trained without one fold of the
     calibration samples, select each sample's blocks (1: the final gates cost the samples they were
     trained on; with fewer samples than folds, as many folds as samples).
@@ -96,6 +98,7 @@ class CompressSettings:
     gate_dim: int = 64
     gate_steps: int = 300
     gate_locals: tuple[int, ...] = DEFAULT_GATE_LOCALS
+    gate_tails: tuple[int, ...] = DEFAULT_GATE_TAILS
     gate_folds: int = 2
     gate_weight_decay: float = DEFAULT_WEIGHT_DECAY
     min_span: float | None = None
@@ -125,6 +128,7 @@ class CompressSettings:
         object.__setattr__(self, "extend_lengths", tuple(sorted({int(n) for n in self.extend_lengths})))
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "gate_locals", tuple(self.gate_locals))
+        object.__setattr__(self, "gate_tails", tuple(self.gate_tails))
         if self.data is not None:
             object.__setattr__(self, "data", str(self.data))
         if self.eval_data is not None:
@@ -189,6 +193,12 @@ class CompressSettings:
         ):
             raise CompressError(
                 f"--gate-locals must be whole numbers of blocks >= 1, got {list(self.gate_locals)}"
+            )
+        if not self.gate_tails or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.gate_tails
+        ):
+            raise CompressError(
+                f"--gate-tails must be whole numbers of rows >= 0, got {list(self.gate_tails)}"
             )
         names = (
             "pareto_size",

@@ -27,7 +27,7 @@ import torch
 
 from moa_compress.plan import Plan, PlanError, atomic_write_bytes
 from moa_compress.profile import Profile
-from moa_compress.search import SampleMaps
+from moa_compress.search import DEFAULT_GATE_TAILS, SampleMaps
 from moa_compress.settings import OPTION_NAMES, CompressError, CompressSettings
 
 WORK_FORMAT = "moa-compress-work"
@@ -136,7 +136,12 @@ def _show(value: Any) -> str:
 # Stage settings recorded only when they differ from these values (work folders made before the setting
 # existed were made with this value, and resume); "gate_floor" is always recorded, its entry here only
 # names what a search made before it did, for the stale message.
-_UNRECORDED = {"gate_folds": 1, "gate_weight_decay": 0.01, "gate_floor": "none (a search before gate floors)"}
+_UNRECORDED = {
+    "gate_folds": 1,
+    "gate_weight_decay": 0.01,
+    "gate_floor": "none (a search before gate floors)",
+    "gate_tails": list(DEFAULT_GATE_TAILS),
+}
 
 
 def _stale_message(root: Path, stage: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -190,6 +195,12 @@ def stage_settings(
         **(
             {"gate_locals": list(settings.gate_locals), "gate_floor": "the --min-span band"}
             if "gate" in settings.rules
+            else {}
+        ),
+        # Recorded when not the default, so searches made before tails existed stay current.
+        **(
+            {"gate_tails": list(settings.gate_tails)}
+            if "gate" in settings.rules and settings.gate_tails != DEFAULT_GATE_TAILS
             else {}
         ),
         "min_span": settings.min_span,

@@ -381,6 +381,8 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         (["--validation-samples", "0"], "--validation-samples must be positive"),
         (["--kv-budget", "0.3", "--per-head"], "drop --per-head"),
         (["--gate-locals", "two"], "--gate-locals must"),
+        (["--gate-tails", "0,-1"], "--gate-tails must"),
+        (["--gate-tails", "last"], "--gate-tails must"),
         (["--gate-weight-decay", "-1"], "--gate-weight-decay must be a number >= 0"),
         (["--gate-weight-decay", "inf"], "--gate-weight-decay must be a number >= 0"),
     ]
@@ -541,6 +543,14 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
     # Other gate windows make the search stale (the gates stage stays).
     with pytest.raises(StaleWorkError, match=r"--gate-locals changed \(1,2,4,8 -> 1\).*search stage"):
         compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_locals=(1,)), tmp_path / "p",
+                 work_dir=work, progress=False)  # fmt: skip
+
+    # Offering dense tails makes the search stale too (the default, none, is not recorded).
+    assert (
+        "gate_tails" not in json.loads((work / "manifest.json").read_text())["stages"]["search"]["settings"]
+    )
+    with pytest.raises(StaleWorkError, match=r"--gate-tails changed \(0 -> 0,1\).*search stage"):
+        compress(model, tokenizer, settings(eval_text, rules=ALL_RULES, gate_tails=(0, 1)), tmp_path / "p",
                  work_dir=work, progress=False)  # fmt: skip
 
     # Other gate settings make the gates stage (and what follows) stale.

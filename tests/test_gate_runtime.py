@@ -19,6 +19,7 @@ from moa_compress.plan import (
     PlanError,
     StaticRule,
     load_plan,
+    num_blocks,
     save_plan,
 )
 from moa_compress.runtime import PlanKVCache, PlanRuntimeError, apply_plan, cache_kwarg
@@ -83,6 +84,20 @@ def per_group(seed=0, group=2):
     return rule
 
 
+def tailed(seed=0):
+    """Mixed rules whose gate heads keep a dense tail of 1 to 3 rows (or none)."""
+    base = mixed(seed)
+    rng = random.Random(seed + 100)
+
+    def rule(layer, head):
+        chosen = base(layer, head)
+        if isinstance(chosen, GateRule):
+            return GateRule(chosen.target, chosen.local, chosen.min_blocks, rng.choice([0, 1, 1, 2, 3]))
+        return chosen
+
+    return rule
+
+
 def ids(b, n, seed=0, vocab=128):
     return torch.randint(1, vocab, (b, n), generator=torch.Generator().manual_seed(seed))
 
@@ -121,6 +136,8 @@ class Reference:
         """Blocks row ``row`` of ``head`` keeps, by brute force: sink, the local window ending at the
         diagonal (at most k - 1 blocks), then best scores."""
         rule = self.plan.rules[layer][head]
+        if row >= num_blocks(n, BLOCK) - rule.tail:  # a dense tail row: every causal block
+            return set(range(row + 1))
         k = rule.blocks_per_row(n, BLOCK)
         window = max(1, min(rule.local, max(k, 2) - 1))
         chosen = {0, *range(max(0, row - window + 1), row + 1)}
@@ -165,9 +182,11 @@ class Reference:
         return out.transpose(1, 2).contiguous(), None
 
 
+@pytest.mark.parametrize("with_tails", [False, True])
 @pytest.mark.parametrize("with_windows", [False, True])
-def test_gate_selection_batched_equals_brute_force_top_k(with_windows):
-    """Heads sharing a gate head but keeping different local windows rank on their own."""
+def test_gate_selection_batched_equals_brute_force_top_k(with_windows, with_tails):
+    """Heads sharing a gate head but keeping different local windows rank on their own; rows in a
+    head's dense tail keep every causal block."""
     from moa_compress.gates import gate_selections
 
     torch.manual_seed(0)
@@ -178,13 +197,17 @@ def test_gate_selection_batched_equals_brute_force_top_k(with_windows):
     blocks = torch.tensor([3, 0, 4, 2, 5, 5])  # six query heads, head 1 has no gate
     of = torch.tensor([0, 0, 1, 1, 1, 0])
     local = torch.tensor([2, 1, 3, 4, 1, 9]) if with_windows else None
-    got = gate_selections(scores, blocks, of, local)
+    tail = torch.tensor([1, 0, 0, 3, 0, 2]) if with_tails else None
+    got = gate_selections(scores, blocks, of, local, tail)
     for r in range(b):
         for h in range(len(blocks)):
             for i in range(nq):
                 row = i + nk - nq
                 if blocks[h] == 0:
                     assert not got[r, h, i].any()
+                    continue
+                if tail is not None and row >= nk - int(tail[h]):
+                    assert got[r, h, i, : row + 1].all() and not got[r, h, i, row + 1 :].any()
                     continue
                 window = 1 if local is None else max(1, min(int(local[h]), int(blocks[h]) - 1))
                 chosen = {0, *range(row - window + 1, row + 1)}
@@ -212,14 +235,22 @@ def test_step_selection_equals_gate_selections_of_the_last_row(nk, ties):
     of = torch.tensor([0, 0, 1, 1, 1, 0, 1])
     local = torch.tensor([2, 1, 3, 4, 1, 9, 1])
     gated = blocks > 0
+    none = torch.zeros_like(blocks)
     want = gate_selections(scores, blocks, of, local)[:, :, 0] | ~gated[None, :, None]
-    got = StepSelection(nk, blocks, of, local, gated, scores.device)(scores)
+    got = StepSelection(nk, blocks, of, local, none, gated, scores.device)(scores)
     assert torch.equal(got, want)
     assert got[:, 1].all() and (got[:, 0].sum(-1) == min(3, nk)).all()
     # a gate head with no blocks (never at a real length) reads none, as gate_selections says
     every = torch.ones_like(gated)
-    got = StepSelection(nk, blocks, of, local, every, scores.device)(scores)
+    got = StepSelection(nk, blocks, of, local, none, every, scores.device)(scores)
     assert torch.equal(got, gate_selections(scores, blocks, of, local)[:, :, 0]) and not got[:, 1].any()
+    # a dense tail: the step is the last row, so those heads see every block, as gate_selections says
+    tail = torch.tensor([1, 0, 0, 2, 0, 0, 1])
+    want = gate_selections(scores, blocks, of, local, tail)[:, :, 0] | ~gated[None, :, None]
+    got = StepSelection(nk, blocks, of, local, tail, gated, scores.device)(scores)
+    assert torch.equal(got, want) and got[:, [0, 3, 6]].all()
+    if nk > 7:
+        assert not got[:, 2].all()
 
 
 @pytest.mark.parametrize("per_query_head", [False, True])
@@ -236,7 +267,14 @@ def test_step_scores_through_the_block_query_map_equal_the_gates_scores(per_quer
     want = gate.scores(gate.query_codes(q.float(), nk - 1), codes)
     blocks = torch.full((6,), 2)
     select = StepSelection(
-        nk, blocks, torch.arange(6) // (1 if per_query_head else 3), blocks, blocks > 0, "cpu", gate
+        nk,
+        blocks,
+        torch.arange(6) // (1 if per_query_head else 3),
+        blocks,
+        blocks * 0,
+        blocks > 0,
+        "cpu",
+        gate,
     )
     got = select.scores(q, codes)
     assert got.shape == want.shape == (3, gate.gate_heads, 1, nk)
@@ -244,10 +282,14 @@ def test_step_scores_through_the_block_query_map_equal_the_gates_scores(per_quer
     assert not torch.allclose(want, gate.scores(gate.query_codes(q.float(), nk), codes))  # the block matters
 
 
-@pytest.mark.parametrize("family,per_query_head", [("llama", False), ("qwen2", True)])
-def test_mixed_plan_prefill_equals_masked_reference_of_the_same_selections(family, per_query_head):
+@pytest.mark.parametrize(
+    "family,per_query_head,rules", [("llama", False, mixed), ("qwen2", True, mixed), ("llama", False, tailed)]
+)
+def test_mixed_plan_prefill_equals_masked_reference_of_the_same_selections(family, per_query_head, rules):
     model = tiny_model(family, dtype=torch.float64)
-    plan = gated_plan(model, mixed(seed=1), per_query_head=per_query_head)
+    plan = gated_plan(model, rules(seed=1), per_query_head=per_query_head)
+    if rules is tailed:
+        assert any(getattr(r, "tail", 0) for heads in plan.rules for r in heads)
     assert plan.gate_layers and plan.density(77) < 0.9
     x = ids(2, 77, seed=1)
     with torch.no_grad():
@@ -285,6 +327,8 @@ def test_gate_plan_at_density_one_equals_dense():
         ("plan", "torch", (41,), per_group, 1),  # gate and static groups
         ("plan", "torch", (7, 16, 41, 58), per_group, 4),  # gate and dense groups
         ("plan", "torch", (5,), per_group, 4),  # decoding from inside the first block
+        ("dynamic", "reference", (41,), tailed, 3),  # gate heads with dense tails
+        ("plan", "torch", (23, 41, 58), tailed, 5),
     ],
 )  # torch: the CPU step reading the selected blocks only (forced below, whatever they save); chunks:
 # the prompt fed in pieces ending at these lengths (chunked prefill, inside and at block boundaries);
@@ -472,19 +516,23 @@ def test_cli_eval_of_a_plan_with_missing_gate_weights_exits_2(tmp_path):
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 100, 333])
 @pytest.mark.parametrize("target", [0.05, 0.3, 0.7, 1.0])
-@pytest.mark.parametrize("local", [1, 3, 50])
-def test_gate_rule_density_is_exact_for_any_scores_and_no_row_is_empty(n, target, local):
+@pytest.mark.parametrize("local,tail", [(1, 0), (3, 0), (50, 0), (1, 1), (3, 4)])
+def test_gate_rule_density_is_exact_for_any_scores_and_no_row_is_empty(n, target, local, tail):
     from moa_compress.gates import gate_selections
-    from moa_compress.plan import causal_block_pairs, num_blocks
+    from moa_compress.plan import causal_block_pairs
 
-    rule = GateRule(target, local)
+    rule = GateRule(target, local, tail=tail)
     nb = num_blocks(n, BLOCK)
     pairs = causal_block_pairs(n, BLOCK)
     for seed in range(3):
         scores = torch.randn(2, 1, nb, nb, generator=torch.Generator().manual_seed(seed))
         scores = scores.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
         blocks = torch.tensor([rule.blocks_per_row(n, BLOCK)])
-        mask = gate_selections(scores, blocks, torch.tensor([0]), torch.tensor([local]))[:, 0]  # [2, nB, nB]
+        mask = gate_selections(
+            scores, blocks, torch.tensor([0]), torch.tensor([local]), torch.tensor([tail])
+        )[:, 0]  # [2, nB, nB]
+        first_tail = max(0, nb - tail)  # the tail rows keep every causal block
+        assert (mask[:, first_tail:] == torch.ones(nb, nb, dtype=torch.bool).tril()[first_tail:]).all()
         assert mask.any(-1).all() and mask.diagonal(dim1=-2, dim2=-1).all() and mask[..., 0].all()
         window = rule.local_blocks(n, BLOCK)
         band = torch.ones(nb, nb, dtype=torch.bool).tril() & ~torch.ones(nb, nb, dtype=torch.bool).tril(
@@ -495,7 +543,7 @@ def test_gate_rule_density_is_exact_for_any_scores_and_no_row_is_empty(n, target
             assert float(pairs[row_mask].sum() / pairs.sum()) == pytest.approx(
                 rule.density(n, BLOCK), abs=1e-12
             )
-    assert rule.density(n, BLOCK) <= max(target, GateRule(1e-9).density(n, BLOCK)) + 1e-12
+    assert rule.density(n, BLOCK) <= max(target, GateRule(1e-9, tail=tail).density(n, BLOCK)) + 1e-12
 
 
 def test_greedy_replies_of_a_gate_plan_batched_equal_one_prompt_at_a_time():

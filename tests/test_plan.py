@@ -10,6 +10,7 @@ from moa_compress.plan import (
     Plan,
     PlanError,
     StaticRule,
+    causal_block_pairs,
     load_plan,
     rule_density,
     save_plan,
@@ -134,6 +135,51 @@ def test_gate_rule_floor_keeps_min_blocks_exactly_and_needs_schema_4():
     for floor in (1, 0, "4", True, 2.5):
         with pytest.raises(PlanError, match="min_blocks"):
             GateRule.from_dict({"kind": "gate", "target": 0.3, "min_blocks": floor}, "layer 0 head 0")
+
+
+def test_gate_rule_tail_keeps_its_last_rows_whole_and_needs_schema_5():
+    """``tail`` last rows keep every causal block; the other rows keep fewer so the density stays within
+    the target (exactly as counted), and a plan with a tail is schema 5 so older readers refuse it."""
+    from moa_compress.plan import GateConfig, GateRule, gate_tensor_name, num_blocks, selection_density
+
+    bs = 16
+    for n in (17, 100, 160, 1024, 4000):
+        nb = num_blocks(n, bs)
+        pairs = causal_block_pairs(n, bs)
+        for target in (0.05, 0.2, 0.6):
+            for tail in (1, 3):
+                plain, tailed = GateRule(target), GateRule(target, 1, 2, tail)
+                k = tailed.blocks_per_row(n, bs)
+                assert k <= plain.blocks_per_row(n, bs)
+                # brute force: row i keeps min(k, i + 1) blocks, a tail row all i + 1 (which ones does
+                # not matter: off-diagonal blocks are all whole)
+                kept = torch.zeros(nb, nb, dtype=torch.bool)
+                for i in range(nb):
+                    count = i + 1 if i >= nb - tail else min(k, i + 1)
+                    kept[i, i] = True  # the diagonal (the last one may be ragged) and others
+                    kept[i, : count - 1] = True
+                want = float(pairs[kept].sum() / pairs.sum())
+                assert tailed.density(n, bs) == pytest.approx(want, abs=1e-12)
+                assert tailed.density(n, bs) == selection_density(k, n, bs, tail)
+                if k > 2:  # the floor aside, the target holds
+                    assert tailed.density(n, bs) <= target + 1e-12
+    config = GateConfig(gate_dim=4, per_query_head=False, rope_theta=10000.0, layers=(0,))
+    tensors = {
+        gate_tensor_name(0, w): torch.randn(1, 3 * 16 if w == "k_proj" else 16, 4)
+        for w in ("q_proj", "k_proj")
+    }
+    rules = (GateRule(0.1, 2, 4, 1), GateRule(0.1), DenseRule())
+    plan = Plan(IDENT, (rules, (DenseRule(),) * 3), gates=config, tensors=tensors)
+    data = plan.to_dict()
+    assert data["schema_version"] == 5
+    assert data["rules"][0][0]["tail"] == 1 and "tail" not in data["rules"][0][1]
+    assert Plan.from_dict(json.loads(json.dumps(data)), tensors).rules == plan.rules
+    assert GateRule(0.1, 2, 4, 1).describe() == "gate@0.1+local2+min4+tail1"
+    with pytest.raises(ValueError, match="tail"):
+        GateRule(0.1, 1, 2, -1)
+    for tail in (-1, "1", True, 1.5):
+        with pytest.raises(PlanError, match="tail"):
+            GateRule.from_dict({"kind": "gate", "target": 0.3, "tail": tail}, "layer 0 head 0")
 
 
 @pytest.mark.parametrize(

@@ -589,6 +589,44 @@ def test_gate_candidates_keep_the_static_floor():
             assert rule.blocks_per_row(n, bs) >= min(12, num_blocks(n, bs))
 
 
+def test_gate_candidates_with_dense_tails_and_their_costs():
+    """Tails multiply the candidates (one rule per distinct shape); a tail as long as every row costs
+    nothing, and the search keeps the budget with tails offered."""
+    from moa_compress.plan import GateRule, num_blocks
+    from moa_compress.search import gate_candidates, gate_costs
+
+    lengths, bs = (1024, 4096), 16
+    plain = gate_candidates(lengths, bs, [0.05, 0.1, 0.3], [1, 2])
+    both = gate_candidates(lengths, bs, [0.05, 0.1, 0.3], [1, 2], tails=[0, 1])
+    assert {r.tail for r in both} == {0, 1} and len(both) > len(plain)
+    assert [r for r in both if r.tail == 0] == plain
+    for bad in ([], [-1], [0.5], [True]):
+        with pytest.raises(SearchError, match="gate tails"):
+            gate_candidates(lengths, bs, [0.1], [1], tails=bad)
+
+    profile, samples = gated_profile(lengths=(400, 640))
+    gates = random_gates(profile)
+    whole = num_blocks(max(profile.lengths), profile.block_size)
+    rules = [GateRule(0.1), GateRule(0.1, 1, 2, whole)]
+    costs = gate_costs(profile, gates, {n: list(samples[n]) for n in profile.lengths}, rules)
+    for n in profile.lengths:
+        assert (costs[n][:, 0] > 0).any() and np.allclose(costs[n][:, 1], 0.0)
+    result = search_plan(
+        profile,
+        0.4,
+        rules=["gate", "dense"],
+        gates=gates,
+        gate_samples={n: list(samples[n]) for n in profile.lengths},
+        gate_targets=[0.1, 0.3],
+        gate_tails=[0, 1],
+        pareto_size=1,
+    )
+    plan = result.points[0].plan
+    assert plan.provenance["search"]["gate_tails"] == [0, 1]
+    for n in profile.lengths:
+        assert plan.density(n) <= 0.4 + 1e-9
+
+
 def test_search_holds_gate_rules_to_the_band_floor():
     """The search's gate rules keep at least the floor of its min_span; with min_span 0 they may keep
     the sink and the diagonal alone."""
