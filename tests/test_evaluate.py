@@ -1065,3 +1065,25 @@ def test_the_mass_target_bench_distils_block_mass_averaged_over_the_group():
     assert per_head.shape == (1, 4, 5, 5) and torch.allclose(
         per_head.sum(-1), torch.ones(1, 4, 5, dtype=per_head.dtype)
     )
+
+
+def test_the_passkey_tail_bench_splits_the_prompt_between_plan_and_dense():
+    """bench/passkey_tail.py: a prompt wholly in the dense tail is the dense prefill; the plan's part of a
+    split prompt is the plan's own prefill of those tokens, and the dense rest differs from the plan's."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "passkey_tail.py"
+    bench = runpy.run_path(str(script))
+    state, greedy_key = bench["prompt_state"], bench["greedy_key"]
+    model = tiny_model(dtype=torch.float64)
+    plan = uniform_plan(identity_of(model), 0.3, [200], BLOCK)
+    prompt = torch.randint(1, 100, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    dense = state(model, prompt, None, None)[1]
+    sparse = state(model, prompt, plan, None)[1]
+    tailed = state(model, prompt, plan, 16)[1]
+    assert torch.allclose(state(model, prompt, plan, len(prompt))[1], dense, atol=1e-10)
+    assert (sparse - dense).abs().max() > 1e-3 and (tailed - sparse[:, -16:]).abs().max() > 1e-3
+    assert torch.allclose(state(model, prompt[:184], plan, None)[1], sparse[:, :184], atol=1e-10)
+    reply = greedy_key(model, prompt, None, None, 6)
+    assert len(reply) == 6 and greedy_key(model, prompt, plan, len(prompt), 6) == reply
