@@ -13,7 +13,8 @@ and diagonal block:
 
 * ``oracle`` — per query head ``h`` and row, the ``k_h - 2`` other blocks of most mass, where
   ``k_h = blocks_for_density(rule_density(rule_h, N), N)``: the head computes the pairs its own plan
-  rule computes (exactly for sink + band rules and gate rules; never more for any rule);
+  rule computes (exactly for sink + band rules and gate rules without a dense tail; never more for any
+  rule: a tailed gate's density is spread over every row);
 * ``oracle-layer`` — the layer's pair budget ``Σ_h rule_density(rule_h, N) · N(N+1)/2`` spent over
   all its heads and rows at once: after every row's sink and diagonal, the remaining causal blocks in
   order of **mass per pair** (mean attention probability; the same order as mass for full blocks, and
