@@ -328,10 +328,11 @@ def gate_candidates(
                 shape = []
                 for n in lengths:
                     keep = rule.blocks_per_row(n, block_size)  # at most the row count (GateRule caps it)
+                    rows = num_blocks(n, block_size)
                     shape.append(
-                        (keep, 1, 0)
-                        if keep >= num_blocks(n, block_size)
-                        else (keep, rule.local_blocks(n, block_size), min(tail, num_blocks(n, block_size)))
+                        (rows, 1, 0)  # every block of every row: dense's shape
+                        if keep >= rows or tail >= rows
+                        else (keep, rule.local_blocks(n, block_size), tail)
                     )
                 key = tuple(shape)
                 gated = any(keep - window > 1 for keep, window, _ in key)  # some block left for the gate

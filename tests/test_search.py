@@ -600,6 +600,11 @@ def test_gate_candidates_with_dense_tails_and_their_costs():
     both = gate_candidates(lengths, bs, [0.05, 0.1, 0.3], [1, 2], tails=[0, 1])
     assert {r.tail for r in both} == {0, 1} and len(both) > len(plain)
     assert [r for r in both if r.tail == 0] == plain
+    # A tail as long as every row is dense's shape: not a gate candidate.
+    assert not gate_candidates((400, 640), bs, [0.1, 0.3], [1], tails=[40])
+    assert all(
+        r.tail < num_blocks(1024, bs) for r in gate_candidates((1024,), bs, [0.05], [1], tails=[0, 64])
+    )
     for bad in ([], [-1], [0.5], [True]):
         with pytest.raises(SearchError, match="gate tails"):
             gate_candidates(lengths, bs, [0.1], [1], tails=bad)
