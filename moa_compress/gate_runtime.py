@@ -14,8 +14,8 @@ and kept) with the layer's :class:`~moa_compress.gates.AttnGate` and keeps, per 
 query-block row, the sink, the diagonal and the best others —
 :meth:`~moa_compress.plan.GateRule.blocks_per_row` at total length ``kv_len`` (every causal block in a
 rule's dense tail rows, :attr:`~moa_compress.plan.GateRule.tail`: a decoding step is such a row) — all
-heads and rows at once. :func:`layer_block_rows` merges those rows with the static heads' fixed rows, so one attention
-call serves every head of the layer.
+heads and rows at once. :func:`layer_block_rows` merges those rows with the static heads' fixed rows,
+so one attention call serves every head of the layer.
 
 Memory: in a :class:`~moa_compress.kvcache.PlanKVCache` a gate layer keeps ``gate_dim`` numbers per gate
 head and key block plus the raw pre-RoPE keys of its unfinished last block (a few percent of its key

@@ -304,10 +304,11 @@ class StepSelection:
 
     ``blocks``, ``gate_of_head``, ``local``, ``tail``: as :func:`layer_gate_heads` gives them at the
     length; ``gated [H]`` bool: the heads with a gate rule. A step is the last row at its length, so a
-    head with a dense tail (``tail > 0``) sees every block, as a head without a gate does. :meth:`__call__` returns ``[B, H, nK]`` bool, all
-    True for heads without a gate (their own rule limits them), as
-    :func:`moa_compress.gate_runtime.decode_visible_blocks` does. Given the layer's ``gate``,
-    :meth:`scores` scores the step's query through :meth:`AttnGate.step_query_map` of the last block."""
+    head with a dense tail (``tail > 0``) sees every block, as a head without a gate does.
+    :meth:`__call__` returns ``[B, H, nK]`` bool, all True for heads without a gate (their own rule
+    limits them), as :func:`moa_compress.gate_runtime.decode_visible_blocks` does. Given the layer's
+    ``gate``, :meth:`scores` scores the step's query through :meth:`AttnGate.step_query_map` of the last
+    block."""
 
     def __init__(
         self, nk: int, blocks, gate_of_head, local, tail, gated, device, gate: AttnGate | None = None
