@@ -33,7 +33,7 @@ import torch
 from moa_compress.errors import UserInputError
 
 # The newest plan.json this version reads (2: gate rules; 3: gate rules with a local window; 4: gate
-# rules with a floor of blocks per row).
+# rules with a floor of blocks per row; 5: gate rules with a dense tail of rows).
 SCHEMA_VERSION = 5
 PLAN_FILE = "plan.json"
 TENSOR_FILE = "plan.safetensors"
@@ -298,9 +298,10 @@ class GateRule:
         try:
             target, local, floor = float(data["target"]), data.get("local", 1), data.get("min_blocks", 2)
             tail = data.get("tail", 0)
-            for name, value in (("local", local), ("min_blocks", floor), ("tail", tail)):
+            for name, value, unit in (("local", local, "blocks"), ("min_blocks", floor, "blocks"),
+                                      ("tail", tail, "rows")):  # fmt: skip
                 if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(f"{name} must be an integer number of blocks, got {value!r}")
+                    raise TypeError(f"{name} must be an integer number of {unit}, got {value!r}")
             rule = cls(target, local, floor, tail)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(
