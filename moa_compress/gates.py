@@ -835,12 +835,13 @@ def _fit(
     gates = _make_gates(identity, settings, rope_theta)
     params = [p for gate in gates for p in gate.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    initial = _mean_loss(gates, items)
+    batches = _stacked(items)
+    initial = _mean_loss(gates, batches)
     losses: list[float] = []
     with progress_steps(progress, settings.steps, label) as step:
         for _ in range(settings.steps):
             optimizer.zero_grad()
-            loss = _loss_of_all(gates, items)
+            loss = _loss_of_all(gates, batches)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
@@ -850,17 +851,37 @@ def _fit(
     return gates, losses, initial
 
 
-def _loss_of_all(gates: Sequence[AttnGate], items: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean distillation loss over ``items`` and layers."""
-    total_loss = torch.zeros(())
+def _stacked(items: Sequence[dict[str, torch.Tensor]]) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """``items`` (:func:`sample_targets`' tensors) grouped by length, each group's tensors stacked on a
+    new batch dimension: ``[(count, {name: [count, ...]}), ...]``. One gate call per group and layer
+    instead of one per item and layer: training is call-bound, not compute-bound."""
+    groups: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
     for item in items:
+        groups.setdefault(tuple(item["target.0"].shape), []).append(item)
+    return [
+        (len(group), {name: torch.stack([item[name] for item in group]) for name in group[0]})
+        for group in groups.values()
+    ]
+
+
+def _loss_of_all(
+    gates: Sequence[AttnGate],
+    items: Sequence[dict[str, torch.Tensor]] | Sequence[tuple[int, dict[str, torch.Tensor]]],
+) -> torch.Tensor:
+    """Mean distillation loss over ``items`` and layers: every item weighs the same. ``items`` may be
+    :func:`_stacked` already (a training loop stacks once)."""
+    batches = _stacked(items) if items and isinstance(items[0], dict) else items
+    total_loss = torch.zeros(())
+    count = 0
+    for n, batch in batches:
+        count += n
         for layer, gate in enumerate(gates):
-            scores = gate(item[f"q.{layer}"][None], item[f"k.{layer}"][None])[0]
-            total_loss = total_loss + distillation_loss(scores, item[f"target.{layer}"])
-    return total_loss / (len(items) * len(gates))
+            scores = gate(batch[f"q.{layer}"], batch[f"k.{layer}"])
+            total_loss = total_loss + n * distillation_loss(scores, batch[f"target.{layer}"])
+    return total_loss / (count * len(gates))
 
 
-def _mean_loss(gates: Sequence[AttnGate], items: Sequence[dict[str, torch.Tensor]]) -> float:
+def _mean_loss(gates: Sequence[AttnGate], items: Sequence[Any]) -> float:
     with torch.no_grad():
         return float(_loss_of_all(gates, items))
 

@@ -98,6 +98,30 @@ def test_distillation_loss_is_zero_for_a_matching_gate_and_positive_otherwise():
     assert float(distillation_loss(torch.tensor([[0.0, float("-inf")], [0.0, 0.0]]), target)) > 0.05
 
 
+def test_training_loss_batched_by_length_equals_the_mean_over_items():
+    """The training loop stacks the samples of a length and calls each gate once per length; its loss is
+    the plain mean over samples and layers, computed sample by sample (float64, three lengths, GQA)."""
+    from moa_compress.gates import _loss_of_all, _stacked
+
+    model = tiny_model("llama", **MODEL)
+    items = [
+        sample_targets(model, s.input_ids, block_size=32)
+        for s in samples(100, 2) + samples(160, 3, seed=1) + samples(64, 1, seed=2)
+    ]
+    items = [{k: v.double() for k, v in item.items()} for item in items]
+    torch.manual_seed(0)
+    gates = [AttnGate(4, 2, 16, gate_dim=8, block_size=32).double() for _ in range(2)]
+    by_item = sum(
+        distillation_loss(gate(item[f"q.{i}"][None], item[f"k.{i}"][None]), item[f"target.{i}"][None])
+        for item in items
+        for i, gate in enumerate(gates)
+    ) / (len(items) * len(gates))
+    stacked = _stacked(items)
+    assert sorted(n for n, _ in stacked) == [1, 2, 3] and float(by_item.detach()) > 0
+    torch.testing.assert_close(_loss_of_all(gates, items), by_item, rtol=1e-12, atol=0)
+    torch.testing.assert_close(_loss_of_all(gates, stacked), by_item, rtol=1e-12, atol=0)
+
+
 def samples(n: int, count: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [
