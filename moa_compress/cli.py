@@ -88,6 +88,14 @@ def parse_lengths(text: str, option: str = "--lengths", least: int = 1) -> list[
     return lengths
 
 
+def _counts(text: str | None, option: str, least: int = 1) -> int | tuple[int, ...] | None:
+    """A count per length (``--samples 6,2,2``) or one for every length (``--samples 4``)."""
+    if not text:
+        return None
+    counts = parse_lengths(text, option, least=least)
+    return counts[0] if len(counts) == 1 else tuple(counts)
+
+
 def check_fraction(value: float, option: str) -> float:
     if not 0.0 < value <= 1.0:
         fail(f"{option} must be in (0, 1], got {value}")
@@ -908,6 +916,15 @@ def compress_command(
             "calibration samples less closely and new text better)."
         ),
     ] = None,
+    gate_extra_samples: Annotated[
+        str | None,
+        typer.Option(
+            help="More samples per length (one count, or one per length) that only train the gates: their "
+            "targets need one dense forward each and no answer, and gates fit their few calibration samples "
+            "far better than new text. Answer-style prompts of the recipe (in mixed mode alternating with "
+            'prose windows no other stage uses). Default 0 (BENCHMARKS.md, "More text for the gates").'
+        ),
+    ] = None,
     min_span: MinSpanOpt = None,
     kv_budget: KvBudgetOpt = None,
     cost: CostOpt = None,
@@ -938,7 +955,7 @@ def compress_command(
     from moa_compress.pipeline import compress, preset_settings, summary_table
     from moa_compress.profile import load_profile
 
-    counts = parse_lengths(samples, "--samples") if samples else None
+    counts = _counts(samples, "--samples")
     reused = load_profile(profile) if profile is not None else None
     from moa_compress.models import DTYPES, resolve_dtype
 
@@ -951,7 +968,7 @@ def compress_command(
         budget,
         profile=reused,
         lengths=parse_lengths(lengths) if lengths else None,
-        samples=counts[0] if counts is not None and len(counts) == 1 else counts,
+        samples=counts,
         data=data,
         text_field=text_field,
         mode=mode,
@@ -965,6 +982,7 @@ def compress_command(
         gate_tails=tuple(parse_lengths(gate_tails, "--gate-tails", least=0)) if gate_tails else None,
         gate_folds=gate_folds,
         gate_weight_decay=gate_weight_decay,
+        gate_extra_samples=_counts(gate_extra_samples, "--gate-extra-samples", least=0),
         min_span=min_span,
         kv_budget=kv_budget,
         cost=cost,

@@ -525,6 +525,62 @@ def calibration_set(
     return out
 
 
+def gate_extra_set(
+    tokenizer,
+    *,
+    lengths: Sequence[int],
+    counts: Mapping[int, int],
+    data: str | Path | Sequence[str] | None = None,
+    text_field: str = "text",
+    mode: str = "answers",
+    seed: int = 0,
+    prose: Sequence[str] | None = None,
+    reserved: Mapping[int, tuple[int, int]] | None = None,
+) -> dict[int, list[CalibrationSample]]:
+    """``counts[N]`` samples of exactly ``N`` tokens at each length that only *train* the gates: a
+    gate's targets need one dense forward and no answer, so gates can learn from far more text than the
+    profile scores (BENCHMARKS.md, "More text for the gates"). Never profiled, costed or validated.
+
+    They follow the calibration recipe (:func:`calibration_set`) without its answers: ``answers`` and
+    ``plain`` modes give answer-style prompts of ``N`` tokens (a context cut from ``data``'s long texts,
+    or the built-in synthetic records, and an instruction; seeds of their own); ``mixed`` alternates
+    such prompts with prose windows from the middle of the prose's fixed shuffle — after the first
+    ``reserved[N][0]`` (calibration's) and before the last ``reserved[N][1]`` (validation's) — and
+    fills with prompts once the middle runs out. Same arguments, same samples; sample ``i`` does not
+    depend on the count asked for."""
+    import random
+
+    lengths = sorted({int(n) for n in lengths})
+    texts = None
+    if isinstance(data, (list, tuple)):
+        texts = [t for t in data if isinstance(t, str) and t.strip()] or None
+    elif data is not None:
+        texts = load_texts(data, text_field)
+    docs = [encode(tokenizer, t) for t in texts] if texts is not None else None
+    documents = {n: _long_documents(docs, n) for n in lengths if counts.get(n)} if docs is not None else {}
+    middle: dict[int, list[list[int]]] = {}
+    if mode == "mixed":
+        if prose is None:
+            prose = texts if texts is not None else shipped_texts("tune")
+        prose_docs = docs if prose is texts and docs is not None else [encode(tokenizer, t) for t in prose]
+        for n in lengths:
+            windows = token_windows(prose_docs, None, n)
+            random.Random(f"moa-calibration:{n}:prose-order").shuffle(windows)  # _split_windows' order
+            front, back = (reserved or {}).get(n, (0, 0))
+            middle[n] = windows[front : max(front, len(windows) - back)]
+    out: dict[int, list[CalibrationSample]] = {}
+    for n in lengths:
+        out[n] = []
+        for i in range(counts.get(n, 0)):
+            if mode == "mixed" and i % 2 and i // 2 < len(middle[n]):
+                ids = middle[n][i // 2]
+            else:
+                rng = random.Random(f"moa-gate-extra:{seed}:{n}:{i}")
+                ids = _answer_prompt(tokenizer, documents.get(n), n, rng)
+            out[n].append(_sample(ids, n))  # nothing scored: gates train on the attention alone
+    return out
+
+
 def _sample(ids: Sequence[int], first_scored: int) -> CalibrationSample:
     mask = torch.zeros(len(ids), dtype=torch.bool)
     mask[first_scored:] = True

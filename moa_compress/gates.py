@@ -658,6 +658,7 @@ class TrainedGates:
     initial_loss: float
     lengths: tuple[int, ...]
     samples: dict[int, int]
+    extra: dict[int, int] = field(default_factory=dict)  # length -> extra samples trained on (not costed)
     seconds: dict[str, float] = field(default_factory=dict)
     heldout: dict[str, float] = field(default_factory=dict)  # "initial" / "final" loss on held-out samples
     # Cross-fitting (``folds > 1``): ``fold_gates[f]`` trained on every sample outside fold ``f``;
@@ -735,6 +736,7 @@ def train_gates(
     progress: bool = True,
     heldout: Mapping[int, Sequence[CalibrationSample]] | None = None,
     folds: int = 1,
+    extra: Mapping[int, Sequence[CalibrationSample]] | None = None,
 ) -> TrainedGates:
     """Distil one :class:`AttnGate` per layer from ``model``'s dense attention on ``samples``
     (``{N: [sample, ...]}``; only their ``input_ids`` are used). ``heldout`` samples, never trained on,
@@ -744,6 +746,9 @@ def train_gates(
     trained the same way, set ``f`` on every sample outside fold ``f`` (:func:`sample_folds`), so a
     sample can be scored by gates that never saw it — what the search charges gate rules with, since
     gates fit their own training samples far better than new text. Needs at least ``folds`` samples.
+
+    ``extra`` samples (:func:`moa_compress.data.gate_extra_set`) train every set, the fold sets
+    included: they are never costed, so no set is scored on them, and more text is what the gates lack.
 
     With ``work_dir`` each sample's pooled Q/K and targets are written there as they are computed and
     read back on a rerun with the same model and settings (training itself takes a minute or two).
@@ -766,7 +771,7 @@ def train_gates(
     key = {"model_weights": model_digest(model), "block_size": settings.block_size,
            "per_query_head": settings.per_query_head}  # fmt: skip
     started = time.perf_counter()
-    sets = {"train": samples, "heldout": heldout or {}}
+    sets = {"train": samples, "extra": extra or {}, "heldout": heldout or {}}
     data: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in sets}
     total = sum(len(v) for group in sets.values() for v in group.values())
     with progress_steps(progress, total, "gate targets") as step:
@@ -775,20 +780,25 @@ def train_gates(
                 for i, sample in enumerate(group[n]):
                     folder = work / name / str(n) if work is not None else None
                     path = folder / f"sample-{i:04d}.safetensors" if folder is not None else None
-                    found = _load_targets(path, key) if path is not None else None
+                    # An extra sample's file also names its tokens: which text sample i is can
+                    # change with the recipe's other counts (the prose reserved around it).
+                    own = {**key, "input": _ids_digest(sample.input_ids)} if name == "extra" else key
+                    found = _load_targets(path, own) if path is not None else None
                     if found is None:
                         found = sample_targets(
                             model, sample.input_ids, settings.block_size, settings.per_query_head
                         )
                         if path is not None:
-                            _save_targets(path, found, key)
+                            _save_targets(path, found, own)
                     data[name].append(found)
                     step(f"gate targets ({name}) at {n} tokens ({i + 1}/{len(group[n])})")
     targets_s = time.perf_counter() - started
 
     started = time.perf_counter()
     theta = _rope_theta(model)
-    gates, losses, initial = _fit(data["train"], identity, settings, theta, progress, "training gates")
+    gates, losses, initial = _fit(
+        data["train"] + data["extra"], identity, settings, theta, progress, "training gates"
+    )
     heldout_losses: dict[str, float] = {}
     if data["heldout"]:
         fresh = _make_gates(identity, settings, theta)
@@ -803,7 +813,7 @@ def train_gates(
         inside = [item for item, g in zip(data["train"], dealt, strict=True) if g != f]
         left_out = [item for item, g in zip(data["train"], dealt, strict=True) if g == f]
         label = f"training gates without fold {f + 1}/{folds}"
-        fitted, fold_curve, _ = _fit(inside, identity, settings, theta, progress, label)
+        fitted, fold_curve, _ = _fit(inside + data["extra"], identity, settings, theta, progress, label)
         fold_gates.append(fitted)
         fold_losses.append({"train": fold_curve[-1], "held_out": _mean_loss(fitted, left_out)})
     return TrainedGates(
@@ -814,6 +824,7 @@ def train_gates(
         initial_loss=initial,
         lengths=tuple(sorted(samples)),
         samples={n: len(samples[n]) for n in sorted(samples)},
+        extra={n: len(v) for n, v in sorted((extra or {}).items()) if len(v)},
         seconds={"targets": round(targets_s, 2), "training": round(time.perf_counter() - started, 2)},
         heldout=heldout_losses,
         fold_gates=fold_gates,
@@ -886,6 +897,12 @@ def _mean_loss(gates: Sequence[AttnGate], items: Sequence[Any]) -> float:
         return float(_loss_of_all(gates, items))
 
 
+def _ids_digest(ids: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def _save_targets(path: Path, tensors: Mapping[str, torch.Tensor], key: Mapping[str, Any]) -> None:
     from safetensors.torch import save
 
@@ -938,6 +955,7 @@ def save_gates(trained: TrainedGates, out_dir: str | Path, force: bool = False) 
         "tensors": {name: {"shape": list(t.shape), "dtype": "float32"} for name, t in tensors.items()},
         "lengths": list(trained.lengths),
         "samples": {str(n): k for n, k in trained.samples.items()},
+        **({"extra_samples": {str(n): k for n, k in trained.extra.items()}} if trained.extra else {}),
         "initial_loss": trained.initial_loss,
         "losses": trained.losses,
         "heldout_loss": trained.heldout,

@@ -119,6 +119,7 @@ def _gate_losses(body: Any) -> dict[str, Any]:
         # the final gates on their own training samples (folds 1).
         "cost_folds": folds.get("count", 1),
         "fold_losses": folds.get("losses", []),
+        "extra_samples": body.get("extra_samples", {}),  # length -> samples that only trained the gates
     }
 
 
@@ -446,6 +447,21 @@ class _Context:
             self._calibration = self.calibration(s.lengths, s.samples_per_length(), s.seed)
         return self._calibration
 
+    def gate_extra_samples(self) -> dict[int, list]:
+        """Samples that only train the gates (``--gate-extra-samples``), from the calibration recipe; in
+        mixed mode their prose avoids the calibration's windows and the validation's."""
+        from moa_compress.data import gate_extra_set
+
+        s = self.settings
+        counts = s.gate_extra_per_length()
+        if not any(counts.values()):
+            return {}
+        reserved = {n: (k // 2, s.validation_samples // 2) for n, k in s.samples_per_length().items()}
+        return gate_extra_set(
+            self.tokenizer, lengths=s.lengths, counts=counts, data=self.texts, text_field=s.text_field,
+            mode=s.mode, seed=s.seed, reserved=reserved,
+        )  # fmt: skip
+
     def finished_profile(self) -> Profile | None:
         """The profile stage's result when it finished in an earlier run (else None: profile)."""
         from moa_compress.profile import ProfileError, load_profile
@@ -521,7 +537,13 @@ class _Context:
         crossfit = (
             f", and {folds} more sets each without one fold of them to cost the rules" if folds > 1 else ""
         )
-        _say(self.progress, f"gates: training one gate per layer on {count} calibration sample(s){crossfit}")
+        extra = self.gate_extra_samples()
+        more = sum(len(v) for v in extra.values())
+        more_text = f" and {more} extra sample(s) that only train them" if more else ""
+        _say(
+            self.progress,
+            f"gates: training one gate per layer on {count} calibration sample(s){more_text}{crossfit}",
+        )
         recipe = GateSettings(
             block_size=s.block_size, gate_dim=s.gate_dim, steps=s.gate_steps, weight_decay=s.gate_weight_decay,
             seed=s.seed,
@@ -533,6 +555,7 @@ class _Context:
             work_dir=self.state.root / GATE_SAMPLES_DIR,
             progress=self.progress,
             folds=folds,
+            extra=extra,
         )
         path = save_gates(trained, folder, force=True)
         self.state.mark("gates", done=True)
@@ -942,6 +965,11 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"gates: KL per query-block row {gates['initial']:.4f} -> {gates['final']:.4f} "
             f"after {gates['steps']} steps"
+            + (
+                f" (with {sum(gates['extra_samples'].values())} extra training samples)"
+                if gates.get("extra_samples")
+                else ""
+            )
         )
         if gates.get("fold_losses"):
             held = ", ".join(f"{f['held_out']:.4f}" for f in gates["fold_losses"])

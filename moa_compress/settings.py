@@ -42,6 +42,7 @@ OPTION_NAMES = {
     "gate_tails": "--gate-tails",
     "gate_folds": "--gate-folds",
     "gate_weight_decay": "--gate-weight-decay",
+    "gate_extra_samples": "--gate-extra-samples",
     "gate_floor": "the gate rules' floor of blocks per row",
     "min_span": "--min-span",
     "kv_budget": "--kv-budget",
@@ -68,6 +69,8 @@ class CompressSettings:
     are costed by cross-fitting — ``gate_folds`` more gate sets, each trained without one fold of the
     calibration samples, select each sample's blocks (1: the final gates cost the samples they were
     trained on; with fewer samples than folds, as many folds as samples).
+    ``gate_extra_samples``: more samples per length (same order as ``lengths``; an int means the same
+    everywhere) that only train the gates, every set (:func:`moa_compress.data.gate_extra_set`).
     ``min_span``: the narrowest band a static rule may keep (tokens; None: the search's default); gate
     rules keep at least as many blocks per row.
     ``kv_budget``: the decode cache's keys at the longest length, as a fraction of dense's, the plan may
@@ -101,6 +104,7 @@ class CompressSettings:
     gate_tails: tuple[int, ...] = DEFAULT_GATE_TAILS
     gate_folds: int = 2
     gate_weight_decay: float = DEFAULT_WEIGHT_DECAY
+    gate_extra_samples: tuple[int, ...] | int = 0
     min_span: float | None = None
     kv_budget: float | None = None
     cost: str | None = None
@@ -121,10 +125,19 @@ class CompressSettings:
             raise CompressError(
                 f"--samples gives {len(samples)} counts for {len(lengths)} lengths; give one, or one per length"
             )
+        extra = self.gate_extra_samples
+        if isinstance(extra, int):
+            extra = (extra,) * len(lengths)
+        if len(extra) != len(lengths):
+            raise CompressError(
+                f"--gate-extra-samples gives {len(extra)} counts for {len(lengths)} lengths; give one, or one "
+                "per length"
+            )
         # Sort lengths and keep each count with its length.
-        pairs = sorted(zip(lengths, (int(k) for k in samples), strict=True))
-        object.__setattr__(self, "lengths", tuple(n for n, _ in pairs))
-        object.__setattr__(self, "samples", tuple(k for _, k in pairs))
+        triples = sorted(zip(lengths, (int(k) for k in samples), extra, strict=True))
+        object.__setattr__(self, "lengths", tuple(n for n, _, _ in triples))
+        object.__setattr__(self, "samples", tuple(k for _, k, _ in triples))
+        object.__setattr__(self, "gate_extra_samples", tuple(e for _, _, e in triples))
         object.__setattr__(self, "extend_lengths", tuple(sorted({int(n) for n in self.extend_lengths})))
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "gate_locals", tuple(self.gate_locals))
@@ -141,6 +154,9 @@ class CompressSettings:
 
     def samples_per_length(self) -> dict[int, int]:
         return dict(zip(self.lengths, self.samples, strict=True))
+
+    def gate_extra_per_length(self) -> dict[int, int]:
+        return dict(zip(self.lengths, self.gate_extra_samples, strict=True))
 
     def check(self, profile: Profile | None = None) -> None:
         """Raise :class:`CompressError` for settings that are wrong whatever the model (and, given the
@@ -175,6 +191,10 @@ class CompressSettings:
             raise CompressError(f"--lengths must be distinct positive lengths, got {list(self.lengths)}")
         if any(k < 1 for k in self.samples):
             raise CompressError(f"--samples must be at least 1 per length, got {list(self.samples)}")
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in self.gate_extra_samples):
+            raise CompressError(
+                f"--gate-extra-samples must be whole numbers >= 0, got {list(self.gate_extra_samples)}"
+            )
         if any(n <= 0 for n in self.extend_lengths):
             raise CompressError(f"--extend-lengths must be positive, got {list(self.extend_lengths)}")
         if self.mode not in MODES:
@@ -244,7 +264,8 @@ def preset_settings(
 ) -> CompressSettings:
     """Settings from ``preset``, with every override that is not None taking precedence.
 
-    ``lengths`` without ``samples``: the preset's count at the lengths it names, 1 elsewhere. With a
+    ``lengths`` without ``samples``: the preset's count at the lengths it names, 1 elsewhere (extra gate
+    samples: the preset's count there, 0 elsewhere). With a
     reused ``profile``, its lengths, sample counts, block size and calibration recipe (data, mode, seed,
     answer tokens: the held-out samples follow it) are the defaults.
     """
@@ -266,4 +287,10 @@ def preset_settings(
     if "lengths" in given and "samples" not in given:
         counts = dict(zip(base["lengths"], base["samples"], strict=True))
         given["samples"] = tuple(counts.get(int(n), 1) for n in given["lengths"])
+    if "gate_extra_samples" not in given:
+        named = PRESETS[preset]
+        extra = dict(zip(named["lengths"], named.get("gate_extra_samples", ()), strict=False))
+        given["gate_extra_samples"] = tuple(
+            extra.get(int(n), 0) for n in given.get("lengths", base["lengths"])
+        )
     return CompressSettings(budget=budget, **{**base, **given})

@@ -141,6 +141,7 @@ _UNRECORDED = {
     "gate_weight_decay": 0.01,
     "gate_floor": "none (a search before gate floors)",
     "gate_tails": list(DEFAULT_GATE_TAILS),
+    "gate_extra_samples": [],
 }
 
 
@@ -185,6 +186,8 @@ def stage_settings(
         for key in ("gate_folds", "gate_weight_decay"):
             if getattr(settings, key) != _UNRECORDED[key]:
                 stages["gates"][key] = getattr(settings, key)
+        if any(settings.gate_extra_samples):  # recorded when there are any (gates made before: none)
+            stages["gates"]["gate_extra_samples"] = list(settings.gate_extra_samples)
     stages["search"] = {
         "budget": settings.budget,
         "extend_lengths": list(settings.extend_lengths),

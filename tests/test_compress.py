@@ -290,7 +290,7 @@ def test_without_default_text_the_eval_is_skipped_and_the_plan_still_written(
         compress(model, tokenizer, settings(None), tmp_path / "p", seed=3)
 
 
-def test_presets_and_overrides():
+def test_presets_and_overrides(monkeypatch):
     assert PRESETS["full"]["lengths"] == (2048, 4096, 8192) and PRESETS["full"]["samples"] == (6, 2, 2)
     assert PRESETS["full"]["mode"] == "mixed" and PRESETS["full"]["validation_samples"] == 2
     fast = preset_settings("fast", 0.25)
@@ -305,6 +305,16 @@ def test_presets_and_overrides():
     with pytest.raises(CompressError, match="2 counts for 3 lengths"):
         preset_settings("full", 0.3, samples=(1, 1))
     assert dataclasses.replace(fast, seed=3).seed == 3
+    # Extra gate samples: none in either preset; a preset's count at the lengths it names, 0 elsewhere.
+    assert fast.gate_extra_samples == (0, 0) and preset_settings("full", 0.3).gate_extra_samples == (0, 0, 0)
+    monkeypatch.setitem(PRESETS["full"], "gate_extra_samples", (24, 8, 4))
+    assert preset_settings("full", 0.3, lengths=[4096, 1024]).gate_extra_samples == (0, 8)
+    assert preset_settings("full", 0.3).gate_extra_samples == (24, 8, 4)
+    assert preset_settings("full", 0.3, gate_extra_samples=2).gate_extra_samples == (2, 2, 2)
+    with pytest.raises(CompressError, match="--gate-extra-samples gives 2 counts for 3 lengths"):
+        preset_settings("full", 0.3, gate_extra_samples=(1, 1))
+    with pytest.raises(CompressError, match="--gate-extra-samples must be whole numbers >= 0"):
+        preset_settings("full", 0.3, gate_extra_samples=(1, -1, 0)).check()
 
     identity = ModelIdentity("tiny", 1, 2, 1, 16, "0")
     influence = {n: torch.zeros(1, 2, n // 32, n // 32) for n in (256, 512)}
@@ -313,6 +323,7 @@ def test_presets_and_overrides():
     reused = preset_settings("full", 0.5, profile=profile, seed=5)
     assert (reused.lengths, reused.samples, reused.block_size) == ((256, 512), (3, 1), 32)
     assert (reused.data, reused.mode, reused.seed, reused.answer_tokens) == ("notes.txt", "plain", 5, 8)
+    assert reused.gate_extra_samples == (0, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +394,8 @@ def test_cli_runs_and_refuses_bad_input(cache, model_dir, eval_text, tmp_path):
         (["--gate-locals", "two"], "--gate-locals must"),
         (["--gate-tails", "0,-1"], "--gate-tails must"),
         (["--gate-tails", "last"], "--gate-tails must"),
+        (["--gate-extra-samples", "1,2,3"], "--gate-extra-samples gives 3 counts for 2 lengths"),
+        (["--gate-extra-samples", "2,-1"], "--gate-extra-samples must list whole numbers >= 0"),
         (["--gate-weight-decay", "-1"], "--gate-weight-decay must be a number >= 0"),
         (["--gate-weight-decay", "inf"], "--gate-weight-decay must be a number >= 0"),
     ]
@@ -584,6 +597,29 @@ def test_the_gates_stage_resumes(gated, model, tokenizer, eval_text, tmp_path, m
     assert json.loads((work / "gates" / "gates.json").read_text())["settings"]["weight_decay"] == 0.5
     assert redone.summary["gates"]["cost_folds"] == 1 and not redone.summary["gates"]["fold_losses"]
     assert redone.summary["seconds"]["gates"] is not None
+
+
+def test_extra_gate_samples_train_the_gates_and_make_the_gates_stage_stale(
+    gated, model, tokenizer, eval_text, tmp_path
+):
+    from moa_compress.gates import load_gates
+    from moa_compress.pipeline import summary_table
+
+    out, _ = gated
+    work = tmp_path / "work"
+    shutil.copytree(out / "work", work)
+    more = settings(eval_text, rules=ALL_RULES, gate_extra_samples=(2, 1))
+    with pytest.raises(StaleWorkError, match=r"--gate-extra-samples changed \(none -> 2,1\).*gates stage"):
+        compress(model, tokenizer, more, tmp_path / "p", work_dir=work, progress=False)
+    result = compress(model, tokenizer, more, tmp_path / "p", work_dir=work, force=True, progress=False)
+    record = json.loads((work / "gates" / "gates.json").read_text())
+    assert record["extra_samples"] == {"256": 2, "512": 1} == result.summary["gates"]["extra_samples"]
+    assert len(list((work / "gates-samples" / "extra").rglob("sample-*.safetensors"))) == 3
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert manifest["stages"]["gates"]["settings"]["gate_extra_samples"] == [2, 1]
+    before, after = load_gates(out / "work" / "gates"), load_gates(work / "gates")
+    assert not all(torch.equal(a.k_proj, b.k_proj) for a, b in zip(before, after, strict=True))
+    assert "with 3 extra training samples" in summary_table(result.summary)
 
 
 def test_one_calibration_sample_is_costed_in_sample_with_a_note(model, tokenizer, tmp_path, capsys):

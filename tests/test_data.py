@@ -154,6 +154,40 @@ def test_mixed_mode_alternates_answers_and_held_out_prose(model, tokenizer, tmp_
         calibration_set(model, tokenizer, samples_per_length=400, **common)
 
 
+def test_gate_extra_samples_avoid_the_prose_of_calibration_and_validation(model, tokenizer, tmp_path):
+    """Samples that only train the gates: exactly N tokens, nothing scored; in mixed mode prompts
+    alternate with prose windows neither calibration nor validation uses, and prompts fill once that
+    prose runs out; sample i does not depend on the count; answers mode gives prompts only."""
+    from moa_compress.data import gate_extra_set
+
+    common = {"lengths": [256], "prose": PROSE, "mode": "mixed", "cache_dir": tmp_path, "progress": False}
+    sets = calibration_set(model, tokenizer, samples_per_length=4, answer_tokens=4, **common)  # 2 prose
+    held = calibration_set(model, tokenizer, samples_per_length=2, answer_tokens=4, held_out=True, seed=9,
+                           **common)  # fmt: skip
+    used = {tuple(s.input_ids.tolist()) for s in sets[256][1::2] + held[256][1::2]}
+    windows = {tuple(w) for w in data_module.token_windows(PROSE, tokenizer, 256)}
+    assert len(used) == 3 and used <= windows and len(windows) >= 8
+    free = len(windows) - 3
+    extra = gate_extra_set(tokenizer, lengths=[256], counts={256: 2 * free + 3}, prose=PROSE, mode="mixed",
+                           reserved={256: (2, 1)})[256]  # fmt: skip
+    assert len(extra) == 2 * free + 3
+    assert all(len(s.input_ids) == 256 and not s.loss_mask.any() for s in extra)
+    ids = [tuple(s.input_ids.tolist()) for s in extra]
+    prose = [i for i, x in enumerate(ids) if x in windows]
+    assert prose == list(range(1, 2 * free, 2))  # every unused window once, at the odd places
+    assert len({ids[i] for i in prose}) == free and not {ids[i] for i in prose} & used
+    prompts = [x for x in ids if x not in windows]
+    assert len(set(prompts)) == len(prompts) == free + 3
+    assert all("Section" in tokenizer.decode(list(x)) for x in prompts)
+    fewer = gate_extra_set(tokenizer, lengths=[256], counts={256: 5}, prose=PROSE, mode="mixed",
+                           reserved={256: (2, 1)})[256]  # fmt: skip
+    assert [tuple(s.input_ids.tolist()) for s in fewer] == ids[:5]
+    answers = gate_extra_set(tokenizer, lengths=[256, 320], counts={256: 3, 320: 0}, mode="answers")
+    assert answers[320] == [] and all(tuple(s.input_ids.tolist()) not in windows for s in answers[256])
+    from_text = gate_extra_set(tokenizer, lengths=[256], counts={256: 2}, data=PROSE, mode="plain")[256]
+    assert all("the fox number" in tokenizer.decode(s.input_ids) for s in from_text)
+
+
 def test_shipped_texts_split_by_article(tmp_path):
     folder = tmp_path / "articles"
     folder.mkdir()

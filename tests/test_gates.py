@@ -226,6 +226,37 @@ def test_cross_fitting_gates_are_the_gates_trained_without_each_fold(tmp_path):
             train_gates(model, {100: samples(100, 2)}, replace(settings, weight_decay=decay), progress=False)
 
 
+def test_extra_samples_train_every_gate_set_and_are_never_dealt_to_a_fold(tmp_path):
+    """Extra samples train the final gates and every fold's set; the folds deal the calibration samples
+    alone, and gates.json records the extra counts; their targets are cached and read back."""
+    model = tiny_model("llama", **MODEL)
+    settings = GateSettings(block_size=32, gate_dim=8, steps=10, lr=1e-2)
+    data = {100: samples(100, 2), 160: samples(160, 1, seed=1)}
+    extra = {100: samples(100, 1, seed=5), 160: samples(160, 2, seed=6)}
+    trained = train_gates(
+        model, data, settings, progress=False, folds=2, extra=extra, work_dir=tmp_path / "w"
+    )
+    assert trained.fold_of == {100: [0, 1], 160: [0]} and trained.extra == {100: 1, 160: 2}
+    merged = train_gates(model, {n: data[n] + extra[n] for n in data}, settings, progress=False)
+    assert all(torch.equal(a.k_proj, b.k_proj) for a, b in zip(trained.gates, merged.gates, strict=True))
+    fold_inside = {0: {100: [data[100][1]]}, 1: {100: [data[100][0]], 160: data[160]}}
+    for f, inside in fold_inside.items():
+        want = train_gates(model, inside, settings, progress=False, extra=extra)
+        for got, exp in zip(trained.fold_gates[f], want.gates, strict=True):
+            assert torch.equal(got.q_proj, exp.q_proj) and torch.equal(got.k_proj, exp.k_proj)
+    assert len(list((tmp_path / "w" / "extra").rglob("sample-*.safetensors"))) == 3
+    again = train_gates(model, data, settings, progress=False, folds=2, extra=extra, work_dir=tmp_path / "w")
+    assert all(torch.equal(a.k_proj, b.k_proj) for a, b in zip(trained.gates, again.gates, strict=True))
+    # A cached extra target of other tokens is not reused for sample 0.
+    other = {100: samples(100, 1, seed=7), 160: extra[160]}
+    changed = train_gates(model, data, settings, progress=False, extra=other, work_dir=tmp_path / "w")
+    fresh = train_gates(model, data, settings, progress=False, extra=other)
+    assert all(torch.equal(a.k_proj, b.k_proj) for a, b in zip(changed.gates, fresh.gates, strict=True))
+    body = json.loads(save_gates(trained, tmp_path / "g").read_text())
+    assert body["extra_samples"] == {"100": 1, "160": 2} and body["samples"] == {"100": 2, "160": 1}
+    assert "extra_samples" not in json.loads(save_gates(merged, tmp_path / "m").read_text())
+
+
 def test_damaged_gate_files_are_one_line_errors(tmp_path):
     model = tiny_model("llama", **MODEL)
     trained = train_gates(model, {64: samples(64, 1)}, GateSettings(block_size=32, gate_dim=8, steps=2),
