@@ -53,6 +53,17 @@ OPTION_NAMES = {
 }
 
 
+def _per_length(counts: tuple[int, ...] | int, lengths: tuple[int, ...], option: str) -> tuple[int, ...]:
+    """``counts`` as one count per length (an int: the same at every length)."""
+    if isinstance(counts, int):
+        return (counts,) * len(lengths)
+    if len(counts) != len(lengths):
+        raise CompressError(
+            f"{option} gives {len(counts)} counts for {len(lengths)} lengths; give one, or one per length"
+        )
+    return tuple(counts)
+
+
 @dataclass(frozen=True)
 class CompressSettings:
     """Everything that decides what :func:`compress` computes.
@@ -118,21 +129,8 @@ class CompressSettings:
 
     def __post_init__(self) -> None:
         lengths = tuple(int(n) for n in self.lengths)
-        samples = self.samples
-        if isinstance(samples, int):
-            samples = (samples,) * len(lengths)
-        if len(samples) != len(lengths):
-            raise CompressError(
-                f"--samples gives {len(samples)} counts for {len(lengths)} lengths; give one, or one per length"
-            )
-        extra = self.gate_extra_samples
-        if isinstance(extra, int):
-            extra = (extra,) * len(lengths)
-        if len(extra) != len(lengths):
-            raise CompressError(
-                f"--gate-extra-samples gives {len(extra)} counts for {len(lengths)} lengths; give one, or one "
-                "per length"
-            )
+        samples = _per_length(self.samples, lengths, "--samples")
+        extra = _per_length(self.gate_extra_samples, lengths, "--gate-extra-samples")
         # Sort lengths and keep each count with its length.
         triples = sorted(zip(lengths, (int(k) for k in samples), extra, strict=True))
         object.__setattr__(self, "lengths", tuple(n for n, _, _ in triples))
