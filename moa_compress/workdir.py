@@ -188,6 +188,8 @@ def stage_settings(
                 stages["gates"][key] = getattr(settings, key)
         if any(settings.gate_extra_samples):  # recorded when there are any (gates made before: none)
             stages["gates"]["gate_extra_samples"] = list(settings.gate_extra_samples)
+            if settings.mode == "mixed":  # their prose avoids the validation's windows, so depends on them
+                stages["gates"]["validation_samples"] = settings.validation_samples
     stages["search"] = {
         "budget": settings.budget,
         "extend_lengths": list(settings.extend_lengths),

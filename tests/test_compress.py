@@ -617,6 +617,10 @@ def test_extra_gate_samples_train_the_gates_and_make_the_gates_stage_stale(
     assert len(list((work / "gates-samples" / "extra").rglob("sample-*.safetensors"))) == 3
     manifest = json.loads((work / "manifest.json").read_text())
     assert manifest["stages"]["gates"]["settings"]["gate_extra_samples"] == [2, 1]
+    # Their prose avoids the validation's windows: more validation samples change the gates' text.
+    with pytest.raises(StaleWorkError, match=r"--validation-samples changed \(2 -> 4\).*gates stage"):
+        compress(model, tokenizer, dataclasses.replace(more, validation_samples=4), tmp_path / "q",
+                 work_dir=work, progress=False)  # fmt: skip
     before, after = load_gates(out / "work" / "gates"), load_gates(work / "gates")
     assert not all(torch.equal(a.k_proj, b.k_proj) for a, b in zip(before, after, strict=True))
     assert "with 3 extra training samples" in summary_table(result.summary)
