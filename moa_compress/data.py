@@ -564,8 +564,7 @@ def gate_extra_set(
             prose = texts if texts is not None else shipped_texts("tune")
         prose_docs = docs if prose is texts and docs is not None else [encode(tokenizer, t) for t in prose]
         for n in lengths:
-            windows = token_windows(prose_docs, None, n)
-            random.Random(f"moa-calibration:{n}:prose-order").shuffle(windows)  # _split_windows' order
+            windows = _prose_order(prose_docs, n)
             front, back = (reserved or {}).get(n, (0, 0))
             middle[n] = windows[front : max(front, len(windows) - back)]
     out: dict[int, list[CalibrationSample]] = {}
@@ -602,18 +601,27 @@ def _split_windows(docs: list[list[int]], n: int, k: int, held_out: bool) -> lis
     """``k`` windows of ``n`` tokens from one fixed shuffle of all of ``docs``' windows (the same for
     every seed, so that held-out samples drawn with another seed still avoid the calibration ones): its
     first ``k`` (calibration) or its last ``k`` (``held_out``), disjoint while there are ``2k``."""
-    import random
 
     if k == 0:
         return []
-    windows = token_windows(docs, None, n)
-    random.Random(f"moa-calibration:{n}:prose-order").shuffle(windows)
+    windows = _prose_order(docs, n)
     if len(windows) < 2 * k:
         raise DataError(
             f"mixed calibration needs {2 * k} prose windows of {n} tokens ({k} to calibrate, {k} held out), "
             f"the prose gives {len(windows)}; use fewer --samples, shorter --lengths or longer text"
         )
     return windows[len(windows) - k :] if held_out else windows[:k]
+
+
+def _prose_order(docs: list[list[int]], n: int) -> list[list[int]]:
+    """All of ``docs``' windows of ``n`` tokens in one fixed shuffle, the same for every seed: the
+    calibration takes its prose from the front, the validation from the back, the extra gate samples
+    from between."""
+    import random
+
+    windows = token_windows(docs, None, n)
+    random.Random(f"moa-calibration:{n}:prose-order").shuffle(windows)
+    return windows
 
 
 def _synthetic_ids(tokenizer, n: int, rng) -> list[int]:
