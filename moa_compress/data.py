@@ -471,23 +471,12 @@ def calibration_set(
     lengths = sorted({int(n) for n in lengths})
     counts = _counts(lengths, samples_per_length)
     _check_request(model, lengths, mode)
-    if data is None:
-        texts = None
-    elif isinstance(data, (list, tuple)):
-        texts = [t for t in data if isinstance(t, str) and t.strip()]
-        if not texts:
-            raise DataError("the calibration data has no non-empty text")
-    else:
-        texts = load_texts(data, text_field)
-    # Each text is tokenized once, whatever the number of lengths.
-    docs = [encode(tokenizer, t) for t in texts] if texts is not None else None
+    texts, docs = _calibration_texts(tokenizer, data, text_field)
 
     out: dict[int, list[CalibrationSample]] = {}
     plain_windows: dict[int, list[list[int]]] = {}
     if mode == "mixed":
-        if prose is None:
-            prose = texts if texts is not None else shipped_texts("tune")
-        prose_docs = docs if prose is texts else [encode(tokenizer, t) for t in prose]
+        prose_docs = _prose_docs(tokenizer, prose, texts, docs)
         for n in lengths:
             plain_windows[n] = _split_windows(prose_docs, n, counts[n] // 2, held_out)
     if mode == "plain":
@@ -551,18 +540,11 @@ def gate_extra_set(
     import random
 
     lengths = sorted({int(n) for n in lengths})
-    texts = None
-    if isinstance(data, (list, tuple)):
-        texts = [t for t in data if isinstance(t, str) and t.strip()] or None
-    elif data is not None:
-        texts = load_texts(data, text_field)
-    docs = [encode(tokenizer, t) for t in texts] if texts is not None else None
+    texts, docs = _calibration_texts(tokenizer, data, text_field)
     documents = {n: _long_documents(docs, n) for n in lengths if counts.get(n)} if docs is not None else {}
     middle: dict[int, list[list[int]]] = {}
     if mode == "mixed":
-        if prose is None:
-            prose = texts if texts is not None else shipped_texts("tune")
-        prose_docs = docs if prose is texts and docs is not None else [encode(tokenizer, t) for t in prose]
+        prose_docs = _prose_docs(tokenizer, prose, texts, docs)
         for n in lengths:
             windows = _prose_order(prose_docs, n)
             front, back = (reserved or {}).get(n, (0, 0))
@@ -578,6 +560,30 @@ def gate_extra_set(
                 ids = _answer_prompt(tokenizer, documents.get(n), n, rng)
             out[n].append(_sample(ids, n))  # nothing scored: gates train on the attention alone
     return out
+
+
+def _calibration_texts(
+    tokenizer, data: str | Path | Sequence[str] | None, text_field: str
+) -> tuple[list[str] | None, list[list[int]] | None]:
+    """``(texts, their token ids)`` of the calibration ``data`` (None: the synthetic set, no texts).
+    Each text is tokenized once, whatever the number of lengths."""
+    if data is None:
+        return None, None
+    if isinstance(data, (list, tuple)):
+        texts = [t for t in data if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise DataError("the calibration data has no non-empty text")
+    else:
+        texts = load_texts(data, text_field)
+    return texts, [encode(tokenizer, t) for t in texts]
+
+
+def _prose_docs(tokenizer, prose, texts, docs) -> list[list[int]]:
+    """Token ids of mixed mode's prose: ``prose`` when given, else the calibration ``texts`` (already
+    tokenized as ``docs``), else the shipped articles' "tune" split."""
+    if prose is None and texts is not None:
+        return docs
+    return [encode(tokenizer, t) for t in (prose if prose is not None else shipped_texts("tune"))]
 
 
 def _sample(ids: Sequence[int], first_scored: int) -> CalibrationSample:

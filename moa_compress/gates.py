@@ -754,6 +754,7 @@ def train_gates(
     read back on a rerun with the same model and settings (training itself takes a minute or two).
     """
     from moa_compress.data import model_digest
+    from moa_compress.profile import samples_digest
 
     settings = settings or GateSettings()
     settings.check()
@@ -782,7 +783,7 @@ def train_gates(
                     path = folder / f"sample-{i:04d}.safetensors" if folder is not None else None
                     # An extra sample's file also names its tokens: which text sample i is can
                     # change with the recipe's other counts (the prose reserved around it).
-                    own = {**key, "input": _ids_digest(sample.input_ids)} if name == "extra" else key
+                    own = {**key, "input": samples_digest([sample])} if name == "extra" else key
                     found = _load_targets(path, own) if path is not None else None
                     if found is None:
                         found = sample_targets(
@@ -895,12 +896,6 @@ def _loss_of_all(
 def _mean_loss(gates: Sequence[AttnGate], items: Sequence[Any]) -> float:
     with torch.no_grad():
         return float(_loss_of_all(gates, items))
-
-
-def _ids_digest(ids: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _save_targets(path: Path, tensors: Mapping[str, torch.Tensor], key: Mapping[str, Any]) -> None:
