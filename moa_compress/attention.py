@@ -216,3 +216,34 @@ def decode_attention(
     module_name, fn_name = _DECODE_IMPLEMENTATIONS[name]
     fn = getattr(importlib.import_module(module_name), fn_name)
     return fn(q, k, v, visible, scale)
+
+
+def window_attention(
+    query: torch.Tensor,  # [B, Hq, Sq, D]
+    key: torch.Tensor,  # [B, Hkv, Sk, D]
+    value: torch.Tensor,  # [B, Hkv, Sk, D]
+    window: int,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,  # [B, 1|H, Sq, >=Sk], bool or additive
+) -> torch.Tensor:  # [B, Hq, Sq, D]
+    """A model's own sliding-window attention, token by token: the query at position ``p`` sees keys
+    ``p - window < j <= p`` (``window`` keys, its own included; transformers' ``sliding_window``), queries
+    aligned to the last keys (a cache's or a chunk's call). ``attention_mask`` (a padded batch's) is
+    also applied; a query row that sees no key returns zeros. Plain SDPA with an explicit mask: what a
+    plan runs for the layers it leaves to the model (:class:`moa_compress.plan.WindowRule`)."""
+    sq, sk = query.shape[2], key.shape[2]
+    q_pos = torch.arange(sk - sq, sk, device=query.device)[:, None]
+    k_pos = torch.arange(sk, device=query.device)[None, :]
+    allowed = (k_pos <= q_pos) & (q_pos - k_pos < window)  # [Sq, Sk]
+    if attention_mask is not None:
+        mask = attention_mask[..., :sk]
+        if mask.dtype != torch.bool:  # additive: 0 where allowed, a large negative number where masked
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        allowed = allowed & mask
+    else:
+        allowed = allowed[None, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    empty = ~allowed.any(-1, keepdim=True)  # [B|1, 1|H, Sq, 1]
+    return out.masked_fill(empty, 0.0) if bool(empty.any()) else out

@@ -604,6 +604,14 @@ class PlanKVLayer(CacheLayerMixin):
         return live, allocated
 
 
+def window_layer(window: int) -> CacheLayerMixin:
+    """The cache layer of a sliding-window layer the plan leaves to the model: transformers' own,
+    holding the last ``window - 1`` tokens between calls (what the model's default cache holds)."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    return DynamicSlidingWindowLayer(sliding_window=window)
+
+
 class PlanKVCache(Cache):
     """A transformers ``Cache`` whose storage is planned from the plan's rules: per layer, ring
     buffers (sink + window at the planned length) for KV heads whose query heads all have static
@@ -635,11 +643,14 @@ class PlanKVCache(Cache):
             )
         kv_heads = plan.model.num_kv_heads
         group = plan.model.num_heads // kv_heads
+        windows = plan.model.window_of
         layers = [
-            PlanKVLayer(
+            window_layer(windows[i])
+            if i in windows
+            else PlanKVLayer(
                 [heads[h * group : (h + 1) * group] for h in range(kv_heads)], plan, ring_length, max_length
             )
-            for heads in plan.rules
+            for i, heads in enumerate(plan.rules)
         ]
         super().__init__(layers=layers)
 
@@ -649,6 +660,11 @@ class PlanKVCache(Cache):
         ``fraction = allocated / full``."""
         live = allocated = full = 0
         for layer in self.layers:
+            if not isinstance(layer, PlanKVLayer):  # a sliding-window layer: the model's own cache layer,
+                # which the model's default cache holds too
+                held = 2 * layer.keys.nbytes if layer.is_initialized and layer.keys is not None else 0
+                live, allocated, full = live + held, allocated + held, full + held
+                continue
             stored, alloc = layer.nbytes()
             live, allocated = live + stored, allocated + alloc
             if layer.storage:

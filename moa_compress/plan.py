@@ -34,7 +34,7 @@ from moa_compress.errors import UserInputError
 
 # The newest plan.json this version reads (2: gate rules; 3: gate rules with a local window; 4: gate
 # rules with a floor of blocks per row; 5: gate rules with a dense tail of rows).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PLAN_FILE = "plan.json"
 TENSOR_FILE = "plan.safetensors"
 
@@ -67,8 +67,12 @@ class ModelIdentity:
     """Which model a plan was made for.
 
     Fields: ``name`` (free text, e.g. the hub id or folder name), ``num_layers``, ``num_heads``
-    (query heads), ``num_kv_heads``, ``head_dim``, and ``fingerprint``: a hash of the
-    attention-relevant config entries, so a plan cannot silently run on a different model.
+    (query heads), ``num_kv_heads``, ``head_dim``, ``fingerprint``: a hash of the
+    attention-relevant config entries, so a plan cannot silently run on a different model, and
+    ``windows``: ``((layer, tokens), ...)`` for the layers the model runs with sliding-window attention
+    (Gemma 3 interleaves them with full-attention layers). A plan leaves those layers as the model
+    runs them (:class:`WindowRule`) and plans the others; empty for models whose layers all attend to
+    every earlier token, and then not written (plans of such models read as before).
     """
 
     name: str
@@ -77,6 +81,7 @@ class ModelIdentity:
     num_kv_heads: int
     head_dim: int
     fingerprint: str
+    windows: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_config(cls, config: Any, name: str = "") -> ModelIdentity:
@@ -90,7 +95,64 @@ class ModelIdentity:
             num_kv_heads=int(getattr(text, "num_key_value_heads", None) or num_heads),
             head_dim=int(head_dim),
             fingerprint=config_fingerprint(text),
+            windows=sliding_windows(text),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if self.windows:
+            out["windows"] = [list(w) for w in self.windows]
+        else:
+            del out["windows"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelIdentity:
+        """The inverse of :meth:`to_dict`; raises ``KeyError``/``TypeError``/``ValueError`` on a bad record."""
+        fields = dict(data)
+        windows = fields.pop("windows", ())
+        if not isinstance(windows, (list, tuple)) or not all(
+            isinstance(w, (list, tuple)) and len(w) == 2 and all(type(x) is int and x >= 0 for x in w)
+            for w in windows
+        ):
+            raise ValueError(f"model windows must be [[layer, tokens], ...], got {windows!r}")
+        return cls(**fields, windows=tuple((int(a), int(b)) for a, b in windows))
+
+    @property
+    def window_of(self) -> dict[int, int]:
+        """Layer -> sliding-window tokens, for the layers the model runs with a window."""
+        return dict(self.windows)
+
+    def windows_note(self) -> str:
+        """How densities count the model's sliding-window layers, as a clause (empty without them)."""
+        if not self.windows:
+            return ""
+        tokens = ", ".join(str(t) for t in sorted({t for _, t in self.windows}))
+        return (
+            f" of the {len(self.planned_layers)} layer(s) the plan chooses for; the model's "
+            f"{len(self.windows)} sliding-window layers keep their window ({tokens} tokens) as the model "
+            "runs them and are not counted"
+        )
+
+    @property
+    def planned_layers(self) -> tuple[int, ...]:
+        """The layers a plan chooses rules for: every layer without a sliding window."""
+        windows = self.window_of
+        return tuple(i for i in range(self.num_layers) if i not in windows)
+
+
+def sliding_windows(config: Any) -> tuple[tuple[int, int], ...]:
+    """``((layer, tokens), ...)`` of the layers ``config`` runs with sliding-window attention: those whose
+    ``layer_types`` entry is ``"sliding_attention"`` (every layer, when the config names a
+    ``sliding_window`` in use but no ``layer_types``, as Mistral's does)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return ()
+    layers = int(config.num_hidden_layers)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return tuple((i, int(window)) for i in range(layers))
+    return tuple((i, int(window)) for i, t in enumerate(types) if t == "sliding_attention")
 
 
 def text_config(model_or_config: Any) -> Any:
@@ -123,7 +185,9 @@ def num_blocks(n: int, block_size: int) -> int:
 class RuleKind(Protocol):
     """What every rule kind provides. A new kind is one class registered with :func:`register_rule`.
 
-    ``kind`` names it in ``plan.json``. ``input_dependent`` kinds choose blocks per input
+    ``kind`` names it in ``plan.json``. ``model_fixed`` kinds are what the model itself does (a
+    sliding-window layer, :class:`WindowRule`): never chosen by the search, outside the budget, run by
+    the model's own attention arithmetic. ``input_dependent`` kinds choose blocks per input
     (:meth:`block_mask` returns None; the runtime calls the kind's selection with the layer's gate
     scores); the others have a fixed block mask at every length. ``density(n, block_size)`` is exact
     for every input. ``kv_keep(n, block_size)`` says what a decode cache must keep at total length
@@ -132,6 +196,7 @@ class RuleKind(Protocol):
 
     kind: ClassVar[str]
     input_dependent: ClassVar[bool]
+    model_fixed: ClassVar[bool]
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -169,6 +234,7 @@ class DenseRule:
 
     kind: ClassVar[str] = "dense"
     input_dependent: ClassVar[bool] = False
+    model_fixed: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         return _fields(self)
@@ -206,6 +272,7 @@ class StaticRule:
     beta: float
     kind: ClassVar[str] = "static"
     input_dependent: ClassVar[bool] = False
+    model_fixed: ClassVar[bool] = False
 
     def band_blocks(self, n: int, block_size: int) -> int:
         return max(1, math.ceil((self.alpha + self.beta * n) / block_size - 1e-9))
@@ -274,6 +341,7 @@ class GateRule:
     tail: int = 0
     kind: ClassVar[str] = "gate"
     input_dependent: ClassVar[bool] = True
+    model_fixed: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.min_blocks < 2:  # a smaller value would write as 2 and read back unequal
@@ -342,7 +410,60 @@ class GateRule:
         )
 
 
-Rule = DenseRule | StaticRule | GateRule
+@register_rule
+@dataclass(frozen=True)
+class WindowRule:
+    """The model's own sliding-window attention over the last ``tokens`` tokens (the query's own
+    included), which a plan leaves as it is: a layer the model runs with a window
+    (:attr:`ModelIdentity.windows`) has this rule on every head, and no other layer has it. The
+    search never chooses it and the budget does not count it (:meth:`Plan.density`); the runtime
+    computes it exactly, token by token, as the model would (:func:`moa_compress.attention.window_attention`).
+
+    ``density(n)`` is exact at token level; ``block_mask(n)`` is every block the window touches, for
+    tools that read block masks."""
+
+    tokens: int
+    kind: ClassVar[str] = "window"
+    input_dependent: ClassVar[bool] = False
+    model_fixed: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"a window must be a positive number of tokens, got {self.tokens!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> WindowRule:
+        try:
+            return cls(data["tokens"])
+        except (KeyError, ValueError) as exc:
+            raise PlanError(f"{where}: window rule needs a positive integer tokens ({exc})") from None
+
+    def density(self, n: int, block_size: int) -> float:
+        w = min(self.tokens, n)  # query i sees min(i + 1, w) keys
+        return (w * (w + 1) // 2 + (n - w) * w) / (n * (n + 1) / 2)
+
+    def block_mask(self, n: int, block_size: int) -> torch.Tensor:
+        nq = num_blocks(n, block_size)
+        rows = torch.arange(nq)[:, None]
+        cols = torch.arange(nq)[None, :]
+        # a query block's first token reaches back tokens - 1 positions
+        return (cols <= rows) & (cols >= (rows * block_size - self.tokens + 1).clamp(min=0) // block_size)
+
+    def kv_keep(self, n: int, block_size: int) -> None:
+        return None  # the decode cache keeps the window itself (the model's sliding cache layer)
+
+    def kv_tokens(self, n: int) -> int:
+        """Keys the model's sliding cache holds at length ``n``."""
+        return min(self.tokens, n)
+
+    def describe(self) -> str:
+        return f"window{self.tokens}(model)"
+
+
+Rule = DenseRule | StaticRule | GateRule | WindowRule
 
 
 def rule_to_dict(rule: Rule) -> dict[str, Any]:
@@ -391,6 +512,8 @@ def group_kv_keep(rules: Sequence[Rule], n: int, block_size: int) -> tuple[int, 
 def group_kv_fraction(rules: Sequence[Rule], n: int, block_size: int) -> float:
     """Keys one KV head holds at length ``n`` for query heads with ``rules``, as a fraction of ``n``
     (:func:`group_kv_keep`; 1 when it must keep every key)."""
+    if rules and all(isinstance(r, WindowRule) for r in rules):
+        return max(r.kv_tokens(n) for r in rules) / n
     keep = group_kv_keep(rules, n, block_size)
     return 1.0 if keep is None else min(1.0, (keep[0] + keep[1]) * block_size / n)
 
@@ -553,7 +676,26 @@ class Plan:
                 )
         if self.block_size <= 0:
             raise PlanError(f"block_size must be positive, got {self.block_size}")
+        self._check_windows()
         self._check_gates()
+
+    def _check_windows(self) -> None:
+        """Window layers (the model's) hold their window on every head; no other layer holds one."""
+        windows = self.model.window_of
+        for layer, heads in enumerate(self.rules):
+            if layer in windows:
+                expected = WindowRule(windows[layer])
+                if any(r != expected for r in heads):
+                    raise PlanError(
+                        f"layer {layer} is a sliding-window layer of {windows[layer]} tokens in the model; "
+                        f"every head must keep {expected.describe()}"
+                    )
+            elif any(r.model_fixed for r in heads):
+                raise PlanError(
+                    f"layer {layer}: window rules belong to the model's sliding-window layers only"
+                )
+        if not self.model.planned_layers:
+            raise PlanError("every layer of this model is a sliding-window layer: there is nothing to plan")
 
     def _check_gates(self) -> None:
         gated = self.gate_layers
@@ -609,15 +751,22 @@ class Plan:
     # -- density -------------------------------------------------------------------------------
 
     def density(self, n: int) -> float:
-        """Exact fraction of causal (query, key) pairs computed at length ``n``, mean over heads
-        (exact for every input: gate rules keep a fixed number of blocks per row)."""
+        """Exact fraction of causal (query, key) pairs computed at length ``n``, mean over the heads the
+        plan chooses (exact for every input: gate rules keep a fixed number of blocks per row). The
+        model's sliding-window layers (:class:`WindowRule`) are not counted: the plan leaves them as they
+        are, and a budget is spent on the layers it plans (:meth:`model_density` counts every layer)."""
         cache: dict[Rule, float] = {}
         total = 0.0
-        for heads in self.rules:
-            for rule in heads:
+        for layer in self.model.planned_layers:
+            for rule in self.rules[layer]:
                 if rule not in cache:
                     cache[rule] = rule_density(rule, n, self.block_size)
                 total += cache[rule]
+        return total / (len(self.model.planned_layers) * self.model.num_heads)
+
+    def model_density(self, n: int) -> float:
+        """:meth:`density` over every layer, the model's sliding-window layers included."""
+        total = sum(rule_density(r, n, self.block_size) for heads in self.rules for r in heads)
         return total / (self.model.num_layers * self.model.num_heads)
 
     def kv_fraction(self, n: int) -> float:
@@ -625,13 +774,16 @@ class Plan:
         dense cache's, mean over layers and KV heads: a KV head whose query heads all keep a sink and a
         band holds those (the largest sink and band among them, as
         :class:`~moa_compress.kvcache.PlanKVCache` sizes its rings), any other holds every key. Input
-        independent, like :meth:`density`; gate codes and buffer rounding are not counted."""
+        independent, like :meth:`density`; gate codes and buffer rounding are not counted. Like
+        :meth:`density`, over the layers the plan chooses for (the model's sliding-window layers keep
+        their window in any cache)."""
         group = self.model.num_heads // self.model.num_kv_heads
         total = 0.0
-        for heads in self.rules:
+        for layer in self.model.planned_layers:
+            heads = self.rules[layer]
             for h in range(self.model.num_kv_heads):
                 total += group_kv_fraction(heads[h * group : (h + 1) * group], n, self.block_size)
-        return total / (self.model.num_layers * self.model.num_kv_heads)
+        return total / (len(self.model.planned_layers) * self.model.num_kv_heads)
 
     def layer_density(self, layer: int, n: int) -> float:
         heads = self.rules[layer]
@@ -689,12 +841,15 @@ class Plan:
         return self.layout(layer, n, device).to_flex_block_mask()
 
     def is_dense(self) -> bool:
-        return all(isinstance(r, DenseRule) for heads in self.rules for r in heads)
+        """Every head the plan chooses is dense (the model's window layers stay as they are)."""
+        return all(isinstance(r, DenseRule) for heads in self.rules for r in heads if not r.model_fixed)
 
     # -- serialisation -------------------------------------------------------------------------
 
     def _needed_schema(self) -> int:
         """The oldest schema that holds this plan (older readers refuse newer files, never misread them)."""
+        if self.model.windows:
+            return 6
         if any(getattr(r, "tail", 0) > 0 for heads in self.rules for r in heads):
             return 5
         if any(getattr(r, "min_blocks", 2) > 2 for heads in self.rules for r in heads):
@@ -706,7 +861,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         out = {
             "schema_version": max(self.schema_version, self._needed_schema()),
-            "model": dataclasses.asdict(self.model),
+            "model": self.model.to_dict(),
             "block_size": self.block_size,
             "budget": self.budget,
             "lengths": list(self.lengths),
@@ -731,7 +886,7 @@ class Plan:
                 f"({SCHEMA_VERSION}); upgrade moa-compress"
             )
         try:
-            model = ModelIdentity(**data["model"])
+            model = ModelIdentity.from_dict(data["model"])
             rules = tuple(
                 tuple(rule_from_dict(r, f"layer {li} head {hi}") for hi, r in enumerate(heads))
                 for li, heads in enumerate(data["rules"])
@@ -766,6 +921,11 @@ class Plan:
             raise PlanError(
                 f"plan fingerprint {mine.fingerprint} does not match the model's {identity.fingerprint} "
                 f"(plan made for {mine.name!r})"
+            )
+        if mine.windows != identity.windows:
+            raise PlanError(
+                f"plan leaves sliding-window layers {dict(mine.windows)} to the model, this model has "
+                f"{dict(identity.windows)}"
             )
 
 
@@ -805,7 +965,7 @@ def uniform_plan(
                 f"+ the diagonal block): {minimum:.4f} at lengths {list(lengths)}"
             )
         rule = best
-    rules = tuple(tuple(rule for _ in range(identity.num_heads)) for _ in range(identity.num_layers))
+    rules = rules_everywhere(identity, rule)
     return Plan(
         model=identity,
         rules=rules,
@@ -813,6 +973,15 @@ def uniform_plan(
         budget=density,
         lengths=tuple(lengths),
         provenance=dict(provenance or {}, method="uniform"),
+    )
+
+
+def rules_everywhere(identity: ModelIdentity, rule: Rule) -> tuple[tuple[Rule, ...], ...]:
+    """``rule`` on every head of the layers a plan chooses for; the model's window on its window layers."""
+    windows = identity.window_of
+    return tuple(
+        tuple(WindowRule(windows[layer]) if layer in windows else rule for _ in range(identity.num_heads))
+        for layer in range(identity.num_layers)
     )
 
 
@@ -952,7 +1121,7 @@ def plan_summary(plan: Plan, lengths: Sequence[int]) -> dict[str, Any]:
         )
     return {
         "schema_version": plan.schema_version,
-        "model": dataclasses.asdict(plan.model),
+        "model": plan.model.to_dict(),
         "block_size": plan.block_size,
         "budget": plan.budget,
         "density": {str(n): round(plan.density(n), 6) for n in lengths},

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from moa_compress.attention import block_sparse_attention
+from moa_compress.attention import block_sparse_attention, window_attention
 from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
@@ -300,8 +300,22 @@ class PlanHandle:
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:  # ([B, Sq, Hq, D], None)
+        layer = module.layer_idx
+        rules = self.plan.rules[layer]
+        window = kwargs.get("sliding_window")
+        if rules[0].model_fixed:  # one of the model's sliding-window layers: run as the model would
+            if window != rules[0].tokens:
+                raise PlanRuntimeError(
+                    f"layer {layer}: the plan leaves it to the model's window of {rules[0].tokens} tokens, "
+                    f"the model attends with sliding_window={window}"
+                )
+            if dropout:
+                raise PlanRuntimeError("attention dropout is not supported with a plan; call model.eval()")
+            scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+            out = window_attention(query, key, value, window, scale, attention_mask)
+            return out.transpose(1, 2).contiguous(), None
         for name, feature in (
-            ("sliding_window", "sliding-window attention"),
+            ("sliding_window", "sliding-window attention in a layer the plan does not leave to the model"),
             ("softcap", "logit softcapping"),
             ("s_aux", "attention sinks (s_aux)"),
         ):
@@ -311,8 +325,6 @@ class PlanHandle:
             raise PlanRuntimeError("attention dropout is not supported with a plan; call model.eval()")
         if not getattr(module, "is_causal", True):
             raise PlanRuntimeError("plans apply to causal (decoder) attention only")
-        layer = module.layer_idx
-        rules = self.plan.rules[layer]
         if query.shape[1] != len(rules):
             raise PlanRuntimeError(
                 f"layer {layer}: model has {query.shape[1]} query heads, plan {len(rules)}"
@@ -629,14 +641,11 @@ class PlanHandle:
 def check_model_features(model: Any) -> None:
     """Raise :class:`PlanRuntimeError` for attention features a plan cannot express."""
     config = text_config(model)
-    layer_types = getattr(config, "layer_types", None) or ()
-    sliding = getattr(config, "sliding_window", None) is not None and getattr(
-        config, "use_sliding_window", True
-    )
-    if sliding or any(t != "full_attention" for t in layer_types):
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"})
+    if other:
         raise PlanRuntimeError(
-            "this model uses sliding-window (or other non-full) attention layers, which moa-compress plans "
-            "do not support"
+            f"this model has {', '.join(other)} layers, which moa-compress plans do not support (full and "
+            "sliding-window attention layers only)"
         )
     for key, feature in _UNSUPPORTED_CONFIG.items():
         if getattr(config, key, None) is not None:

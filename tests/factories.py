@@ -58,11 +58,19 @@ def left_padded(seqs):
 
 
 def tiny_config(family: str = "llama", layers=2, heads=4, kv_heads=2, head_dim=16, vocab=128, max_pos=1024):
-    """A tiny decoder config of ``family`` (llama, qwen2, mistral)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A tiny decoder config of ``family`` (llama, qwen2, mistral; gemma3: layers alternate a
+    sliding window of 40 tokens and full attention, from a window layer, as Gemma 3 interleaves them)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma3": Gemma3TextConfig}[
+        family
+    ]
     extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
+    if family == "gemma3":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        # bos / eos as the llama configs have them (Gemma's eos 1 would end these tests' greedy runs early)
+        extra = {"sliding_window": 40, "layer_types": types, "query_pre_attn_scalar": head_dim,
+                 "bos_token_id": 1, "eos_token_id": 2}  # fmt: skip
     return cls(
         vocab_size=vocab,
         hidden_size=heads * head_dim,

@@ -361,3 +361,24 @@ def test_gather_path_buffers_serve_inference_mode_and_later_calls_and_its_masks_
         torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-12)
     assert int(layout.kv_num_blocks.unique().numel()) > 2  # several block counts...
     assert list(cpu._PREFIX_MASKS) == [(32, 2, torch.float64)]  # ...one kept mask
+
+
+@pytest.mark.parametrize("sq,sk,window", [(77, 77, 40), (77, 77, 200), (1, 61, 40), (13, 101, 7), (5, 5, 1)])
+def test_window_attention_equals_a_token_window_reference(sq, sk, window):
+    """The model's own sliding window (a layer plans leave to the model), GQA 9/3, float64, queries
+    aligned to the last keys; with a left-padded mask, rows that see nothing return zeros."""
+    from moa_compress.attention import window_attention
+    from tests.factories import dense_masked_attention, random_qkv
+
+    q, k, v = random_qkv(b=2, hq=9, hkv=3, sq=sq, sk=sk, d=16, seed=sq + sk + window)
+    p = torch.arange(sk - sq, sk)[:, None]
+    j = torch.arange(sk)[None, :]
+    allowed = (j <= p) & (j > p - window)
+    want = dense_masked_attention(q, k, v, allowed[None, None], 0.3)
+    assert (window_attention(q, k, v, window, 0.3) - want).abs().max() <= 1e-12
+    pad = torch.tensor([0, sk - 1])[:, None, None, None]  # row 1 keeps only its last key
+    padding = (j >= pad) & (p >= -1)  # [B, 1, Sq, Sk], what transformers' mask adds for padding
+    got = window_attention(q, k, v, window, 0.3, padding)
+    want = dense_masked_attention(q, k, v, allowed & padding, 0.3)
+    assert (got - want).abs().max() <= 1e-12 and torch.isfinite(got).all()
+    assert sq == 1 or (got[1, :, :-1] == 0).all()  # row 1's earlier queries see no key

@@ -178,8 +178,9 @@ def test_every_step_equals_the_reference_and_keeps_its_buffers(prompt_len, backe
     assert all(int((s.slot_positions >= 0).sum()) < prompt_len + steps - 1 for s in rings)
 
 
-def test_left_padded_batch_generates_what_each_sequence_generates():
-    model = tiny_model("qwen2", dtype=torch.float64)
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])  # gemma3: a 40-token window layer first
+def test_left_padded_batch_generates_what_each_sequence_generates(family):
+    model = tiny_model(family, dtype=torch.float64)
     model.generation_config.eos_token_id = None
     plan = make_plan(model, mixed_heads)
     seqs = [ids(1, n, seed=30 + n)[0] for n in (41, 9, 26)]
@@ -197,15 +198,18 @@ def test_left_padded_batch_generates_what_each_sequence_generates():
                 **{cache_kwarg(model): PlanKVCache(model.config, plan, max_length=len(s) + new)},
             )  # fmt: skip
             assert torch.equal(together[i, batch.shape[1] :], alone[0, len(s) :]), i
-    assert cache.layers[0].padding.tolist() == [0, 32, 15]
+    assert cache.layers[-1].padding.tolist() == [0, 32, 15]
 
 
-@pytest.mark.parametrize("mode", ["beams", "sampling"])
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_beam_search_and_sampling_equal_a_full_cache(mode, backend):
+@pytest.mark.parametrize(
+    "mode, backend, family",
+    [("beams", "reference", "llama"), ("beams", "torch", "llama"), ("sampling", "reference", "llama"),
+     ("sampling", "torch", "llama"), ("beams", "torch", "gemma3"), ("sampling", "torch", "gemma3")],
+)  # fmt: skip
+def test_beam_search_and_sampling_equal_a_full_cache(mode, backend, family):
     from transformers import DynamicCache
 
-    model = tiny_model("llama", dtype=torch.float64)
+    model = tiny_model(family, dtype=torch.float64)
     model.generation_config.eos_token_id = None
     plan = make_plan(model, mixed_heads)
     prompt = ids(2, 37, seed=40)

@@ -10,10 +10,12 @@ from moa_compress.plan import (
     Plan,
     PlanError,
     StaticRule,
+    WindowRule,
     causal_block_pairs,
     load_plan,
     rule_density,
     save_plan,
+    sliding_windows,
     uniform_plan,
 )
 
@@ -257,3 +259,89 @@ def test_written_files_get_the_umask_permissions_not_the_temp_files_0600(tmp_pat
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
+
+
+# ----------------------------------------------------------------------------------------------
+# Models with sliding-window layers: the plan leaves those layers to the model
+
+WINDOWED = ModelIdentity("gemma-like", 3, 2, 1, 16, "0ddba11", windows=((0, 100), (2, 100)))
+
+
+def window_pairs(tokens, n):
+    """Computed causal pairs of a token window, counted token by token."""
+    p = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    return ((j <= p) & (j > p - tokens)).sum().item()
+
+
+@pytest.mark.parametrize("n", [1, 17, 64, 99, 100, 101, 333, 1000])
+@pytest.mark.parametrize("tokens", [1, 40, 64, 100, 512])
+def test_window_rule_density_is_exact_and_its_blocks_cover_the_window(n, tokens):
+    rule = WindowRule(tokens)
+    assert rule.density(n, 64) == pytest.approx(window_pairs(tokens, n) / (n * (n + 1) / 2), abs=1e-12)
+    blocks = rule.block_mask(n, 64)
+    p = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    window = (j <= p) & (j > p - tokens)
+    covered = blocks.repeat_interleave(64, 0).repeat_interleave(64, 1)[:n, :n]
+    assert not (window & ~covered).any()  # every pair the window computes lies in a kept block
+    touched = torch.zeros_like(blocks)  # and no block is kept that the window does not touch
+    touched[p.expand(n, n)[window] // 64, j.expand(n, n)[window] // 64] = True
+    assert torch.equal(blocks, touched)
+
+
+def test_windowed_plans_count_the_budget_over_planned_layers_and_round_trip(tmp_path):
+    plan = uniform_plan(WINDOWED, 0.25, [1024], block_size=64)
+    assert plan.rules[0] == (WindowRule(100),) * 2 and plan.rules[2] == (WindowRule(100),) * 2
+    planned = plan.rules[1][0]
+    assert isinstance(planned, StaticRule) and plan.density(1024) == pytest.approx(
+        rule_density(planned, 1024, 64)
+    )
+    everything = (2 * WindowRule(100).density(1024, 64) + rule_density(planned, 1024, 64)) / 3
+    assert plan.model_density(1024) == pytest.approx(everything)
+    assert plan.kv_fraction(1024) == pytest.approx(min(1.0, 2 * 64 / 1024))  # the planned layer only
+    data = plan.to_dict()
+    assert data["schema_version"] == 6 and data["model"]["windows"] == [[0, 100], [2, 100]]
+    save_plan(plan, tmp_path)
+    assert load_plan(tmp_path, WINDOWED) == plan
+    assert "windows" not in uniform_plan(IDENT, 0.5, [512]).to_dict()["model"]  # as before for the rest
+    with pytest.raises(PlanError, match="sliding-window layers"):
+        load_plan(tmp_path, ModelIdentity("gemma-like", 3, 2, 1, 16, "0ddba11", windows=((0, 100),)))
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        (((DenseRule(),) * 2,) * 3, "layer 0 is a sliding-window layer of 100 tokens"),
+        (((WindowRule(100),) * 2, (WindowRule(100),) * 2, (WindowRule(100),) * 2), "window rules belong"),
+        (((WindowRule(50),) * 2, (DenseRule(),) * 2, (WindowRule(100),) * 2), "window100"),
+        (((WindowRule(100), DenseRule()), (DenseRule(),) * 2, (WindowRule(100),) * 2), "every head"),
+    ],
+)
+def test_window_rules_sit_exactly_on_the_models_window_layers(rules, message):
+    with pytest.raises(PlanError, match=message):
+        Plan(WINDOWED, rules)
+
+
+def test_bad_window_records_are_one_line_errors(tmp_path):
+    data = uniform_plan(WINDOWED, 0.5, [512]).to_dict()
+    for bad in ([[0, -1]], [[0]], "all", [[0, 1.5]]):
+        data["model"]["windows"] = bad
+        (tmp_path / "plan.json").write_text(json.dumps(data))
+        with pytest.raises(PlanError, match="malformed"):
+            load_plan(tmp_path)
+    for tokens in (0, "64", None):
+        with pytest.raises(PlanError, match="window rule"):
+            WindowRule.from_dict({"kind": "window", "tokens": tokens}, "layer 0 head 0")
+
+
+def test_sliding_windows_from_configs():
+    from types import SimpleNamespace as Config
+
+    gemma = Config(num_hidden_layers=3, sliding_window=512,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])  # fmt: skip
+    assert sliding_windows(gemma) == ((0, 512), (1, 512))
+    assert sliding_windows(Config(num_hidden_layers=2, sliding_window=4096)) == ((0, 4096), (1, 4096))
+    qwen = Config(num_hidden_layers=2, sliding_window=4096, use_sliding_window=False, layer_types=None)
+    assert sliding_windows(qwen) == ()
+    assert sliding_windows(Config(num_hidden_layers=2, sliding_window=None)) == ()

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from moa_compress.plan import DenseRule, ModelIdentity, Plan, PlanError, StaticRule
+from moa_compress.plan import DenseRule, ModelIdentity, Plan, PlanError, StaticRule, WindowRule
 from moa_compress.runtime import (
     PlanKVCache,
     PlanRuntimeError,
@@ -22,7 +22,8 @@ from moa_compress.runtime import (
 )
 from tests.factories import dense_masked_attention, tiny_model
 
-FAMILIES = ["llama", "qwen2", "mistral"]
+# gemma3: a sliding-window layer (40 tokens, which plans leave to the model) before a full-attention one
+FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
 BLOCK = 16
 
 
@@ -32,9 +33,15 @@ def _threads():
 
 
 def make_plan(model, rule_fn, block_size=BLOCK) -> Plan:
+    """``rule_fn(layer, head)`` on the layers a plan chooses for; the model's window on its window layers."""
     ident = ModelIdentity.from_config(model.config)
+    windows = ident.window_of
     rules = tuple(
-        tuple(rule_fn(layer, head) for head in range(ident.num_heads)) for layer in range(ident.num_layers)
+        tuple(
+            WindowRule(windows[layer]) if layer in windows else rule_fn(layer, head)
+            for head in range(ident.num_heads)
+        )
+        for layer in range(ident.num_layers)
     )
     return Plan(ident, rules, block_size=block_size)
 
@@ -64,7 +71,13 @@ def register_reference(plan: Plan, name: str):
 
     def reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
         q_len, kv_len = query.shape[2], key.shape[2]
-        mask = plan.layout(module.layer_idx, kv_len).to_dense_mask()[:, :, kv_len - q_len :, :]
+        rule = plan.rules[module.layer_idx][0]
+        if isinstance(rule, WindowRule):  # token by token: key j visible from query p when p - w < j <= p
+            p = torch.arange(kv_len - q_len, kv_len)[:, None]
+            j = torch.arange(kv_len)[None, :]
+            mask = ((j <= p) & (j > p - rule.tokens))[None, None]
+        else:
+            mask = plan.layout(module.layer_idx, kv_len).to_dense_mask()[:, :, kv_len - q_len :, :]
         if attention_mask is not None:
             mask = mask & attention_mask[..., :kv_len].bool()
         out = dense_masked_attention(query, key, value, mask, scaling)
@@ -352,10 +365,12 @@ def generate(model, prompt, cache, steps):
     return out.sequences, torch.stack(out.logits, 1)
 
 
-def test_plan_kv_cache_chunked_prefill_and_decode_equal_dynamic_cache():
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_plan_kv_cache_chunked_prefill_and_decode_equal_dynamic_cache(family):
+    """gemma3: the window layer keeps the model's own sliding cache layer inside the PlanKVCache."""
     from transformers import DynamicCache
 
-    model = tiny_model("mistral", dtype=torch.float64)
+    model = tiny_model(family, dtype=torch.float64)
     plan = make_plan(model, mixed_rules(seed=12))
     x = ids(1, 120, seed=12)
     chunks = [(0, 37), (37, 70), (70, 71), (71, 100), *((i, i + 1) for i in range(100, 120))]
@@ -366,8 +381,12 @@ def test_plan_kv_cache_chunked_prefill_and_decode_equal_dynamic_cache():
 
     with torch.no_grad(), apply_plan(model, plan, backend="reference"):
         want = run(DynamicCache(config=model.config))
-        got = run(PlanKVCache(model.config, plan, max_length=120))
+        cache = PlanKVCache(model.config, plan, max_length=120)
+        got = run(cache)
     assert (got - want).abs().max() <= 1e-10
+    if family == "gemma3":  # the window layer holds its last 39 tokens, as the model's own cache does
+        window = cache.layers[0]
+        assert type(window).__name__ == "DynamicSlidingWindowLayer" and window.keys.shape[2] == 39
 
 
 def test_plan_kv_cache_refuses_a_missing_or_different_plan():
@@ -407,17 +426,28 @@ def test_generate_reply_with_plan_cache_equals_full_cache():
 # Errors
 
 
-def test_sliding_window_model_is_refused():
+def test_a_model_whose_every_layer_has_a_window_has_nothing_to_plan():
     from transformers import AutoModelForCausalLM
 
     from tests.factories import tiny_config
 
     config = tiny_config("mistral")
-    config.sliding_window = 32
+    config.sliding_window = 32  # and no layer_types: every layer attends through the window
     model = AutoModelForCausalLM.from_config(config)
+    assert ModelIdentity.from_config(config).planned_layers == ()
+    with pytest.raises(PlanError, match="every layer of this model is a sliding-window layer"):
+        make_plan(model, lambda layer, head: DenseRule())
+
+
+def test_a_plan_without_the_models_windows_is_refused():
+    import dataclasses
+
+    model = tiny_model("gemma3")
     plan = make_plan(model, lambda layer, head: DenseRule())
-    with pytest.raises(PlanRuntimeError, match="sliding-window"):
-        apply_plan(model, plan, backend="reference")
+    flat = dataclasses.replace(plan.model, windows=())
+    unwindowed = Plan(flat, tuple((DenseRule(),) * flat.num_heads for _ in range(flat.num_layers)), BLOCK)
+    with pytest.raises(PlanError, match="sliding-window layers"):
+        apply_plan(model, unwindowed, backend="reference")
     assert active_plan(model) is None
 
 
