@@ -87,7 +87,6 @@ passkey too: a passkey entry of an oracle has the record format of the other var
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import re
 import time
@@ -108,6 +107,7 @@ from moa_compress.plan import (
     describe_rule,
     identity_of,
     rule_density,
+    rules_everywhere,
     text_config,
     uniform_plan,
 )
@@ -217,7 +217,7 @@ def uniform_baseline(plan: Plan, n: int) -> Plan:
         below = uniform_plan(plan.model, min(target, 1.0), [n], block_size=bs, sink_blocks=sink)
     except PlanError:  # the plan is sparser than sink + diagonal: the smallest window is nearest
         return _uniform_with(plan, StaticRule(sink, float(bs), 0.0), n)
-    rule = below.rules[0][0]
+    rule = below.rules[below.model.planned_layers[0]][0]
     if isinstance(rule, DenseRule):
         return below
     wider = StaticRule(sink, rule.alpha + bs, 0.0)
@@ -227,10 +227,9 @@ def uniform_baseline(plan: Plan, n: int) -> Plan:
 
 
 def _uniform_with(plan: Plan, rule: StaticRule, n: int) -> Plan:
-    rules = tuple(tuple(rule for _ in range(plan.model.num_heads)) for _ in range(plan.model.num_layers))
     return Plan(
         model=plan.model,
-        rules=rules,
+        rules=rules_everywhere(plan.model, rule),
         block_size=plan.block_size,
         budget=plan.density(n),
         lengths=(n,),
@@ -470,7 +469,7 @@ def evaluate_plan(
 
     out = {
         "schema_version": RESULTS_SCHEMA_VERSION,
-        "model": dataclasses.asdict(identity_of(model)),
+        "model": identity_of(model).to_dict(),
         "plan": {
             "name": plan.model.name,
             "path": None,
@@ -482,7 +481,9 @@ def evaluate_plan(
         },
         "uniform": {
             "density": {str(n): u.density(n) for n, u in uniforms.items()},
-            "rule": {str(n): describe_rule(u.rules[0][0]) for n, u in uniforms.items()},
+            "rule": {
+                str(n): describe_rule(u.rules[u.model.planned_layers[0]][0]) for n, u in uniforms.items()
+            },
             "same_as_plan": {str(n): same_as_plan[n] for n in lengths},
         },
         "settings": {

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa_compress.attention import window_attention
 from moa_compress.attn_interface import use_attention
 from moa_compress.data import CalibrationSample, progress_steps
 from moa_compress.errors import UserInputError
@@ -521,6 +522,9 @@ def _target_attention(module, query, key, value, attention_mask, scaling=None, d
     if query.shape[2] != key.shape[2]:
         raise RuntimeError("gate targets need a full causal prefill (no KV cache)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    if window is not None:  # a layer plans leave to the model (no gate): its window as it is
+        return window_attention(query, key, value, window, scale).transpose(1, 2).contiguous(), None
     cap = _ACTIVE
     cap.targets[module.layer_idx] = (
         block_targets(query, key, scale, cap.block_size, cap.per_query_head, cap.slab_bytes)[0].float().cpu()
@@ -558,7 +562,10 @@ def _capturing(model, capture: _Capture) -> Iterator[None]:
         return record
 
     handles = []
+    planned = set(identity.planned_layers)
     for attention in attention_layers(model):
+        if attention.layer_idx not in planned:
+            continue
         handles.append(attention.q_proj.register_forward_hook(hook(attention.layer_idx, "q")))
         handles.append(attention.k_proj.register_forward_hook(hook(attention.layer_idx, "k")))
     _ACTIVE = capture
@@ -576,19 +583,20 @@ def sample_targets(
     slab_bytes: int = DEFAULT_SLAB_BYTES,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """One dense forward of ``input_ids [S]``: per layer ``i``, ``q.{i}`` ``[Hq, nB, D]`` and ``k.{i}``
-    ``[Hkv, nB, 3D]`` (pooled pre-RoPE) and ``target.{i}`` ``[H_gate, nB, nB]`` (float32, CPU)."""
+    ``[Hkv, nB, 3D]`` (pooled pre-RoPE) and ``target.{i}`` ``[H_gate, nB, nB]`` (float32, CPU) — for the
+    layers a plan may choose rules for (not the model's sliding-window layers, whose gates stay untrained)."""
     capture = _Capture(block_size, per_query_head, slab_bytes)
-    num_layers = identity_of(model).num_layers
+    planned = identity_of(model).planned_layers
     with _capturing(model, capture), torch.no_grad():
         model(input_ids=input_ids.to(model.device)[None], use_cache=False, logits_to_keep=1)
-    missing = [i for i in range(num_layers) if i not in capture.targets or i not in capture.q_blocks]
+    missing = [i for i in planned if i not in capture.targets or i not in capture.q_blocks]
     if missing:
         raise GateError(
             f"layers {missing} gave no queries/keys or attention; the model must call its attention through "
             "AttentionInterface and name its projections q_proj / k_proj"
         )
     out: dict[str, torch.Tensor] = {}
-    for i in range(num_layers):
+    for i in planned:
         out[f"q.{i}"], out[f"k.{i}"], out[f"target.{i}"] = (
             capture.q_blocks[i],
             capture.k_blocks[i],
@@ -869,7 +877,8 @@ def _stacked(items: Sequence[dict[str, torch.Tensor]]) -> list[tuple[int, dict[s
     instead of one per item and layer: training is call-bound, not compute-bound."""
     groups: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
     for item in items:
-        groups.setdefault(tuple(item["target.0"].shape), []).append(item)
+        first = next(name for name in item if name.startswith("target."))
+        groups.setdefault(tuple(item[first].shape), []).append(item)
     return [
         (len(group), {name: torch.stack([item[name] for item in group]) for name in group[0]})
         for group in groups.values()
@@ -880,17 +889,19 @@ def _loss_of_all(
     gates: Sequence[AttnGate],
     items: Sequence[dict[str, torch.Tensor]] | Sequence[tuple[int, dict[str, torch.Tensor]]],
 ) -> torch.Tensor:
-    """Mean distillation loss over ``items`` and layers: every item weighs the same. ``items`` may be
-    :func:`_stacked` already (a training loop stacks once)."""
+    """Mean distillation loss over ``items`` and the layers they hold targets for (a model's
+    sliding-window layers have none): every item weighs the same. ``items`` may be :func:`_stacked`
+    already (a training loop stacks once)."""
     batches = _stacked(items) if items and isinstance(items[0], dict) else items
     total_loss = torch.zeros(())
     count = 0
     for n, batch in batches:
-        count += n
-        for layer, gate in enumerate(gates):
-            scores = gate(batch[f"q.{layer}"], batch[f"k.{layer}"])
+        layers = [i for i in range(len(gates)) if f"target.{i}" in batch]
+        count += n * len(layers)
+        for layer in layers:
+            scores = gates[layer](batch[f"q.{layer}"], batch[f"k.{layer}"])
             total_loss = total_loss + n * distillation_loss(scores, batch[f"target.{layer}"])
-    return total_loss / (count * len(gates))
+    return total_loss / count
 
 
 def _mean_loss(gates: Sequence[AttnGate], items: Sequence[Any]) -> float:
@@ -944,7 +955,7 @@ def save_gates(trained: TrainedGates, out_dir: str | Path, force: bool = False) 
     body = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
-        "model": asdict(trained.model),
+        "model": trained.model.to_dict(),
         "settings": asdict(trained.settings),
         "rope_theta": trained.gates[0].rope_theta,
         "tensors": {name: {"shape": list(t.shape), "dtype": "float32"} for name, t in tensors.items()},
@@ -1002,7 +1013,7 @@ def _read_gates(
     ):
         raise GateError(f"{json_path} is not a moa-compress gates file (format {FORMAT} v{SCHEMA_VERSION})")
     try:
-        identity = ModelIdentity(**body["model"])
+        identity = ModelIdentity.from_dict(body["model"])
         settings = GateSettings(**body["settings"])
         rope_theta = float(body["rope_theta"])
         shapes = {key: tuple(entry["shape"]) for key, entry in body["tensors"].items()}

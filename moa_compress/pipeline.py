@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa_compress.plan import PLAN_FILE, Plan, atomic_write_bytes, identity_of, save_plan
+from moa_compress.plan import PLAN_FILE, ModelIdentity, Plan, atomic_write_bytes, identity_of, save_plan
 from moa_compress.profile import Profile
 from moa_compress.settings import PRESETS, CompressError, CompressSettings, preset_settings
 from moa_compress.workdir import (
@@ -162,7 +162,7 @@ def _check_profile(model: Any, profile: Profile, settings: CompressSettings) -> 
     from moa_compress.data import model_digest
 
     identity = identity_of(model)
-    for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "fingerprint"):
+    for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "fingerprint", "windows"):
         if getattr(profile.model, name) != getattr(identity, name):
             raise CompressError(
                 f"--profile was made for another model ({name} {getattr(profile.model, name)}, this model "
@@ -718,7 +718,7 @@ class _Context:
 def _rule_name(plan: Plan) -> str:
     from moa_compress.plan import describe_rule
 
-    return describe_rule(plan.rules[0][0])
+    return describe_rule(plan.rules[plan.model.planned_layers[0]][0])
 
 
 def validation_score(losses: Mapping[str, float], name: str, lengths: Sequence[int]) -> float:
@@ -823,7 +823,7 @@ def _summary(
     return {
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "command": command,
-        "model": dataclasses.asdict(profile.model),
+        "model": profile.model.to_dict(),
         "settings": {**dataclasses.asdict(settings), "lengths": list(settings.lengths)},
         "budget": settings.budget,
         "lengths": list(result.lengths),
@@ -931,6 +931,8 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         cost = summary["predicted_cost"].get(n)
         missing = "(uniform)" if written == "uniform" else "(extended)"
         lines.append(f"{n:>8}  {d:>8.4f}  {missing if cost is None else f'{cost:.4f}':>14}")
+    if summary.get("model", {}).get("windows"):
+        lines.append(f"(density{ModelIdentity.from_dict(summary['model']).windows_note()})")
     kv = summary.get("kv_fraction")
     if kv:
         limit = "" if kv["budget"] is None else f" (kv budget {kv['budget']:g})"

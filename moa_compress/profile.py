@@ -8,7 +8,9 @@ the calibration loss. Removing entry ``(i, j)`` and renormalising row ``i`` chan
     E_ij = A_ij * (G_ij - sum_n G_in * A_in) / (1 - A_ij)
 
 The profile stores, per length ``N``, ``[layers, query_heads, nQ, nK]``: the sum of ``|E_ij|`` over the
-causal entries of each ``block_size x block_size`` block, averaged over calibration samples.
+causal entries of each ``block_size x block_size`` block, averaged over calibration samples. A model's
+sliding-window layers (:attr:`~moa_compress.plan.ModelIdentity.windows`), which plans leave as they are,
+run their window (gradients flow through them) and record nothing: their maps stay zero.
 
 Bounded memory: ``E`` is never materialised for more than a slab of query rows of one layer. The model
 runs with an attention function (registered through transformers' ``AttentionInterface``) whose forward
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from moa_compress import distributed
+from moa_compress.attention import window_attention
 from moa_compress.attn_interface import use_attention
 from moa_compress.data import CalibrationSample, model_digest, progress_steps
 from moa_compress.errors import UserInputError
@@ -265,13 +268,11 @@ def _profile_attention(module, query, key, value, attention_mask, scaling=None, 
         and not bool(attention_mask[..., -1, :].all())
     ):
         raise RuntimeError("profiling does not support padded inputs")
-    window = kwargs.get("sliding_window")
-    if window is not None and window < key.shape[2]:
-        raise ProfileError(
-            f"layer {module.layer_idx} uses sliding-window attention ({window} tokens); the profiler supports "
-            "full causal attention only, so profile at lengths up to the window"
-        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    if window is not None:  # a layer plans leave to the model: its window as it is, nothing recorded
+        out = window_attention(query, key, value, window, scale)
+        return out.transpose(1, 2).contiguous(), None
     out = _InfluenceAttention.apply(query, key, value, scale, _ACTIVE, module.layer_idx)
     return out.transpose(1, 2).contiguous(), None
 
@@ -371,10 +372,11 @@ def _profile_one(model, sample: CalibrationSample, recorder: _Recorder) -> torch
     inputs_embeds = embed(sample.input_ids.to(model.device)[None]).detach().requires_grad_(True)
     loss = _sample_loss(model, sample, inputs_embeds)
     loss.backward()
-    if sorted(recorder.seen) != list(range(recorder.num_layers)):
+    expected = list(identity_of(model).planned_layers)
+    if sorted(recorder.seen) != expected:
         raise RuntimeError(
-            f"profiling saw attention backward for layers {sorted(recorder.seen)}, expected all "
-            f"{recorder.num_layers}; does this model call its attention through AttentionInterface?"
+            f"profiling saw attention backward for layers {sorted(recorder.seen)}, expected {expected}; "
+            "does this model call its attention through AttentionInterface?"
         )
     return recorder.pooled
 
@@ -599,7 +601,7 @@ def save_profile(profile: Profile, out_dir: str | Path, force: bool = False) -> 
     meta = {
         "format": FORMAT,
         "schema_version": profile.schema_version,
-        "model": dataclasses.asdict(profile.model),
+        "model": profile.model.to_dict(),
         "block_size": profile.block_size,
         "lengths": list(profile.lengths),
         "samples": {str(n): profile.samples[n] for n in profile.lengths},
@@ -638,7 +640,7 @@ def load_profile(path: str | Path) -> Profile:
         mass = {n: tensors[f"mass.{n}"] for n in lengths if f"mass.{n}" in tensors}
         net = {n: tensors[f"net.{n}"] for n in lengths if f"net.{n}" in tensors}
         return Profile(
-            model=ModelIdentity(**meta["model"]),
+            model=ModelIdentity.from_dict(meta["model"]),
             block_size=int(meta["block_size"]),
             influence=influence,
             mass=mass,

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from moa_compress.plan import Plan, atomic_write_bytes, rule_density
+from moa_compress.plan import ModelIdentity, Plan, atomic_write_bytes, rule_density
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -137,6 +137,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + [""]
 
 
+def _windows_phrase(results: Mapping[str, Any]) -> str:
+    model = results.get("model")
+    return ModelIdentity.from_dict(model).windows_note() if model else ""
+
+
 def render_markdown(
     results: Mapping[str, Any], plots: Mapping[str, str], plot_note: str = "", plan: Plan | None = None
 ) -> str:
@@ -176,7 +181,9 @@ def render_markdown(
     lines += [
         "## Density",
         "",
-        "Fraction of the causal attention matrix computed, mean over layers and heads.",
+        "Fraction of the causal attention matrix computed, mean over layers and heads"
+        + _windows_phrase(results)
+        + ".",
         "",
     ]
     lines += _table(

@@ -53,6 +53,7 @@ from moa_compress.plan import (
     num_blocks,
     rule_block_mask,
     rule_density,
+    rules_everywhere,
     save_plan,
 )
 from moa_compress.plan import provenance as make_provenance
@@ -220,14 +221,23 @@ def _mask_digest(rule: Rule, n: int, block_size: int) -> bytes:
 
 
 def _groups(profile: Profile, per_head: bool) -> list[tuple[int, tuple[int, ...]]]:
-    """(layer, query heads) of every unit that gets one rule; GQA groups are consecutive query heads."""
+    """(layer, query heads) of every unit that gets one rule; GQA groups are consecutive query heads.
+    The model's sliding-window layers get none (plans leave them to the model)."""
     model = profile.model
     size = 1 if per_head else model.num_heads // model.num_kv_heads
     return [
         (layer, tuple(range(start, start + size)))
-        for layer in range(model.num_layers)
+        for layer in model.planned_layers
         for start in range(0, model.num_heads, size)
     ]
+
+
+def _planned_rows(lost: torch.Tensor, profile: Profile, size: int) -> torch.Tensor:
+    """``lost [L*H, R]`` (every layer's query heads) -> ``[groups, R]``: summed over each group's ``size``
+    heads, for the groups of :func:`_groups` only."""
+    model = profile.model
+    per_layer = lost.reshape(model.num_layers, model.num_heads // size, size, -1).sum(2)
+    return per_layer[list(model.planned_layers)].reshape(-1, per_layer.shape[-1])
 
 
 # A rule that leaves a query block less than this share of its attention mass is charged as if it
@@ -292,7 +302,7 @@ def rule_costs(
             lost = (torch.einsum("uqk,rqk->urq", heads, dropped) / kept).sum(-1)  # [L*H, R]
         else:
             lost = heads.reshape(-1, nb * nb) @ dropped.reshape(len(rules), nb * nb).T  # [L*H, R]
-        grouped = lost.reshape(-1, size, len(rules)).sum(1)  # [groups, R]
+        grouped = _planned_rows(lost, profile, size)  # [groups, R]
         total = float(influence.sum())
         costs[n] = (grouped / total).numpy() if total > 0 else np.zeros(tuple(grouped.shape))
     return costs
@@ -353,8 +363,8 @@ class SampleMaps:
     """
 
     maps: Mapping[str, torch.Tensor]
-    q_blocks: Sequence[torch.Tensor]
-    k_blocks: Sequence[torch.Tensor]
+    q_blocks: Sequence[torch.Tensor] | Mapping[int, torch.Tensor]  # indexed by layer
+    k_blocks: Sequence[torch.Tensor] | Mapping[int, torch.Tensor]
 
 
 def gate_costs(
@@ -433,7 +443,7 @@ def gate_costs(
                     f"calibration sample {count} at {n} tokens has maps of shape {list(measure.shape)}, "
                     f"the profile {[model.num_layers, heads, nb, nb]}"
                 )
-            for layer in range(model.num_layers):
+            for layer in model.planned_layers:
                 with torch.no_grad():
                     scores = chosen[layer](
                         sample.q_blocks[layer][None].float(), sample.k_blocks[layer][None].float()
@@ -452,7 +462,7 @@ def gate_costs(
                 f"gate costs at {n} tokens got {count} calibration samples, the profile averages "
                 f"{profile.samples[n]}"
             )
-        grouped = lost.permute(0, 2, 1).reshape(-1, size, len(rules)).sum(1) / count  # [groups, R]
+        grouped = _planned_rows(lost.permute(0, 2, 1).reshape(-1, len(rules)), profile, size) / count
         total = float((means[n].double() * causal).sum())
         costs[n] = (grouped / total).numpy() if total > 0 else np.zeros(tuple(grouped.shape))
     return costs
@@ -689,9 +699,7 @@ def _build_plan(
 ) -> Plan:
     """The plan of ``choice`` (a rule index per group). ``gate_weights``: ``(GateConfig, tensors)`` of
     every layer's gate; a plan with gate rules carries those of the layers that use them."""
-    table: list[list[Rule]] = [
-        [DenseRule()] * profile.model.num_heads for _ in range(profile.model.num_layers)
-    ]
+    table = [list(heads) for heads in rules_everywhere(profile.model, DenseRule())]
     for (layer, heads), index in zip(groups, choice, strict=True):
         for head in heads:
             table[layer][head] = rules[int(index)]
@@ -879,7 +887,7 @@ def search_plan(
             }
         densities = np.array([[rule_density(r, n, block) for r in candidates] for n in lengths])  # [T, R]
         sizes = np.array([len(heads) for _, heads in groups], dtype=np.float64)  # [groups]
-        total_heads = profile.model.num_layers * profile.model.num_heads
+        total_heads = len(profile.model.planned_layers) * profile.model.num_heads  # Plan.density's count
         shares = densities[:, None, :] * sizes[None, :, None] / total_heads  # [T, groups, R]
         limits = np.full(len(lengths), float(budget))
         if kv_budget is not None:  # one more row: the decode cache's keys at the longest length

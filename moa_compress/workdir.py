@@ -248,7 +248,7 @@ def calibration_maps(root: Path, profile: Profile) -> dict[int, Iterator[SampleM
     A missing or unreadable file is a :class:`CompressError` (rerun with --force)."""
     from safetensors import SafetensorError, safe_open
 
-    layers = profile.model.num_layers
+    layers = profile.model.planned_layers  # a model's sliding-window layers have no gate inputs
 
     def read(n: int) -> Iterator[SampleMaps]:
         for i in range(profile.samples[n]):
@@ -258,8 +258,8 @@ def calibration_maps(root: Path, profile: Profile) -> dict[int, Iterator[SampleM
                 with safe_open(str(maps_path), framework="pt") as f:
                     maps = {name: f.get_tensor(name) for name in ("influence", "mass", "net")}
                 with safe_open(str(gate_path), framework="pt") as f:
-                    q = [f.get_tensor(f"q.{layer}") for layer in range(layers)]
-                    k = [f.get_tensor(f"k.{layer}") for layer in range(layers)]
+                    q = {layer: f.get_tensor(f"q.{layer}") for layer in layers}
+                    k = {layer: f.get_tensor(f"k.{layer}") for layer in layers}
             except (OSError, SafetensorError) as exc:
                 raise CompressError(
                     f"calibration sample {i} at {n} tokens: {maps_path.name} or its gate inputs are missing "

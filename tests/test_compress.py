@@ -635,6 +635,40 @@ def test_one_calibration_sample_is_costed_in_sample_with_a_note(model, tokenizer
     assert search["points"][0]["plan"]["provenance"]["search"]["gate_costs"] == "in-sample"
 
 
+def test_a_model_with_sliding_window_layers_plans_its_full_layers_only(cache, tokenizer, eval_text, tmp_path):
+    """Gemma-style: window layers 0 and 2 (40 tokens) stay the model's, every candidate (searched,
+    alternatives, uniform) plans layers 1 and 3 within the budget counted over them, and the plan runs."""
+    from moa_compress.pipeline import summary_table
+    from moa_compress.plan import WindowRule
+    from moa_compress.runtime import apply_plan
+
+    model = tiny_model("gemma3", **{**MODEL, "layers": 4})
+    run = settings(eval_text, rules=ALL_RULES)
+    result = compress(model, tokenizer, run, tmp_path / "out", progress=False)
+    plan = load_plan(tmp_path / "out", model)
+    assert plan.model.windows == ((0, 40), (2, 40))
+    assert plan.rules[0] == plan.rules[2] == (WindowRule(40),) * 4
+    assert not any(r.model_fixed for layer in (1, 3) for r in plan.rules[layer])
+    for n in (256, 512, 1024):
+        heads = [rule for layer in (1, 3) for rule in plan.rules[layer]]
+        assert sum(r.density(n, 32) for r in heads) / len(heads) == pytest.approx(plan.density(n))
+        assert plan.density(n) <= 0.5 + 1e-9  # the windows are outside the budget
+        assert plan.model_density(n) == pytest.approx((plan.density(n) + WindowRule(40).density(n, 32)) / 2)
+    search = json.loads((tmp_path / "out" / "work" / "search.json").read_text())
+    points = search["points"] + list(search["alternatives"].values())
+    assert len(points) > 2 and all(
+        p["plan"]["rules"][2][0] == {"kind": "window", "tokens": 40} for p in points
+    )
+    assert "2 sliding-window layers keep their window (40 tokens)" in summary_table(result.summary)
+    assert "2 sliding-window layers keep their window" in (tmp_path / "out" / "report.md").read_text()
+    with torch.no_grad():
+        x = torch.randint(1, 512, (1, 200))
+        dense = model(x).logits
+        with apply_plan(model, plan):
+            planned = model(x).logits
+    assert torch.isfinite(planned).all() and (planned - dense).abs().max() > 0
+
+
 def test_a_kv_budget_bounds_the_written_plans_decode_cache(gated, model, tokenizer, eval_text, tmp_path):
     """--kv-budget is a search setting: the saved profile and gates serve, the search and what follows
     run again, and the written plan (searched, an alternative or uniform) holds its decode cache within it."""

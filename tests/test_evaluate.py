@@ -29,6 +29,7 @@ from moa_compress.plan import (
     causal_block_pairs,
     identity_of,
     rule_density,
+    rules_everywhere,
     save_plan,
     uniform_plan,
 )
@@ -65,8 +66,8 @@ def tokenizer():
     return tiny_tokenizer([PROSE, *prompts])
 
 
-def make_model(tokenizer, dtype=torch.float32, max_pos=1024, seed=0):
-    return tiny_model("llama", seed=seed, dtype=dtype, vocab=len(tokenizer), max_pos=max_pos)
+def make_model(tokenizer, dtype=torch.float32, max_pos=1024, seed=0, family="llama"):
+    return tiny_model(family, seed=seed, dtype=dtype, vocab=len(tokenizer), max_pos=max_pos)
 
 
 def make_texts(count=3, words=700, seed=0) -> list[str]:
@@ -89,9 +90,11 @@ def sparse_plan(model, heads_window=(32, 48, 64, 16)) -> Plan:
 
 
 def dense_plan(model) -> Plan:
+    """Every head dense (the model's window layers, if any, keep their window)."""
     identity = identity_of(model)
-    rows = tuple(tuple(DenseRule() for _ in range(identity.num_heads)) for _ in range(identity.num_layers))
-    return Plan(model=identity, rules=rows, block_size=BLOCK, lengths=(128,))
+    return Plan(
+        model=identity, rules=rules_everywhere(identity, DenseRule()), block_size=BLOCK, lengths=(128,)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,8 +509,9 @@ def oracle_run(tokenizer, model, plan, tasks="ppl,fidelity", **kw):
     )
 
 
-def test_oracles_of_a_density_one_plan_equal_dense(tokenizer):
-    model = make_model(tokenizer, dtype=torch.float64)
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: its 40-token window layer stays the model's
+def test_oracles_of_a_density_one_plan_equal_dense(tokenizer, family):
+    model = make_model(tokenizer, dtype=torch.float64, family=family)
     before = model.config._attn_implementation
     # Passkey: two prompts per length, one batch of two.
     results = oracle_run(tokenizer, model, dense_plan(model), tasks="ppl,fidelity,passkey")

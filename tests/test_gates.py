@@ -165,6 +165,34 @@ def test_sample_targets_match_the_model_and_training_lowers_the_loss(tmp_path):
         save_gates(trained, tmp_path / "gates")
 
 
+def test_sliding_window_layers_get_no_targets_and_the_others_train(tmp_path):
+    """A Gemma-style model (window layers 0 and 2 of 40 tokens, full layers 1 and 3): targets and gate
+    inputs come from the full layers only, the dense forward is the model's own (windows included), and
+    the loss is the mean over the layers that have targets."""
+    from moa_compress.gates import _loss_of_all
+
+    model = tiny_model("gemma3", **{**MODEL, "layers": 4})
+    ids = samples(100, 1)[0].input_ids
+    found = sample_targets(model, ids, block_size=32)
+    assert sorted(found) == ["k.1", "k.3", "q.1", "q.3", "target.1", "target.3"]
+    assert found["target.3"].shape == (2, 4, 4)
+    settings = GateSettings(block_size=32, gate_dim=8, steps=40, lr=1e-2)
+    trained = train_gates(model, {100: samples(100, 2)}, settings, progress=False)
+    assert len(trained.gates) == 4 and trained.losses[-1] < 0.8 * trained.initial_loss
+    items = [sample_targets(model, s.input_ids, block_size=32) for s in samples(100, 2)]
+    by_layer = (
+        sum(
+            distillation_loss(
+                trained.gates[i](item[f"q.{i}"][None], item[f"k.{i}"][None]), item[f"target.{i}"][None]
+            )
+            for item in items
+            for i in (1, 3)
+        )
+        / 4
+    )
+    torch.testing.assert_close(_loss_of_all(trained.gates, items), by_layer, rtol=1e-6, atol=0)
+
+
 def test_cross_fitting_gates_are_the_gates_trained_without_each_fold(tmp_path):
     """folds=2: samples dealt to folds in length order; fold f's gates equal gates trained on the other
     samples alone; they are saved beside the main gates and read back; each sample is costed by the

@@ -446,14 +446,21 @@ def test_bounded_path_on_cuda_matches_cpu():
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-6)
 
 
-def test_sliding_window_models_are_refused():
-    from transformers import AutoModelForCausalLM
+def test_sliding_window_layers_run_their_window_and_record_nothing():
+    """Gemma-style layers: the window layer (40 tokens, 77-token input) attends as the model's own
+    attention does (the input gradient equals the stock model's) and its maps stay zero."""
+    model = tiny_model("gemma3", dtype=torch.float64, layers=2, heads=4, kv_heads=2, head_dim=16)
+    sample = _sample(77, 128, seed=5, scored=9)
+    embeds = model.get_input_embeddings()(sample.input_ids[None]).detach().requires_grad_(True)
+    _loss(model, sample, embeds).backward()  # the stock sdpa model, window included
+    from moa_compress.profile import _profiling, _Recorder
 
-    from tests.factories import tiny_config
-
-    config = tiny_config("mistral", layers=1)
-    config.sliding_window = 32
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    with pytest.raises(ProfileError, match="sliding-window"):
-        profile_sample(model, _sample(64, 128, 0, 4), block_size=16)
-    profile_sample(model, _sample(32, 128, 0, 4), block_size=16)
+    recorder = _Recorder(2, 4, 16, 1 << 20)
+    with _profiling(model, recorder):
+        recorder.start(77)
+        mine = model.get_input_embeddings()(sample.input_ids[None]).detach().requires_grad_(True)
+        _loss(model, sample, mine).backward()
+    torch.testing.assert_close(mine.grad, embeds.grad, rtol=1e-9, atol=1e-12)
+    assert recorder.seen == [1]
+    maps = profile_sample(model, sample, block_size=16)
+    assert (maps[0] == 0).all() and (maps[1] > 0).any()

@@ -867,3 +867,39 @@ def test_plan_kv_fraction_is_what_the_decode_cache_plans_to_hold():
             kept += len(kv.kv_heads) * min(kv.capacity, n)
     assert plan.kv_fraction(n) == pytest.approx(kept / (2 * 2 * n), abs=1e-15)
     assert 0 < plan.kv_fraction(n) < 1
+
+
+def test_a_models_window_layers_stay_the_models_and_are_outside_the_budget():
+    """A profile of a model whose layer 0 has a 40-token window (its maps zero, as the profiler leaves
+    them): every plan keeps that layer's window, chooses for layers 1 and 2 only, holds the budget over
+    their heads and is charged what it drops there."""
+    from moa_compress.plan import WindowRule
+
+    profile, per_length = gated_profile(layers=3, lengths=(320, 480))
+    windowed = dataclasses.replace(profile.model, windows=((0, 40),))
+    zero = {name: {n: m[n].clone() for n in m} for name, m in (("influence", profile.influence),
+                                                                ("mass", profile.mass), ("net", profile.net))}  # fmt: skip
+    for maps in zero.values():
+        for tensor in maps.values():
+            tensor[0] = 0
+    profile = dataclasses.replace(profile, model=windowed, influence=zero["influence"], mass=zero["mass"],
+                                  net=zero["net"])  # fmt: skip
+    budget = 0.4
+    static = search_plan(
+        profile, budget, rules=("static", "dense"), pareto_size=3, renormalise=False, cost="entry"
+    )
+    gated = search_plan(profile, budget, gates=random_gates(profile), gate_samples=per_length, pareto_size=3)
+    points = static.points + gated.points + list(gated.alternatives.values())
+    assert any(r.kind == "gate" for p in points for heads in p.plan.rules for r in heads)
+    for point in points:
+        plan = point.plan
+        assert plan.rules[0] == (WindowRule(40),) * 4 and plan.model == windowed
+        for n in plan.lengths:
+            mine = [rule_density(r, n, 16) for heads in plan.rules[1:] for r in heads]
+            assert sum(mine) / len(mine) == pytest.approx(plan.density(n), abs=1e-15)
+            assert plan.density(n) <= budget + TOL
+    for point in static.points:
+        for n in profile.lengths:
+            assert point.predicted_cost[n] == pytest.approx(
+                lost_fraction(profile, point.plan.rules, n), abs=1e-12
+            )
