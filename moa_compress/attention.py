@@ -218,6 +218,15 @@ def decode_attention(
     return fn(q, k, v, visible, scale)
 
 
+def as_bool_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:  # [B, 1|H, Sq, Sk]
+    """A transformers attention mask's first ``kv_len`` columns as booleans (True: attend)."""
+    mask = attention_mask[..., :kv_len]
+    if mask.dtype == torch.bool:
+        return mask
+    # Additive float masks: 0 where allowed, a large negative number where masked.
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
 def window_attention(
     query: torch.Tensor,  # [B, Hq, Sq, D]
     key: torch.Tensor,  # [B, Hkv, Sk, D]
@@ -236,10 +245,7 @@ def window_attention(
     k_pos = torch.arange(sk, device=query.device)[None, :]
     allowed = (k_pos <= q_pos) & (q_pos - k_pos < window)  # [Sq, Sk]
     if attention_mask is not None:
-        mask = attention_mask[..., :sk]
-        if mask.dtype != torch.bool:  # additive: 0 where allowed, a large negative number where masked
-            mask = mask > torch.finfo(mask.dtype).min / 2
-        allowed = allowed & mask
+        allowed = allowed & as_bool_mask(attention_mask, sk)
     else:
         allowed = allowed[None, None]
     out = torch.nn.functional.scaled_dot_product_attention(

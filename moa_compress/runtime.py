@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from moa_compress.attention import block_sparse_attention, window_attention
+from moa_compress.attention import as_bool_mask, block_sparse_attention, window_attention
 from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.kernels.layout import BlockLayout, causal_mask
@@ -254,14 +254,6 @@ def left_padding(mask: torch.Tensor) -> torch.Tensor:  # mask [B, 1|H, Sq, Sk] b
     if not torch.equal(valid, torch.arange(valid.shape[-1], device=valid.device)[None, :] >= pad[:, None]):
         raise PlanRuntimeError("PlanKVCache supports left-padded batches only (padding before the tokens)")
     return pad
-
-
-def as_bool_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:  # [B, 1|H, Sq, Sk]
-    mask = attention_mask[..., :kv_len]
-    if mask.dtype == torch.bool:
-        return mask
-    # Additive float masks: 0 where allowed, a large negative number where masked.
-    return mask > torch.finfo(mask.dtype).min / 2
 
 
 # ----------------------------------------------------------------------------------------------
