@@ -674,6 +674,7 @@ def profile_command(
         force=force,
         provenance=record,
     )
+    distributed.leave(group, "profiling")
     if group.is_main:
         path = save_profile(profile, out, force=force)
         summary = ", ".join(f"{n} ({profile.samples[n]} samples)" for n in profile.lengths)

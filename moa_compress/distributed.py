@@ -5,8 +5,9 @@ loads the model; :func:`init` joins them into one process group (gloo on CPU, NC
 ``torch.cuda.is_available()``). Profiling is data-parallel over calibration samples
 (:func:`moa_compress.profile.profile_model`): rank 0 builds the samples and sends them to the others,
 each rank profiles its share, rank 0 gathers every sample's pooled maps, writes them to the work folder
-(rank 0 alone writes) and sums them in sample order. Everything after profiling (search, validation,
-eval, writing the plan and report) runs on rank 0 alone.
+(rank 0 alone writes) and sums them in sample order. Then every rank leaves the group together
+(:func:`leave`); everything after profiling (search, validation, eval, writing the plan and report)
+runs on rank 0 alone.
 
 Launched without ``torchrun`` (no ``WORLD_SIZE`` in the environment, or 1) nothing here does anything:
 :func:`current` is a group of one and every helper runs its function in place.
@@ -109,6 +110,29 @@ def current() -> Group:
     if dist.is_available() and dist.is_initialized():
         return Group(dist.get_rank(), dist.get_world_size())
     return Group()
+
+
+def leave(group: Group, stage: str) -> None:
+    """Every rank, once its last collective is done: wait for the others, then close the group together.
+
+    The work after profiling runs on rank 0 alone, so the group is closed here rather than at exit: no
+    rank tears its connections down while a peer still holds them, and rank 0 searches without sockets
+    and worker threads it no longer needs. (A CI run once saw a rank that had finished its share abort
+    at exit, "terminate called without an active exception", and torchrun then stopped rank 0 mid-search.)
+    A group of one returns at once.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not group.enabled:
+        return
+    try:
+        dist.barrier()
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _failed(stage, exc) from None
+    gc.collect()  # no finished collective's work object keeps the backend alive past destroy
+    close()
 
 
 def close() -> None:

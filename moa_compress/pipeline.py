@@ -246,7 +246,7 @@ def compress(
 
     Under ``torchrun`` (:mod:`moa_compress.distributed`, after :func:`moa_compress.distributed.init`)
     every rank calls this: profiling is shared among the ranks, the rest runs on rank 0, which alone
-    writes; the other ranks return None once the profile is done.
+    writes; the other ranks return None once the profile is done (every rank leaves the group then).
 
     Example::
 
@@ -279,12 +279,14 @@ def compress(
     if distributed.broadcast_json(group, reused is None, "the checks") and not group.is_main:
         _join_profile(model, settings, work, force)
     if not group.is_main:
+        distributed.leave(group, "profiling")
         return None
     context, record, eval_texts, eval_source = prepared
     seconds: dict[str, float | None] = {}
 
     started = time.perf_counter()
     profile = reused if reused is not None else context.profile_stage(record)
+    distributed.leave(group, "profiling")  # the rest is rank 0's alone
     seconds["profile"] = context.elapsed("profile", started)
 
     gates = None
