@@ -8,13 +8,19 @@ touched, so any model whose attention layers call through the interface works (S
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 
 @contextlib.contextmanager
 def use_attention(
-    model: Any, name: str, attention: Callable[..., Any], *, padding_mask: bool = False
+    model: Any,
+    name: str,
+    attention: Callable[..., Any],
+    *,
+    padding_mask: bool = False,
+    model_windows: bool = False,
 ) -> Iterator[None]:
     """Run ``model`` with ``attention`` (an ``AttentionInterface`` function, registered as ``name``)
     for the body. On exit the implementation the model had is restored — unless something replaced
@@ -22,6 +28,9 @@ def use_attention(
 
     ``padding_mask``: also register the SDPA mask builder under ``name``, so that a padded batch
     arrives with its 4D boolean mask; without it transformers gives a custom function no mask at all.
+    ``model_windows``: a call for one of the model's sliding-window layers (transformers passes it
+    ``sliding_window``) runs that window as the model would (:func:`moa_compress.attention.window_attention`)
+    and never reaches ``attention``: the layers a plan leaves to the model, for measurements of the others.
 
     Example::
 
@@ -36,7 +45,7 @@ def use_attention(
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     previous = model.config._attn_implementation
-    AttentionInterface.register(name, attention)
+    AttentionInterface.register(name, _leaving_windows(attention) if model_windows else attention)
     if padding_mask:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     try:
@@ -48,3 +57,23 @@ def use_attention(
         AttentionInterface._global_mapping.pop(name, None)
         if padding_mask:
             AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def _leaving_windows(attention: Callable[..., Any]) -> Callable[..., Any]:
+    """``attention`` for full-attention layers; the model's own window for sliding-window ones."""
+    from moa_compress.attention import window_attention
+
+    @functools.wraps(attention)
+    def wrapped(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        window = kwargs.get("sliding_window")
+        if window is None:
+            return attention(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        if dropout:
+            raise RuntimeError("attention dropout is not supported here; call model.eval()")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = window_attention(query, key, value, window, scale, attention_mask)  # [B, Hq, S, D]
+        return out.transpose(1, 2).contiguous(), None
+
+    return wrapped

@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa_compress.attention import window_attention
 from moa_compress.attn_interface import use_attention
 from moa_compress.data import CalibrationSample, progress_steps
 from moa_compress.errors import UserInputError
@@ -522,9 +521,6 @@ def _target_attention(module, query, key, value, attention_mask, scaling=None, d
     if query.shape[2] != key.shape[2]:
         raise RuntimeError("gate targets need a full causal prefill (no KV cache)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = kwargs.get("sliding_window")
-    if window is not None:  # a layer plans leave to the model (no gate): its window as it is
-        return window_attention(query, key, value, window, scale).transpose(1, 2).contiguous(), None
     cap = _ACTIVE
     cap.targets[module.layer_idx] = (
         block_targets(query, key, scale, cap.block_size, cap.per_query_head, cap.slab_bytes)[0].float().cpu()
@@ -570,7 +566,7 @@ def _capturing(model, capture: _Capture) -> Iterator[None]:
         handles.append(attention.k_proj.register_forward_hook(hook(attention.layer_idx, "k")))
     _ACTIVE = capture
     try:
-        with use_attention(model, ATTENTION_NAME, _target_attention):
+        with use_attention(model, ATTENTION_NAME, _target_attention, model_windows=True):
             yield
     finally:
         _ACTIVE = None

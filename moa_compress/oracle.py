@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from moa_compress.attention import block_sparse_attention, window_attention
+from moa_compress.attention import block_sparse_attention
 from moa_compress.attn_interface import use_attention
 from moa_compress.errors import PlanRuntimeError
 from moa_compress.gates import DEFAULT_SLAB_BYTES, blocks_for_density, pooled_attention
@@ -168,11 +168,6 @@ class OracleHandle:
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:  # ([B, S, Hq, D], None)
-        rule = self.plan.rules[module.layer_idx][0]
-        if rule.model_fixed:  # a sliding-window layer plans leave to the model: so does the oracle
-            scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-            out = window_attention(query, key, value, rule.tokens, scale, attention_mask)
-            return out.transpose(1, 2).contiguous(), None
         n = query.shape[2]
         if not isinstance(key, torch.Tensor) or key.shape[2] != n:
             raise PlanRuntimeError("an oracle needs a full causal prefill of one call (no KV cache)")
@@ -212,5 +207,5 @@ def apply_oracle(
         raise PlanRuntimeError(f"unknown oracle {kind!r}; expected one of {', '.join(ORACLES)}")
     handle = OracleHandle(model, plan, kind, backend, slab_bytes)
     # padding_mask: padded input then arrives with its mask, which the oracle refuses.
-    with use_attention(model, handle.name, handle.attention, padding_mask=True):
+    with use_attention(model, handle.name, handle.attention, padding_mask=True, model_windows=True):
         yield handle

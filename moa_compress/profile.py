@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from moa_compress import distributed
-from moa_compress.attention import window_attention
 from moa_compress.attn_interface import use_attention
 from moa_compress.data import CalibrationSample, model_digest, progress_steps
 from moa_compress.errors import UserInputError
@@ -269,10 +268,6 @@ def _profile_attention(module, query, key, value, attention_mask, scaling=None, 
     ):
         raise RuntimeError("profiling does not support padded inputs")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = kwargs.get("sliding_window")
-    if window is not None:  # a layer plans leave to the model: its window as it is, nothing recorded
-        out = window_attention(query, key, value, window, scale)
-        return out.transpose(1, 2).contiguous(), None
     out = _InfluenceAttention.apply(query, key, value, scale, _ACTIVE, module.layer_idx)
     return out.transpose(1, 2).contiguous(), None
 
@@ -286,7 +281,7 @@ def _profiling(model, recorder: _Recorder) -> Iterator[None]:
         p.requires_grad_(False)
     _ACTIVE = recorder
     try:
-        with use_attention(model, ATTENTION_NAME, _profile_attention):
+        with use_attention(model, ATTENTION_NAME, _profile_attention, model_windows=True):
             yield
     finally:
         _ACTIVE = None

@@ -176,6 +176,13 @@ def test_sliding_window_layers_get_no_targets_and_the_others_train(tmp_path):
     found = sample_targets(model, ids, block_size=32)
     assert sorted(found) == ["k.1", "k.3", "q.1", "q.3", "target.1", "target.3"]
     assert found["target.3"].shape == (2, 4, 4)
+    # Layer 3's queries come from the model's own forward: its window layers attend within their window.
+    with torch.no_grad():
+        hidden = model(input_ids=ids[None], output_hidden_states=True).hidden_states[3]
+        attention = model.model.layers[3].self_attn
+        q = attention.q_proj(model.model.layers[3].input_layernorm(hidden))
+        q = q.view(1, ids.numel(), -1, attention.head_dim).transpose(1, 2).float()
+    torch.testing.assert_close(found["q.3"], pool_queries(q, 32)[0], rtol=1e-5, atol=1e-6)
     settings = GateSettings(block_size=32, gate_dim=8, steps=40, lr=1e-2)
     trained = train_gates(model, {100: samples(100, 2)}, settings, progress=False)
     assert len(trained.gates) == 4 and trained.losses[-1] < 0.8 * trained.initial_loss
