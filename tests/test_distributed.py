@@ -42,6 +42,7 @@ def setup(tmp_path_factory):
         "OMP_NUM_THREADS": "1",  # as torchrun sets per rank: the same per-sample arithmetic everywhere
         "MOA_COMPRESS_DIST_TIMEOUT": "60",
         "PYTHONPATH": str(ROOT),
+        "PYTHONFAULTHANDLER": "1",  # a rank that aborts prints where it was (in the failure message)
     }
     return folder, env
 
