@@ -6,8 +6,8 @@ loads the model; :func:`init` joins them into one process group (gloo on CPU, NC
 (:func:`moa_compress.profile.profile_model`): rank 0 builds the samples and sends them to the others,
 each rank profiles its share, rank 0 gathers every sample's pooled maps, writes them to the work folder
 (rank 0 alone writes) and sums them in sample order. Then every rank leaves the group together
-(:func:`leave`); everything after profiling (search, validation, eval, writing the plan and report)
-runs on rank 0 alone.
+(:func:`leave`); everything after profiling (gate training, search, validation, eval, writing the
+plan and report) runs on rank 0 alone.
 
 Launched without ``torchrun`` (no ``WORLD_SIZE`` in the environment, or 1) nothing here does anything:
 :func:`current` is a group of one and every helper runs its function in place.
