@@ -455,10 +455,6 @@ class WindowRule:
     def kv_keep(self, n: int, block_size: int) -> None:
         return None  # the decode cache keeps the window itself (the model's sliding cache layer)
 
-    def kv_tokens(self, n: int) -> int:
-        """Keys the model's sliding cache holds at length ``n``."""
-        return min(self.tokens, n)
-
     def describe(self) -> str:
         return f"window{self.tokens}(model)"
 
@@ -511,9 +507,9 @@ def group_kv_keep(rules: Sequence[Rule], n: int, block_size: int) -> tuple[int, 
 
 def group_kv_fraction(rules: Sequence[Rule], n: int, block_size: int) -> float:
     """Keys one KV head holds at length ``n`` for query heads with ``rules``, as a fraction of ``n``
-    (:func:`group_kv_keep`; 1 when it must keep every key)."""
-    if rules and all(isinstance(r, WindowRule) for r in rules):
-        return max(r.kv_tokens(n) for r in rules) / n
+    (:func:`group_kv_keep`; 1 when it must keep every key). For planned layers: a model's
+    sliding-window layers keep their window in the model's own cache (:meth:`Plan.kv_fraction` leaves
+    them out)."""
     keep = group_kv_keep(rules, n, block_size)
     return 1.0 if keep is None else min(1.0, (keep[0] + keep[1]) * block_size / n)
 

@@ -1,0 +1,116 @@
+"""Which layers' sparsity loses passkey retrieval: the eval's teacher-forced passkey (its 30 prompts per
+length, a key found when every key token is the argmax) under edits of a plan, by layer range.
+
+Each variant is a ``+``-joined list of edits of the plan (``plan`` alone: no edit):
+
+* ``dense:LO-HI`` — every head of layers LO..HI dense (``dense:LO-HI:G``: KV group G only);
+* ``only:LO-HI`` — the plan on layers LO..HI, every other layer dense;
+* ``tail:LO-HI:T`` — the gate rules of layers LO..HI keep their last T query-block rows whole;
+* ``local:LO-HI:W`` — the gate rules of layers LO..HI keep a local window of W blocks (at most a row's
+  blocks but the sink: W = 32 makes them a sink plus a band);
+* ``scale:LO-HI:F`` — the gate rules of layers LO..HI get F times their target.
+
+Edits keep each rule's density exact but may break the plan's budget: every line prints the edited
+plan's mean density at 1K / 2K / 4K / 8K. Usage::
+
+    python bench/passkey_layers.py --plan PLAN --lengths 1024,2048 plan only:0-9 tail:20-29:1 ...
+
+Prints one line per length and variant: keys found of 30, the key tokens' mean log-probability and the
+keys found per depth (0, 0.2, … 1; five keys each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from moa_compress.evaluate import decoder_body, log_probs
+from moa_compress.models import load_model
+from moa_compress.plan import DenseRule, GateRule, Plan, Rule, load_plan
+from moa_compress.runtime import apply_plan
+from moa_compress.tasks import PasskeySample, passkey_samples
+
+BATCH = 5
+
+
+def _edited_rule(kind: str, args: Sequence[str], rule: Rule, group: int) -> Rule:
+    if kind == "dense" and (not args or group == int(args[0])):
+        return DenseRule()
+    if isinstance(rule, GateRule):
+        if kind == "tail":
+            return dataclasses.replace(rule, tail=int(args[0]))
+        if kind == "local":
+            return dataclasses.replace(rule, local=max(rule.local, int(args[0])))
+        if kind == "scale":
+            return dataclasses.replace(rule, target=min(1.0, rule.target * float(args[0])))
+    return rule
+
+
+def edited(plan: Plan, variant: str) -> Plan:
+    """``plan`` with the edits of ``variant`` (module docstring)."""
+    rules = [list(heads) for heads in plan.rules]
+    per_group = plan.model.num_heads // plan.model.num_kv_heads
+    for part in variant.split("+"):
+        if part == "plan":
+            continue
+        kind, span, *args = part.split(":")
+        if kind not in ("dense", "only", "tail", "local", "scale"):
+            raise SystemExit(f"unknown edit {kind!r} in {variant!r}")
+        lo, hi = (int(x) for x in span.split("-"))
+        for layer, heads in enumerate(rules):
+            inside = lo <= layer <= hi
+            for head, rule in enumerate(heads):
+                if kind == "only":
+                    heads[head] = rule if inside else DenseRule()
+                elif inside:
+                    heads[head] = _edited_rule(kind, args, rule, head // per_group)
+    return dataclasses.replace(plan, rules=tuple(tuple(heads) for heads in rules))
+
+
+def score(model, plan: Plan, keys: Sequence[PasskeySample]) -> tuple[list[bool], float]:
+    """Keys found (teacher-forced, as `moa-compress eval`) and the key tokens' mean log-probability."""
+    found, logprobs = [], []
+    for start in range(0, len(keys), BATCH):
+        batch = keys[start : start + BATCH]
+        ids = torch.tensor([s.input_ids for s in batch])  # [B, N]
+        with torch.no_grad(), apply_plan(model, plan):
+            hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state
+        for row, sample in enumerate(batch):
+            lp = log_probs(model, hidden[row, sample.key_start - 1 : -1])  # [key tokens, vocab]
+            answer = ids[row, sample.key_start :]
+            found.append(bool((lp.argmax(-1) == answer).all()))
+            logprobs.append(float(lp.gather(1, answer[:, None]).mean()))
+    return found, sum(logprobs) / len(logprobs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--lengths", default="1024,2048")
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("variants", nargs="+", help="edits of the plan (module docstring)")
+    args = parser.parse_args()
+    plan = load_plan(args.plan)
+    model, tokenizer = load_model(None)
+    variants = {name: edited(plan, name) for name in args.variants}
+    for n in (int(x) for x in args.lengths.split(",")):
+        keys = passkey_samples(tokenizer, n, args.samples, 0)
+        for name, variant in variants.items():
+            found, logprob = score(model, variant, keys)
+            by_depth: dict[float, list[bool]] = {}
+            for sample, ok in zip(keys, found, strict=True):
+                by_depth.setdefault(sample.depth, []).append(ok)
+            depths = " ".join(f"{d:g}:{sum(v)}" for d, v in sorted(by_depth.items()))
+            density = "/".join(f"{variant.density(m):.3f}" for m in (1024, 2048, 4096, 8192))
+            print(
+                f"{n}  {name}: {sum(found)}/{len(found)}  log-prob {logprob:.3f}  by depth [{depths}]"
+                f"  density {density}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
