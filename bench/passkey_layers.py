@@ -17,6 +17,15 @@ plan's mean density at 1K / 2K / 4K / 8K. Usage::
 
 Prints one line per length and variant: keys found of 30, the key tokens' mean log-probability and the
 keys found per depth (0, 0.2, … 1; five keys each).
+
+``--task needle_number`` asks the eval's RULER-style needle task instead (a number hidden at a random
+depth of natural text, the eval split of the shipped articles), teacher-forced the same way on its
+reference reply: the same question on a haystack that does not repeat.
+
+``--selection oracle`` (or ``oracle-layer``) runs the eval's oracle at the edited plan's per-head
+densities instead of the plan (:mod:`moa_compress.oracle`): with ``only:A-B``, the blocks of most true
+attention mass in those layers and dense attention elsewhere — whether better block choice there would
+keep the keys, or only more density.
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ from collections.abc import Sequence
 
 import torch
 
-from moa_compress.evaluate import decoder_body, log_probs
+from moa_compress.evaluate import decoder_body, default_texts, log_probs
 from moa_compress.models import load_model
+from moa_compress.oracle import ORACLES, apply_oracle
 from moa_compress.plan import DenseRule, GateRule, Plan, Rule, load_plan
 from moa_compress.runtime import apply_plan
-from moa_compress.tasks import PasskeySample, passkey_samples
+from moa_compress.tasks import Prose, passkey_samples, task_samples
 
 BATCH = 5
 
@@ -70,20 +80,38 @@ def edited(plan: Plan, variant: str) -> Plan:
     return dataclasses.replace(plan, rules=tuple(tuple(heads) for heads in rules))
 
 
-def score(model, plan: Plan, keys: Sequence[PasskeySample]) -> tuple[list[bool], float]:
-    """Keys found (teacher-forced, as `moa-compress eval`) and the key tokens' mean log-probability."""
+@torch.no_grad()
+def score(
+    model, plan: Plan, prompts: Sequence[tuple[list[int], int]], selection: str = "plan"
+) -> tuple[list[bool], float]:
+    """Per ``(ids, answer_start)``: found when every answer token is the argmax after the tokens before it
+    (teacher-forced, as `moa-compress eval` scores passkey); and the answer tokens' mean log-probability."""
     found, logprobs = [], []
-    for start in range(0, len(keys), BATCH):
-        batch = keys[start : start + BATCH]
-        ids = torch.tensor([s.input_ids for s in batch])  # [B, N]
-        with torch.no_grad(), apply_plan(model, plan):
+    for start in range(0, len(prompts), BATCH):
+        batch = prompts[start : start + BATCH]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([seq + seq[-1:] * (width - len(seq)) for seq, _ in batch])  # [B, N]
+        applied = apply_plan(model, plan) if selection == "plan" else apply_oracle(model, plan, selection)
+        with applied:
             hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state
-        for row, sample in enumerate(batch):
-            lp = log_probs(model, hidden[row, sample.key_start - 1 : -1])  # [key tokens, vocab]
-            answer = ids[row, sample.key_start :]
+        for row, (seq, begin) in enumerate(batch):
+            lp = log_probs(model, hidden[row, begin - 1 : len(seq) - 1])  # [answer tokens, vocab]
+            answer = ids[row, begin : len(seq)]
             found.append(bool((lp.argmax(-1) == answer).all()))
             logprobs.append(float(lp.gather(1, answer[:, None]).mean()))
     return found, sum(logprobs) / len(logprobs)
+
+
+def prompts_of(
+    task: str, tokenizer, n: int, count: int
+) -> tuple[list[tuple[list[int], int]], list[float | None]]:
+    """``(ids, answer_start)`` per prompt and its depth (None where the task does not record one)."""
+    if task == "passkey":
+        keys = passkey_samples(tokenizer, n, count, 0)
+        return [(list(s.input_ids), s.key_start) for s in keys], [s.depth for s in keys]
+    samples = task_samples(task, tokenizer, n, count, 0, Prose(default_texts()[0], tokenizer))
+    prompts = [(list(s.input_ids) + list(s.reference_ids), len(s.input_ids)) for s in samples]
+    return prompts, [None] * len(samples)
 
 
 def main() -> None:
@@ -91,19 +119,22 @@ def main() -> None:
     parser.add_argument("--plan", required=True)
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--task", default="passkey", choices=("passkey", "needle_number"))
+    parser.add_argument("--selection", default="plan", choices=("plan", *ORACLES))
     parser.add_argument("variants", nargs="+", help="edits of the plan (module docstring)")
     args = parser.parse_args()
     plan = load_plan(args.plan)
     model, tokenizer = load_model(None)
     variants = {name: edited(plan, name) for name in args.variants}
     for n in (int(x) for x in args.lengths.split(",")):
-        keys = passkey_samples(tokenizer, n, args.samples, 0)
+        prompts, depths_of = prompts_of(args.task, tokenizer, n, args.samples)
         for name, variant in variants.items():
-            found, logprob = score(model, variant, keys)
+            found, logprob = score(model, variant, prompts, args.selection)
             by_depth: dict[float, list[bool]] = {}
-            for sample, ok in zip(keys, found, strict=True):
-                by_depth.setdefault(sample.depth, []).append(ok)
-            depths = " ".join(f"{d:g}:{sum(v)}" for d, v in sorted(by_depth.items()))
+            for depth, ok in zip(depths_of, found, strict=True):
+                if depth is not None:
+                    by_depth.setdefault(depth, []).append(ok)
+            depths = " ".join(f"{d:g}:{sum(v)}" for d, v in sorted(by_depth.items())) or "-"
             density = "/".join(f"{variant.density(m):.3f}" for m in (1024, 2048, 4096, 8192))
             print(
                 f"{n}  {name}: {sum(found)}/{len(found)}  log-prob {logprob:.3f}  by depth [{depths}]"
