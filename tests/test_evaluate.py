@@ -1091,3 +1091,45 @@ def test_the_passkey_tail_bench_splits_the_prompt_between_plan_and_dense():
     assert torch.allclose(state(model, prompt[:184], plan, None)[1], sparse[:, :184], atol=1e-10)
     reply = greedy_key(model, prompt, None, None, 6)
     assert len(reply) == 6 and greedy_key(model, prompt, plan, len(prompt), 6) == reply
+
+
+def test_the_passkey_layers_bench_edits_a_plan_by_layer_range_and_scores_teacher_forced():
+    """bench/passkey_layers.py: each edit changes the rules it names and no other; ``dense`` everywhere
+    scores as the model's own dense forward, the plan itself does not."""
+    import runpy
+    from pathlib import Path
+
+    from moa_compress.plan import GateRule
+    from tests.test_gate_runtime import gated_plan
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "passkey_layers.py"
+    bench = runpy.run_path(str(script))
+    edited, score = bench["edited"], bench["score"]
+    model = tiny_model(dtype=torch.float64, layers=3)  # 4 query heads in 2 KV groups
+    rule = GateRule(0.3, local=2)
+    plan = gated_plan(model, lambda layer, head: rule)
+    dense = DenseRule()
+    assert edited(plan, "plan") == plan
+    assert edited(plan, "only:1-1").rules == ((dense,) * 4, (rule,) * 4, (dense,) * 4)
+    tailed = edited(plan, "tail:0-0:1+dense:1-2:1").rules
+    assert tailed[0] == (GateRule(0.3, local=2, tail=1),) * 4
+    assert tailed[1] == tailed[2] == (rule, rule, dense, dense)  # KV group 1: query heads 2 and 3
+    assert edited(plan, "scale:2-2:2+local:2-2:3").rules[2] == (GateRule(0.6, local=3),) * 4
+    assert edited(plan, "local:0-2:1").rules == plan.rules  # a window is only ever widened
+    with pytest.raises(SystemExit, match="unknown edit"):
+        edited(plan, "sparse:0-1")
+
+    seq = torch.randint(1, 100, (150,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompts = [(seq, 140), (seq[:130], 121)]  # answers: the last 10 and 9 tokens
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+    answer = torch.tensor(seq[140:])
+    want = float(lp[139:149].gather(1, answer[:, None]).mean())
+    found, logprob = score(model, edited(plan, "dense:0-2"), prompts[:1])
+    assert found == [bool((lp[139:149].argmax(-1) == answer).all())]
+    assert logprob == pytest.approx(want, abs=1e-9)
+    alone = score(model, edited(plan, "dense:0-2"), prompts[1:])[1]
+    # two lengths in one batch, the shorter padded at its end: each scores as it does alone
+    found, both = score(model, edited(plan, "dense:0-2"), prompts)
+    assert len(found) == 2 and both == pytest.approx((want + alone) / 2, abs=1e-9)
+    assert abs(score(model, plan, prompts[:1])[1] - want) > 1e-4
