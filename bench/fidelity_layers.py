@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from passkey_layers import edited
+from passkey_layers import edited, selected
 
 from moa_compress.data import token_windows
-from moa_compress.evaluate import _Sums, decoder_body, default_texts, score_window
+from moa_compress.evaluate import _Sums, default_texts, final_hidden, score_window
 from moa_compress.models import load_model
-from moa_compress.oracle import ORACLES, apply_oracle
+from moa_compress.oracle import ORACLES
 from moa_compress.plan import load_plan
-from moa_compress.runtime import apply_plan
 
 
 def main() -> None:
@@ -49,21 +48,15 @@ def main() -> None:
     texts, _ = default_texts()
     windows = token_windows(texts, tokenizer, args.length, limit=args.limit)
     sums = {name: _Sums() for name in variants}
-    body = decoder_body(model)
     with torch.no_grad():
         for window in windows:
             ids = torch.tensor([window])  # [1, N]
             n, half = ids.shape[1], ids.shape[1] // 2  # the eval scores each window's second half
-            reference = body(input_ids=ids, use_cache=False).last_hidden_state[0, half - 1 : n - 1]
+            reference = final_hidden(model, ids)[half - 1 : n - 1]
             targets = ids[0, half:]
             for name, (selection, variant) in variants.items():
-                applied = (
-                    apply_plan(model, variant)
-                    if selection == "plan"
-                    else apply_oracle(model, variant, selection)
-                )
-                with applied:
-                    hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, half - 1 : n - 1]
+                with selected(model, variant, selection):
+                    hidden = final_hidden(model, ids)[half - 1 : n - 1]
                 score_window(model, hidden, targets, reference, sums[name])
     for name, (_, variant) in variants.items():
         result = sums[name].fidelity()

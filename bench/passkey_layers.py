@@ -80,6 +80,12 @@ def edited(plan: Plan, variant: str) -> Plan:
     return dataclasses.replace(plan, rules=tuple(tuple(heads) for heads in rules))
 
 
+def selected(model, plan: Plan, selection: str):
+    """The context that runs ``model`` under ``plan`` (``selection`` "plan") or one of the eval's oracles
+    at ``plan``'s per-head densities."""
+    return apply_plan(model, plan) if selection == "plan" else apply_oracle(model, plan, selection)
+
+
 @torch.no_grad()
 def score(
     model, plan: Plan, prompts: Sequence[tuple[list[int], int]], selection: str = "plan"
@@ -91,8 +97,7 @@ def score(
         batch = prompts[start : start + BATCH]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([seq + seq[-1:] * (width - len(seq)) for seq, _ in batch])  # [B, N]
-        applied = apply_plan(model, plan) if selection == "plan" else apply_oracle(model, plan, selection)
-        with applied:
+        with selected(model, plan, selection):
             hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state
         for row, (seq, begin) in enumerate(batch):
             lp = log_probs(model, hidden[row, begin - 1 : len(seq) - 1])  # [answer tokens, vocab]
