@@ -2,8 +2,12 @@
 would win: the eval's fidelity (KL of each next-token distribution to dense, mean over tokens) on its
 prose windows, for the plan or the per-row oracle at the plan's densities, on edits of the plan.
 
-Each variant is ``SELECTION@EDITS``: ``SELECTION`` is ``plan`` or an oracle of :mod:`moa_compress.oracle`
-(``oracle``, ``oracle-layer``) at the edited plan's per-head densities; ``EDITS`` are those of
+Each variant is ``SELECTION@EDITS``: ``SELECTION`` is ``plan``, an oracle of :mod:`moa_compress.oracle`
+(``oracle``, ``oracle-layer``) at the edited plan's per-head densities, or a source of block scores for
+the plan's gate heads in place of the trained gates (``bench/gate_sources.py``: ``mean``, ``bound``,
+``sampled:R``, ``gate+sampled:R``, ``mass``, ``mass-head``); ``--local W`` gives every gate head of the
+``plan`` and source variants a local window of W blocks, ``--source-layers LO-HI`` confines the sources to
+those layers (the plan's gates elsewhere). ``EDITS`` are those of
 ``bench/passkey_layers.py`` (``plan`` for none; ``only:20-29`` the plan on layers 20–29 and every other
 layer dense). Usage::
 
@@ -19,8 +23,10 @@ the shipped articles), so ``plan@plan`` is the eval's ``fidelity`` KL of the pla
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
+from gate_sources import is_source, scored_by
 from passkey_layers import edited, selected
 
 from moa_compress.data import token_windows
@@ -30,11 +36,24 @@ from moa_compress.oracle import ORACLES
 from moa_compress.plan import load_plan
 
 
+def sources(selection: str, local: int | None, layers: str | None = None):
+    """The gate heads' score source for a variant: the plan's gates (with ``local``), another source (in
+    ``layers`` ``LO-HI`` only, if given), or none for the oracles."""
+    if selection == "plan":
+        return scored_by("gate", local) if local is not None else contextlib.nullcontext()
+    if not is_source(selection):
+        return contextlib.nullcontext()
+    lo, _, hi = (layers or "").partition("-")
+    return scored_by(selection, local, range(int(lo), int(hi or lo) + 1) if layers else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", required=True)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--limit", type=int, default=6, help="windows (the eval's --limit)")
+    parser.add_argument("--local", type=int, default=None, help="every gate head's local window (blocks)")
+    parser.add_argument("--source-layers", default=None, help="LO-HI: the layers a gate source scores")
     parser.add_argument("variants", nargs="+", help="SELECTION@EDITS (module docstring)")
     args = parser.parse_args()
     plan = load_plan(args.plan)
@@ -42,8 +61,10 @@ def main() -> None:
     variants = {}
     for name in args.variants:
         selection, _, edits = name.partition("@")
-        if selection not in ("plan", *ORACLES) or not edits:
-            raise SystemExit(f"a variant is SELECTION@EDITS with SELECTION plan or an oracle, got {name!r}")
+        if not (selection in ("plan", *ORACLES) or is_source(selection)) or not edits:
+            raise SystemExit(
+                f"a variant is SELECTION@EDITS with SELECTION plan, an oracle or a gate source, got {name!r}"
+            )
         variants[name] = (selection, edited(plan, edits))
     texts, _ = default_texts()
     windows = token_windows(texts, tokenizer, args.length, limit=args.limit)
@@ -55,7 +76,10 @@ def main() -> None:
             reference = final_hidden(model, ids)[half - 1 : n - 1]
             targets = ids[0, half:]
             for name, (selection, variant) in variants.items():
-                with selected(model, variant, selection):
+                with (
+                    sources(selection, args.local, args.source_layers),
+                    selected(model, variant, "plan" if is_source(selection) else selection),
+                ):
                     hidden = final_hidden(model, ids)[half - 1 : n - 1]
                 score_window(model, hidden, targets, reference, sums[name])
     for name, (_, variant) in variants.items():

@@ -1133,3 +1133,68 @@ def test_the_passkey_layers_bench_edits_a_plan_by_layer_range_and_scores_teacher
     found, both = score(model, edited(plan, "dense:0-2"), prompts)
     assert len(found) == 2 and both == pytest.approx((want + alone) / 2, abs=1e-9)
     assert abs(score(model, plan, prompts[:1])[1] - want) > 1e-4
+
+
+def test_the_gate_source_bench_scores_blocks_by_sampled_bounded_or_exact_attention():
+    """bench/gate_sources.py: sampling every query of a block gives the block mass over its queries, one
+    query its own attention; the bound is never below a product it bounds; selecting by each query head's
+    own mass with a one-block window is the eval's per-row oracle, and the plain gate the plan."""
+    import runpy
+    from pathlib import Path
+
+    from moa_compress.gates import pooled_attention
+    from moa_compress.oracle import apply_oracle
+    from moa_compress.plan import GateRule
+    from moa_compress.runtime import apply_plan
+    from tests.test_gate_runtime import gated_plan
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gate_sources.py"
+    bench = runpy.run_path(str(script))
+    sampled_mass, bound_scores, scored_by = bench["sampled_mass"], bench["bound_scores"], bench["scored_by"]
+    torch.manual_seed(0)
+    n, bs = 70, 16  # 5 blocks, the last of 6 queries
+    q, k = torch.randn(1, 4, n, 8, dtype=torch.float64), torch.randn(1, 2, n, 8, dtype=torch.float64)
+    mass = pooled_attention(q, k, 0.3, bs, "sum")  # [1, 4, 5, 5]
+    per_block = torch.tensor([16.0] * 4 + [6.0], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(sampled_mass(q, k, 0.3, bs, bs), mass / per_block, rtol=0, atol=1e-12)
+    one = sampled_mass(q, k, 0.3, bs, 1)  # each block's last query (the sequence's last for block 4)
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    probs = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    rows = probs[:, :, [15, 31, 47, 63, 69]]
+    want = torch.nn.functional.pad(rows, (0, 10)).view(1, 4, 5, 5, 16).sum(-1)
+    torch.testing.assert_close(one, want, rtol=0, atol=1e-12)
+    assert torch.allclose(one.sum(-1), torch.ones(1, 4, 5, dtype=torch.float64))
+    bound = bound_scores(q, k, bs)  # [1, 4, 5, 5]
+    means = torch.nn.functional.pad(q, (0, 0, 0, 10)).view(1, 4, 5, 16, 8).sum(3) / per_block
+    products = means @ k.repeat_interleave(2, 1).transpose(-1, -2)  # [1, 4, 5, n]
+    block_max = torch.nn.functional.pad(products, (0, 10), value=float("-inf")).view(1, 4, 5, 5, 16).amax(-1)
+    assert (bound >= block_max.float() - 1e-5).all() and (bound - block_max.float()).abs().max() > 1e-3
+
+    model = tiny_model(dtype=torch.float64, layers=2)  # 4 query heads in 2 KV groups
+    plan = gated_plan(model, lambda layer, head: GateRule(0.5, local=2))  # 5 of a row's 19 blocks
+    ids = torch.randint(1, 100, (1, 300), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+
+        def logits(context):
+            with context:
+                return model(ids).logits
+
+        with scored_by("mass-head", local=1):
+            by_mass = logits(apply_plan(model, plan))
+        oracle_logits = logits(apply_oracle(model, plan, "oracle"))
+        torch.testing.assert_close(by_mass, oracle_logits, rtol=0, atol=1e-9)
+        with scored_by("mass-head"):  # the plan's two-block window forced: not the oracle's choice
+            assert (logits(apply_plan(model, plan)) - oracle_logits).abs().max() > 1e-6
+        plain = logits(apply_plan(model, plan))
+        with scored_by("gate"):
+            torch.testing.assert_close(logits(apply_plan(model, plan)), plain, rtol=0, atol=0)
+        for source in ("sampled:2", "bound", "mass"):
+            with scored_by(source):
+                assert (logits(apply_plan(model, plan)) - plain).abs().max() > 1e-6, source
+        with scored_by("mass"):
+            everywhere = logits(apply_plan(model, plan))
+        with scored_by("mass", layers=range(1, 2)):  # layer 0 keeps the plan's gate
+            second = logits(apply_plan(model, plan))
+        assert min((second - plain).abs().max(), (second - everywhere).abs().max()) > 1e-6
+        with scored_by("mass", layers=range(0)):
+            torch.testing.assert_close(logits(apply_plan(model, plan)), plain, rtol=0, atol=0)
