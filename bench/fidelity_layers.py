@@ -23,28 +23,16 @@ the shipped articles), so ``plan@plan`` is the eval's ``fidelity`` KL of the pla
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
-from gate_sources import is_source, scored_by
-from passkey_layers import edited, selected
+from gate_sources import is_source
+from passkey_layers import edited, layer_range, selected
 
 from moa_compress.data import token_windows
 from moa_compress.evaluate import _Sums, default_texts, final_hidden, score_window
 from moa_compress.models import load_model
 from moa_compress.oracle import ORACLES
 from moa_compress.plan import load_plan
-
-
-def sources(selection: str, local: int | None, layers: str | None = None):
-    """The gate heads' score source for a variant: the plan's gates (with ``local``), another source (in
-    ``layers`` ``LO-HI`` only, if given), or none for the oracles."""
-    if selection == "plan":
-        return scored_by("gate", local) if local is not None else contextlib.nullcontext()
-    if not is_source(selection):
-        return contextlib.nullcontext()
-    lo, _, hi = (layers or "").partition("-")
-    return scored_by(selection, local, range(int(lo), int(hi or lo) + 1) if layers else None)
 
 
 def main() -> None:
@@ -58,6 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     plan = load_plan(args.plan)
     model, tokenizer = load_model(None)
+    layers = layer_range(args.source_layers)
     variants = {}
     for name in args.variants:
         selection, _, edits = name.partition("@")
@@ -76,10 +65,7 @@ def main() -> None:
             reference = final_hidden(model, ids)[half - 1 : n - 1]
             targets = ids[0, half:]
             for name, (selection, variant) in variants.items():
-                with (
-                    sources(selection, args.local, args.source_layers),
-                    selected(model, variant, "plan" if is_source(selection) else selection),
-                ):
+                with selected(model, variant, selection, layers, args.local):
                     hidden = final_hidden(model, ids)[half - 1 : n - 1]
                 score_window(model, hidden, targets, reference, sums[name])
     for name, (_, variant) in variants.items():

@@ -25,14 +25,21 @@ reference reply: the same question on a haystack that does not repeat.
 ``--selection oracle`` (or ``oracle-layer``) runs the eval's oracle at the edited plan's per-head
 densities instead of the plan (:mod:`moa_compress.oracle`): with ``only:A-B``, the blocks of most true
 attention mass in those layers and dense attention elsewhere — whether better block choice there would
-keep the keys, or only more density.
+keep the keys, or only more density. ``--selection`` may also name a source of block scores for the
+plan's gate heads in place of their trained gates (``bench/gate_sources.py``: ``sampled:4``, ``mass``, …),
+in the layers of ``--source-layers LO-HI`` only if given; ``--local W`` gives every gate head a local
+window of W blocks (narrower too, which the ``local`` edit never makes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -80,15 +87,50 @@ def edited(plan: Plan, variant: str) -> Plan:
     return dataclasses.replace(plan, rules=tuple(tuple(heads) for heads in rules))
 
 
-def selected(model, plan: Plan, selection: str):
-    """The context that runs ``model`` under ``plan`` (``selection`` "plan") or one of the eval's oracles
-    at ``plan``'s per-head densities."""
-    return apply_plan(model, plan) if selection == "plan" else apply_oracle(model, plan, selection)
+def selected(model, plan: Plan, selection: str, layers: range | None = None, local: int | None = None):
+    """The context that runs ``model`` under ``plan`` (``selection`` "plan"), one of the eval's oracles
+    at ``plan``'s per-head densities, or ``plan`` with its gate heads ranking blocks by a source of
+    ``bench/gate_sources.py`` (in ``layers`` only, if given; every gate head's window ``local``, if given)."""
+    if selection in ORACLES:
+        return apply_oracle(model, plan, selection)
+    if selection == "plan" and local is None:
+        return apply_plan(model, plan)
+    return _scored(model, plan, "gate" if selection == "plan" else selection, layers, local)
+
+
+def gate_sources():
+    """The module ``bench/gate_sources.py``, also where this file is loaded by path (tests, runpy)."""
+    name = "gate_sources"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@contextlib.contextmanager
+def _scored(model, plan: Plan, source: str, layers: range | None, local: int | None):
+    with gate_sources().scored_by(source, local, layers), apply_plan(model, plan):
+        yield
+
+
+def layer_range(text: str | None) -> range | None:
+    """``"LO-HI"`` (or ``"L"``) as the layers ``LO..HI``; None for None."""
+    if text is None:
+        return None
+    lo, _, hi = text.partition("-")
+    return range(int(lo), int(hi or lo) + 1)
 
 
 @torch.no_grad()
 def score(
-    model, plan: Plan, prompts: Sequence[tuple[list[int], int]], selection: str = "plan"
+    model,
+    plan: Plan,
+    prompts: Sequence[tuple[list[int], int]],
+    selection: str = "plan",
+    layers: range | None = None,
+    local: int | None = None,
 ) -> tuple[list[bool], float]:
     """Per ``(ids, answer_start)``: found when every answer token is the argmax after the tokens before it
     (teacher-forced, as `moa-compress eval` scores passkey); and the answer tokens' mean log-probability."""
@@ -97,7 +139,7 @@ def score(
         batch = prompts[start : start + BATCH]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([seq + seq[-1:] * (width - len(seq)) for seq, _ in batch])  # [B, N]
-        with selected(model, plan, selection):
+        with selected(model, plan, selection, layers, local):
             hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state
         for row, (seq, begin) in enumerate(batch):
             lp = log_probs(model, hidden[row, begin - 1 : len(seq) - 1])  # [answer tokens, vocab]
@@ -125,16 +167,21 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--task", default="passkey", choices=("passkey", "needle_number"))
-    parser.add_argument("--selection", default="plan", choices=("plan", *ORACLES))
+    parser.add_argument("--selection", default="plan", help="plan, an oracle or a gate source")
+    parser.add_argument("--source-layers", default=None, help="LO-HI: the layers a gate source scores")
+    parser.add_argument("--local", type=int, default=None, help="every gate head's local window (blocks)")
     parser.add_argument("variants", nargs="+", help="edits of the plan (module docstring)")
     args = parser.parse_args()
+    if args.selection not in ("plan", *ORACLES) and not gate_sources().is_source(args.selection):
+        raise SystemExit(f"--selection is plan, an oracle or a gate source, got {args.selection!r}")
     plan = load_plan(args.plan)
     model, tokenizer = load_model(None)
     variants = {name: edited(plan, name) for name in args.variants}
+    layers = layer_range(args.source_layers)
     for n in (int(x) for x in args.lengths.split(",")):
         prompts, depths_of = prompts_of(args.task, tokenizer, n, args.samples)
         for name, variant in variants.items():
-            found, logprob = score(model, variant, prompts, args.selection)
+            found, logprob = score(model, variant, prompts, args.selection, layers, args.local)
             by_depth: dict[float, list[bool]] = {}
             for depth, ok in zip(depths_of, found, strict=True):
                 if depth is not None:

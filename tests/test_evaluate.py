@@ -1133,6 +1133,12 @@ def test_the_passkey_layers_bench_edits_a_plan_by_layer_range_and_scores_teacher
     found, both = score(model, edited(plan, "dense:0-2"), prompts)
     assert len(found) == 2 and both == pytest.approx((want + alone) / 2, abs=1e-9)
     assert abs(score(model, plan, prompts[:1])[1] - want) > 1e-4
+    # the plan's own window through the gate-source path, and the exact-mass source in layer 2 only
+    assert score(model, plan, prompts[:1], local=2) == score(model, plan, prompts[:1])
+    wide = edited(plan, "scale:0-2:2")  # 3 blocks per row: with a 1-block window, one to choose
+    by_gate = score(model, wide, prompts[:1], local=1)[1]
+    assert by_gate != score(model, wide, prompts[:1])[1]
+    assert score(model, wide, prompts[:1], "mass", range(2, 3), 1)[1] != by_gate
 
 
 def test_the_gate_source_bench_scores_blocks_by_sampled_bounded_or_exact_attention():
