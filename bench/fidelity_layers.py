@@ -5,7 +5,7 @@ prose windows, for the plan or the per-row oracle at the plan's densities, on ed
 Each variant is ``SELECTION@EDITS``: ``SELECTION`` is ``plan``, an oracle of :mod:`moa_compress.oracle`
 (``oracle``, ``oracle-layer``) at the edited plan's per-head densities, or a source of block scores for
 the plan's gate heads in place of the trained gates (``bench/gate_sources.py``: ``mean``, ``bound``,
-``sampled:R``, ``gate+sampled:R``, ``mass``, ``mass-head``); ``--local W`` gives every gate head of the
+``sampled:R``, ``mass``, ``mass-head``); ``--local W`` gives every gate head of the
 ``plan`` and source variants a local window of W blocks, ``--source-layers LO-HI`` confines the sources to
 those layers (the plan's gates elsewhere). ``EDITS`` are those of
 ``bench/passkey_layers.py`` (``plan`` for none; ``only:20-29`` the plan on layers 20–29 and every other

@@ -10,18 +10,18 @@ many as its density at the length allows (:func:`moa_compress.gates.gate_selecti
   (per channel the larger of ``q·max k`` and ``q·min k``, the keys' channel extremes over the block, in
   the manner of Quest); training-free, about one block-level product per row;
 * ``sampled:R`` — the true attention of ``R`` queries per query block (evenly spaced, the block's last
-  one first) over every causal key, summed per key block: ``R / block_size`` of the dense score
-  product, and a softmax over each sampled row;
-* ``gate+sampled:R`` — the mean of the gate's row probabilities and the sampled mass (each row sums 1);
+  one first) over every causal key, summed per key block: ``R / block_size`` of the full score
+  product (twice that share of the causal one dense attention computes), and a softmax per sampled row;
 * ``mass`` — the exact attention mass of the block, as the oracle ranks: the full score product, so a
   ceiling, not a method; ``mass-head`` ranks each query head by its own mass, as the oracle does, where
   every other source shares one ranking per KV group, as the plan's gates do.
 
 Every source but ``mass-head`` scores per KV group (the mean over the group's query heads of mass-like
 scores, the max of bound-like ones). The selection is the plan's: same blocks per row, sink and local
-window forced, unless ``local`` overrides every gate head's window. Static and dense heads, decode and
-padded batches are untouched (left-padded calls keep the gate). Used by ``bench/fidelity_layers.py``,
-whose variants name a source in place of ``plan`` (``sampled:4@plan``).
+window forced, unless ``local`` overrides every gate head's window. Static and dense heads are untouched,
+and so are decode steps and later prompt chunks (the plan's gate); a left-padded batch's prompt is ranked
+row by row like an unpadded one. Used by ``bench/fidelity_layers.py`` (variants name a source in place of
+``plan``: ``sampled:4@plan``) and ``bench/passkey_layers.py`` (``--selection sampled:4``).
 
 What each source costs, against dense causal attention of one layer of the embedded model's shape
 (9 query heads, 3 KV heads, head size 64) on random inputs, with the trained gate's selection beside
@@ -42,12 +42,13 @@ from moa_compress import gate_runtime
 from moa_compress.gates import gate_selections, layer_gate_heads, pool_queries_at, pooled_attention
 from moa_compress.plan import num_blocks
 
-SOURCES = ("mean", "bound", "sampled:R", "gate+sampled:R", "mass", "mass-head")
+SOURCES = ("mean", "bound", "sampled:R", "mass", "mass-head")
 
 
 def is_source(name: str) -> bool:
+    """Whether ``name`` is one of :data:`SOURCES` (``sampled:R`` with a whole ``R >= 1``)."""
     head, _, r = name.partition(":")
-    if head in ("sampled", "gate+sampled"):
+    if head == "sampled":
         return r.isdigit() and int(r) >= 1
     return name in SOURCES
 
@@ -72,8 +73,7 @@ def sampled_mass(
     """The causal softmax attention of ``samples`` queries per query block (offsets ``bs - 1``, then
     down in steps of ``bs / samples``; in a last, shorter block those past the end are skipped, but the
     sequence's last query is always one), summed over each key block and averaged over the block's
-    sampled queries. With ``samples == bs`` it is the block mass
-    divided by the block's queries."""
+    sampled queries. With ``samples == bs`` it is the block mass divided by the block's queries."""
     b, hq, s, d = query.shape
     hkv = key.shape[1]
     nb = num_blocks(s, bs)
@@ -103,18 +103,12 @@ def bound_scores(query: torch.Tensor, key: torch.Tensor, bs: int) -> torch.Tenso
 
 
 def source_scores(
-    source: str,
-    gate,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    q_pre: torch.Tensor,
-    k_codes,
-    scale: float,
-    bs: int,
+    source: str, query: torch.Tensor, key: torch.Tensor, scale: float, bs: int
 ) -> torch.Tensor:  # [B, H_gate, nB, nB] (H_gate: KV groups, or query heads for mass-head)
+    """``source``'s block scores of a whole prefill (``query [B, Hq, S, D]``, ``key [B, Hkv, S, D]`` after
+    RoPE), higher for blocks to keep; mass-like sources as log-probabilities."""
     hq = query.shape[1]
     hkv = key.shape[1]
-    head, _, r = source.partition(":")
 
     def per_group(x: torch.Tensor, how: str) -> torch.Tensor:
         x = x.unflatten(1, (hkv, hq // hkv))
@@ -129,11 +123,7 @@ def source_scores(
     if source in ("mass", "mass-head"):
         mass = pooled_attention(query, key, scale, bs, "sum")
         return (mass if source == "mass-head" else per_group(mass, "mean")).log()
-    sampled = per_group(sampled_mass(query, key, scale, bs, int(r)), "mean")
-    if head == "sampled":
-        return sampled.log()
-    gate_probs = gate.scores(gate.query_codes(pool_queries_at(q_pre, 0, bs), 0), k_codes).float().softmax(-1)
-    return (0.5 * gate_probs + 0.5 * sampled).log()
+    return per_group(sampled_mass(query, key, scale, bs, int(source.partition(":")[2])), "mean").log()
 
 
 @contextlib.contextmanager
@@ -151,7 +141,7 @@ def scored_by(source: str, local: int | None = None, layers: range | None = None
         if source == "gate":
             scores = gate.scores(gate.query_codes(pool_queries_at(q_pre, 0, bs), 0), k_codes)
         else:
-            scores = source_scores(source, gate, query, key, q_pre, k_codes, scale, bs)
+            scores = source_scores(source, query, key, scale, bs)
         blocks, gate_of_head, window, tail = layer_gate_heads(plan, layer, kv_len)
         if source == "mass-head":
             gate_of_head = torch.arange(query.shape[1])
@@ -181,7 +171,7 @@ def source_times(q, k, v, density: float, repeats: int, bs: int = 64) -> tuple[f
     def select(source):
         def run():
             with torch.no_grad():
-                scores = source_scores(source, None, q, k, None, None, d**-0.5, bs)
+                scores = source_scores(source, q, k, d**-0.5, bs)
                 return gate_selections(scores, blocks, gate_of_head, local)
 
         return run
