@@ -41,20 +41,20 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--limit", type=int, default=6, help="windows (the eval's --limit)")
     parser.add_argument("--local", type=int, default=None, help="every gate head's local window (blocks)")
-    parser.add_argument("--source-layers", default=None, help="LO-HI: the layers a gate source scores")
+    parser.add_argument(
+        "--source-layers", type=layer_range, default=None, help="LO-HI: the layers a gate source scores"
+    )
     parser.add_argument("variants", nargs="+", help="SELECTION@EDITS (module docstring)")
     args = parser.parse_args()
-    plan = load_plan(args.plan)
-    model, tokenizer = load_model(None)
-    layers = layer_range(args.source_layers)
-    variants = {}
-    for name in args.variants:
-        selection, _, edits = name.partition("@")
+    parsed = {name: name.partition("@")[::2] for name in args.variants}  # name -> (SELECTION, EDITS)
+    for name, (selection, edits) in parsed.items():
         if not (selection in ("plan", *ORACLES) or is_source(selection)) or not edits:
-            raise SystemExit(
+            parser.error(
                 f"a variant is SELECTION@EDITS with SELECTION plan, an oracle or a gate source, got {name!r}"
             )
-        variants[name] = (selection, edited(plan, edits))
+    plan = load_plan(args.plan)
+    model, tokenizer = load_model(None)
+    variants = {name: (selection, edited(plan, edits)) for name, (selection, edits) in parsed.items()}
     texts, _ = default_texts()
     windows = token_windows(texts, tokenizer, args.length, limit=args.limit)
     sums = {name: _Sums() for name in variants}
@@ -65,7 +65,7 @@ def main() -> None:
             reference = final_hidden(model, ids)[half - 1 : n - 1]
             targets = ids[0, half:]
             for name, (selection, variant) in variants.items():
-                with selected(model, variant, selection, layers, args.local):
+                with selected(model, variant, selection, args.source_layers, args.local):
                     hidden = final_hidden(model, ids)[half - 1 : n - 1]
                 score_window(model, hidden, targets, reference, sums[name])
     for name, (_, variant) in variants.items():

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from moa_compress import gate_runtime
-from moa_compress.gates import gate_selections, layer_gate_heads, pool_queries_at, pooled_attention
+from moa_compress.gates import gate_selections, layer_gate_heads, pooled_attention
 from moa_compress.plan import num_blocks
 
 SOURCES = ("mean", "bound", "sampled:R", "mass", "mass-head")
@@ -83,7 +83,7 @@ def sampled_mass(
     valid[:, 0] |= ~valid.any(-1)  # a last block shorter than every offset: its (clamped) last query
     valid = valid.flatten()
     positions = positions.clamp(max=s - 1)
-    q = query[:, :, positions].double() if query.dtype == torch.float64 else query[:, :, positions].float()
+    q = query[:, :, positions].to(torch.promote_types(query.dtype, torch.float32))
     q = q.view(b, hkv, hq // hkv, -1, d) * scale
     scores = q @ key.to(q.dtype)[:, :, None].transpose(-1, -2)  # [B, Hkv, G, nB * R, S]
     scores = scores.masked_fill(torch.arange(s, device=query.device) > positions[:, None], float("-inf"))
@@ -139,7 +139,7 @@ def scored_by(source: str, local: int | None = None, layers: range | None = None
             return plain(plan, layer, gate, query, key, value, q_pre, k_codes, scale, backend)
         bs = plan.block_size
         if source == "gate":
-            scores = gate.scores(gate.query_codes(pool_queries_at(q_pre, 0, bs), 0), k_codes)
+            scores = gate_runtime.gate_scores_for(gate, q_pre, k_codes, kv_len, bs)
         else:
             scores = source_scores(source, query, key, scale, bs)
         blocks, gate_of_head, window, tail = layer_gate_heads(plan, layer, kv_len)

@@ -115,10 +115,8 @@ def _scored(model, plan: Plan, source: str, layers: range | None, local: int | N
         yield
 
 
-def layer_range(text: str | None) -> range | None:
-    """``"LO-HI"`` (or ``"L"``) as the layers ``LO..HI``; None for None."""
-    if text is None:
-        return None
+def layer_range(text: str) -> range:
+    """``"LO-HI"`` (or ``"L"``) as the layers ``LO..HI`` (an argparse ``type``: a ValueError on bad text)."""
     lo, _, hi = text.partition("-")
     return range(int(lo), int(hi or lo) + 1)
 
@@ -168,20 +166,21 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--task", default="passkey", choices=("passkey", "needle_number"))
     parser.add_argument("--selection", default="plan", help="plan, an oracle or a gate source")
-    parser.add_argument("--source-layers", default=None, help="LO-HI: the layers a gate source scores")
+    parser.add_argument(
+        "--source-layers", type=layer_range, default=None, help="LO-HI: the layers a gate source scores"
+    )
     parser.add_argument("--local", type=int, default=None, help="every gate head's local window (blocks)")
     parser.add_argument("variants", nargs="+", help="edits of the plan (module docstring)")
     args = parser.parse_args()
     if args.selection not in ("plan", *ORACLES) and not gate_sources().is_source(args.selection):
-        raise SystemExit(f"--selection is plan, an oracle or a gate source, got {args.selection!r}")
+        parser.error(f"--selection is plan, an oracle or a gate source, got {args.selection!r}")
     plan = load_plan(args.plan)
     model, tokenizer = load_model(None)
     variants = {name: edited(plan, name) for name in args.variants}
-    layers = layer_range(args.source_layers)
     for n in (int(x) for x in args.lengths.split(",")):
         prompts, depths_of = prompts_of(args.task, tokenizer, n, args.samples)
         for name, variant in variants.items():
-            found, logprob = score(model, variant, prompts, args.selection, layers, args.local)
+            found, logprob = score(model, variant, prompts, args.selection, args.source_layers, args.local)
             by_depth: dict[float, list[bool]] = {}
             for depth, ok in zip(depths_of, found, strict=True):
                 if depth is not None:

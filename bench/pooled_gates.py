@@ -20,7 +20,7 @@ import sys
 import torch
 
 from moa_compress import gate_runtime
-from moa_compress.gates import gate_selections, layer_gate_heads, pool_queries_at
+from moa_compress.gates import gate_selections, layer_gate_heads
 
 _per_row = gate_runtime.gate_selections_for
 
@@ -54,9 +54,7 @@ def pooled_selections_for(plan, layer, gate, q_pre, k_codes, kv_len):
     blocks, gate_of_head, local, tail = layer_gate_heads(plan, layer, kv_len)
     if int((blocks > 0).sum()) < 2 or bool((tail > 0).any()):  # dense tails: not re-dealt here
         return per_row
-    bs = plan.block_size
-    first = kv_len - q_pre.shape[2]
-    scores = gate.scores(gate.query_codes(pool_queries_at(q_pre, first, bs), first // bs), k_codes)
+    scores = gate_runtime.gate_scores_for(gate, q_pre, k_codes, kv_len, plan.block_size)
     return pooled_selection(scores, blocks, gate_of_head, local, per_row)
 
 

@@ -289,6 +289,20 @@ class GateHooks:
         self.seen.clear()
 
 
+def gate_scores_for(
+    gate: AttnGate,
+    q_pre: torch.Tensor,  # [B, Hq, Sq, D] this call's pre-RoPE queries
+    k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] every key block's code (GateKeys.all_codes)
+    kv_len: int,
+    block_size: int,
+) -> torch.Tensor:  # [B, H_gate, nQ_call, nK]
+    """The gate's scores of the call's query blocks (absolute blocks ``(kv_len - Sq) // block_size`` to
+    the last; each pools the call's queries in it) against every key block."""
+    first = kv_len - q_pre.shape[2]
+    q_blocks = pool_queries_at(q_pre, first, block_size)
+    return gate.scores(gate.query_codes(q_blocks, first // block_size), k_codes)
+
+
 def gate_selections_for(
     plan: Plan,
     layer: int,
@@ -297,12 +311,9 @@ def gate_selections_for(
     k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] every key block's code (GateKeys.all_codes)
     kv_len: int,
 ) -> torch.Tensor:  # [B, H, nQ_call, nK] bool
-    """The gate heads' blocks for the call's query blocks (absolute blocks ``(kv_len - Sq) // bs`` to
-    the last), over every key block; rows of heads without a gate are all False."""
-    bs = plan.block_size
-    first = kv_len - q_pre.shape[2]
-    q_blocks = pool_queries_at(q_pre, first, bs)
-    scores = gate.scores(gate.query_codes(q_blocks, first // bs), k_codes)
+    """The gate heads' blocks for the call's query blocks (:func:`gate_scores_for`), over every key
+    block; rows of heads without a gate are all False."""
+    scores = gate_scores_for(gate, q_pre, k_codes, kv_len, plan.block_size)
     return gate_selections(scores, *layer_gate_heads(plan, layer, kv_len))
 
 
