@@ -17,6 +17,12 @@ rule's dense tail rows, :attr:`~moa_compress.plan.GateRule.tail`: a decoding ste
 heads and rows at once. :func:`layer_block_rows` merges those rows with the static heads' fixed rows,
 so one attention call serves every head of the layer.
 
+A prompt can be ranked another way (:class:`PrefillRanking`, ``apply_plan(..., ranking=...)``): by the
+true attention of a few sampled queries per query block (:func:`sampled_scores`), which follows the
+input more closely than the pooled gate, at a cost that grows with the samples (at 8K tokens, four
+samples per 64-token block cost about a twelfth of dense attention on the CPU: BENCHMARKS.md). Decoding
+steps keep the gate: one query row is cheap to score exactly only by attending to everything.
+
 Memory: in a :class:`~moa_compress.kvcache.PlanKVCache` a gate layer keeps ``gate_dim`` numbers per gate
 head and key block plus the raw pre-RoPE keys of its unfinished last block (a few percent of its key
 cache at the defaults); with the default cache it keeps every pre-RoPE key (``[B, Hkv, S, D]``, as large as the
@@ -25,7 +31,8 @@ layer's key cache) so that the cache can be cropped and padded rows pooled from 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +49,76 @@ from moa_compress.gates import (
 )
 from moa_compress.kernels.layout import BlockLayout
 from moa_compress.plan import Plan, num_blocks
+
+# Bytes of attention scores one chunk of sampled queries holds (a few MB: the chunk's scores stay in the
+# cache through the softmax and the block sums; measured at 8K, 2-8 MB chunks were fastest).
+SAMPLED_CHUNK_BYTES = 1 << 23
+
+
+@dataclass(frozen=True)
+class PrefillRanking:
+    """How the gate heads of a layer rank key blocks for calls with more than one query (a prompt, or
+    a chunk of one): ``samples = 0``, by the trained gate (the default); ``samples = R``, by the true
+    attention of ``R`` sampled queries per query block (:func:`sampled_scores`) — in ``layers`` only,
+    if given (the others keep the gate). Decoding steps always rank by the gate. The blocks kept per row
+    are the rules' own either way (sink, local window, ``blocks_per_row``), so densities and the decode
+    cache are unchanged. Scores are per KV group (the mean of its query heads' sampled mass), as the
+    default gates decide; a plan with per-query-head gates still shares one ranking per group here.
+
+    Calls through a :class:`~moa_compress.kvcache.PlanKVCache` rank the prompt this way but keep the
+    gate for later chunks (the cache keeps each storage class's keys apart)."""
+
+    samples: int = 0
+    layers: frozenset[int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise PlanRuntimeError(f"ranking samples must be a whole number >= 0, got {self.samples!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", frozenset(int(i) for i in self.layers))
+
+    @classmethod
+    def parse(cls, text: str, layers: str | Iterable[int] | None = None) -> PrefillRanking:
+        """``"gate"`` or ``"sampled:R"``; ``layers`` as ``"LO-HI"`` (inclusive), ``"A,B,..."`` or integers."""
+        head, _, count = text.partition(":")
+        if text == "gate":
+            samples = 0
+        elif head == "sampled" and count.isdigit() and int(count) >= 1:
+            samples = int(count)
+        else:
+            raise PlanRuntimeError(f"ranking must be gate or sampled:R with a whole R >= 1, got {text!r}")
+        return cls(samples, parse_layers(layers) if isinstance(layers, str) else layers)
+
+    def applies(self, layer: int, q_len: int) -> bool:
+        return self.samples > 0 and q_len > 1 and (self.layers is None or layer in self.layers)
+
+    def describe(self) -> str:
+        if not self.samples:
+            return "gate"
+        where = "" if self.layers is None else f" in layers {format_layers(self.layers)}"
+        return f"sampled:{self.samples}{where}"
+
+
+def parse_layers(text: str) -> frozenset[int]:
+    """``"20-29"`` (inclusive) or ``"3,5,7"`` or a mix (``"0-3,9"``) -> layer indices."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()) or (dash and int(hi) < int(lo)):
+            raise PlanRuntimeError(f"layers must look like 20-29 or 3,5,7, got {text!r}")
+        out.update(range(int(lo), int(hi if dash else lo) + 1))
+    return frozenset(out)
+
+
+def format_layers(layers: Iterable[int]) -> str:
+    """The inverse of :func:`parse_layers`, runs written ``LO-HI``."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class GateKeys:
@@ -303,6 +380,96 @@ def gate_scores_for(
     return gate.scores(gate.query_codes(q_blocks, first // block_size), k_codes)
 
 
+def sample_positions(
+    first: int, kv_len: int, block_size: int, samples: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([nQ_call, R] long, [nQ_call, R] bool)
+    """The sampled queries of a call's query blocks (absolute blocks ``first // block_size`` to the
+    last; the call's queries are positions ``first`` to ``kv_len - 1``): offsets ``block_size - 1``
+    within the block, then down in steps of ``block_size / samples``. A position outside the call is not
+    valid (its column holds a clamped stand-in); a block with none in it samples the call's last query in
+    that block."""
+    bs = block_size
+    blocks = torch.arange(first // bs, num_blocks(kv_len, bs), device=device)
+    offsets = torch.tensor([bs - 1 - (i * bs) // samples for i in range(samples)], device=device)
+    positions = blocks[:, None] * bs + offsets  # [nQ, R]
+    valid = (positions >= first) & (positions < kv_len)
+    empty = ~valid.any(-1)
+    last = (blocks * bs + bs - 1).clamp(max=kv_len - 1)
+    positions[:, 0] = torch.where(empty, last, positions[:, 0])
+    valid[:, 0] |= empty
+    return positions.clamp(first, kv_len - 1), valid
+
+
+def sampled_scores(
+    query: torch.Tensor,  # [B, Hq, Sq, D] after RoPE: positions kv_len - Sq .. kv_len - 1
+    key: torch.Tensor,  # [B, Hkv, Sk, D] after RoPE, every key from position 0
+    scale: float,
+    block_size: int,
+    samples: int,
+    chunk_bytes: int = SAMPLED_CHUNK_BYTES,
+) -> torch.Tensor:  # [B, Hkv, nQ_call, nK], at least float32; -inf above the block diagonal
+    """Block scores of the call's query blocks from ``samples`` sampled queries each
+    (:func:`sample_positions`): the log of the causal softmax attention each sampled query puts on every
+    key block, averaged over the block's valid samples and the KV group's query heads. With every query
+    of a block sampled it is the log of the block's attention mass per query.
+
+    Cost: ``samples / block_size`` of the full score product (at most; the queries of a chunk see only
+    the keys up to its last block) plus a softmax per sampled row, in chunks of about ``chunk_bytes`` of
+    scores, batched over heads and rows; the query heads of a KV group share its keys (no repeat)."""
+    b, hq, sq, d = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    group, bs, first = hq // hkv, block_size, kv_len - sq
+    positions, valid = sample_positions(first, kv_len, bs, samples, query.device)
+    nq, nk, rows = positions.shape[0], num_blocks(kv_len, bs), group * samples
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query[:, :, (positions - first).flatten()].to(dtype) * scale  # [B, Hq, nQ * R, D]
+    q = q.view(b, hkv, group, nq, samples, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nq, rows, d)
+    k = key.to(dtype)
+    weight = (valid.to(dtype) / valid.sum(-1, keepdim=True) / group).repeat(1, group)  # [nQ, G·R]
+    row_positions = positions.repeat(1, group)  # [nQ, G·R], the row order of q (head-major)
+    columns = torch.arange(kv_len, device=query.device)
+    out = torch.zeros(b, hkv, nq, nk, dtype=dtype, device=query.device)
+    step = max(1, chunk_bytes // (b * hkv * rows * kv_len * 4))  # query blocks per chunk
+    for j0 in range(0, nq, step):
+        j1 = min(nq, j0 + step)
+        end = min(kv_len, (first // bs + j1) * bs)  # keys causal for some query of the chunk
+        scores = q[:, :, j0:j1].flatten(2, 3) @ k[:, :, :end].transpose(-1, -2)  # [B, Hkv, c·G·R, end]
+        scores = scores.unflatten(2, (j1 - j0, rows))
+        seen = (first // bs + j0) * bs  # every query of the chunk sees the keys before its first block
+        ahead = columns[seen:end] > row_positions[j0:j1, :, None]  # [c, G·R, end - seen]
+        scores[..., seen:].masked_fill_(ahead, float("-inf"))
+        scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+        scores.div_(scores.sum(-1, keepdim=True))  # [B, Hkv, c, G·R, end]: each row's attention
+        full = end // bs
+        per_block = scores[..., : full * bs].unflatten(-1, (full, bs)).sum(-1)
+        if end > full * bs:  # a last, shorter key block
+            per_block = torch.cat([per_block, scores[..., full * bs :].sum(-1, keepdim=True)], -1)
+        out[:, :, j0:j1, : per_block.shape[-1]] = torch.einsum("bhcrk,cr->bhck", per_block, weight[j0:j1])
+    return out.log()
+
+
+def call_selections(
+    plan: Plan,
+    layer: int,
+    gate: AttnGate,
+    query: torch.Tensor,  # [B, Hq, Sq, D] after RoPE
+    key: torch.Tensor,  # [B, Hkv, Sk, D] after RoPE
+    q_pre: torch.Tensor,  # [B, Hq, Sq, D] pre-RoPE
+    k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] (GateKeys.all_codes)
+    scale: float,
+    ranking: PrefillRanking | None = None,
+) -> torch.Tensor:  # [B, H, nQ_call, nK] bool
+    """The gate heads' blocks for an unpadded call: :func:`gate_selections_for`, or where ``ranking``
+    applies to the call, the same rules' selection from :func:`sampled_scores`."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if ranking is None or not ranking.applies(layer, q_len):
+        return gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)
+    scores = sampled_scores(query, key, scale, plan.block_size, ranking.samples)
+    blocks, _, local, tail = layer_gate_heads(plan, layer, kv_len)
+    group_of_head = torch.arange(query.shape[1]) // (query.shape[1] // key.shape[1])
+    return gate_selections(scores, blocks, group_of_head, local, tail)
+
+
 def gate_selections_for(
     plan: Plan,
     layer: int,
@@ -345,11 +512,12 @@ def gated_attention(
     k_codes: torch.Tensor,  # [B, H_gate, nK, gate_dim] (GateKeys.all_codes)
     scale: float,
     backend: str,
+    ranking: PrefillRanking | None = None,
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
     """One unpadded call of a layer with gate heads: every head in one block-sparse call per piece
-    (:func:`rows_attention`)."""
+    (:func:`rows_attention`), the gate heads' blocks by :func:`call_selections`."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    selections = gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)
+    selections = call_selections(plan, layer, gate, query, key, q_pre, k_codes, scale, ranking)
     rows = layer_block_rows(plan, layer, kv_len, q_len, selections)  # [B, H, nQ_call, nK]
     return rows_attention(rows, query, key, value, plan.block_size, scale, backend)
 
@@ -399,6 +567,7 @@ def gated_padded_attention(
     scale: float,
     backend: str,
     codes: Sequence[torch.Tensor] | None = None,  # per row [1, H_gate, nK_row, gate_dim], if held already
+    ranking: PrefillRanking | None = None,
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
     """A left-padded batch, one row at a time over its own tokens (positions counted from its first
     real token, as unpadded: its key blocks are pooled from there, unless the caller holds each row's
@@ -413,7 +582,7 @@ def gated_padded_attention(
         held = codes[row] if codes is not None else row_codes(gate, k_pre[r, :, pad:], plan.block_size)
         out[r, :, q0:] = gated_attention(
             plan, layer, gate, query[r, :, q0:], key[r, :, pad:], value[r, :, pad:],
-            q_pre[r, :, q0:], held, scale, backend,
+            q_pre[r, :, q0:], held, scale, backend, ranking,
         )  # fmt: skip
     return out
 

@@ -267,10 +267,11 @@ class PlanHandle:
     implementation it replaced), and the layout cache.
     """
 
-    def __init__(self, model: Any, plan: Plan, backend: str):
+    def __init__(self, model: Any, plan: Plan, backend: str, ranking=None):
         self.model = model
         self.plan = plan
         self.backend = backend
+        self.ranking = ranking  # moa_compress.gate_runtime.PrefillRanking or None (the gates)
         self.layouts = LayoutCache()
         self.name = f"moa_plan_{next(_names)}"
         self.switch = contextlib.ExitStack()  # while installed: undoes the switch to ``name``
@@ -372,11 +373,12 @@ class PlanHandle:
             if not is_plain_causal(mask):
                 return gated_padded_attention(
                     self.plan, layer, gate, query, key, value, q_pre, held.keys(), left_padding(mask), scale,
-                    self.backend,
+                    self.backend, ranking=self.ranking,
                 )  # fmt: skip
         return gated_attention(
-            self.plan, layer, gate, query, key, value, q_pre, held.all_codes(gate), scale, self.backend
-        )
+            self.plan, layer, gate, query, key, value, q_pre, held.all_codes(gate), scale, self.backend,
+            self.ranking,
+        )  # fmt: skip
 
     def gated_stored(
         self,
@@ -415,7 +417,7 @@ class PlanHandle:
                 held.start(k_new, pad.tolist(), gate)
                 out = gated_padded_attention(
                     self.plan, layer, gate, query, stored.keys, stored.values, q_pre, k_new, pad, scale,
-                    self.backend, held.per_row(stored.length - pad),
+                    self.backend, held.per_row(stored.length - pad), self.ranking,
                 )  # fmt: skip
             else:
                 pad = None
@@ -423,17 +425,9 @@ class PlanHandle:
                 cache_layer.gate_keys.update(k_new, 0, gate)
                 codes = cache_layer.gate_keys.all_codes(gate)
                 out = gated_attention(
-                    self.plan,
-                    layer,
-                    gate,
-                    query,
-                    stored.keys,
-                    stored.values,
-                    q_pre,
-                    codes,
-                    scale,
-                    self.backend,
-                )
+                    self.plan, layer, gate, query, stored.keys, stored.values, q_pre, codes, scale,
+                    self.backend, self.ranking,
+                )  # fmt: skip
             cache_layer.plan_storage(stored.keys, pad)
             cache_layer.check_length(stored.length)
             cache_layer.store(stored)
@@ -648,12 +642,16 @@ def check_model_features(model: Any) -> None:
         raise PlanRuntimeError("plans apply to causal (decoder) models only")
 
 
-def apply_plan(model: Any, plan: Plan, *, backend: str = "auto") -> PlanHandle:
+def apply_plan(model: Any, plan: Plan, *, backend: str = "auto", ranking: Any = None) -> PlanHandle:
     """Run ``plan`` in ``model``'s attention until the returned handle is removed.
 
     Registers an attention function with transformers' ``AttentionInterface`` under a unique name
     and switches the model to it. A model that already has a plan has that one removed first. A
     plan whose rules are all dense still runs through the plan path (useful as a control).
+
+    ``ranking``: how gate heads rank a prompt's blocks — None or ``"gate"`` (the plan's trained gates),
+    ``"sampled:R"`` or a :class:`~moa_compress.gate_runtime.PrefillRanking` (``R`` sampled queries per
+    block, optionally in some layers only); decoding steps keep the gates.
 
     Example::
 
@@ -666,8 +664,12 @@ def apply_plan(model: Any, plan: Plan, *, backend: str = "auto") -> PlanHandle:
         raise PlanRuntimeError(f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}")
     plan.check_model(identity_of(model))
     check_model_features(model)
+    if isinstance(ranking, str):
+        from moa_compress.gate_runtime import PrefillRanking
+
+        ranking = PrefillRanking.parse(ranking)
     remove_plan(model)
-    handle = PlanHandle(model, plan, backend)
+    handle = PlanHandle(model, plan, backend, ranking if ranking is not None and ranking.samples else None)
     handle.install()
     return handle
 

@@ -105,9 +105,13 @@ def ids(b, n, seed=0, vocab=128):
 class Reference:
     """An independent implementation of a gated plan: dense softmax under a token mask; the gate heads'
     blocks chosen row by row and head by head with plain Python loops from pooled pre-RoPE queries
-    (this call's, per absolute block) and keys (every one so far), captured by its own hooks."""
+    (this call's, per absolute block) and keys (every one so far), captured by its own hooks.
 
-    def __init__(self, model, plan: Plan, name: str):
+    With ``ranking`` (a :class:`~moa_compress.gate_runtime.PrefillRanking`), calls of more than one query
+    in its layers rank by :meth:`sampled_row` instead (only the first call, a prompt, with
+    ``prompt_only``: what a PlanKVCache does)."""
+
+    def __init__(self, model, plan: Plan, name: str, ranking=None, prompt_only=False):
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -131,6 +135,23 @@ class Reference:
         AttentionInterface.register(name, self.attention)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
         self.name = name
+        self.ranking, self.prompt_only = ranking, prompt_only
+
+    def sampled_row(self, query, key, r, g, row, past, scale):
+        """Brute force: the mean, over KV group ``g``'s query heads and the sampled queries of block
+        ``row`` that this call holds (offsets BLOCK - 1, then down by BLOCK / R; else the call's last
+        query in the block), of each one's softmax attention summed per key block; its log."""
+        samples, kv_len = self.ranking.samples, key.shape[2]
+        group = query.shape[1] // key.shape[1]
+        wanted = [row * BLOCK + BLOCK - 1 - (i * BLOCK) // samples for i in range(samples)]
+        positions = [p for p in wanted if past <= p < kv_len] or [min(row * BLOCK + BLOCK - 1, kv_len - 1)]
+        total = [0.0] * (row + 1)
+        for h in range(g * group, (g + 1) * group):
+            for p in positions:
+                weights = torch.softmax(key[r, g, : p + 1] @ query[r, h, p - past] * scale, 0)
+                for j in range(p + 1):
+                    total[j // BLOCK] += float(weights[j])
+        return torch.tensor(total).div(len(positions) * group).log()
 
     def block_choice(self, layer, scores_row, head, n, row):
         """Blocks row ``row`` of ``head`` keeps, by brute force: sink, the local window ending at the
@@ -158,6 +179,12 @@ class Reference:
         self.keys[layer] = new if past == 0 else torch.cat([self.keys[layer][:, :, :past], new], 2)
         mask = torch.zeros(b, hq, q_len, kv_len, dtype=torch.bool)
         group = hq // plan.model.num_kv_heads
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        sampled = (
+            self.ranking is not None
+            and self.ranking.applies(layer, q_len)
+            and not (self.prompt_only and past > 0)
+        )
         for h, rule in enumerate(plan.rules[layer]):
             for i in range(q_len):
                 p = past + i
@@ -169,15 +196,17 @@ class Reference:
                     continue
                 gate = self.gates[layer]
                 for r in range(b):
-                    in_block = [t for t in range(q_len) if (past + t) // BLOCK == row]
-                    q_block = self.q[layer][r : r + 1, :, in_block].mean(2, keepdim=True)  # [1, Hq, 1, D]
-                    k_blocks = pool_keys(self.keys[layer][r : r + 1].float(), BLOCK)
-                    scores = gate(q_block.float(), k_blocks[:, :, : row + 1])[0]  # [Hg, 1, row + 1]
-                    g = h if gate.per_query_head else h // group
-                    chosen = self.block_choice(layer, scores[g, 0], h, kv_len, row)
+                    if sampled:
+                        scores_row = self.sampled_row(query, key, r, h // group, row, past, scale)
+                    else:
+                        in_block = [t for t in range(q_len) if (past + t) // BLOCK == row]
+                        q_block = self.q[layer][r : r + 1, :, in_block].mean(2, keepdim=True)  # [1, Hq, 1, D]
+                        k_blocks = pool_keys(self.keys[layer][r : r + 1].float(), BLOCK)
+                        scores = gate(q_block.float(), k_blocks[:, :, : row + 1])[0]  # [Hg, 1, row + 1]
+                        scores_row = scores[h if gate.per_query_head else h // group, 0]
+                    chosen = self.block_choice(layer, scores_row, h, kv_len, row)
                     for j in range(p + 1):
                         mask[r, h, i, j] = (j // BLOCK) in chosen
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = dense_masked_attention(query, key, value, mask, scale)
         return out.transpose(1, 2).contiguous(), None
 
@@ -352,17 +381,18 @@ def test_gate_class_of_kv_heads_apart_decodes_as_the_reference(monkeypatch):
     decode_equals_reference(model, plan, "plan", "torch", (7, 16, 41, 58), monkeypatch)
 
 
-def decode_equals_reference(model, plan, cache, backend, chunks, monkeypatch):
-    """Logits of the prompt fed in ``chunks`` then one token at a time through ``apply_plan`` (``cache``:
-    "dynamic" or "plan") equal the :class:`Reference`'s within 1e-9."""
+def decode_equals_reference(model, plan, cache, backend, chunks, monkeypatch, ranking=None, length=75):
+    """Logits of the prompt fed in ``chunks`` then one token at a time to ``length`` through ``apply_plan``
+    (``cache``: "dynamic" or "plan"; with ``ranking``) equal the :class:`Reference`'s within 1e-9."""
     from transformers import DynamicCache
 
     from moa_compress.kernels import cpu
 
     monkeypatch.setattr(cpu, "GATHER_MAX_FRACTION", 1.0)
-    x = ids(1, 75, seed=3)
+    x = ids(1, length, seed=3)
     ends = (0, *chunks)
-    steps = [*itertools.pairwise(ends), *((i, i + 1) for i in range(chunks[-1], 75))]  # prompt, then tokens
+    tokens = ((i, i + 1) for i in range(chunks[-1], length))
+    steps = [*itertools.pairwise(ends), *tokens]  # the prompt's chunks, then one token at a time
 
     def run(make):
         c = make()
@@ -370,28 +400,30 @@ def decode_equals_reference(model, plan, cache, backend, chunks, monkeypatch):
         return torch.cat([model(x[:, a:b], use_cache=True, **kw).logits for a, b in steps], 1)
 
     with torch.no_grad():
-        ref = Reference(model, plan, f"gate_ref_decode_{cache}")
+        ref = Reference(model, plan, f"gate_ref_decode_{cache}", ranking, prompt_only=cache == "plan")
         model.set_attn_implementation(ref.name)
         want = run(lambda: DynamicCache(config=model.config))
         model.set_attn_implementation("sdpa")
         make = (
             (lambda: DynamicCache(config=model.config))
             if cache == "dynamic"
-            else (lambda: PlanKVCache(model.config, plan, max_length=80))
+            else (lambda: PlanKVCache(model.config, plan, max_length=length + 5))
         )
-        with apply_plan(model, plan, backend=backend):
+        with apply_plan(model, plan, backend=backend, ranking=ranking):
             got = run(make)
     assert (got - want).abs().max() <= 1e-9
+    return got
 
 
-def test_left_padded_batch_with_gate_heads_equals_each_row_alone():
+@pytest.mark.parametrize("ranking", [None, "sampled:2"])
+def test_left_padded_batch_with_gate_heads_equals_each_row_alone(ranking):
     model = tiny_model("llama", dtype=torch.float64)
     plan = gated_plan(model, mixed(seed=4), seed=4)
     a, b = ids(1, 53, seed=4), ids(1, 30, seed=5)
     batch = torch.zeros(2, 53, dtype=torch.long)
     batch[0], batch[1, 23:] = a[0], b[0]
     model.generation_config.eos_token_id = None
-    with torch.no_grad(), apply_plan(model, plan, backend="reference"):
+    with torch.no_grad(), apply_plan(model, plan, backend="reference", ranking=ranking):
         together = model.generate(
             batch, attention_mask=(batch != 0).long(), max_new_tokens=10, do_sample=False, pad_token_id=0
         )
@@ -400,8 +432,8 @@ def test_left_padded_batch_with_gate_heads_equals_each_row_alone():
     assert torch.equal(together[1, 53:], alone[1][0, 30:])
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_plan_kv_cache_left_padded_gate_batch_equals_each_row_alone(backend, monkeypatch):
+@pytest.mark.parametrize("backend,ranking", [("reference", None), ("torch", None), ("torch", "sampled:3")])
+def test_plan_kv_cache_left_padded_gate_batch_equals_each_row_alone(backend, ranking, monkeypatch):
     """Prompt and 20 decode steps of a left-padded batch through one PlanKVCache, logits of every real
     token against each row run alone (unpadded, its own PlanKVCache): gate layers keep codes per row."""
     from moa_compress.kernels import cpu
@@ -425,7 +457,7 @@ def test_plan_kv_cache_left_padded_gate_batch_equals_each_row_alone(backend, mon
             )
         return torch.cat(logits, 1)
 
-    with torch.no_grad(), apply_plan(model, plan, backend=backend):
+    with torch.no_grad(), apply_plan(model, plan, backend=backend, ranking=ranking):
         together = run(batch, mask, extra, PlanKVCache(model.config, plan, max_length=batch.shape[1] + 20))
         for r, q in enumerate(seqs):
             cache = PlanKVCache(model.config, plan, max_length=len(q) + 20)
@@ -661,3 +693,126 @@ def test_plan_kv_cache_of_a_gate_plan_counts_and_bounds_what_its_gate_layers_kee
     assert held.length == 104 and held.codes.shape[2] == 104 // BLOCK and held.raw.shape[2] == 104 % BLOCK
     storage = sum(s.nbytes()[1] for s in layer.storage)
     assert layer.nbytes()[1] == storage + held.nbytes() and held.nbytes() < storage / 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts ranked by sampled queries (PrefillRanking)
+
+
+def brute_sampled_scores(query, key, scale, samples):
+    """:func:`sampled_scores` with loops: per KV group and query block of the call, the mean of the
+    sampled queries' softmax attention summed per key block (as :meth:`Reference.sampled_row`)."""
+    b, hq, sq, _ = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    group, first = hq // hkv, n - sq
+    rows = range(first // BLOCK, num_blocks(n, BLOCK))
+    out = torch.full((b, hkv, len(rows), num_blocks(n, BLOCK)), float("-inf"), dtype=torch.float64)
+    for r in range(b):
+        for g in range(hkv):
+            for i, row in enumerate(rows):
+                wanted = [row * BLOCK + BLOCK - 1 - (t * BLOCK) // samples for t in range(samples)]
+                positions = [p for p in wanted if first <= p < n] or [min(row * BLOCK + BLOCK - 1, n - 1)]
+                total = torch.zeros(row + 1, dtype=torch.float64)
+                for h in range(g * group, (g + 1) * group):
+                    for p in positions:
+                        weights = torch.softmax(key[r, g, : p + 1] @ query[r, h, p - first] * scale, 0)
+                        for j in range(p + 1):
+                            total[j // BLOCK] += weights[j]
+                out[r, g, i, : row + 1] = (total / (len(positions) * group)).log()
+    return out
+
+
+@pytest.mark.parametrize(
+    "n,first,samples,hq,hkv",
+    [(77, 0, 3, 6, 2), (77, 37, 4, 6, 3), (50, 49, 2, 4, 4), (40, 0, 16, 4, 2), (33, 21, 5, 2, 1)],
+)  # odd lengths, a call starting inside a block (no sampled query of its first block in it), GQA,
+# every query sampled, more samples than a call's last block holds
+def test_sampled_scores_equal_brute_force(n, first, samples, hq, hkv):
+    from moa_compress.gate_runtime import sampled_scores
+
+    g = torch.Generator().manual_seed(n + first)
+    query = torch.randn(2, hq, n - first, 8, generator=g, dtype=torch.float64)
+    key = torch.randn(2, hkv, n, 8, generator=g, dtype=torch.float64)
+    want = brute_sampled_scores(query, key, 0.4, samples)
+    for chunk_bytes in (1, 1 << 23):  # a chunk per query block, and all in one
+        got = sampled_scores(query, key, 0.4, BLOCK, samples, chunk_bytes=chunk_bytes)
+        assert got.dtype == torch.float64 and torch.equal(got.isfinite(), want.isfinite())
+        torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()], rtol=1e-12, atol=1e-12)
+
+
+def test_sampled_scores_of_every_query_are_the_block_mass_per_query():
+    from moa_compress.gate_runtime import sampled_scores
+    from moa_compress.gates import pooled_attention
+
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(1, 6, 70, 8, generator=g, dtype=torch.float64)
+    key = torch.randn(1, 2, 70, 8, generator=g, dtype=torch.float64)
+    mass = pooled_attention(query, key, 0.5, BLOCK, "sum")  # [1, 6, nB, nB]
+    per_query = torch.tensor([BLOCK] * 4 + [70 - 4 * BLOCK], dtype=torch.float64)[:, None]
+    want = (mass / per_query).unflatten(1, (2, 3)).mean(2)
+    got = sampled_scores(query, key, 0.5, BLOCK, BLOCK).exp()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def roomy(layer, head):
+    """Gate rules with room to choose at 150 tokens (10 blocks: 3 to 5 blocks a row, not 2), beside
+    static and dense heads."""
+    kinds = (GateRule(0.6), GateRule(0.45, 2), StaticRule(1, float(BLOCK), 0.0), DenseRule())
+    return kinds[(layer + head) % 4]
+
+
+@pytest.mark.parametrize("family,per_query_head,layers", [("llama", False, None), ("qwen2", True, {1})])
+def test_prompt_ranked_by_sampled_queries_equals_the_reference(family, per_query_head, layers):
+    from moa_compress.gate_runtime import PrefillRanking
+
+    model = tiny_model(family, dtype=torch.float64)
+    plan = gated_plan(model, roomy, per_query_head=per_query_head)
+    ranking = PrefillRanking(3, layers)
+    x = ids(2, 150, seed=1)
+    with torch.no_grad():
+        ref = Reference(model, plan, f"gate_ref_sampled_{family}", ranking)
+        model.set_attn_implementation(ref.name)
+        want = model(x).logits
+        model.set_attn_implementation("sdpa")
+        with apply_plan(model, plan, backend="reference", ranking=ranking):
+            got = model(x).logits
+        with apply_plan(model, plan, backend="reference"):
+            by_gate = model(x).logits
+    assert (got - want).abs().max() <= 1e-9
+    assert (got - by_gate).abs().max() > 1e-4  # the sampled ranking chose other blocks
+
+
+@pytest.mark.parametrize(
+    "cache, backend, chunks", [("dynamic", "reference", (71, 97, 130)), ("plan", "torch", (130,)),
+                               ("plan", "torch", (130, 141))],
+)  # fmt: skip
+def test_sampled_prompt_ranking_then_gate_steps_decode_as_the_reference(cache, backend, chunks, monkeypatch):
+    """A prompt ranked by sampled queries (each chunk with the default cache; the first only through a
+    PlanKVCache), then decoding steps ranked by the gate."""
+    from moa_compress.gate_runtime import PrefillRanking
+
+    model = tiny_model("mistral", dtype=torch.float64)
+    plan = gated_plan(model, roomy, seed=3)
+    run = (model, plan, cache, backend, chunks, monkeypatch)
+    got = decode_equals_reference(*run, PrefillRanking(2), length=150)
+    by_gate = decode_equals_reference(*run, length=150)
+    assert (got - by_gate).abs().max() > 1e-4
+
+
+def test_prefill_ranking_parses_layers_and_refuses_bad_specs_in_one_line():
+    from moa_compress.gate_runtime import PrefillRanking, format_layers, parse_layers
+
+    assert PrefillRanking.parse("sampled:4", "20-22,25") == PrefillRanking(4, {20, 21, 22, 25})
+    assert PrefillRanking.parse("gate").samples == 0
+    assert format_layers(parse_layers("0-3,9,11-12")) == "0-3,9,11-12"
+    assert PrefillRanking(4, range(20, 30)).describe() == "sampled:4 in layers 20-29"
+    assert not PrefillRanking(4, {3}).applies(2, 100) and not PrefillRanking(4).applies(3, 1)
+    for spec, layers in (("sampled:0", None), ("sampled", None), ("mass", None), ("sampled:4", "9-3"),
+                         ("sampled:4", "a")):  # fmt: skip
+        with pytest.raises(PlanRuntimeError) as err:
+            PrefillRanking.parse(spec, layers)
+        assert "\n" not in str(err.value)
+    model = tiny_model("llama")
+    plan = gated_plan(model, mixed(seed=1))
+    with pytest.raises(PlanRuntimeError, match="sampled:R"):
+        apply_plan(model, plan, ranking="sampled:x")
