@@ -10,8 +10,9 @@ many as its density at the length allows (:func:`moa_compress.gates.gate_selecti
   (per channel the larger of ``q·max k`` and ``q·min k``, the keys' channel extremes over the block, in
   the manner of Quest); training-free, about one block-level product per row;
 * ``sampled:R`` — the true attention of ``R`` queries per query block (evenly spaced, the block's last
-  one first) over every causal key, summed per key block: ``R / block_size`` of the full score
-  product (twice that share of the causal one dense attention computes), and a softmax per sampled row;
+  one first) over every causal key, summed per key block: the runtime's
+  :func:`moa_compress.gate_runtime.sampled_scores` (``apply_plan(..., ranking="sampled:R")``), here
+  for comparison with the others;
 * ``mass`` — the exact attention mass of the block, as the oracle ranks: the full score product, so a
   ceiling, not a method; ``mass-head`` ranks each query head by its own mass, as the oracle does, where
   every other source shares one ranking per KV group, as the plan's gates do.
@@ -63,35 +64,6 @@ def _block_means(x: torch.Tensor, bs: int) -> torch.Tensor:  # [..., S, D] -> [.
     return _blocks_of(x, bs, 0.0).sum(-2) / counts
 
 
-def sampled_mass(
-    query: torch.Tensor,  # [B, Hq, S, D] after RoPE, the whole prefill
-    key: torch.Tensor,  # [B, Hkv, S, D]
-    scale: float,
-    bs: int,
-    samples: int,
-) -> torch.Tensor:  # [B, Hq, nB, nB]: per query block, the sampled queries' mean attention per key block
-    """The causal softmax attention of ``samples`` queries per query block (offsets ``bs - 1``, then
-    down in steps of ``bs / samples``; in a last, shorter block those past the end are skipped, but the
-    sequence's last query is always one), summed over each key block and averaged over the block's
-    sampled queries. With ``samples == bs`` it is the block mass divided by the block's queries."""
-    b, hq, s, d = query.shape
-    hkv = key.shape[1]
-    nb = num_blocks(s, bs)
-    offsets = torch.tensor([bs - 1 - (i * bs) // samples for i in range(samples)], device=query.device)
-    positions = (torch.arange(nb, device=query.device)[:, None] * bs + offsets).flatten()  # [nB * R]
-    valid = (positions < s).view(nb, samples)
-    valid[:, 0] |= ~valid.any(-1)  # a last block shorter than every offset: its (clamped) last query
-    valid = valid.flatten()
-    positions = positions.clamp(max=s - 1)
-    q = query[:, :, positions].to(torch.promote_types(query.dtype, torch.float32))
-    q = q.view(b, hkv, hq // hkv, -1, d) * scale
-    scores = q @ key.to(q.dtype)[:, :, None].transpose(-1, -2)  # [B, Hkv, G, nB * R, S]
-    scores = scores.masked_fill(torch.arange(s, device=query.device) > positions[:, None], float("-inf"))
-    probs = F.pad(scores.softmax(-1), (0, -s % bs)).unflatten(-1, (nb, bs)).sum(-1)  # [B, Hkv, G, nB*R, nB]
-    probs = (probs * valid[:, None]).unflatten(-2, (nb, samples)).sum(-2)
-    return probs.view(b, hq, nb, nb) / valid.view(nb, samples).sum(-1)[:, None]
-
-
 def bound_scores(query: torch.Tensor, key: torch.Tensor, bs: int) -> torch.Tensor:  # -> [B, Hq, nQ, nK]
     """Per query head, the block-mean query's largest possible product with any key of each key block:
     ``Σ_c max(q_c · max_k k_c, q_c · min_k k_c)`` over the block's keys (padding excluded)."""
@@ -123,7 +95,7 @@ def source_scores(
     if source in ("mass", "mass-head"):
         mass = pooled_attention(query, key, scale, bs, "sum")
         return (mass if source == "mass-head" else per_group(mass, "mean")).log()
-    return per_group(sampled_mass(query, key, scale, bs, int(source.partition(":")[2])), "mean").log()
+    return gate_runtime.sampled_scores(query, key, scale, bs, int(source.partition(":")[2]))
 
 
 @contextlib.contextmanager
@@ -133,10 +105,10 @@ def scored_by(source: str, local: int | None = None, layers: range | None = None
     window ``local`` if given."""
     plain = gate_runtime.gated_attention
 
-    def attention(plan, layer, gate, query, key, value, q_pre, k_codes, scale, backend):
+    def attention(plan, layer, gate, query, key, value, q_pre, k_codes, scale, backend, ranking=None):
         q_len, kv_len = query.shape[2], key.shape[2]
-        if q_len != kv_len or (layers is not None and layer not in layers):  # the plan's own gate
-            return plain(plan, layer, gate, query, key, value, q_pre, k_codes, scale, backend)
+        if q_len != kv_len or (layers is not None and layer not in layers):  # as the plan is applied
+            return plain(plan, layer, gate, query, key, value, q_pre, k_codes, scale, backend, ranking)
         bs = plan.block_size
         if source == "gate":
             scores = gate_runtime.gate_scores_for(gate, q_pre, k_codes, kv_len, bs)

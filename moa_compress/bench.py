@@ -97,6 +97,7 @@ def bench_attention(
     repeats: int = 3,
     gates: bool = True,
     progress: Callable[[str], None] | None = None,
+    ranking_samples: int = 4,
 ) -> list[dict[str, Any]]:
     """Time each backend and dense causal SDPA on the embedded model's attention shape.
 
@@ -105,12 +106,16 @@ def bench_attention(
     fraction of the ideal 1/density reached). With ``gates`` (densities below 1): ``gate_select_s``,
     what a layer whose heads all have gate rules adds before attending — pool Q/K, score the blocks
     with a (random) gate of the default width, select per row, build the layout — ``gate_share``
-    (that over the SDPA time) and ``gate_speedup`` (SDPA time over selection + the torch backend).
+    (that over the SDPA time) and ``gate_speedup`` (SDPA time over selection + the torch backend); with
+    ``ranking_samples`` > 0 also ``sampled_select_s`` / ``sampled_share``, the same selection ranked by
+    that many sampled queries per block instead (``apply_plan(..., ranking="sampled:R")``, a prompt's cost).
     """
     check_backends(backends)
     for d in densities:
         if not 0.0 < d <= 1.0:
             raise BenchError(f"densities must be in (0, 1], got {d}")
+    if ranking_samples < 0:
+        raise BenchError(f"--ranking-samples must be 0 or more, got {ranking_samples}")
     rows = []
     for n in lengths:
         for dtype_name in dtypes:
@@ -131,7 +136,7 @@ def bench_attention(
                     "sdpa_cpu_s": times["sdpa_cpu"],
                 }
                 if gates and d < 1.0:
-                    row.update(gate_times(q, k, v, d, repeats, times["sdpa"]))
+                    row.update(gate_times(q, k, v, d, repeats, times["sdpa"], samples=ranking_samples))
                 for name in backends:
                     speedup = times["sdpa"] / times[name]
                     row.update(
@@ -149,11 +154,14 @@ def bench_attention(
     return rows
 
 
-def gate_times(q, k, v, density: float, repeats: int, sdpa_s: float, block_size: int = 64) -> dict[str, Any]:
+def gate_times(
+    q, k, v, density: float, repeats: int, sdpa_s: float, block_size: int = 64, samples: int = 0
+) -> dict[str, Any]:
     """Selection time of one layer whose heads all have ``GateRule(density)`` (random gate weights:
-    the cost does not depend on them), and selection + block-sparse attention (torch backend)."""
+    the cost does not depend on them), and selection + block-sparse attention (torch backend); with
+    ``samples``, the selection ranked by that many sampled queries per block as well."""
     from moa_compress.attention import block_sparse_attention
-    from moa_compress.gate_runtime import gate_selections_for, layer_block_rows, row_codes
+    from moa_compress.gate_runtime import PrefillRanking, call_selections, layer_block_rows, row_codes
     from moa_compress.gates import AttnGate, gates_to_plan_tensors
     from moa_compress.kernels.layout import BlockLayout
     from moa_compress.plan import GateRule, ModelIdentity, Plan
@@ -169,22 +177,35 @@ def gate_times(q, k, v, density: float, repeats: int, sdpa_s: float, block_size:
 
     gate = gates_from_plan(plan)[0]
 
-    def select():
-        with torch.no_grad():
-            selections = gate_selections_for(plan, 0, gate, q, row_codes(gate, k, block_size), n)
+    def select(ranking=None):
+        with torch.no_grad():  # q and k stand for the pre-RoPE ones too: the cost is the same
+            codes = row_codes(gate, k, block_size)
+            selections = call_selections(plan, 0, gate, q, k, q, codes, q.shape[-1] ** -0.5, ranking)
             rows = layer_block_rows(plan, 0, n, n, selections)
             return BlockLayout.from_block_mask(rows, block_size, n, n)
 
     def gated():
         return block_sparse_attention(q, k, v, select(), backend="torch")
 
-    times = best_times({"select": select, "gated": gated}, repeats)
-    return {
+    calls = {"select": select, "gated": gated}
+    if samples:
+        calls["sampled"] = lambda: select(PrefillRanking(samples))
+    times = best_times(calls, repeats)
+    out = {
         "gate_select_s": times["select"],
         "gate_share": times["select"] / sdpa_s,
         "gate_speedup": sdpa_s / times["gated"],
         "gate_density": round(plan.density(n), 4),
     }
+    if samples:
+        out.update(
+            {
+                "sampled_samples": samples,
+                "sampled_select_s": times["sampled"],
+                "sampled_share": times["sampled"] / sdpa_s,
+            }
+        )
+    return out
 
 
 def attention_candidates(q, k, v, layout, backends: Sequence[str]) -> dict[str, Callable[[], Any]]:
@@ -209,8 +230,11 @@ def attention_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> 
     for name in backends:
         header += [f"{name} ms", f"{name} speedup", f"{name} × d", f"{name} CPU-time speedup"]
     with_gates = any("gate_select_s" in row for row in rows)
+    sampled = next((row["sampled_samples"] for row in rows if "sampled_samples" in row), 0)
     if with_gates:
         header += ["gate select ms", "select / SDPA", "gate + torch speedup"]
+    if sampled:
+        header += [f"sampled:{sampled} select ms", "sampled / SDPA"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row["n"]), row["dtype"], f"{row['exact_density']:.3f}", f"{row['sdpa_s'] * 1e3:.1f}"]
@@ -230,6 +254,11 @@ def attention_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> 
                 ]
             else:
                 cells += ["–"] * 3
+        if sampled:
+            if "sampled_select_s" in row:
+                cells += [f"{row['sampled_select_s'] * 1e3:.1f}", f"{row['sampled_share'] * 100:.1f}%"]
+            else:
+                cells += ["–"] * 2
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -248,6 +248,18 @@ def plan_validate(
 # --- bench
 
 
+def parse_ranking(ranking: str, layers: str | None):
+    """``--ranking`` / ``--ranking-layers`` -> a :class:`~moa_compress.gate_runtime.PrefillRanking`."""
+    from moa_compress.gate_runtime import PrefillRanking
+
+    if layers is not None and ranking == "gate":
+        fail("--ranking-layers needs --ranking sampled:R")
+    try:
+        return PrefillRanking.parse(ranking, layers)
+    except UserInputError as exc:
+        fail(f"--ranking / --ranking-layers: {exc}")
+
+
 def parse_list(text: str, option: str, kind=float) -> list:
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
@@ -281,6 +293,13 @@ def bench_attention_cmd(
     repeats: RepeatsOpt = 3,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
+    ranking_samples: Annotated[
+        int,
+        typer.Option(
+            help="Also time the gate heads' selection ranked by this many sampled queries per block "
+            "(--ranking sampled:R); 0 leaves it out."
+        ),
+    ] = 4,
 ) -> None:
     """Block-sparse attention (9 query / 3 KV heads x 64, uniform sink + window layouts) vs dense causal SDPA."""
     import torch
@@ -297,6 +316,7 @@ def bench_attention_cmd(
         names,
         repeats=repeats,
         progress=echo_progress,
+        ranking_samples=ranking_samples,
     )
     if as_json:
         typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
@@ -455,6 +475,18 @@ def eval_command(
             "multiples of theirs. Not on the ruler tasks (they decode greedily).",
         ),
     ] = False,
+    ranking: Annotated[
+        str,
+        typer.Option(
+            help="How the plan's gate heads rank a prompt's key blocks: gate (its trained gates) or sampled:R "
+            "(the true attention of R sampled queries per 64-token block: closer to the oracle, costs about "
+            "R/64 of dense attention). Decoding steps rank by the gates either way.",
+        ),
+    ] = "gate",
+    ranking_layers: Annotated[
+        str | None,
+        typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
+    ] = None,
 ) -> None:
     """Quality of a plan vs dense and the uniform baseline: perplexity, KL/top-1 fidelity, passkey,
     and RULER-style retrieval tasks; with --oracle, against the attention-mass oracles too (on
@@ -474,6 +506,7 @@ def eval_command(
 
     task_names = parse_tasks(tasks)
     ns = parse_lengths(lengths)
+    prefill_ranking = parse_ranking(ranking, ranking_layers)
     if oracle and not set(task_names) & set(ORACLE_TASKS):
         fail(oracle_tasks_error(task_names))
     for value, option in ((limit, "--limit"), (samples, "--samples"), (batch_size, "--batch-size")):
@@ -505,6 +538,7 @@ def eval_command(
         backend=backend,
         progress=True,
         oracle=oracle,
+        ranking=prefill_ranking,
     )
     results["command"] = " ".join(["moa-compress", *sys.argv[1:]])
     results["plan"]["path"] = str(plan_path)
@@ -537,6 +571,18 @@ def generate_command(
     full_cache: Annotated[
         bool, typer.Option(help="Keep every key/value while decoding instead of the plan's windows.")
     ] = False,
+    ranking: Annotated[
+        str,
+        typer.Option(
+            help="How the plan's gate heads rank a prompt's key blocks: gate (its trained gates) or sampled:R "
+            "(the true attention of R sampled queries per 64-token block: closer to the oracle, costs about "
+            "R/64 of dense attention). Decoding steps rank by the gates either way.",
+        ),
+    ] = "gate",
+    ranking_layers: Annotated[
+        str | None,
+        typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
+    ] = None,
 ) -> None:
     """Stream a greedy chat reply, with or without a plan."""
     from transformers import TextStreamer
@@ -551,6 +597,7 @@ def generate_command(
         fail(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
     if not prompt.strip():
         fail("--prompt is empty")
+    prefill_ranking = parse_ranking(ranking, ranking_layers)
     plan_path = resolve_plan_path(plan) if plan is not None else None
     net, tokenizer = load(model, dtype)
     the_plan = load_plan(plan_path, net) if plan_path is not None else None
@@ -564,6 +611,7 @@ def generate_command(
         streamer=streamer,
         backend=backend,
         plan_cache=not full_cache,
+        ranking=prefill_ranking,
     )
 
 

@@ -50,7 +50,7 @@ Tasks (``N`` is each requested length):
       "uniform": {"density": {N: float}, "rule": {N: str},        # the baseline actually run
                   "same_as_plan": {N: bool}},     # true: the plan is that window; figures copied
       "settings": {"tasks": [str], "lengths": [int], "samples": int | null, "limit": int | null,
-                   "batch_size": int, "seed": int, "backend": str, "dtype": str,
+                   "batch_size": int, "seed": int, "backend": str, "ranking": str, "dtype": str,
                    "data": str | null, "chat_template": bool, "oracle": bool},
       "oracles": {                                               # only with oracle=True
         "oracle" | "oracle-layer": {"density": {N: float}},     # measured: pairs computed / causal,
@@ -265,14 +265,15 @@ def log_probs(model: Any, hidden: torch.Tensor) -> torch.Tensor:  # [P, hidden] 
 
 
 @contextlib.contextmanager
-def variant(model: Any, plan: Plan | None, backend: str) -> Iterator[None]:
-    """Run the body with ``plan`` applied (dense when None)."""
+def variant(model: Any, plan: Plan | None, backend: str, ranking: Any = None) -> Iterator[None]:
+    """Run the body with ``plan`` applied (dense when None; gate heads rank prompts by ``ranking``,
+    see :func:`moa_compress.runtime.apply_plan`)."""
     if plan is None:
         yield
         return
     from moa_compress.runtime import apply_plan
 
-    with apply_plan(model, plan, backend=backend):
+    with apply_plan(model, plan, backend=backend, ranking=ranking):
         yield
 
 
@@ -351,6 +352,7 @@ def evaluate_plan(
     backend: str = "auto",
     progress: bool = True,
     oracle: bool = False,
+    ranking: Any = None,
 ) -> dict[str, Any]:
     """Run ``tasks`` at ``lengths`` for dense, ``plan`` and the uniform baseline (and with ``oracle``
     the two oracles, on ``ppl``/``fidelity``/``passkey``: :data:`ORACLE_TASKS`; the ruler tasks run
@@ -360,8 +362,16 @@ def evaluate_plan(
     required for those. ``samples`` is the number of prompts per generation task and length
     (default :data:`DEFAULT_PASSKEY_SAMPLES` for passkey, :data:`DEFAULT_RULER_SAMPLES` for each
     ruler task); ``limit`` caps windows and samples per length. Prompts run ``batch_size`` at a
-    time. Deterministic for a given ``seed`` and ``batch_size``.
+    time. Deterministic for a given ``seed`` and ``batch_size``. ``ranking``: how the plan's gate heads
+    rank a prompt's blocks (``"sampled:R"`` or a :class:`~moa_compress.gate_runtime.PrefillRanking`; the
+    trained gates by default), as :func:`~moa_compress.runtime.apply_plan` takes it.
     """
+    if isinstance(ranking, str):
+        from moa_compress.gate_runtime import PrefillRanking
+
+        ranking = PrefillRanking.parse(ranking)
+    if ranking is not None:
+        ranking.check_layers(plan.model.num_layers)
     tasks = parse_tasks(tasks)
     lengths = check_lengths(model, lengths)
     plan.check_model(identity_of(model))
@@ -433,7 +443,7 @@ def evaluate_plan(
                 _skip(advance(_batches(items, batch_size), label))
                 results[name].setdefault(task, {})[str(n)] = results["plan"][task][str(n)]
                 continue
-            with variant(model, plans[name][n], backend):
+            with variant(model, plans[name][n], backend, ranking):
                 records = [r for batch in advance(_batches(items, batch_size), label) for r in score(batch)]
             results[name].setdefault(task, {})[str(n)] = _summary(items, records)
 
@@ -454,8 +464,9 @@ def evaluate_plan(
         for n in lengths:
             if n in windows:
                 reference = _run_windows(
-                    model, windows[n], n, plans, same_as_plan[n], tasks, backend, device, results, advance
-                )
+                    model, windows[n], n, plans, same_as_plan[n], tasks, (backend, ranking), device, results,
+                    advance,
+                )  # fmt: skip
                 for name in oracles:
                     density = _run_oracle(
                         model, windows[n], reference, plan, name, tasks, backend, device, results, advance
@@ -494,6 +505,7 @@ def evaluate_plan(
             "batch_size": batch_size,
             "seed": seed,
             "backend": backend,
+            "ranking": _ranking_name(ranking),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "data": None,
             "chat_template": has_chat_template(tokenizer),
@@ -524,14 +536,22 @@ def _mean_density(groups: Sequence[tuple[float, int]]) -> float:
     return sum(d * count for d, count in groups) / sum(count for _, count in groups)
 
 
+def _ranking_name(ranking: Any) -> str:
+    """How the plan's gate heads ranked prompts, as results.json records it."""
+    if ranking is None or isinstance(ranking, str):
+        return ranking or "gate"
+    return ranking.describe()
+
+
 def _batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _run_windows(
-    model, windows, n, plans, same_as_plan, tasks, backend, device, results, advance
+    model, windows, n, plans, same_as_plan, tasks, runtime, device, results, advance
 ) -> list[torch.Tensor]:
-    """ppl and fidelity at length ``n``: dense first (its states are the reference), then the others;
+    """ppl and fidelity at length ``n``: dense first (its states are the reference), then the others
+    (``runtime``: :func:`variant`'s backend and ranking);
     a uniform baseline that ``same_as_plan`` copies the plan's figures instead of recomputing them.
     Returns the dense reference states of every window (``[n - n//2, hidden]`` each)."""
     half = n // 2
@@ -544,7 +564,7 @@ def _run_windows(
             for task in set(tasks) & set(TEXT_TASKS):
                 results[name].setdefault(task, {})[str(n)] = results["plan"][task][str(n)]
             continue
-        with variant(model, plans[name][n], backend):
+        with variant(model, plans[name][n], *runtime):
             for i in advance(range(len(windows)), f"text {n} {name}"):  # counts windows, not tokens
                 ids = torch.tensor([windows[i]], device=device)
                 hidden = final_hidden(model, ids)[half - 1 : n - 1]  # predicts tokens half .. n-1

@@ -89,6 +89,13 @@ class PrefillRanking:
             raise PlanRuntimeError(f"ranking must be gate or sampled:R with a whole R >= 1, got {text!r}")
         return cls(samples, parse_layers(layers) if isinstance(layers, str) else layers)
 
+    def check_layers(self, num_layers: int) -> None:
+        outside = sorted(i for i in self.layers or () if not 0 <= i < num_layers)
+        if outside:
+            raise PlanRuntimeError(
+                f"ranking layers {outside} are not layers of this model (0 to {num_layers - 1})"
+            )
+
     def applies(self, layer: int, q_len: int) -> bool:
         return self.samples > 0 and q_len > 1 and (self.layers is None or layer in self.layers)
 

@@ -668,6 +668,8 @@ def apply_plan(model: Any, plan: Plan, *, backend: str = "auto", ranking: Any = 
         from moa_compress.gate_runtime import PrefillRanking
 
         ranking = PrefillRanking.parse(ranking)
+    if ranking is not None:
+        ranking.check_layers(plan.model.num_layers)
     remove_plan(model)
     handle = PlanHandle(model, plan, backend, ranking if ranking is not None and ranking.samples else None)
     handle.install()
@@ -724,10 +726,12 @@ def generate_reply(
     streamer: Any = None,
     backend: str = "auto",
     plan_cache: bool = True,
+    ranking: Any = None,
 ) -> str:
     """Greedy chat reply to ``prompt`` (one user turn, chat template applied).
 
-    With ``plan``, the plan is applied for the call and decoding keeps only what the plan can see
+    With ``plan``, the plan is applied for the call (gate heads ranking the prompt's blocks by
+    ``ranking``, see :func:`apply_plan`) and decoding keeps only what the plan can see
     (:class:`PlanKVCache`) unless ``plan_cache=False`` (then a full cache, same tokens). ``streamer``
     (e.g. ``transformers.TextStreamer``) receives tokens as they come. Returns the reply text.
     """
@@ -749,7 +753,7 @@ def generate_reply(
         if plan is None:
             out = model.generate(**inputs, **options)
         else:
-            with apply_plan(model, plan, backend=backend):
+            with apply_plan(model, plan, backend=backend, ranking=ranking):
                 if plan_cache:
                     length = inputs["input_ids"].shape[1] + max_new_tokens
                     options[cache_kwarg(model)] = PlanKVCache(model.config, plan, max_length=length)

@@ -77,14 +77,18 @@ def test_bench_prefill_and_decode_on_a_tiny_model():
 
 
 def test_bench_attention_gate_rows_and_decode_of_a_mixed_plan():
-    from moa_compress.bench import bench_decode
+    from moa_compress.bench import BenchError, bench_decode
     from tests.factories import tiny_model
     from tests.test_gate_runtime import gated_plan, mixed
 
     rows = bench_attention([1024], ["float32"], [1.0, 0.25], ["torch"], repeats=1)
     assert "gate_select_s" not in rows[0] and rows[1]["gate_select_s"] > 0
     assert rows[1]["gate_density"] <= 0.25 and rows[1]["gate_speedup"] > 0
-    assert "select / SDPA" in attention_table(rows, ["torch"])
+    assert rows[1]["sampled_samples"] == 4 and rows[1]["sampled_select_s"] > 0
+    table = attention_table(rows, ["torch"])
+    assert "select / SDPA" in table and "sampled:4 select ms" in table
+    with pytest.raises(BenchError, match="ranking-samples"):
+        bench_attention([1024], ["float32"], [0.25], ["torch"], ranking_samples=-1)
 
     model = tiny_model("llama")
     plan = gated_plan(model, mixed(seed=2), seed=2)
@@ -93,7 +97,7 @@ def test_bench_attention_gate_rows_and_decode_of_a_mixed_plan():
     assert mixed_rows and all(r["ms_per_step"] > 0 and r["kv_bytes"] > 0 for r in mixed_rows)
 
     # whole-model prefill of the same plan beside the uniform one; names must not shadow a column
-    from moa_compress.bench import BenchError, bench_prefill, prefill_table
+    from moa_compress.bench import bench_prefill, prefill_table
 
     rows = bench_prefill(model, [700], 0.5, ["torch"], repeats=1, plans={"mixed": plan})
     assert rows[0]["mixed_s"] > 0 and rows[0]["mixed_density"] == round(plan.density(700), 4)

@@ -5,6 +5,7 @@ cache and PlanKVCache), padded batches, files and errors."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 
 import pytest
@@ -816,3 +817,35 @@ def test_prefill_ranking_parses_layers_and_refuses_bad_specs_in_one_line():
     plan = gated_plan(model, mixed(seed=1))
     with pytest.raises(PlanRuntimeError, match="sampled:R"):
         apply_plan(model, plan, ranking="sampled:x")
+    with pytest.raises(PlanRuntimeError, match=r"layers \[2, 3\] are not layers"):
+        apply_plan(model, plan, ranking=PrefillRanking.parse("sampled:2", "1-3"))
+
+
+def test_eval_and_generate_take_a_ranking_and_refuse_a_bad_one_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+    from tests.factories import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(["hi there"])
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    save_plan(gated_plan(model, roomy), tmp_path / "p")
+    base = [str(tmp_path / "model"), "--plan", str(tmp_path / "p"), "--dtype", "float32"]
+    for command, extra in (("generate", ["--prompt", "hi", "--max-new-tokens", "2"]),
+                           ("eval", ["--tasks", "passkey", "--lengths", "160", "--limit", "1"])):  # fmt: skip
+        for bad in (["--ranking", "sampled:0"], ["--ranking", "exact"], ["--ranking-layers", "0-1"],
+                    ["--ranking", "sampled:2", "--ranking-layers", "1-0"],
+                    ["--ranking", "sampled:2", "--ranking-layers", "0-5"]):  # fmt: skip
+            result = CliRunner().invoke(app, [command, *base, *extra, *bad])
+            assert result.exit_code == 2, (command, bad, result.output)
+            assert "error:" in result.output and "Traceback" not in result.output
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", *base, "--tasks", "passkey", "--lengths", "160", "--limit", "1",
+                                      "--ranking", "sampled:2", "--ranking-layers", "1", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["settings"]["ranking"] == "sampled:2 in layers 1"
+    result = CliRunner().invoke(app, ["generate", *base, "--prompt", "hi there", "--max-new-tokens", "2",
+                                      "--ranking", "sampled:2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
