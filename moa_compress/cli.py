@@ -248,16 +248,30 @@ def plan_validate(
 # --- bench
 
 
-def parse_ranking(ranking: str, layers: str | None):
-    """``--ranking`` / ``--ranking-layers`` -> a :class:`~moa_compress.gate_runtime.PrefillRanking`."""
+def parse_ranking(ranking: str | None, layers: str | None):
+    """``--ranking`` / ``--ranking-layers`` -> a :class:`~moa_compress.gate_runtime.PrefillRanking`, or
+    None (as the plan says)."""
     from moa_compress.gate_runtime import PrefillRanking
 
-    if layers is not None and ranking == "gate":
+    if layers is not None and ranking in (None, "gate"):
         fail("--ranking-layers needs --ranking sampled:R")
+    if ranking is None:
+        return None
     try:
         return PrefillRanking.parse(ranking, layers)
     except UserInputError as exc:
         fail(f"--ranking / --ranking-layers: {exc}")
+
+
+def parse_ranking_layers(text: str | None) -> tuple[int, ...] | None:
+    from moa_compress.gate_runtime import parse_layers
+
+    if text is None:
+        return None
+    try:
+        return tuple(sorted(parse_layers(text)))
+    except UserInputError as exc:
+        fail(f"--ranking-layers: {exc}")
 
 
 def parse_list(text: str, option: str, kind=float) -> list:
@@ -476,13 +490,14 @@ def eval_command(
         ),
     ] = False,
     ranking: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="How the plan's gate heads rank a prompt's key blocks: gate (its trained gates) or sampled:R "
             "(the true attention of R sampled queries per 64-token block: closer to the oracle, costs about "
-            "R/64 of dense attention). Decoding steps rank by the gates either way.",
+            "R/64 of dense attention). Default: as the plan says (compress --ranking), else gate. Decoding "
+            "steps rank by the gates either way.",
         ),
-    ] = "gate",
+    ] = None,
     ranking_layers: Annotated[
         str | None,
         typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
@@ -572,13 +587,14 @@ def generate_command(
         bool, typer.Option(help="Keep every key/value while decoding instead of the plan's windows.")
     ] = False,
     ranking: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="How the plan's gate heads rank a prompt's key blocks: gate (its trained gates) or sampled:R "
             "(the true attention of R sampled queries per 64-token block: closer to the oracle, costs about "
-            "R/64 of dense attention). Decoding steps rank by the gates either way.",
+            "R/64 of dense attention). Default: as the plan says (compress --ranking), else gate. Decoding "
+            "steps rank by the gates either way.",
         ),
-    ] = "gate",
+    ] = None,
     ranking_layers: Annotated[
         str | None,
         typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
@@ -977,6 +993,18 @@ def compress_command(
     min_span: MinSpanOpt = None,
     kv_budget: KvBudgetOpt = None,
     cost: CostOpt = None,
+    ranking: Annotated[
+        str,
+        typer.Option(
+            help="How the plan's gate heads rank a prompt's key blocks: gate (the trained gates) or sampled:R "
+            "(the true attention of R sampled queries per block, about R/64 of dense attention's cost): the "
+            "search costs gate rules under it and the plan carries it. Decoding steps rank by the gates."
+        ),
+    ] = "gate",
+    ranking_layers: Annotated[
+        str | None,
+        typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
+    ] = None,
     profile: Annotated[
         Path | None,
         typer.Option(
@@ -1035,6 +1063,8 @@ def compress_command(
         min_span=min_span,
         kv_budget=kv_budget,
         cost=cost,
+        ranking=ranking,
+        ranking_layers=parse_ranking_layers(ranking_layers),
         eval_data=eval_data,
         block_size=block_size,
         dtype=dtype,

@@ -363,15 +363,13 @@ def evaluate_plan(
     (default :data:`DEFAULT_PASSKEY_SAMPLES` for passkey, :data:`DEFAULT_RULER_SAMPLES` for each
     ruler task); ``limit`` caps windows and samples per length. Prompts run ``batch_size`` at a
     time. Deterministic for a given ``seed`` and ``batch_size``. ``ranking``: how the plan's gate heads
-    rank a prompt's blocks (``"sampled:R"`` or a :class:`~moa_compress.gate_runtime.PrefillRanking`; the
-    trained gates by default), as :func:`~moa_compress.runtime.apply_plan` takes it.
+    rank a prompt's blocks (``"gate"``, ``"sampled:R"`` or a
+    :class:`~moa_compress.gate_runtime.PrefillRanking`; default as the plan says), as
+    :func:`~moa_compress.runtime.apply_plan` takes it.
     """
-    if isinstance(ranking, str):
-        from moa_compress.gate_runtime import PrefillRanking
+    from moa_compress.gate_runtime import PrefillRanking
 
-        ranking = PrefillRanking.parse(ranking)
-    if ranking is not None:
-        ranking.check_layers(plan.model.num_layers)
+    ranking = PrefillRanking.for_plan(plan, ranking) or "gate"  # the uniform baseline has no gates
     tasks = parse_tasks(tasks)
     lengths = check_lengths(model, lengths)
     plan.check_model(identity_of(model))
@@ -505,7 +503,7 @@ def evaluate_plan(
             "batch_size": batch_size,
             "seed": seed,
             "backend": backend,
-            "ranking": _ranking_name(ranking),
+            "ranking": ranking if isinstance(ranking, str) else ranking.describe(),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "data": None,
             "chat_template": has_chat_template(tokenizer),
@@ -534,13 +532,6 @@ def oracle_tasks_error(tasks: Sequence[str]) -> str:
 def _mean_density(groups: Sequence[tuple[float, int]]) -> float:
     """Mean over inputs of ``(mean density, inputs)`` groups (all inputs of one length)."""
     return sum(d * count for d, count in groups) / sum(count for _, count in groups)
-
-
-def _ranking_name(ranking: Any) -> str:
-    """How the plan's gate heads ranked prompts, as results.json records it."""
-    if ranking is None or isinstance(ranking, str):
-        return ranking or "gate"
-    return ranking.describe()
 
 
 def _batches(items: Sequence, size: int) -> list[Sequence]:

@@ -89,6 +89,20 @@ class PrefillRanking:
             raise PlanRuntimeError(f"ranking must be gate or sampled:R with a whole R >= 1, got {text!r}")
         return cls(samples, parse_layers(layers) if isinstance(layers, str) else layers)
 
+    @classmethod
+    def for_plan(cls, plan: Plan, ranking: str | PrefillRanking | None = None) -> PrefillRanking | None:
+        """What ``apply_plan(model, plan, ranking=ranking)`` runs: ``ranking`` if given (``"gate"``: the
+        gates), else the plan's own (:attr:`moa_compress.plan.GateConfig.ranking_samples`); None when
+        the gates rank every call."""
+        if ranking is None and plan.gates is not None and plan.gates.ranking_samples:
+            ranking = cls(plan.gates.ranking_samples, plan.gates.ranking_layers)
+        if isinstance(ranking, str):
+            ranking = cls.parse(ranking)
+        if ranking is None or not ranking.samples:
+            return None
+        ranking.check_layers(plan.model.num_layers)
+        return ranking
+
     def check_layers(self, num_layers: int) -> None:
         outside = sorted(i for i in self.layers or () if not 0 <= i < num_layers)
         if outside:
@@ -436,7 +450,7 @@ def sampled_scores(
     row_positions = positions.repeat(1, group)  # [nQ, G·R], the row order of q (head-major)
     columns = torch.arange(kv_len, device=query.device)
     out = torch.zeros(b, hkv, nq, nk, dtype=dtype, device=query.device)
-    step = max(1, chunk_bytes // (b * hkv * rows * kv_len * 4))  # query blocks per chunk
+    step = max(1, chunk_bytes // (b * hkv * rows * kv_len * k.element_size()))  # query blocks per chunk
     for j0 in range(0, nq, step):
         j1 = min(nq, j0 + step)
         end = min(kv_len, (first // bs + j1) * bs)  # keys causal for some query of the chunk
@@ -453,6 +467,35 @@ def sampled_scores(
             per_block = torch.cat([per_block, scores[..., full * bs :].sum(-1, keepdim=True)], -1)
         out[:, :, j0:j1, : per_block.shape[-1]] = torch.einsum("bhcrk,cr->bhck", per_block, weight[j0:j1])
     return out.log()
+
+
+def sample_rankings(
+    model: Any, input_ids: torch.Tensor, block_size: int, samples: int
+) -> dict[str, torch.Tensor]:  # "sampled.{layer}" -> [Hkv, nB, nB] float32, CPU
+    """One dense forward of ``input_ids [S]`` (a calibration sample): per planned layer, the block scores
+    :func:`sampled_scores` ranks its prompt by, so that the search can cost gate rules under that
+    ranking (:func:`moa_compress.search.gate_costs`)."""
+    import torch.nn.functional as F
+
+    from moa_compress.attn_interface import use_attention
+    from moa_compress.plan import identity_of
+
+    found: dict[str, torch.Tensor] = {}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = sampled_scores(query, key, scale, block_size, samples)
+        found[f"sampled.{module.layer_idx}"] = scores[0].float().cpu()
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    with use_attention(model, "moa_compress_sample_rankings", attention, model_windows=True), torch.no_grad():
+        model(input_ids=input_ids.to(model.device)[None], use_cache=False, logits_to_keep=1)
+    planned = identity_of(model).planned_layers
+    missing = [i for i in planned if f"sampled.{i}" not in found]
+    if missing:
+        raise PlanRuntimeError(f"layers {missing} did not call their attention through AttentionInterface")
+    return {f"sampled.{i}": found[f"sampled.{i}"] for i in planned}
 
 
 def call_selections(

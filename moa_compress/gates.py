@@ -788,13 +788,13 @@ def train_gates(
                     # An extra sample's file also names its tokens: which text sample i is can
                     # change with the recipe's other counts (the prose reserved around it).
                     own = {**key, "input": samples_digest([sample])} if name == "extra" else key
-                    found = _load_targets(path, own) if path is not None else None
+                    found = load_sample_tensors(path, own) if path is not None else None
                     if found is None:
                         found = sample_targets(
                             model, sample.input_ids, settings.block_size, settings.per_query_head
                         )
                         if path is not None:
-                            _save_targets(path, found, own)
+                            save_sample_tensors(path, found, own)
                     data[name].append(found)
                     step(f"gate targets ({name}) at {n} tokens ({i + 1}/{len(group[n])})")
     targets_s = time.perf_counter() - started
@@ -905,7 +905,8 @@ def _mean_loss(gates: Sequence[AttnGate], items: Sequence[Any]) -> float:
         return float(_loss_of_all(gates, items))
 
 
-def _save_targets(path: Path, tensors: Mapping[str, torch.Tensor], key: Mapping[str, Any]) -> None:
+def save_sample_tensors(path: Path, tensors: Mapping[str, torch.Tensor], key: Mapping[str, Any]) -> None:
+    """A calibration sample's tensors, atomically, with ``key`` (what made them) in the metadata."""
     from safetensors.torch import save
 
     body = save(
@@ -914,8 +915,9 @@ def _save_targets(path: Path, tensors: Mapping[str, torch.Tensor], key: Mapping[
     atomic_write_bytes(path, body)
 
 
-def _load_targets(path: Path, key: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-    """A finished sample's tensors, or None when absent, torn or made with another model/settings."""
+def load_sample_tensors(path: Path, key: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """A sample's tensors saved by :func:`save_sample_tensors`, or None when absent, torn or made with
+    another ``key`` (model, settings)."""
     if not path.exists():
         return None
     from safetensors import SafetensorError, safe_open

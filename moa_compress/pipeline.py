@@ -138,6 +138,9 @@ def check_inputs(model: Any, settings: CompressSettings, profile: Profile | None
     from moa_compress.search import SearchError, minimum_density
 
     settings.check(profile)
+    ranking = settings.prefill_ranking
+    if ranking is not None:
+        ranking.check_layers(identity_of(model).num_layers)
     limit = max_positions(model)
     for option, values in (("--lengths", settings.lengths), ("--extend-lengths", settings.extend_lengths)):
         if limit is not None and values and max(values) > limit:
@@ -585,6 +588,10 @@ class _Context:
                 return result
         self.state.mark("search", done=False)
         s = self.settings
+        ranking = s.prefill_ranking
+        rankings = (
+            self.sample_rankings(ranking.samples) if ranking is not None and gates is not None else None
+        )
         result = search_plan(
             profile,
             s.budget,
@@ -592,7 +599,7 @@ class _Context:
             per_head=s.per_head,
             rules=s.rules,
             gates=gates.gates if gates is not None else None,
-            gate_samples=calibration_maps(self.state.root, profile) if gates is not None else None,
+            gate_samples=calibration_maps(self.state.root, profile, rankings) if gates is not None else None,
             cost_gates=gates.cost_gates if gates is not None else None,
             gate_locals=s.gate_locals,
             gate_tails=s.gate_tails,
@@ -602,11 +609,44 @@ class _Context:
             pareto_size=s.pareto_size,
             progress=self.progress,
             provenance=record,
+            ranking=ranking,
         )
         save_search_stage(result, path)
         self.state.mark("search", done=True)
         # What later stages see is what a resumed run reads back: the same plans either way.
         return load_search_stage(path)
+
+    def sample_rankings(self, samples: int) -> dict[int, list[dict[str, Any]]]:
+        """Per length, each calibration sample's prompt-ranking scores by ``samples`` sampled queries per
+        block (:func:`moa_compress.gate_runtime.sample_rankings`; one dense forward each), kept in
+        ``work/gates-samples/sampled-R`` so an interrupted run resumes without them."""
+        from moa_compress.data import model_digest, progress_steps
+        from moa_compress.gate_runtime import sample_rankings
+        from moa_compress.gates import load_sample_tensors, save_sample_tensors
+
+        key = {"model_weights": model_digest(self.model), "block_size": self.settings.block_size,
+               "samples": samples}  # fmt: skip
+        folder = self.state.root / GATE_SAMPLES_DIR / f"sampled-{samples}"
+        calibration = self.calibration_samples()
+        total = sum(len(v) for v in calibration.values())
+        out: dict[int, list[dict[str, Any]]] = {}  # [N][i]: "sampled.{layer}" -> [Hkv, nB, nB]
+        _say(
+            self.progress,
+            f"search: scoring {total} calibration sample(s) by {samples} sampled queries per block",
+        )
+        with progress_steps(self.progress, total, "sampled rankings") as step:
+            for n in sorted(calibration):
+                for i, sample in enumerate(calibration[n]):
+                    path = folder / str(n) / f"sample-{i:04d}.safetensors"
+                    found = load_sample_tensors(path, key)
+                    if found is None:
+                        found = sample_rankings(
+                            self.model, sample.input_ids, self.settings.block_size, samples
+                        )
+                        save_sample_tensors(path, found, key)
+                    out.setdefault(n, []).append(found)
+                    step(f"sampled rankings at {n} tokens ({i + 1}/{len(calibration[n])})")
+        return out
 
     def validate_stage(self, profile: Profile, result) -> dict[str, Any]:
         from moa_compress.evaluate import uniform_baseline

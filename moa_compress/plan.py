@@ -34,7 +34,7 @@ from moa_compress.errors import UserInputError
 
 # The newest plan.json this version reads (2: gate rules; 3: gate rules with a local window; 4: gate
 # rules with a floor of blocks per row; 5: gate rules with a dense tail of rows).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 PLAN_FILE = "plan.json"
 TENSOR_FILE = "plan.safetensors"
 
@@ -596,6 +596,11 @@ class GateConfig:
     base applied at block positions; ``layers``: the layers whose weights the plan carries, as
     ``gates.{layer}.q_proj [H_gate, head_dim, gate_dim]`` and ``gates.{layer}.k_proj
     [H_gate, 3 * head_dim, gate_dim]`` (``dtype``) in ``plan.safetensors``.
+
+    ``ranking_samples`` > 0: the plan's gate heads rank a prompt's key blocks by the true attention of
+    that many sampled queries per block instead of the gates (in ``ranking_layers`` only, if given), as
+    the search costed them (``compress --ranking``); ``apply_plan`` runs it so unless told otherwise
+    (:class:`moa_compress.gate_runtime.PrefillRanking`). Decoding steps rank by the gates either way.
     """
 
     gate_dim: int
@@ -603,10 +608,12 @@ class GateConfig:
     rope_theta: float
     layers: tuple[int, ...]
     dtype: str = "float32"
+    ranking_samples: int = 0
+    ranking_layers: tuple[int, ...] | None = None
 
     def to_dict(self, model: ModelIdentity) -> dict[str, Any]:
         heads = model.num_heads if self.per_query_head else model.num_kv_heads
-        return {
+        out = {
             **dataclasses.asdict(self),
             "layers": list(self.layers),
             "shapes": {
@@ -614,16 +621,33 @@ class GateConfig:
                 "k_proj": [heads, 3 * model.head_dim, self.gate_dim],
             },
         }
+        if not self.ranking_samples:  # ranked by the gates: readable before schema 7
+            del out["ranking_samples"], out["ranking_layers"]
+        elif self.ranking_layers is None:
+            del out["ranking_layers"]
+        else:
+            out["ranking_layers"] = list(self.ranking_layers)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GateConfig:
         try:
+            samples, layers = data.get("ranking_samples", 0), data.get("ranking_layers")
+            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+                raise ValueError(f"ranking_samples must be a whole number >= 0, got {samples!r}")
+            if layers is not None and (
+                not isinstance(layers, list)
+                or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+            ):
+                raise ValueError(f"ranking_layers must be a list of layer numbers, got {layers!r}")
             return cls(
                 gate_dim=int(data["gate_dim"]),
                 per_query_head=bool(data["per_query_head"]),
                 rope_theta=float(data["rope_theta"]),
                 layers=tuple(int(i) for i in data["layers"]),
                 dtype=str(data.get("dtype", "float32")),
+                ranking_samples=samples,
+                ranking_layers=None if layers is None else tuple(layers),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"plan's gates entry is missing or has a malformed field: {exc}") from None
@@ -702,6 +726,9 @@ class Plan:
         missing = sorted(set(gated) - set(self.gates.layers))
         if missing:
             raise PlanError(f"layers {missing} have gate rules but the plan has no gate weights for them")
+        outside = sorted(i for i in self.gates.ranking_layers or () if not 0 <= i < self.model.num_layers)
+        if outside:
+            raise PlanError(f"the gates' ranking_layers {outside} are not layers of the model")
         for layer in gated:
             for which, shape in self.gates.shapes(self.model).items():
                 name = gate_tensor_name(layer, which)
@@ -844,6 +871,8 @@ class Plan:
 
     def _needed_schema(self) -> int:
         """The oldest schema that holds this plan (older readers refuse newer files, never misread them)."""
+        if self.gates is not None and self.gates.ranking_samples:
+            return 7
         if self.model.windows:
             return 6
         if any(getattr(r, "tail", 0) > 0 for heads in self.rules for r in heads):

@@ -649,9 +649,10 @@ def apply_plan(model: Any, plan: Plan, *, backend: str = "auto", ranking: Any = 
     and switches the model to it. A model that already has a plan has that one removed first. A
     plan whose rules are all dense still runs through the plan path (useful as a control).
 
-    ``ranking``: how gate heads rank a prompt's blocks — None or ``"gate"`` (the plan's trained gates),
+    ``ranking``: how gate heads rank a prompt's blocks — ``"gate"`` (the plan's trained gates),
     ``"sampled:R"`` or a :class:`~moa_compress.gate_runtime.PrefillRanking` (``R`` sampled queries per
-    block, optionally in some layers only); decoding steps keep the gates.
+    block, optionally in some layers only); None: as the plan says (``compress --ranking``), else the
+    gates. Decoding steps rank by the gates.
 
     Example::
 
@@ -662,16 +663,13 @@ def apply_plan(model: Any, plan: Plan, *, backend: str = "auto", ranking: Any = 
 
     if backend != "auto" and backend not in BACKENDS:
         raise PlanRuntimeError(f"unknown backend {backend!r}; expected auto or one of {', '.join(BACKENDS)}")
+    from moa_compress.gate_runtime import PrefillRanking
+
     plan.check_model(identity_of(model))
     check_model_features(model)
-    if isinstance(ranking, str):
-        from moa_compress.gate_runtime import PrefillRanking
-
-        ranking = PrefillRanking.parse(ranking)
-    if ranking is not None:
-        ranking.check_layers(plan.model.num_layers)
+    ranking = PrefillRanking.for_plan(plan, ranking)
     remove_plan(model)
-    handle = PlanHandle(model, plan, backend, ranking if ranking is not None and ranking.samples else None)
+    handle = PlanHandle(model, plan, backend, ranking)
     handle.install()
     return handle
 

@@ -365,6 +365,9 @@ class SampleMaps:
     maps: Mapping[str, torch.Tensor]
     q_blocks: Sequence[torch.Tensor] | Mapping[int, torch.Tensor]  # indexed by layer
     k_blocks: Sequence[torch.Tensor] | Mapping[int, torch.Tensor]
+    # [Hkv, nB, nB] per layer: the block scores of a prompt ranking by sampled queries
+    # (moa_compress.gate_runtime.sample_rankings), when the search costs gate rules under it
+    sampled: Mapping[int, torch.Tensor] | None = None
 
 
 def gate_costs(
@@ -377,6 +380,7 @@ def gate_costs(
     cost: str | None = None,
     *,
     sample_gates: Mapping[int, Sequence[Sequence[Any]]] | None = None,
+    ranking: Any = None,
 ) -> dict[int, np.ndarray]:
     """Profiled length -> float64 ``[groups, rules]``: the fraction of the model's causal influence at
     that length that each group loses with each gate rule, in the unit :func:`rule_costs` charges static
@@ -398,6 +402,10 @@ def gate_costs(
     over samples of that loss summed over rows and the group's heads, divided by the model's total of the
     same measure in the profile at ``N`` (the mean over samples, as :func:`rule_costs` divides by).
 
+    ``ranking`` (a :class:`moa_compress.gate_runtime.PrefillRanking`): in the layers it ranks, the blocks
+    are chosen from each sample's ``sampled`` scores (its KV group's, for every head of the group), as
+    the runtime ranks a prompt, instead of the gates'.
+
     Batched over heads, rows and rules; loops run over lengths, samples and layers only.
     """
     from moa_compress.gates import gate_selections
@@ -410,7 +418,9 @@ def gate_costs(
     renormalise = renormalise and bool(profile.mass)
     heads = model.num_heads
     per_query = bool(getattr(gates[0], "per_query_head", False)) if len(gates) else False
-    gate_of_head = torch.arange(heads) if per_query else torch.arange(heads) // (heads // model.num_kv_heads)
+    group_of_head = torch.arange(heads) // (heads // model.num_kv_heads)
+    gate_of_head = torch.arange(heads) if per_query else group_of_head
+    ranked = {i for i in model.planned_layers if ranking is not None and ranking.applies(i, 2)}
     for n in profile.lengths if sample_gates is not None else ():
         given = sample_gates.get(n, ())
         if len(given) != profile.samples[n] or any(len(chosen) != model.num_layers for chosen in given):
@@ -430,6 +440,7 @@ def gate_costs(
         # Every rule's selection at once: the query heads repeated once per rule.
         tiled_blocks = blocks.repeat_interleave(heads)  # [R*H]
         tiled_gates = gate_of_head.repeat(len(rules))  # [R*H]
+        tiled_groups = group_of_head.repeat(len(rules))  # [R*H]: a sampled ranking's scores are per group
         tiled_windows = windows.repeat_interleave(heads)  # [R*H]
         tiled_tails = tails.repeat_interleave(heads)  # [R*H]
         lost = torch.zeros(model.num_layers, len(rules), heads, dtype=torch.float64)  # [L, R, H]
@@ -443,12 +454,21 @@ def gate_costs(
                     f"calibration sample {count} at {n} tokens has maps of shape {list(measure.shape)}, "
                     f"the profile {[model.num_layers, heads, nb, nb]}"
                 )
+            if ranked and sample.sampled is None:
+                raise SearchError(
+                    f"calibration sample {count} at {n} tokens has no sampled-query scores to cost the "
+                    f"ranking {ranking.describe()}"
+                )
             for layer in model.planned_layers:
-                with torch.no_grad():
-                    scores = chosen[layer](
-                        sample.q_blocks[layer][None].float(), sample.k_blocks[layer][None].float()
-                    )  # [1, Hg, nB, nB]
-                keep = gate_selections(scores, tiled_blocks, tiled_gates, tiled_windows, tiled_tails)[0]
+                if layer in ranked:
+                    scores, followed = sample.sampled[layer][None].float(), tiled_groups  # [1, Hkv, nB, nB]
+                else:
+                    with torch.no_grad():
+                        scores = chosen[layer](
+                            sample.q_blocks[layer][None].float(), sample.k_blocks[layer][None].float()
+                        )  # [1, Hg, nB, nB]
+                    followed = tiled_gates
+                keep = gate_selections(scores, tiled_blocks, followed, tiled_windows, tiled_tails)[0]
                 keep = keep.view(len(rules), heads, nb, nb)
                 dropped = (causal & ~keep).double()  # [R, H, nB, nB]
                 values = measure[layer].double() * causal  # [H, nB, nB]
@@ -750,6 +770,7 @@ def search_plan(
     cost: str | None = None,
     progress: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    ranking: Any = None,
 ) -> SearchResult:
     """Pareto set of plans with density <= ``budget`` at every profiled and extended length.
 
@@ -776,7 +797,9 @@ def search_plan(
     the decode cache at the longest target length within this fraction of a dense cache's keys
     (:meth:`Plan.kv_fraction`: gate and dense heads hold every key, static ones their sink and band);
     one more row of the same MILP, for plans with one rule per KV group. ``provenance`` is the base of
-    each plan's provenance (default: tool and time).
+    each plan's provenance (default: tool and time). ``ranking`` (a
+    :class:`moa_compress.gate_runtime.PrefillRanking`): gate rules are costed under that prompt ranking
+    (the samples' ``sampled`` scores, see :func:`gate_costs`) and the plans carry it.
     """
     from moa_compress.data import progress_steps
 
@@ -853,7 +876,11 @@ def search_plan(
     if "gate" in kinds:
         from moa_compress.gates import gates_to_plan_tensors
 
-        gate_weights = gates_to_plan_tensors(gates, range(profile.model.num_layers))
+        config, tensors = gates_to_plan_tensors(gates, range(profile.model.num_layers))
+        if ranking is not None and ranking.samples:  # the plans rank prompts as their gate rules were costed
+            layers = None if ranking.layers is None else tuple(sorted(ranking.layers))
+            config = dataclasses.replace(config, ranking_samples=ranking.samples, ranking_layers=layers)
+        gate_weights = config, tensors
 
     solutions: list[tuple[dict[int, float], _Solution]] = []
     alternative_solutions: dict[str, tuple[dict[int, float], _Solution]] = {}
@@ -879,8 +906,9 @@ def search_plan(
                 lengths, block, targets, windows, gate_floor(min_span, block, sink_blocks), tails
             )
             extra = gate_costs(
-                profile, gates, gate_samples, gate_rules, per_head, renormalise, cost, sample_gates=cost_gates
-            )
+                profile, gates, gate_samples, gate_rules, per_head, renormalise, cost, sample_gates=cost_gates,
+                ranking=ranking,
+            )  # fmt: skip
             candidates += gate_rules
             costs = {
                 n: np.concatenate([costs[n], extra[n]], axis=1) if n in costs else extra[n] for n in profiled

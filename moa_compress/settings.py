@@ -44,6 +44,7 @@ OPTION_NAMES = {
     "gate_weight_decay": "--gate-weight-decay",
     "gate_extra_samples": "--gate-extra-samples",
     "gate_floor": "the gate rules' floor of blocks per row",
+    "ranking": "--ranking / --ranking-layers",
     "min_span": "--min-span",
     "kv_budget": "--kv-budget",
     "cost": "--cost",
@@ -87,6 +88,10 @@ class CompressSettings:
     ``kv_budget``: the decode cache's keys at the longest length, as a fraction of dense's, the plan may
     hold (None: no limit; see :meth:`moa_compress.plan.Plan.kv_fraction`).
     ``cost``: the search's per-block measure (``"net"`` or ``"entry"``; None: the search's default).
+    ``ranking``: how gate heads rank a prompt's blocks, ``"gate"`` or ``"sampled:R"`` (in
+    ``ranking_layers`` only, if given; :class:`moa_compress.gate_runtime.PrefillRanking`): the search
+    costs gate rules under it (each calibration sample's sampled scores, one more dense forward each)
+    and the plan carries it.
     ``data``/``text_field``/``mode``/``seed``/``answer_tokens``: the calibration recipe
     (:func:`moa_compress.data.calibration_set`; ``data=None`` is the built-in synthetic set).
     ``pareto_size``: weightings of the lengths the search solves (each distinct plan is validated).
@@ -119,6 +124,8 @@ class CompressSettings:
     min_span: float | None = None
     kv_budget: float | None = None
     cost: str | None = None
+    ranking: str = "gate"
+    ranking_layers: tuple[int, ...] | None = None
     pareto_size: int = 7
     validation_samples: int = 2
     eval_limit: int = 2
@@ -140,10 +147,24 @@ class CompressSettings:
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "gate_locals", tuple(self.gate_locals))
         object.__setattr__(self, "gate_tails", tuple(self.gate_tails))
+        if self.ranking_layers is not None:
+            object.__setattr__(self, "ranking_layers", tuple(sorted({int(i) for i in self.ranking_layers})))
         if self.data is not None:
             object.__setattr__(self, "data", str(self.data))
         if self.eval_data is not None:
             object.__setattr__(self, "eval_data", str(self.eval_data))
+
+    @property
+    def prefill_ranking(self):
+        """``ranking`` / ``ranking_layers`` as a :class:`~moa_compress.gate_runtime.PrefillRanking`, or
+        None for the gates."""
+        from moa_compress.gate_runtime import PrefillRanking
+
+        try:
+            ranking = PrefillRanking.parse(self.ranking, self.ranking_layers)
+        except UserInputError as exc:
+            raise CompressError(f"--ranking: {exc}") from None
+        return ranking if ranking.samples else None
 
     @property
     def target_lengths(self) -> tuple[int, ...]:
@@ -218,6 +239,11 @@ class CompressSettings:
             raise CompressError(
                 f"--gate-tails must be whole numbers of rows >= 0, got {list(self.gate_tails)}"
             )
+        ranking = self.prefill_ranking  # a malformed --ranking is a one-line error here
+        if self.ranking_layers is not None and ranking is None:
+            raise CompressError("--ranking-layers needs --ranking sampled:R")
+        if ranking is not None and "gate" not in self.rules:
+            raise CompressError(f"--ranking {self.ranking} ranks gate rules; add gate to --rules")
         names = (
             "pareto_size",
             "validation_samples",

@@ -142,6 +142,7 @@ _UNRECORDED = {
     "gate_floor": "none (a search before gate floors)",
     "gate_tails": list(DEFAULT_GATE_TAILS),
     "gate_extra_samples": [],
+    "ranking": "gate",
 }
 
 
@@ -210,6 +211,12 @@ def stage_settings(
         ),
         "min_span": settings.min_span,
         **({"kv_budget": settings.kv_budget} if settings.kv_budget is not None else {}),
+        # Recorded when not the gates', so searches made before rankings existed stay current.
+        **(
+            {"ranking": settings.prefill_ranking.describe()}
+            if "gate" in settings.rules and settings.prefill_ranking is not None
+            else {}
+        ),
         "cost": settings.cost,
         "pareto_size": settings.pareto_size,
     }
@@ -242,9 +249,12 @@ def read_json(path: Path) -> Any:
 # The calibration samples' maps, for gate costs
 
 
-def calibration_maps(root: Path, profile: Profile) -> dict[int, Iterator[SampleMaps]]:
+def calibration_maps(
+    root: Path, profile: Profile, rankings: Mapping[int, Sequence[Mapping[str, torch.Tensor]]] | None = None
+) -> dict[int, Iterator[SampleMaps]]:
     """Length -> the profile's calibration samples in order, each read when it is reached: its own maps
-    (``profile-samples/N/sample-i``) and its pooled gate inputs (``gates-samples/train/N/sample-i``).
+    (``profile-samples/N/sample-i``) and its pooled gate inputs (``gates-samples/train/N/sample-i``),
+    with its prompt-ranking scores ``rankings[N][i]`` (``sampled.{layer}``) if given.
     A missing or unreadable file is a :class:`CompressError` (rerun with --force)."""
     from safetensors import SafetensorError, safe_open
 
@@ -265,7 +275,10 @@ def calibration_maps(root: Path, profile: Profile) -> dict[int, Iterator[SampleM
                     f"calibration sample {i} at {n} tokens: {maps_path.name} or its gate inputs are missing "
                     f"or damaged in {root} ({type(exc).__name__}); rerun with --force"
                 ) from None
-            yield SampleMaps(maps, q, k)
+            sampled = (
+                None if rankings is None else {layer: rankings[n][i][f"sampled.{layer}"] for layer in layers}
+            )
+            yield SampleMaps(maps, q, k, sampled)
 
     return {n: read(n) for n in profile.lengths}
 

@@ -15,6 +15,7 @@ PUBLIC = {
     "Plan": "moa_compress.plan",
     "apply_plan": "moa_compress.runtime",
     "PlanKVCache": "moa_compress.runtime",
+    "PrefillRanking": "moa_compress.gate_runtime",
     "compress": "moa_compress.pipeline",
     "CompressSettings": "moa_compress.settings",
     "evaluate_plan": "moa_compress.evaluate",

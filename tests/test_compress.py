@@ -761,3 +761,51 @@ def test_the_gate_decay_bench_retrains_the_fold_gates_of_a_run(gated, monkeypatc
     assert [int(r[1]) for r in rows] == list(range(5, steps + 1, 5))
     recorded = [fold["held_out"] for fold in record["folds"]["losses"]]
     assert float(rows[-1][3]) == pytest.approx(sum(recorded) / len(recorded), abs=2e-4)
+
+
+def test_a_ranking_costs_gate_rules_under_it_and_the_plan_carries_it(gated, model, tokenizer, eval_text, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    """--ranking sampled:R: the search stage is stale, then scores each calibration sample by sampled
+    queries (kept in the work folder, reused when the search is redone) and writes plans that carry the
+    ranking; gate rules cost differently under it."""
+    from moa_compress import gate_runtime
+    from moa_compress import search as search_module
+
+    out, _ = gated
+    work = tmp_path / "work"
+    shutil.copytree(out / "work", work)
+    ranked = settings(eval_text, rules=ALL_RULES, ranking="sampled:2", ranking_layers=(1,))
+    stale = r"--ranking / --ranking-layers changed \(gate -> sampled:2 in layers 1\).*search stage"
+    with pytest.raises(StaleWorkError, match=stale):
+        compress(model, tokenizer, ranked, tmp_path / "o", work_dir=work, progress=False)
+    seen = []
+    real_costs = search_module.gate_costs
+
+    def spy(*args, **kwargs):
+        seen.append(real_costs(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(search_module, "gate_costs", spy)
+    result = compress(model, tokenizer, ranked, tmp_path / "o", work_dir=work, force=True, progress=False)
+    assert sorted(p.name for p in (work / "gates-samples" / "sampled-2").iterdir()) == ["256", "512"]
+    gates = result.plan.gates
+    if gates is not None:
+        assert (gates.ranking_samples, gates.ranking_layers) == (2, (1,))
+    assert result.summary["settings"]["ranking"] == "sampled:2"
+    search = json.loads((work / "search.json").read_text())
+    carried = [p["plan"]["gates"] for p in search["points"] if p["plan"].get("gates")]
+    assert carried and all(g["ranking_samples"] == 2 and g["ranking_layers"] == [1] for g in carried)
+    # The same search again from the kept scores: no dense forward for them, the same costs.
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"]["search"]["done"] = False
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(gate_runtime, "sample_rankings", lambda *a, **k: 1 / 0)
+    again = compress(model, tokenizer, ranked, tmp_path / "o2", work_dir=work, progress=False)
+    assert again.plan.rules == result.plan.rules and again.plan.gates == result.plan.gates
+    assert len(seen) == 2 and all((seen[0][n] == seen[1][n]).all() for n in seen[0])
+    with pytest.raises(CompressError, match="ranks gate rules; add gate to --rules"):
+        settings(eval_text, rules=("static", "dense"), ranking="sampled:2").check()
+    with pytest.raises(CompressError, match="--ranking-layers needs --ranking sampled:R"):
+        settings(eval_text, rules=ALL_RULES, ranking_layers=(1,)).check()
+    with pytest.raises(CompressError, match="--ranking: ranking must be gate or sampled:R"):
+        settings(eval_text, rules=ALL_RULES, ranking="sampled").check()

@@ -849,3 +849,46 @@ def test_eval_and_generate_take_a_ranking_and_refuse_a_bad_one_in_one_line(tmp_p
     result = CliRunner().invoke(app, ["generate", *base, "--prompt", "hi there", "--max-new-tokens", "2",
                                       "--ranking", "sampled:2"])  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def test_a_plan_carries_its_ranking_and_apply_plan_runs_it_unless_told_otherwise(tmp_path):
+    import dataclasses
+
+    from moa_compress.gate_runtime import PrefillRanking
+
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = gated_plan(model, roomy)
+    ranked = dataclasses.replace(
+        plan, gates=dataclasses.replace(plan.gates, ranking_samples=3, ranking_layers=(1,))
+    )
+    assert ranked != plan
+    save_plan(ranked, tmp_path / "r")
+    data = json.loads((tmp_path / "r" / "plan.json").read_text())
+    assert data["schema_version"] == 7 and data["gates"]["ranking_samples"] == 3
+    assert data["gates"]["ranking_layers"] == [1]
+    assert load_plan(tmp_path / "r", model) == ranked
+    save_plan(plan, tmp_path / "p")  # ranked by the gates: nothing written, an older schema
+    plain = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert "ranking_samples" not in plain["gates"] and plain["schema_version"] < 7
+    assert PrefillRanking.for_plan(ranked) == PrefillRanking(3, {1})
+    assert PrefillRanking.for_plan(ranked, "gate") is None and PrefillRanking.for_plan(plan) is None
+    x = ids(2, 150, seed=1)
+    with torch.no_grad():
+
+        def logits(p, **kw):
+            with apply_plan(model, p, backend="reference", **kw):
+                return model(x).logits
+
+        own = logits(ranked)
+        torch.testing.assert_close(own, logits(plan, ranking=PrefillRanking(3, {1})), rtol=0, atol=0)
+        torch.testing.assert_close(logits(ranked, ranking="gate"), logits(plan), rtol=0, atol=0)
+        assert (own - logits(plan)).abs().max() > 1e-4
+    for bad, message in (({"ranking_samples": -1}, "ranking_samples"), ({"ranking_samples": True}, "ranking_samples"),
+                         ({"ranking_samples": 2, "ranking_layers": "1"}, "ranking_layers"),
+                         ({"ranking_samples": 2, "ranking_layers": [5]}, r"ranking_layers \[5\]")):  # fmt: skip
+        broken = json.loads(json.dumps(data))
+        broken["gates"].update(bad)
+        (tmp_path / "r" / "plan.json").write_text(json.dumps(broken))
+        with pytest.raises(PlanError, match=message) as err:
+            load_plan(tmp_path / "r", model)
+        assert "\n" not in str(err.value)

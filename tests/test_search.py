@@ -903,3 +903,54 @@ def test_a_models_window_layers_stay_the_models_and_are_outside_the_budget():
             assert point.predicted_cost[n] == pytest.approx(
                 lost_fraction(profile, point.plan.rules, n), abs=1e-12
             )
+
+
+def test_gate_costs_under_a_sampled_ranking_rank_by_each_samples_scores():
+    """With a prompt ranking, the ranked layers choose blocks from each sample's ``sampled`` scores (one
+    per KV group), exactly as gates that return those scores would; other layers keep the gates; the
+    plans of a search carry the ranking."""
+    from moa_compress.gate_runtime import PrefillRanking
+    from moa_compress.plan import GateRule
+    from moa_compress.search import gate_costs
+
+    profile, samples = gated_profile()
+    m = profile.model
+    gates = random_gates(profile)
+    g = torch.Generator().manual_seed(9)
+    scored = {
+        n: [dataclasses.replace(s, sampled={
+            layer: torch.randn(m.num_kv_heads, s.maps["net"].shape[-1], s.maps["net"].shape[-1], generator=g)
+            for layer in range(m.num_layers)}) for s in items]
+        for n, items in samples.items()
+    }  # fmt: skip
+
+    class Fixed(torch.nn.Module):  # a "gate" whose scores are the sample's sampled ones
+        def __init__(self, layer, n, index):
+            super().__init__()
+            self.layer, self.n, self.index = layer, n, index
+
+        def forward(self, q_blocks, k_blocks):
+            return scored[self.n][self.index].sampled[self.layer][None]
+
+    rules = [GateRule(0.2), GateRule(0.45, local=2), GateRule(0.7)]
+    ranked = {0}  # layer 1 keeps the gates
+    mixed_sets = {
+        n: [[Fixed(layer, n, i) if layer in ranked else gates[layer] for layer in range(m.num_layers)]
+            for i in range(len(items))]
+        for n, items in samples.items()
+    }  # fmt: skip
+    got = gate_costs(profile, gates, scored, rules, ranking=PrefillRanking(4, ranked))
+    want = gate_costs(profile, gates, samples, rules, sample_gates=mixed_sets)
+    plain = gate_costs(profile, gates, samples, rules)
+    for n in profile.lengths:
+        assert got[n] == pytest.approx(want[n], rel=1e-12, abs=1e-15)
+        assert not np.allclose(got[n], plain[n])
+    with pytest.raises(SearchError, match="no sampled-query scores"):
+        gate_costs(profile, gates, samples, rules, ranking=PrefillRanking(4))
+
+    result = search_plan(
+        profile, 0.5, gates=gates, gate_samples=scored, ranking=PrefillRanking(4, ranked), time_limit=10
+    )
+    for point in [*result.points, *result.alternatives.values()]:
+        if point.plan.gates is not None:
+            assert point.plan.gates.ranking_samples == 4 and point.plan.gates.ranking_layers == tuple(ranked)
