@@ -19,9 +19,10 @@ so one attention call serves every head of the layer.
 
 A prompt can be ranked another way (:class:`PrefillRanking`, ``apply_plan(..., ranking=...)``): by the
 true attention of a few sampled queries per query block (:func:`sampled_scores`), which follows the
-input more closely than the pooled gate, at a cost that grows with the samples (at 8K tokens, four
-samples per 64-token block cost about a twelfth of dense attention on the CPU: BENCHMARKS.md). Decoding
-steps keep the gate: one query row is cheap to score exactly only by attending to everything.
+input more closely than the pooled gate, at a cost that grows with the samples (four samples per
+64-token block, with the selection: 9% of dense causal attention's time at 8K tokens on a 2-core CPU, 11%
+at 4K, 22% at 2K: BENCHMARKS.md). A plan made with ``compress --ranking`` carries its ranking. Decoding
+steps keep the gate: scoring one query row exactly costs as much as attending with it.
 
 Memory: in a :class:`~moa_compress.kvcache.PlanKVCache` a gate layer keeps ``gate_dim`` numbers per gate
 head and key block plus the raw pre-RoPE keys of its unfinished last block (a few percent of its key
