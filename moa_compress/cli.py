@@ -34,6 +34,19 @@ DTYPE_HELP = (
     "BF16; float32 on other CPUs) | bfloat16 | float32 | float16"
 )
 DtypeOpt = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
+RankingOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="How the plan's gate heads rank a prompt's key blocks: gate (its trained gates) or sampled:R "
+        "(the true attention of R sampled queries per 64-token block: closer to the oracle, costs about "
+        "R/64 of dense attention). Default: as the plan says (compress --ranking), else gate. Decoding "
+        "steps rank by the gates either way.",
+    ),
+]
+RankingLayersOpt = Annotated[
+    str | None,
+    typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
+]
 
 
 def fail(message: str) -> None:
@@ -489,19 +502,8 @@ def eval_command(
             "multiples of theirs. Not on the ruler tasks (they decode greedily).",
         ),
     ] = False,
-    ranking: Annotated[
-        str | None,
-        typer.Option(
-            help="How the plan's gate heads rank a prompt's key blocks: gate (its trained gates) or sampled:R "
-            "(the true attention of R sampled queries per 64-token block: closer to the oracle, costs about "
-            "R/64 of dense attention). Default: as the plan says (compress --ranking), else gate. Decoding "
-            "steps rank by the gates either way.",
-        ),
-    ] = None,
-    ranking_layers: Annotated[
-        str | None,
-        typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
-    ] = None,
+    ranking: RankingOpt = None,
+    ranking_layers: RankingLayersOpt = None,
 ) -> None:
     """Quality of a plan vs dense and the uniform baseline: perplexity, KL/top-1 fidelity, passkey,
     and RULER-style retrieval tasks; with --oracle, against the attention-mass oracles too (on
@@ -586,19 +588,8 @@ def generate_command(
     full_cache: Annotated[
         bool, typer.Option(help="Keep every key/value while decoding instead of the plan's windows.")
     ] = False,
-    ranking: Annotated[
-        str | None,
-        typer.Option(
-            help="How the plan's gate heads rank a prompt's key blocks: gate (its trained gates) or sampled:R "
-            "(the true attention of R sampled queries per 64-token block: closer to the oracle, costs about "
-            "R/64 of dense attention). Default: as the plan says (compress --ranking), else gate. Decoding "
-            "steps rank by the gates either way.",
-        ),
-    ] = None,
-    ranking_layers: Annotated[
-        str | None,
-        typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
-    ] = None,
+    ranking: RankingOpt = None,
+    ranking_layers: RankingLayersOpt = None,
 ) -> None:
     """Stream a greedy chat reply, with or without a plan."""
     from transformers import TextStreamer
@@ -1001,10 +992,7 @@ def compress_command(
             "search costs gate rules under it and the plan carries it. Decoding steps rank by the gates."
         ),
     ] = "gate",
-    ranking_layers: Annotated[
-        str | None,
-        typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
-    ] = None,
+    ranking_layers: RankingLayersOpt = None,
     profile: Annotated[
         Path | None,
         typer.Option(
