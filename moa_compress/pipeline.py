@@ -11,7 +11,10 @@
 
 With gate rules allowed (``settings.rules``, default static, gate and dense) a gates stage trains one
 SeerAttention-style gate per layer on the profile's calibration samples, and the search costs gate
-candidates on those samples' own maps (:func:`moa_compress.search.gate_costs`).
+candidates on those samples' own maps (:func:`moa_compress.search.gate_costs`). With a prompt ranking
+(``settings.ranking``, e.g. ``"sampled:4"``) the search first scores each calibration sample by that
+ranking (one dense forward each, kept in the work folder) and costs gate candidates on the blocks it
+drops; the plans carry the ranking.
 
 Calibration (the full preset): ``mixed`` samples, the dense model's answers to long-context prompts
 alternating with windows of natural prose (the "tune" split of the shipped articles, or ``data``), so
