@@ -215,11 +215,14 @@ def plan_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable object.")] = False,
 ) -> None:
     """Per-layer summary of a plan and its density at lengths."""
+    from moa_compress.gate_runtime import PrefillRanking
     from moa_compress.plan import load_plan, plan_summary
 
     plan = load_plan(plan_path)
     ns = parse_lengths(lengths) if lengths else list(plan.lengths or (2048, 4096, 8192))
     summary = plan_summary(plan, ns)
+    ranking = PrefillRanking.for_plan(plan)
+    summary["ranking"] = "gate" if ranking is None else ranking.describe()  # how gate heads rank prompts
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
@@ -229,6 +232,10 @@ def plan_show(
         f"{model['num_kv_heads']} KV heads), block {plan.block_size}, budget {plan.budget}"
     )
     typer.echo("density: " + ", ".join(f"{n}: {d:.4f}" for n, d in summary["density"].items()))
+    if ranking is not None:
+        typer.echo(
+            f"ranking: {summary['ranking']} (how gate heads rank a prompt's blocks; decoding: the gates)"
+        )
     header = "layer  " + "  ".join(f"d@{n:<6}" for n in ns) + "  rules"
     typer.echo(header)
     for row in summary["layers"]:

@@ -870,6 +870,12 @@ def test_a_plan_carries_its_ranking_and_apply_plan_runs_it_unless_told_otherwise
     save_plan(plan, tmp_path / "p")  # ranked by the gates: nothing written, an older schema
     plain = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert "ranking_samples" not in plain["gates"] and plain["schema_version"] < 7
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+
+    shown = CliRunner().invoke(app, ["plan", "show", str(tmp_path / "r")])
+    assert shown.exit_code == 0 and "ranking: sampled:3 in layers 1 (" in shown.output, shown.output
     assert PrefillRanking.for_plan(ranked) == PrefillRanking(3, {1})
     assert PrefillRanking.for_plan(ranked, "gate") is None and PrefillRanking.for_plan(plan) is None
     x = ids(2, 150, seed=1)
