@@ -3,7 +3,8 @@ would win: the eval's fidelity (KL of each next-token distribution to dense, mea
 prose windows, for the plan or the per-row oracle at the plan's densities, on edits of the plan.
 
 Each variant is ``SELECTION@EDITS``: ``SELECTION`` is ``plan``, an oracle of :mod:`moa_compress.oracle`
-(``oracle``, ``oracle-layer``) at the edited plan's per-head densities, or a source of block scores for
+(``oracle``, ``oracle-layer``) at the edited plan's per-head densities (``oracle-layer~sampled:16``: from
+block mass estimated by 16 sampled queries per block and query head), or a source of block scores for
 the plan's gate heads in place of the trained gates (``bench/gate_sources.py``: ``mean``, ``bound``,
 ``sampled:R``, ``mass``, ``mass-head``); ``--local W`` gives every gate head of the
 ``plan`` and source variants a local window of W blocks, ``--source-layers LO-HI`` confines the sources to
@@ -26,7 +27,7 @@ import argparse
 
 import torch
 from gate_sources import is_source
-from passkey_layers import edited, layer_range, selected
+from passkey_layers import edited, is_estimated_oracle, layer_range, selected
 
 from moa_compress.data import token_windows
 from moa_compress.evaluate import _Sums, default_texts, final_hidden, score_window
@@ -48,7 +49,10 @@ def main() -> None:
     args = parser.parse_args()
     parsed = {name: name.partition("@")[::2] for name in args.variants}  # name -> (SELECTION, EDITS)
     for name, (selection, edits) in parsed.items():
-        if not (selection in ("plan", *ORACLES) or is_source(selection)) or not edits:
+        if (
+            not (selection in ("plan", *ORACLES) or is_source(selection) or is_estimated_oracle(selection))
+            or not edits
+        ):
             parser.error(
                 f"a variant is SELECTION@EDITS with SELECTION plan, an oracle or a gate source, got {name!r}"
             )

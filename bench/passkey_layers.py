@@ -25,7 +25,9 @@ reference reply: the same question on a haystack that does not repeat.
 ``--selection oracle`` (or ``oracle-layer``) runs the eval's oracle at the edited plan's per-head
 densities instead of the plan (:mod:`moa_compress.oracle`): with ``only:A-B``, the blocks of most true
 attention mass in those layers and dense attention elsewhere — whether better block choice there would
-keep the keys, or only more density. ``--selection`` may also name a source of block scores for the
+keep the keys, or only more density; ``oracle-layer~sampled:16`` runs that oracle on block mass estimated
+from 16 sampled queries per block and query head (``gate_sources.oracle_mass_from``). ``--selection``
+may also name a source of block scores for the
 plan's gate heads in place of their trained gates (``bench/gate_sources.py``: ``sampled:4``, ``mass``, …),
 in the layers of ``--source-layers LO-HI`` only if given; ``--local W`` gives every gate head a local
 window of W blocks (narrower too, which the ``local`` edit never makes it).
@@ -93,6 +95,9 @@ def selected(model, plan: Plan, selection: str, layers: range | None = None, loc
     ``bench/gate_sources.py`` (in ``layers`` only, if given; every gate head's window ``local``, if given)."""
     if selection in ORACLES:
         return apply_oracle(model, plan, selection)
+    if "~" in selection:  # an oracle from sampled mass, e.g. oracle-layer~sampled:16
+        kind, _, source = selection.partition("~")
+        return _estimated(model, plan, kind, int(source.partition(":")[2]))
     if selection == "plan" and local is None:
         return apply_plan(model, plan)
     return _scored(model, plan, "gate" if selection == "plan" else selection, layers, local)
@@ -107,6 +112,20 @@ def gate_sources():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def is_estimated_oracle(selection: str) -> bool:
+    """``ORACLE~sampled:R``: an oracle choosing from block mass estimated by R sampled queries per block."""
+    kind, tilde, source = selection.partition("~")
+    return (
+        bool(tilde) and kind in ORACLES and source.startswith("sampled:") and gate_sources().is_source(source)
+    )
+
+
+@contextlib.contextmanager
+def _estimated(model, plan: Plan, kind: str, samples: int):
+    with gate_sources().oracle_mass_from(samples), apply_oracle(model, plan, kind):
+        yield
 
 
 @contextlib.contextmanager
@@ -172,8 +191,14 @@ def main() -> None:
     parser.add_argument("--local", type=int, default=None, help="every gate head's local window (blocks)")
     parser.add_argument("variants", nargs="+", help="edits of the plan (module docstring)")
     args = parser.parse_args()
-    if args.selection not in ("plan", *ORACLES) and not gate_sources().is_source(args.selection):
-        parser.error(f"--selection is plan, an oracle or a gate source, got {args.selection!r}")
+    if not (
+        args.selection in ("plan", *ORACLES)
+        or gate_sources().is_source(args.selection)
+        or is_estimated_oracle(args.selection)
+    ):
+        parser.error(
+            f"--selection is plan, an oracle (or ORACLE~sampled:R) or a gate source, got {args.selection!r}"
+        )
     plan = load_plan(args.plan)
     model, tokenizer = load_model(None)
     variants = {name: edited(plan, name) for name in args.variants}

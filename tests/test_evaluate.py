@@ -1139,6 +1139,14 @@ def test_the_passkey_layers_bench_edits_a_plan_by_layer_range_and_scores_teacher
     by_gate = score(model, wide, prompts[:1], local=1)[1]
     assert by_gate != score(model, wide, prompts[:1])[1]
     assert score(model, wide, prompts[:1], "mass", range(2, 3), 1)[1] != by_gate
+    # an oracle from sampled mass: with every query of a block sampled, the exact oracle
+    is_estimated = bench["is_estimated_oracle"]
+    assert is_estimated("oracle-layer~sampled:16") and is_estimated("oracle~sampled:2")
+    assert not any(
+        is_estimated(s) for s in ("oracle-layer", "plan~sampled:2", "oracle~mass", "oracle~sampled:0")
+    )
+    exact = score(model, plan, prompts[:1], "oracle-layer")[1]
+    assert score(model, plan, prompts[:1], "oracle-layer~sampled:16")[1] == pytest.approx(exact, abs=1e-9)
 
 
 def test_the_gate_source_bench_scores_blocks_by_sampled_bounded_or_exact_attention():
@@ -1199,3 +1207,11 @@ def test_the_gate_source_bench_scores_blocks_by_sampled_bounded_or_exact_attenti
         assert min((second - plain).abs().max(), (second - everywhere).abs().max()) > 1e-6
         with scored_by("mass", layers=range(0)):
             torch.testing.assert_close(logits(apply_plan(model, plan)), plain, rtol=0, atol=0)
+        # The oracle from estimated mass: every query sampled is the exact mass; two per block are not.
+        exact = logits(apply_oracle(model, plan, "oracle-layer"))
+        with bench["oracle_mass_from"](16):
+            torch.testing.assert_close(
+                logits(apply_oracle(model, plan, "oracle-layer")), exact, rtol=0, atol=1e-9
+            )
+        with bench["oracle_mass_from"](2):
+            assert (logits(apply_oracle(model, plan, "oracle-layer")) - exact).abs().max() > 1e-6
