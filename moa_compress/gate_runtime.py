@@ -111,8 +111,13 @@ class PrefillRanking:
                 f"ranking layers {outside} are not layers of this model (0 to {num_layers - 1})"
             )
 
+    def ranks(self, layer: int) -> bool:
+        """Whether ``layer``'s prompts rank by sampled queries."""
+        return self.samples > 0 and (self.layers is None or layer in self.layers)
+
     def applies(self, layer: int, q_len: int) -> bool:
-        return self.samples > 0 and q_len > 1 and (self.layers is None or layer in self.layers)
+        """Whether a call of ``q_len`` queries in ``layer`` ranks by sampled queries (decoding steps never)."""
+        return q_len > 1 and self.ranks(layer)
 
     def describe(self) -> str:
         if not self.samples:

@@ -420,7 +420,7 @@ def gate_costs(
     per_query = bool(getattr(gates[0], "per_query_head", False)) if len(gates) else False
     group_of_head = torch.arange(heads) // (heads // model.num_kv_heads)
     gate_of_head = torch.arange(heads) if per_query else group_of_head
-    ranked = {i for i in model.planned_layers if ranking is not None and ranking.applies(i, 2)}
+    ranked = {i for i in model.planned_layers if ranking is not None and ranking.ranks(i)}
     for n in profile.lengths if sample_gates is not None else ():
         given = sample_gates.get(n, ())
         if len(given) != profile.samples[n] or any(len(chosen) != model.num_layers for chosen in given):
