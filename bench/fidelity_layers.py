@@ -4,7 +4,8 @@ prose windows, for the plan or the per-row oracle at the plan's densities, on ed
 
 Each variant is ``SELECTION@EDITS``: ``SELECTION`` is ``plan``, an oracle of :mod:`moa_compress.oracle`
 (``oracle``, ``oracle-layer``) at the edited plan's per-head densities (``oracle-layer~sampled:16``: from
-block mass estimated by 16 sampled queries per block and query head), or a source of block scores for
+block mass estimated by 16 sampled queries per block and query head), the runtime's allocation that does
+the same (``sampled-layer:16``, ``apply_plan(..., ranking="sampled-layer:16")``), or a source of block scores for
 the plan's gate heads in place of the trained gates (``bench/gate_sources.py``: ``mean``, ``bound``,
 ``sampled:R``, ``mass``, ``mass-head``); ``--local W`` gives every gate head of the
 ``plan`` and source variants a local window of W blocks, ``--source-layers LO-HI`` confines the sources to
@@ -27,7 +28,7 @@ import argparse
 
 import torch
 from gate_sources import is_source
-from passkey_layers import edited, is_estimated_oracle, layer_range, selected
+from passkey_layers import edited, is_estimated_oracle, is_layer_ranking, layer_range, selected
 
 from moa_compress.data import token_windows
 from moa_compress.evaluate import _Sums, default_texts, final_hidden, score_window
@@ -50,7 +51,12 @@ def main() -> None:
     parsed = {name: name.partition("@")[::2] for name in args.variants}  # name -> (SELECTION, EDITS)
     for name, (selection, edits) in parsed.items():
         if (
-            not (selection in ("plan", *ORACLES) or is_source(selection) or is_estimated_oracle(selection))
+            not (
+                selection in ("plan", *ORACLES)
+                or is_source(selection)
+                or is_estimated_oracle(selection)
+                or is_layer_ranking(selection)
+            )
             or not edits
         ):
             parser.error(

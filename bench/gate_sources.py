@@ -98,31 +98,14 @@ def source_scores(
     return gate_runtime.sampled_scores(query, key, scale, bs, int(source.partition(":")[2]))
 
 
-def sampled_head_mass(
-    query: torch.Tensor, key: torch.Tensor, scale: float, bs: int, samples: int
-) -> torch.Tensor:  # [B, Hq, nB, nB]
-    """Each query head's block mass (as :func:`moa_compress.oracle.block_mass`: a block of ``r`` query
-    rows holds ``r`` times their mean attention) estimated from ``samples`` sampled queries per block
-    (the runtime's :func:`~moa_compress.gate_runtime.sampled_scores`, one query head at a time)."""
-    group = query.shape[1] // key.shape[1]
-    per_head = [
-        gate_runtime.sampled_scores(
-            query[:, h : h + 1], key[:, h // group : h // group + 1], scale, bs, samples
-        )
-        for h in range(query.shape[1])
-    ]
-    n = query.shape[2]
-    rows = torch.full((num_blocks(n, bs),), float(bs), device=query.device)
-    rows[-1] = n - (len(rows) - 1) * bs  # a shorter last query block
-    return torch.cat(per_head, dim=1).exp() * rows[:, None]
-
-
 @contextlib.contextmanager
 def oracle_mass_from(samples: int):
     """Within the block, the oracles (:mod:`moa_compress.oracle`) choose from block mass estimated by
-    :func:`sampled_head_mass` instead of the exact mass: ``oracle-layer`` so becomes a layer-wide
-    allocation of the plan's pair budget that a runtime could compute from sampled queries."""
+    :func:`moa_compress.allocation.sampled_head_mass` instead of the exact mass: ``oracle-layer`` so
+    becomes the layer-wide allocation of the plan's pair budget that ``ranking="sampled-layer:R"``
+    computes at run time."""
     from moa_compress import oracle
+    from moa_compress.allocation import sampled_head_mass
 
     exact = oracle.block_mass
     oracle.block_mass = lambda q, k, scale, bs, slab_bytes=None: sampled_head_mass(q, k, scale, bs, samples)

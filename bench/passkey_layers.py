@@ -26,7 +26,9 @@ reference reply: the same question on a haystack that does not repeat.
 densities instead of the plan (:mod:`moa_compress.oracle`): with ``only:A-B``, the blocks of most true
 attention mass in those layers and dense attention elsewhere — whether better block choice there would
 keep the keys, or only more density; ``oracle-layer~sampled:16`` runs that oracle on block mass estimated
-from 16 sampled queries per block and query head (``gate_sources.oracle_mass_from``). ``--selection``
+from 16 sampled queries per block and query head (``gate_sources.oracle_mass_from``), and
+``sampled-layer:16`` the runtime's allocation that does the same (``apply_plan(..., ranking=
+"sampled-layer:16")``; in the layers of ``--source-layers`` only, if given). ``--selection``
 may also name a source of block scores for the
 plan's gate heads in place of their trained gates (``bench/gate_sources.py``: ``sampled:4``, ``mass``, …),
 in the layers of ``--source-layers LO-HI`` only if given; ``--local W`` gives every gate head a local
@@ -45,7 +47,9 @@ from pathlib import Path
 
 import torch
 
+from moa_compress.errors import PlanRuntimeError
 from moa_compress.evaluate import decoder_body, default_texts, log_probs
+from moa_compress.gate_runtime import PrefillRanking
 from moa_compress.models import load_model
 from moa_compress.oracle import ORACLES, apply_oracle
 from moa_compress.plan import DenseRule, GateRule, Plan, Rule, load_plan
@@ -98,6 +102,8 @@ def selected(model, plan: Plan, selection: str, layers: range | None = None, loc
     if "~" in selection:  # an oracle from sampled mass, e.g. oracle-layer~sampled:16
         kind, _, source = selection.partition("~")
         return _estimated(model, plan, kind, int(source.partition(":")[2]))
+    if is_layer_ranking(selection):
+        return apply_plan(model, plan, ranking=PrefillRanking.parse(selection, layers))
     if selection == "plan" and local is None:
         return apply_plan(model, plan)
     return _scored(model, plan, "gate" if selection == "plan" else selection, layers, local)
@@ -120,6 +126,14 @@ def is_estimated_oracle(selection: str) -> bool:
     return (
         bool(tilde) and kind in ORACLES and source.startswith("sampled:") and gate_sources().is_source(source)
     )
+
+
+def is_layer_ranking(selection: str) -> bool:
+    """``sampled-layer:R``: the runtime's layer-wide allocation from R sampled queries per block."""
+    try:
+        return PrefillRanking.parse(selection).scope == "layer"
+    except PlanRuntimeError:
+        return False
 
 
 @contextlib.contextmanager
@@ -195,9 +209,11 @@ def main() -> None:
         args.selection in ("plan", *ORACLES)
         or gate_sources().is_source(args.selection)
         or is_estimated_oracle(args.selection)
+        or is_layer_ranking(args.selection)
     ):
         parser.error(
-            f"--selection is plan, an oracle (or ORACLE~sampled:R) or a gate source, got {args.selection!r}"
+            "--selection is plan, an oracle (or ORACLE~sampled:R), sampled-layer:R or a gate source, "
+            f"got {args.selection!r}"
         )
     plan = load_plan(args.plan)
     model, tokenizer = load_model(None)

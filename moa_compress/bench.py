@@ -98,6 +98,7 @@ def bench_attention(
     gates: bool = True,
     progress: Callable[[str], None] | None = None,
     ranking_samples: int = 4,
+    layer_samples: int = 16,
 ) -> list[dict[str, Any]]:
     """Time each backend and dense causal SDPA on the embedded model's attention shape.
 
@@ -108,14 +109,19 @@ def bench_attention(
     with a (random) gate of the default width, select per row, build the layout — ``gate_share``
     (that over the SDPA time) and ``gate_speedup`` (SDPA time over selection + the torch backend); with
     ``ranking_samples`` > 0 also ``sampled_select_s`` / ``sampled_share``, the same selection ranked by
-    that many sampled queries per block instead (``apply_plan(..., ranking="sampled:R")``, a prompt's cost).
+    that many sampled queries per block instead (``apply_plan(..., ranking="sampled:R")``, a prompt's cost);
+    with ``layer_samples`` > 0 also ``layer_select_s`` / ``layer_share``, the layer's blocks allocated over
+    all its heads and rows from that many sampled queries per block and query head instead, layout
+    included (``ranking="sampled-layer:R"``, :mod:`moa_compress.allocation`), and ``layer_speedup``,
+    SDPA time over that allocation and its attention (torch backend).
     """
     check_backends(backends)
     for d in densities:
         if not 0.0 < d <= 1.0:
             raise BenchError(f"densities must be in (0, 1], got {d}")
-    if ranking_samples < 0:
-        raise BenchError(f"--ranking-samples must be 0 or more, got {ranking_samples}")
+    for value, option in ((ranking_samples, "--ranking-samples"), (layer_samples, "--layer-samples")):
+        if value < 0:
+            raise BenchError(f"{option} must be 0 or more, got {value}")
     rows = []
     for n in lengths:
         for dtype_name in dtypes:
@@ -136,7 +142,18 @@ def bench_attention(
                     "sdpa_cpu_s": times["sdpa_cpu"],
                 }
                 if gates and d < 1.0:
-                    row.update(gate_times(q, k, v, d, repeats, times["sdpa"], samples=ranking_samples))
+                    row.update(
+                        gate_times(
+                            q,
+                            k,
+                            v,
+                            d,
+                            repeats,
+                            times["sdpa"],
+                            samples=ranking_samples,
+                            layer_samples=layer_samples,
+                        )
+                    )
                 for name in backends:
                     speedup = times["sdpa"] / times[name]
                     row.update(
@@ -155,11 +172,22 @@ def bench_attention(
 
 
 def gate_times(
-    q, k, v, density: float, repeats: int, sdpa_s: float, block_size: int = 64, samples: int = 0
+    q,
+    k,
+    v,
+    density: float,
+    repeats: int,
+    sdpa_s: float,
+    block_size: int = 64,
+    samples: int = 0,
+    layer_samples: int = 0,
 ) -> dict[str, Any]:
     """Selection time of one layer whose heads all have ``GateRule(density)`` (random gate weights:
     the cost does not depend on them), and selection + block-sparse attention (torch backend); with
-    ``samples``, the selection ranked by that many sampled queries per block as well."""
+    ``samples``, the selection ranked by that many sampled queries per block as well; with
+    ``layer_samples``, the layer's blocks allocated from that many sampled queries per block and query
+    head (selection with layout, and with the attention)."""
+    from moa_compress.allocation import allocated_attention, allocated_rows
     from moa_compress.attention import block_sparse_attention
     from moa_compress.gate_runtime import PrefillRanking, call_selections, layer_block_rows, row_codes
     from moa_compress.gates import AttnGate, gates_to_plan_tensors
@@ -190,6 +218,18 @@ def gate_times(
     calls = {"select": select, "gated": gated}
     if samples:
         calls["sampled"] = lambda: select(PrefillRanking(samples))
+    scale = q.shape[-1] ** -0.5
+
+    def allocate():
+        with torch.no_grad():
+            rows = allocated_rows(plan, 0, q, k, scale, layer_samples)
+            return BlockLayout.from_block_mask(rows, block_size, n, n)
+
+    if layer_samples:
+        calls["layer"] = allocate
+        calls["layer_attention"] = lambda: allocated_attention(
+            plan, 0, q, k, v, scale, "torch", layer_samples
+        )
     times = best_times(calls, repeats)
     out = {
         "gate_select_s": times["select"],
@@ -203,6 +243,15 @@ def gate_times(
                 "sampled_samples": samples,
                 "sampled_select_s": times["sampled"],
                 "sampled_share": times["sampled"] / sdpa_s,
+            }
+        )
+    if layer_samples:
+        out.update(
+            {
+                "layer_samples": layer_samples,
+                "layer_select_s": times["layer"],
+                "layer_share": times["layer"] / sdpa_s,
+                "layer_speedup": sdpa_s / times["layer_attention"],
             }
         )
     return out
@@ -235,6 +284,13 @@ def attention_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> 
         header += ["gate select ms", "select / SDPA", "gate + torch speedup"]
     if sampled:
         header += [f"sampled:{sampled} select ms", "sampled / SDPA"]
+    layer = next((row["layer_samples"] for row in rows if "layer_samples" in row), 0)
+    if layer:
+        header += [
+            f"sampled-layer:{layer} select ms",
+            "sampled-layer / SDPA",
+            "sampled-layer + torch speedup",
+        ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row["n"]), row["dtype"], f"{row['exact_density']:.3f}", f"{row['sdpa_s'] * 1e3:.1f}"]
@@ -259,6 +315,15 @@ def attention_table(rows: Sequence[dict[str, Any]], backends: Sequence[str]) -> 
                 cells += [f"{row['sampled_select_s'] * 1e3:.1f}", f"{row['sampled_share'] * 100:.1f}%"]
             else:
                 cells += ["–"] * 2
+        if layer:
+            if "layer_select_s" in row:
+                cells += [
+                    f"{row['layer_select_s'] * 1e3:.1f}",
+                    f"{row['layer_share'] * 100:.1f}%",
+                    f"{row['layer_speedup']:.2f}x",
+                ]
+            else:
+                cells += ["–"] * 3
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

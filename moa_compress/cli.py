@@ -37,15 +37,17 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
 RankingOpt = Annotated[
     str | None,
     typer.Option(
-        help="How the plan's gate heads rank a prompt's key blocks: gate (its trained gates) or sampled:R "
-        "(the true attention of R sampled queries per 64-token block: closer to the oracle, costs about "
-        "R/64 of dense attention). Default: as the plan says (compress --ranking), else gate. Decoding "
-        "steps rank by the gates either way.",
+        help="How a prompt's key blocks are chosen: gate (the plan's trained gates rank its gate heads' "
+        "blocks), sampled:R (the true attention of R sampled queries per 64-token block ranks them: closer "
+        "to the oracle, costs about R/64 of dense attention) or sampled-layer:R (each layer's pair budget "
+        "spent over all its heads and rows by mass estimated from R sampled queries per block and query "
+        "head: oracle-layer's allocation, at a higher cost). Default: as the plan says (compress "
+        "--ranking), else gate. Decoding steps keep the plan's rules and gates either way.",
     ),
 ]
 RankingLayersOpt = Annotated[
     str | None,
-    typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every gate layer."),
+    typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every layer."),
 ]
 
 
@@ -274,7 +276,7 @@ def parse_ranking(ranking: str | None, layers: str | None):
     from moa_compress.gate_runtime import PrefillRanking
 
     if layers is not None and ranking in (None, "gate"):
-        fail("--ranking-layers needs --ranking sampled:R")
+        fail("--ranking-layers needs --ranking sampled:R or sampled-layer:R")
     if ranking is None:
         return None
     try:
@@ -334,6 +336,13 @@ def bench_attention_cmd(
             "(--ranking sampled:R); 0 leaves it out."
         ),
     ] = 4,
+    layer_samples: Annotated[
+        int,
+        typer.Option(
+            help="Also time a layer's blocks allocated over all its heads from this many sampled queries "
+            "per block and query head (--ranking sampled-layer:R); 0 leaves it out."
+        ),
+    ] = 16,
 ) -> None:
     """Block-sparse attention (9 query / 3 KV heads x 64, uniform sink + window layouts) vs dense causal SDPA."""
     import torch
@@ -351,6 +360,7 @@ def bench_attention_cmd(
         repeats=repeats,
         progress=echo_progress,
         ranking_samples=ranking_samples,
+        layer_samples=layer_samples,
     )
     if as_json:
         typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))

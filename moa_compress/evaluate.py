@@ -266,8 +266,9 @@ def log_probs(model: Any, hidden: torch.Tensor) -> torch.Tensor:  # [P, hidden] 
 
 @contextlib.contextmanager
 def variant(model: Any, plan: Plan | None, backend: str, ranking: Any = None) -> Iterator[None]:
-    """Run the body with ``plan`` applied (dense when None; gate heads rank prompts by ``ranking``,
-    see :func:`moa_compress.runtime.apply_plan`)."""
+    """Run the body with ``plan`` applied (dense when None; prompts ranked by ``ranking``, see
+    :func:`moa_compress.runtime.apply_plan`; the uniform baseline is run with ``"gate"``: a plain
+    window whatever the plan's ranking)."""
     if plan is None:
         yield
         return
@@ -363,13 +364,13 @@ def evaluate_plan(
     (default :data:`DEFAULT_PASSKEY_SAMPLES` for passkey, :data:`DEFAULT_RULER_SAMPLES` for each
     ruler task); ``limit`` caps windows and samples per length. Prompts run ``batch_size`` at a
     time. Deterministic for a given ``seed`` and ``batch_size``. ``ranking``: how the plan's gate heads
-    rank a prompt's blocks (``"gate"``, ``"sampled:R"`` or a
+    rank a prompt's blocks (``"gate"``, ``"sampled:R"``, ``"sampled-layer:R"`` or a
     :class:`~moa_compress.gate_runtime.PrefillRanking`; default as the plan says), as
-    :func:`~moa_compress.runtime.apply_plan` takes it.
+    :func:`~moa_compress.runtime.apply_plan` takes it; the uniform baseline is never ranked.
     """
     from moa_compress.gate_runtime import PrefillRanking
 
-    ranking = PrefillRanking.for_plan(plan, ranking) or "gate"  # the uniform baseline has no gates
+    ranking = PrefillRanking.for_plan(plan, ranking) or "gate"
     tasks = parse_tasks(tasks)
     lengths = check_lengths(model, lengths)
     plan.check_model(identity_of(model))
@@ -381,9 +382,12 @@ def evaluate_plan(
     if needs_text(tasks) and not texts:
         raise DataError(f"{', '.join(t for t in tasks if needs_text([t]))} need natural text (--data)")
     uniforms = {n: uniform_baseline(plan, n) for n in lengths}
-    # A plan that is itself one window for all heads *is* its baseline: run it once.
+    # A plan that is itself one window for all heads *is* its baseline: run it once (unless a layer-wide
+    # ranking reallocates the plan's prompts: the baseline keeps its window).
+    allocated = not isinstance(ranking, str) and ranking.scope == "layer"
     same_as_plan = {
-        n: uniforms[n].rules == plan.rules and uniforms[n].block_size == plan.block_size for n in lengths
+        n: uniforms[n].rules == plan.rules and uniforms[n].block_size == plan.block_size and not allocated
+        for n in lengths
     }
     plans: dict[str, dict[int, Plan | None]] = {
         "dense": dict.fromkeys(lengths),
@@ -441,7 +445,7 @@ def evaluate_plan(
                 _skip(advance(_batches(items, batch_size), label))
                 results[name].setdefault(task, {})[str(n)] = results["plan"][task][str(n)]
                 continue
-            with variant(model, plans[name][n], backend, ranking):
+            with variant(model, plans[name][n], backend, ranking if name == "plan" else "gate"):
                 records = [r for batch in advance(_batches(items, batch_size), label) for r in score(batch)]
             results[name].setdefault(task, {})[str(n)] = _summary(items, records)
 
@@ -555,7 +559,8 @@ def _run_windows(
             for task in set(tasks) & set(TEXT_TASKS):
                 results[name].setdefault(task, {})[str(n)] = results["plan"][task][str(n)]
             continue
-        with variant(model, plans[name][n], *runtime):
+        backend, ranking = runtime
+        with variant(model, plans[name][n], backend, ranking if name == "plan" else "gate"):
             for i in advance(range(len(windows)), f"text {n} {name}"):  # counts windows, not tokens
                 ids = torch.tensor([windows[i]], device=device)
                 hidden = final_hidden(model, ids)[half - 1 : n - 1]  # predicts tokens half .. n-1

@@ -58,37 +58,54 @@ SAMPLED_CHUNK_BYTES = 1 << 23
 
 @dataclass(frozen=True)
 class PrefillRanking:
-    """How the gate heads of a layer rank key blocks for calls with more than one query (a prompt, or
-    a chunk of one): ``samples = 0``, by the trained gate (the default); ``samples = R``, by the true
-    attention of ``R`` sampled queries per query block (:func:`sampled_scores`) — in ``layers`` only,
-    if given (the others keep the gate). Decoding steps always rank by the gate. The blocks kept per row
-    are the rules' own either way (sink, local window, ``blocks_per_row``), so densities and the decode
-    cache are unchanged. Scores are per KV group (the mean of its query heads' sampled mass), as the
-    default gates decide; a plan with per-query-head gates still shares one ranking per group here.
+    """How a layer chooses a prompt's key blocks (calls with more than one query: a prompt, or a chunk of
+    one). ``samples = 0``: the trained gates rank the gate heads' blocks (the default). ``samples = R``,
+    in ``layers`` only if given (the others keep the plan as it is):
 
-    Calls through a :class:`~moa_compress.kvcache.PlanKVCache` rank the prompt this way but keep the
-    gate for later chunks (the cache keeps each storage class's keys apart)."""
+    * ``scope="row"`` (``"sampled:R"``): the gate heads rank their blocks by the true attention of ``R``
+      sampled queries per query block (:func:`sampled_scores`). The blocks kept per row are the rules'
+      own (sink, local window, ``blocks_per_row``), so densities and the decode cache are unchanged.
+      Scores are per KV group (the mean of its query heads' sampled mass), as the default gates decide;
+      a plan with per-query-head gates still shares one ranking per group here.
+    * ``scope="layer"`` (``"sampled-layer:R"``): a prompt's first call (every query of the sequence in
+      one call) spends the layer's pair budget at that length — the plan's, summed over its heads — over
+      all its heads (static, gate and dense alike) and rows by block mass per pair estimated from ``R``
+      sampled queries per block and query head (:mod:`moa_compress.allocation`; the ``oracle-layer``
+      selection of :mod:`moa_compress.oracle` on estimated mass). A head's prompt density then follows
+      the input; the layer's does not exceed the plan's. Later calls (prompt chunks after the first,
+      decoding steps) run the plan's rules and gates, so the decode cache is the plan's too.
+
+    Decoding steps always rank by the gate. Calls through a
+    :class:`~moa_compress.kvcache.PlanKVCache` rank the prompt this way but keep the plan's rules and
+    gates for later chunks (the cache keeps each storage class's keys apart)."""
 
     samples: int = 0
     layers: frozenset[int] | None = None
+    scope: str = "row"
 
     def __post_init__(self) -> None:
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
             raise PlanRuntimeError(f"ranking samples must be a whole number >= 0, got {self.samples!r}")
+        if self.scope not in ("row", "layer"):
+            raise PlanRuntimeError(f"ranking scope must be row or layer, got {self.scope!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", frozenset(int(i) for i in self.layers))
 
     @classmethod
     def parse(cls, text: str, layers: str | Iterable[int] | None = None) -> PrefillRanking:
-        """``"gate"`` or ``"sampled:R"``; ``layers`` as ``"LO-HI"`` (inclusive), ``"A,B,..."`` or integers."""
+        """``"gate"``, ``"sampled:R"`` or ``"sampled-layer:R"``; ``layers`` as ``"LO-HI"`` (inclusive),
+        ``"A,B,..."`` or integers."""
         head, _, count = text.partition(":")
+        scopes = {"sampled": "row", "sampled-layer": "layer"}
         if text == "gate":
-            samples = 0
-        elif head == "sampled" and count.isdigit() and int(count) >= 1:
-            samples = int(count)
+            samples, scope = 0, "row"
+        elif head in scopes and count.isdigit() and int(count) >= 1:
+            samples, scope = int(count), scopes[head]
         else:
-            raise PlanRuntimeError(f"ranking must be gate or sampled:R with a whole R >= 1, got {text!r}")
-        return cls(samples, parse_layers(layers) if isinstance(layers, str) else layers)
+            raise PlanRuntimeError(
+                f"ranking must be gate, sampled:R or sampled-layer:R with a whole R >= 1, got {text!r}"
+            )
+        return cls(samples, parse_layers(layers) if isinstance(layers, str) else layers, scope)
 
     @classmethod
     def for_plan(cls, plan: Plan, ranking: str | PrefillRanking | None = None) -> PrefillRanking | None:
@@ -116,14 +133,21 @@ class PrefillRanking:
         return self.samples > 0 and (self.layers is None or layer in self.layers)
 
     def applies(self, layer: int, q_len: int) -> bool:
-        """Whether a call of ``q_len`` queries in ``layer`` ranks by sampled queries (decoding steps never)."""
-        return q_len > 1 and self.ranks(layer)
+        """Whether the gate heads of ``layer`` rank a call of ``q_len`` queries by sampled queries, row
+        by row (decoding steps never; nor a ``"layer"`` scope, see :meth:`allocates`)."""
+        return self.scope == "row" and q_len > 1 and self.ranks(layer)
+
+    def allocates(self, layer: int, q_len: int, kv_len: int) -> bool:
+        """Whether a call of ``q_len`` queries over ``kv_len`` keys in ``layer`` is allocated layer-wide:
+        a ``"layer"`` scope and a whole prompt in one call."""
+        return self.scope == "layer" and 1 < q_len == kv_len and self.ranks(layer)
 
     def describe(self) -> str:
         if not self.samples:
             return "gate"
         where = "" if self.layers is None else f" in layers {format_layers(self.layers)}"
-        return f"sampled:{self.samples}{where}"
+        name = "sampled" if self.scope == "row" else "sampled-layer"
+        return f"{name}:{self.samples}{where}"
 
 
 def parse_layers(text: str) -> frozenset[int]:
@@ -434,11 +458,13 @@ def sampled_scores(
     block_size: int,
     samples: int,
     chunk_bytes: int = SAMPLED_CHUNK_BYTES,
-) -> torch.Tensor:  # [B, Hkv, nQ_call, nK], at least float32; -inf above the block diagonal
+    per_head: bool = False,
+) -> torch.Tensor:  # [B, Hkv | Hq, nQ_call, nK], at least float32; -inf above the block diagonal
     """Block scores of the call's query blocks from ``samples`` sampled queries each
     (:func:`sample_positions`): the log of the causal softmax attention each sampled query puts on every
-    key block, averaged over the block's valid samples and the KV group's query heads. With every query
-    of a block sampled it is the log of the block's attention mass per query.
+    key block, averaged over the block's valid samples and the KV group's query heads (``per_head``: per
+    query head, not averaged over its group). With every query of a block sampled it is the log of the
+    block's attention mass per query.
 
     Cost: ``samples / block_size`` of the full score product (at most; the queries of a chunk see only
     the keys up to its last block) plus a softmax per sampled row, in chunks of about ``chunk_bytes`` of
@@ -452,10 +478,10 @@ def sampled_scores(
     q = query[:, :, (positions - first).flatten()].to(dtype) * scale  # [B, Hq, nQ * R, D]
     q = q.view(b, hkv, group, nq, samples, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nq, rows, d)
     k = key.to(dtype)
-    weight = (valid.to(dtype) / valid.sum(-1, keepdim=True) / group).repeat(1, group)  # [nQ, G·R]
+    weight = valid.to(dtype) / valid.sum(-1, keepdim=True)  # [nQ, R]
     row_positions = positions.repeat(1, group)  # [nQ, G·R], the row order of q (head-major)
     columns = torch.arange(kv_len, device=query.device)
-    out = torch.zeros(b, hkv, nq, nk, dtype=dtype, device=query.device)
+    out = torch.zeros(b, hkv, group, nq, nk, dtype=dtype, device=query.device)
     step = max(1, chunk_bytes // (b * hkv * rows * kv_len * k.element_size()))  # query blocks per chunk
     for j0 in range(0, nq, step):
         j1 = min(nq, j0 + step)
@@ -471,8 +497,11 @@ def sampled_scores(
         per_block = scores[..., : full * bs].unflatten(-1, (full, bs)).sum(-1)
         if end > full * bs:  # a last, shorter key block
             per_block = torch.cat([per_block, scores[..., full * bs :].sum(-1, keepdim=True)], -1)
-        out[:, :, j0:j1, : per_block.shape[-1]] = torch.einsum("bhcrk,cr->bhck", per_block, weight[j0:j1])
-    return out.log()
+        per_block = per_block.unflatten(3, (group, samples))  # [B, Hkv, c, G, R, blocks]
+        out[:, :, :, j0:j1, : per_block.shape[-1]] = torch.einsum(
+            "bhcgrk,cr->bhgck", per_block, weight[j0:j1]
+        )
+    return out.flatten(1, 2).log() if per_head else out.mean(2).log()
 
 
 def sample_rankings(
@@ -571,8 +600,13 @@ def gated_attention(
     ranking: PrefillRanking | None = None,
 ) -> torch.Tensor:  # [B, Hq, Sq, D]
     """One unpadded call of a layer with gate heads: every head in one block-sparse call per piece
-    (:func:`rows_attention`), the gate heads' blocks by :func:`call_selections`."""
+    (:func:`rows_attention`), the gate heads' blocks by :func:`call_selections` — or every head's by
+    :func:`moa_compress.allocation.allocated_rows` where ``ranking`` allocates the call layer-wide."""
     q_len, kv_len = query.shape[2], key.shape[2]
+    if ranking is not None and ranking.allocates(layer, q_len, kv_len):
+        from moa_compress.allocation import allocated_attention
+
+        return allocated_attention(plan, layer, query, key, value, scale, backend, ranking.samples)
     selections = call_selections(plan, layer, gate, query, key, q_pre, k_codes, scale, ranking)
     rows = layer_block_rows(plan, layer, kv_len, q_len, selections)  # [B, H, nQ_call, nK]
     return rows_attention(rows, query, key, value, plan.block_size, scale, backend)

@@ -330,18 +330,37 @@ class PlanHandle:
         if isinstance(key, StoredKV):  # a PlanKVCache layer: planned storage, see moa_compress.kvcache
             if key.plan != self.plan:
                 raise PlanRuntimeError("this PlanKVCache was built for a different plan than the applied one")
-            out = self.attend_stored(rules, query, key, attention_mask, scale)
+            out = self.attend_stored(layer, query, key, attention_mask, scale)
             return out.transpose(1, 2).contiguous(), None
 
-        kv_len = key.shape[2]
-        if attention_mask is not None:
-            mask = as_bool_mask(attention_mask, kv_len)
-            if not is_plain_causal(mask):
-                out = padded_attention(rules, self.plan.block_size, query, key, value, mask, scale)
-                return out.transpose(1, 2).contiguous(), None
-
-        out = self.block_sparse(rules, query, key, value, scale)
+        mask = None if attention_mask is None else as_bool_mask(attention_mask, key.shape[2])
+        out = self.static_call(layer, query, key, value, mask, scale)
         return out.transpose(1, 2).contiguous(), None
+
+    def static_call(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [B, Hq, Sq, D]
+        key: torch.Tensor,  # [B, Hkv, Sk, D] every key of the call (from position 0)
+        value: torch.Tensor,
+        mask: torch.Tensor | None,  # [B, 1|H, Sq, Sk] bool
+        scale: float,
+    ) -> torch.Tensor:  # [B, Hq, Sq, D]
+        """A call of a layer without gate heads over all its keys: the rules' block-sparse attention
+        (per row, from its first real token, in a left-padded batch), or a prompt allocated layer-wide
+        (:mod:`moa_compress.allocation`) where the ranking says so."""
+        rules = self.plan.rules[layer]
+        padded = mask is not None and not is_plain_causal(mask)
+        if self.ranking is not None and self.ranking.allocates(layer, query.shape[2], key.shape[2]):
+            from moa_compress.allocation import allocated_attention
+
+            return allocated_attention(
+                self.plan, layer, query, key, value, scale, self.backend, self.ranking.samples,
+                left_padding(mask).tolist() if padded else None,
+            )  # fmt: skip
+        if padded:
+            return padded_attention(rules, self.plan.block_size, query, key, value, mask, scale)
+        return self.block_sparse(rules, query, key, value, scale)
 
     def gated(
         self,
@@ -455,7 +474,7 @@ class PlanHandle:
 
     def attend_stored(
         self,
-        rules: tuple[Rule, ...],
+        layer: int,
         query: torch.Tensor,  # [B, Hq, Sq, D]
         stored: StoredKV,
         attention_mask: torch.Tensor | None,
@@ -469,27 +488,22 @@ class PlanHandle:
         * later multi-token calls (chunked prefill, unpadded): block-sparse attention over the
           retained keys in position order plus the new ones, absent blocks skipped, then stored.
         """
-        layer = stored.layer
+        cache_layer = stored.layer
         if stored.start > 0 and query.shape[2] == 1:  # the per-step path: padding is known already
-            return layer.decode_step(query, stored, scale, self.backend)
+            return cache_layer.decode_step(query, stored, scale, self.backend)
         mask = None if attention_mask is None else as_bool_mask(attention_mask, stored.length)
         padded = mask is not None and not is_plain_causal(mask)
         if stored.start == 0:
-            if padded:
-                out = padded_attention(
-                    rules, self.plan.block_size, query, stored.keys, stored.values, mask, scale
-                )
-            else:
-                out = self.block_sparse(rules, query, stored.keys, stored.values, scale)
-            layer.plan_storage(stored.keys, left_padding(mask) if padded else None)
-            layer.check_length(stored.length)
-            layer.store(stored)
+            out = self.static_call(layer, query, stored.keys, stored.values, mask, scale)
+            cache_layer.plan_storage(stored.keys, left_padding(mask) if padded else None)
+            cache_layer.check_length(stored.length)
+            cache_layer.store(stored)
             return out
-        if layer.padding is not None or padded:
+        if cache_layer.padding is not None or padded:
             raise PlanRuntimeError(
                 "PlanKVCache takes a padded batch's prompt in one call; later calls must be single tokens"
             )
-        return self.chunk_stored(rules, query, stored, scale)
+        return self.chunk_stored(self.plan.rules[layer], query, stored, scale)
 
     def chunk_stored(
         self,

@@ -86,9 +86,20 @@ def test_bench_attention_gate_rows_and_decode_of_a_mixed_plan():
     assert rows[1]["gate_density"] <= 0.25 and rows[1]["gate_speedup"] > 0
     assert rows[1]["sampled_samples"] == 4 and rows[1]["sampled_select_s"] > 0
     table = attention_table(rows, ["torch"])
-    assert "select / SDPA" in table and "sampled:4 select ms" in table
+    assert rows[1]["layer_samples"] == 16 and rows[1]["layer_select_s"] > 0 and rows[1]["layer_speedup"] > 0
+    table = attention_table(rows, ["torch"])
+    assert (
+        "select / SDPA" in table and "sampled:4 select ms" in table and "sampled-layer:16 select ms" in table
+    )
     with pytest.raises(BenchError, match="ranking-samples"):
         bench_attention([1024], ["float32"], [0.25], ["torch"], ranking_samples=-1)
+    with pytest.raises(BenchError, match="layer-samples"):
+        bench_attention([1024], ["float32"], [0.25], ["torch"], layer_samples=-1)
+    bare = bench_attention(
+        [1024], ["float32"], [0.25], ["torch"], repeats=1, ranking_samples=0, layer_samples=0
+    )
+    assert "sampled_select_s" not in bare[0] and "layer_select_s" not in bare[0]
+    assert "sampled-layer" not in attention_table(bare, ["torch"])
 
     model = tiny_model("llama")
     plan = gated_plan(model, mixed(seed=2), seed=2)

@@ -242,6 +242,33 @@ def test_evaluate_plan_fills_the_schema(tokenizer):
     assert again["results"] == results["results"]  # deterministic
 
 
+def test_a_layer_ranking_reallocates_the_plan_and_leaves_the_uniform_baseline_alone(tokenizer):
+    """``ranking="sampled-layer:R"`` changes the plan's figures only; a plan that is its own uniform
+    window is then run apart from its baseline (no figures copied)."""
+    from moa_compress.evaluate import uniform_baseline
+
+    model = make_model(tokenizer, dtype=torch.float64)
+    kw = {
+        "tasks": "ppl,fidelity",
+        "texts": make_texts(),
+        "limit": 2,
+        "backend": "reference",
+        "progress": False,
+    }
+    plan = sparse_plan(model)
+    plain = evaluate_plan(model, tokenizer, plan, lengths=[192], **kw)
+    ranked = evaluate_plan(model, tokenizer, plan, lengths=[192], ranking="sampled-layer:4", **kw)
+    assert ranked["settings"]["ranking"] == "sampled-layer:4"
+    assert ranked["results"]["uniform"] == plain["results"]["uniform"]
+    assert ranked["results"]["plan"]["fidelity"] != plain["results"]["plan"]["fidelity"]
+    window = uniform_baseline(plan, 192)
+    alone = evaluate_plan(model, tokenizer, window, lengths=[192], **kw)
+    assert alone["uniform"]["same_as_plan"] == {"192": True}
+    ranked = evaluate_plan(model, tokenizer, window, lengths=[192], ranking="sampled-layer:4", **kw)
+    assert ranked["uniform"]["same_as_plan"] == {"192": False}
+    assert ranked["results"]["uniform"] == alone["results"]["uniform"] != ranked["results"]["plan"]
+
+
 def test_density_one_plan_equals_dense(tokenizer):
     model = make_model(tokenizer, dtype=torch.float64)
     results = evaluate_plan(
@@ -1147,6 +1174,12 @@ def test_the_passkey_layers_bench_edits_a_plan_by_layer_range_and_scores_teacher
     )
     exact = score(model, plan, prompts[:1], "oracle-layer")[1]
     assert score(model, plan, prompts[:1], "oracle-layer~sampled:16")[1] == pytest.approx(exact, abs=1e-9)
+    # the runtime's allocation from sampled queries (apply_plan(..., ranking="sampled-layer:R")), likewise
+    is_layer = bench["is_layer_ranking"]
+    assert is_layer("sampled-layer:4") and not any(
+        is_layer(s) for s in ("sampled:4", "sampled-layer:0", "plan")
+    )
+    assert score(model, plan, prompts[:1], "sampled-layer:16")[1] == pytest.approx(exact, abs=1e-9)
 
 
 def test_the_gate_source_bench_scores_blocks_by_sampled_bounded_or_exact_attention():

@@ -1,0 +1,88 @@
+"""A prompt's key blocks allocated layer-wide from sampled queries (``ranking="sampled-layer:R"``).
+
+A plan fixes each head's density; the block mass of a prompt does not follow it: on one input a head
+that the plan gave a narrow band needs a far block, on another a wide head needs little. The
+``oracle-layer`` selection (:mod:`moa_compress.oracle`) shows what spending each layer's pair budget over
+all its heads and rows by true block mass is worth, but it reads the dense attention map first. This
+module makes the same allocation from an *estimate* a runtime can afford: per query head and query
+block, the attention of ``R`` sampled queries summed per key block
+(:func:`~moa_compress.gate_runtime.sampled_scores` with ``per_head=True``), scaled to the block's query
+rows. Every row keeps its sink and diagonal; the layer's other causal blocks follow by estimated mass
+per pair while they fit in the plan's pair budget for the layer at that length (the sum of its heads'
+rule densities), so the layer never computes more pairs than the plan would.
+
+Cost: the sampled rows' scores are ``R / block_size`` of the causal score product for every query
+head, plus their softmax (BENCHMARKS.md: ``bench attention``'s "sampled-layer" columns); then the
+layer's block rows as one :class:`~moa_compress.kernels.layout.BlockLayout` and one attention call.
+With ``R = block_size`` (every query sampled) it is the ``oracle-layer`` selection exactly.
+
+It serves a prompt's first call only (every query of the sequence in one call): what the plan's heads
+keep for later calls and decoding steps is theirs, so the decode cache is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moa_compress.gate_runtime import rows_attention, sampled_scores
+from moa_compress.oracle import layer_budget, top_blocks_in_layer
+from moa_compress.plan import Plan, num_blocks
+
+
+def sampled_head_mass(
+    query: torch.Tensor,  # [B, Hq, S, D] after RoPE, a whole sequence
+    key: torch.Tensor,  # [B, Hkv, S, D] after RoPE
+    scale: float,
+    block_size: int,
+    samples: int,
+) -> torch.Tensor:  # [B, Hq, nB, nB], at least float32; 0 above the block diagonal
+    """Each query head's block mass (as :func:`moa_compress.oracle.block_mass`: a block of ``r`` query
+    rows holds ``r`` times their mean attention) estimated from ``samples`` sampled queries per block."""
+    n = query.shape[2]
+    rows = torch.full((num_blocks(n, block_size),), float(block_size), device=query.device)
+    rows[-1] = n - (len(rows) - 1) * block_size  # a shorter last query block
+    mean = sampled_scores(query, key, scale, block_size, samples, per_head=True).exp()
+    return mean * rows[:, None].to(mean.dtype)
+
+
+def allocated_rows(
+    plan: Plan,
+    layer: int,
+    query: torch.Tensor,  # [B, Hq, S, D] after RoPE, a whole sequence
+    key: torch.Tensor,  # [B, Hkv, S, D] after RoPE
+    scale: float,
+    samples: int,
+) -> torch.Tensor:  # [B, Hq, nB, nB] bool
+    """The layer's block rows for a whole prompt: its pair budget at this length spent over every head
+    and row by estimated mass per pair (:func:`~moa_compress.oracle.top_blocks_in_layer`)."""
+    n = query.shape[2]
+    mass = sampled_head_mass(query, key, scale, plan.block_size, samples)
+    return top_blocks_in_layer(mass, n, plan.block_size, layer_budget(plan, layer, n))
+
+
+def allocated_attention(
+    plan: Plan,
+    layer: int,
+    query: torch.Tensor,  # [B, Hq, S, D] after RoPE, a whole sequence
+    key: torch.Tensor,  # [B, Hkv, S, D]
+    value: torch.Tensor,
+    scale: float,
+    backend: str,
+    samples: int,
+    padding: Sequence[int] | None = None,  # left-padding columns per row of a padded batch
+) -> torch.Tensor:  # [B, Hq, S, D]
+    """A whole prompt's attention in ``layer`` under :func:`allocated_rows`, one block-sparse call. A
+    left-padded batch runs one row at a time over its own tokens (blocks counted from its first real
+    token, as unpadded); padding query rows return zeros."""
+    if padding is None:
+        rows = allocated_rows(plan, layer, query, key, scale, samples)
+        return rows_attention(rows, query, key, value, plan.block_size, scale, backend)
+    out = torch.zeros_like(query)
+    for row, pad in enumerate(padding):
+        r = slice(row, row + 1)
+        if pad < query.shape[2]:
+            q, k, v = query[r, :, pad:], key[r, :, pad:], value[r, :, pad:]
+            out[r, :, pad:] = allocated_attention(plan, layer, q, k, v, scale, backend, samples)
+    return out

@@ -1,0 +1,225 @@
+"""Prompts allocated layer-wide from sampled queries (``ranking="sampled-layer:R"``,
+:mod:`moa_compress.allocation`): with every query sampled it is the ``oracle-layer`` selection; with
+fewer, it never computes more pairs than the plan; padded batches, chunked prompts, the PlanKVCache and
+decoding steps; parsing and the command line."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from moa_compress import allocation
+from moa_compress.gate_runtime import PrefillRanking, sampled_scores
+from moa_compress.gates import pooled_attention
+from moa_compress.oracle import apply_oracle, layer_budget, top_blocks_in_layer
+from moa_compress.plan import DenseRule, StaticRule, causal_block_pairs, num_blocks
+from moa_compress.runtime import PlanKVCache, PlanRuntimeError, apply_plan, cache_kwarg
+from tests.factories import left_padded, tiny_model
+from tests.test_gate_runtime import BLOCK, gated_plan, ids, mixed, roomy
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def static_rules(layer, head):
+    """No gate heads: static bands of several widths beside a dense head."""
+    kinds = (
+        StaticRule(1, float(BLOCK), 0.0),
+        StaticRule(0, 10.0, 0.1),
+        DenseRule(),
+        StaticRule(1, 30.0, 0.0),
+    )
+    return kinds[(layer + 2 * head) % 4]
+
+
+def layer_ranking(samples, layers=None):
+    return PrefillRanking(samples, layers, scope="layer")
+
+
+@pytest.mark.parametrize("n,hq,hkv,samples", [(77, 6, 2, 3), (50, 4, 4, 2), (33, 2, 1, 16)])
+def test_per_head_sampled_scores_are_each_heads_own_and_average_to_the_groups(n, hq, hkv, samples):
+    g = torch.Generator().manual_seed(n)
+    query = torch.randn(2, hq, n, 8, generator=g, dtype=torch.float64)
+    key = torch.randn(2, hkv, n, 8, generator=g, dtype=torch.float64)
+    per_head = sampled_scores(query, key, 0.4, BLOCK, samples, per_head=True)
+    assert per_head.shape == (2, hq, num_blocks(n, BLOCK), num_blocks(n, BLOCK))
+    group = hq // hkv
+    for h in range(hq):  # a head alone, as its own KV group
+        alone = sampled_scores(query[:, h : h + 1], key[:, h // group : h // group + 1], 0.4, BLOCK, samples)
+        torch.testing.assert_close(per_head[:, h : h + 1], alone, rtol=1e-12, atol=1e-12)
+    grouped = sampled_scores(query, key, 0.4, BLOCK, samples)
+    mean = per_head.exp().unflatten(1, (hkv, group)).mean(2)
+    torch.testing.assert_close(mean, grouped.exp(), rtol=1e-12, atol=1e-12)
+
+
+def test_sampled_head_mass_of_every_query_is_the_block_mass():
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(1, 6, 70, 8, generator=g, dtype=torch.float64)
+    key = torch.randn(1, 2, 70, 8, generator=g, dtype=torch.float64)
+    want = pooled_attention(query, key, 0.5, BLOCK, "sum")
+    got = allocation.sampled_head_mass(query, key, 0.5, BLOCK, BLOCK)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rules", [mixed(seed=2), static_rules])
+def test_every_query_sampled_is_the_oracle_layer_selection_through_the_model(rules):
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = gated_plan(model, rules, seed=2)
+    x = ids(2, 150, seed=2)
+    with torch.no_grad():
+        with apply_oracle(model, plan, "oracle-layer", backend="reference"):
+            want = model(x).logits
+        with apply_plan(model, plan, backend="reference", ranking=layer_ranking(BLOCK)):
+            got = model(x).logits
+        with apply_plan(model, plan, backend="reference", ranking=layer_ranking(BLOCK, set())):
+            untouched = model(x).logits  # in no layer: the plan as it is
+        with apply_plan(model, plan, backend="reference"):
+            plain = model(x).logits
+    assert (got - want).abs().max() <= 1e-9
+    assert torch.equal(untouched, plain) and (got - plain).abs().max() > 1e-4
+
+
+def test_a_few_samples_never_spend_more_than_the_plan_and_choose_otherwise_than_the_oracle(monkeypatch):
+    model = tiny_model("qwen2", dtype=torch.float64)
+    plan = gated_plan(model, roomy, seed=5)
+    spent, chosen = [], []
+    exact = allocation.allocated_rows
+
+    def counted(plan, layer, query, key, scale, samples):
+        rows = exact(plan, layer, query, key, scale, samples)
+        n = query.shape[2]
+        pairs = (rows * causal_block_pairs(n, BLOCK)).sum((1, 2, 3))  # per sequence
+        spent.append((pairs, layer_budget(plan, layer, n)))
+        mass = pooled_attention(query, key, scale, BLOCK, "sum")
+        chosen.append(torch.equal(rows, top_blocks_in_layer(mass, n, BLOCK, layer_budget(plan, layer, n))))
+        return rows
+
+    monkeypatch.setattr(allocation, "allocated_rows", counted)
+    with torch.no_grad(), apply_plan(model, plan, backend="torch", ranking=layer_ranking(2)):
+        model(ids(2, 161, seed=6))
+    assert len(spent) == plan.model.num_layers
+    for pairs, budget in spent:
+        assert (pairs <= budget).all() and (pairs > budget - BLOCK * BLOCK).all()  # within one block
+    assert not all(chosen)  # two samples per block estimate the mass, not exactly
+
+
+@pytest.mark.parametrize("rules", [mixed(seed=4), static_rules])
+def test_left_padded_batch_allocated_equals_each_row_alone(rules, monkeypatch):
+    """Prompt and decode steps of a left-padded batch through the default cache and a PlanKVCache:
+    each row is allocated over its own tokens, as alone."""
+    from transformers import DynamicCache
+
+    from moa_compress.kernels import cpu
+
+    monkeypatch.setattr(cpu, "GATHER_MAX_FRACTION", 1.0)
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = gated_plan(model, rules, seed=4)
+    seqs = [ids(1, n, seed=40 + n)[0] for n in (53, 30, 17)]
+    batch, mask = left_padded(seqs)
+    extra = ids(len(seqs), 12, seed=9)
+
+    def run(tokens, mask, following, cache):
+        kw = {cache_kwarg(model): cache, "use_cache": True}
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = [model(tokens, attention_mask=mask, position_ids=position, **kw).logits]
+        for t in range(following.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            position = mask.sum(-1, keepdim=True) - 1
+            logits.append(
+                model(following[:, t : t + 1], attention_mask=mask, position_ids=position, **kw).logits
+            )
+        return torch.cat(logits, 1)
+
+    caches = {
+        "dynamic": lambda n: DynamicCache(config=model.config),
+        "plan": lambda n: PlanKVCache(model.config, plan, max_length=n + 12),
+    }
+    with torch.no_grad(), apply_plan(model, plan, backend="torch", ranking=layer_ranking(3)):
+        for make in caches.values():
+            together = run(batch, mask, extra, make(batch.shape[1]))
+            for r, q in enumerate(seqs):
+                alone = run(q[None], torch.ones(1, len(q), dtype=torch.long), extra[r : r + 1], make(len(q)))
+                pad = batch.shape[1] - len(q)
+                assert (together[r, pad:] - alone[0]).abs().max() <= 1e-9, r
+
+
+@pytest.mark.parametrize("rules", [mixed(seed=6), static_rules])
+def test_only_a_prompts_first_call_is_allocated_and_plan_kv_cache_decodes_as_the_default_cache(
+    rules, monkeypatch
+):
+    """A prompt in chunks then one token at a time: the first chunk allocated (its queries are every
+    query so far), later chunks and steps by the plan's rules and gates — the same logits through the
+    default cache and a PlanKVCache, and the first chunk's logits those of the allocated prompt alone."""
+    from transformers import DynamicCache
+
+    from moa_compress.kernels import cpu
+
+    monkeypatch.setattr(cpu, "GATHER_MAX_FRACTION", 1.0)
+    model = tiny_model("mistral", dtype=torch.float64)
+    plan = gated_plan(model, rules, seed=6)
+    x = ids(1, 150, seed=7)
+    steps = [*itertools.pairwise((0, 97, 130)), *((i, i + 1) for i in range(130, 150))]
+    ranking = layer_ranking(4)
+
+    def run(cache):
+        kw = {cache_kwarg(model): cache, "use_cache": True}
+        return torch.cat([model(x[:, a:b], **kw).logits for a, b in steps], 1)
+
+    with torch.no_grad():
+        with apply_plan(model, plan, backend="torch", ranking=ranking):
+            dynamic = run(DynamicCache(config=model.config))
+            planned = run(PlanKVCache(model.config, plan, max_length=160))
+            first = model(x[:, :97]).logits
+        with apply_plan(model, plan, backend="torch"):
+            plain = run(DynamicCache(config=model.config))
+    assert (dynamic - planned).abs().max() <= 1e-9
+    assert (dynamic[:, :97] - first).abs().max() <= 1e-12
+    assert (dynamic - plain).abs().max() > 1e-4
+
+
+def test_layer_ranking_parses_describes_and_is_refused_where_it_cannot_apply():
+    ranking = PrefillRanking.parse("sampled-layer:16", "0-1")
+    assert (
+        ranking == PrefillRanking(16, {0, 1}, "layer")
+        and ranking.describe() == "sampled-layer:16 in layers 0-1"
+    )
+    assert (
+        ranking.allocates(1, 80, 80) and not ranking.allocates(1, 40, 80) and not ranking.allocates(2, 80, 80)
+    )
+    assert not ranking.allocates(0, 1, 1) and not ranking.applies(0, 80)  # row ranking is the other scope
+    assert not PrefillRanking(4).allocates(0, 80, 80)
+    with pytest.raises(PlanRuntimeError, match="scope must be row or layer"):
+        PrefillRanking(4, scope="head")
+    for bad in ("sampled-layer:0", "sampled-layer", "layer:4"):
+        with pytest.raises(PlanRuntimeError, match="sampled-layer:R") as err:
+            PrefillRanking.parse(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_eval_and_generate_take_a_layer_ranking(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+    from moa_compress.plan import save_plan
+    from tests.factories import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(["hi there"])
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    save_plan(gated_plan(model, static_rules), tmp_path / "p")
+    base = [str(tmp_path / "model"), "--plan", str(tmp_path / "p"), "--dtype", "float32"]
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", *base, "--tasks", "passkey", "--lengths", "160", "--limit", "1",
+                                      "--ranking", "sampled-layer:4", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["settings"]["ranking"] == "sampled-layer:4"
+    result = CliRunner().invoke(app, ["generate", *base, "--prompt", "hi there", "--max-new-tokens", "2",
+                                      "--ranking", "sampled-layer:2", "--ranking-layers", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
