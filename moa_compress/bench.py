@@ -352,12 +352,15 @@ def bench_prefill(
     *,
     repeats: int = 2,
     plans: Mapping[str, Any] | None = None,
+    rankings: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Whole forward of ``model`` at each length: its own dense attention (SDPA) vs a uniform
     sink + window plan of ``density`` per backend, and each of ``plans`` (name -> plan, e.g. a shipped
-    mixed plan) through the first backend. One row per length: ``dense_s``, and per backend or plan
-    name ``<name>_s`` and ``<name>_speedup`` (a plan's density at the length: ``<name>_density``)."""
+    mixed plan) through the first backend — as the plan says, and under each of ``rankings`` (column
+    ``<name>+<ranking>``, e.g. ``mixed+sampled-layer:16``: ``apply_plan(..., ranking=...)``). One row
+    per length: ``dense_s``, and per column ``<name>_s`` and ``<name>_speedup`` (a plan's density at the
+    length: ``<name>_density``)."""
     from moa_compress.plan import identity_of, uniform_plan
     from moa_compress.runtime import apply_plan
 
@@ -374,13 +377,13 @@ def bench_prefill(
         plan = uniform_plan(identity, density, [n], block_size=64)
         ids = random_tokens(model, n)
         candidates: dict[str, Callable[[], Any]] = {"dense": lambda ids=ids: prefill(model, ids)}
-        runs = [(name, plan, name) for name in backends] + [
-            (name, p, backends[0]) for name, p in plans.items()
-        ]
-        for name, run_plan, backend in runs:
+        runs = [(name, plan, name, None) for name in backends]
+        for name, p in plans.items():
+            runs += [(name, p, backends[0], None), *((f"{name}+{r}", p, backends[0], r) for r in rankings)]
+        for name, run_plan, backend, ranking in runs:
             # One handle per column keeps its layout cache across rounds; it is switched on only
             # for its own calls so the rounds can interleave with the dense ones.
-            handle = apply_plan(model, run_plan, backend=backend)
+            handle = apply_plan(model, run_plan, backend=backend, ranking=ranking)
             handle.remove()
             candidates[name] = lambda handle=handle, ids=ids: run_with_plan(handle, model, ids)
         if "flex" in candidates:
@@ -394,7 +397,7 @@ def bench_prefill(
             "dense_s": times["dense"],
             "dense_cpu_s": times["dense_cpu"],
         }
-        for name, run_plan, _ in runs:
+        for name, run_plan, _, _ in runs:
             row.update(
                 {
                     f"{name}_s": times[name],
@@ -403,11 +406,11 @@ def bench_prefill(
                     f"{name}_cpu_speedup": times["dense_cpu"] / times[f"{name}_cpu"],
                 }
             )
-            if name in plans:
+            if run_plan is not plan:
                 row[f"{name}_density"] = round(run_plan.density(n), 4)
         rows.append(row)
         if progress:
-            progress(prefill_table([row], [*backends, *plans]).splitlines()[-1])
+            progress(prefill_table([row], [name for name, *_ in runs]).splitlines()[-1])
     return rows
 
 

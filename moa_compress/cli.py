@@ -385,6 +385,13 @@ def bench_prefill_cmd(
             "repeatable."
         ),
     ] = None,
+    ranking: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also time each --plan with its prompt ranked this way (gate, sampled:R, sampled-layer:R; "
+            "see eval --ranking), a column each; repeatable."
+        ),
+    ] = None,
     dtype: ModelDtypeOpt = "auto",
     repeats: RepeatsOpt = 2,
     threads: ThreadsOpt = 2,
@@ -396,18 +403,25 @@ def bench_prefill_cmd(
     from moa_compress.bench import bench_prefill, machine, prefill_table
 
     check_fraction(density, "--density")
+    rankings = list(ranking or [])
+    if rankings and not plan:
+        fail("--ranking ranks the prompts of a --plan; give one")
+    for given in rankings:
+        parse_ranking(given, None)
     torch.set_num_threads(threads)
     names = parse_list(backends, "--backends", str)
     net, _ = load(model, dtype)
     plans = named_plans(plan or [], net)
     typer.echo(f"machine: {machine()}", err=True)
     rows = bench_prefill(
-        net, parse_lengths(lengths), density, names, repeats=repeats, plans=plans, progress=echo_progress
-    )
+        net, parse_lengths(lengths), density, names, repeats=repeats, plans=plans, rankings=rankings,
+        progress=echo_progress,
+    )  # fmt: skip
+    columns = [*names, *(c for name in plans for c in (name, *(f"{name}+{r}" for r in rankings)))]
     if as_json:
         typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
     else:
-        typer.echo(prefill_table(rows, [*names, *plans]))
+        typer.echo(prefill_table(rows, columns))
 
 
 @bench_app.command("decode")

@@ -110,14 +110,27 @@ def test_bench_attention_gate_rows_and_decode_of_a_mixed_plan():
     # whole-model prefill of the same plan beside the uniform one; names must not shadow a column
     from moa_compress.bench import bench_prefill, prefill_table
 
-    rows = bench_prefill(model, [700], 0.5, ["torch"], repeats=1, plans={"mixed": plan})
+    rows = bench_prefill(
+        model, [700], 0.5, ["torch"], repeats=1, plans={"mixed": plan}, rankings=["sampled-layer:4"]
+    )
     assert rows[0]["mixed_s"] > 0 and rows[0]["mixed_density"] == round(plan.density(700), 4)
-    assert "mixed speedup" in prefill_table(rows, ["torch", "mixed"])
+    assert rows[0]["mixed+sampled-layer:4_s"] > 0 and rows[0]["mixed+sampled-layer:4_density"] > 0
+    assert "mixed speedup" in prefill_table(rows, ["torch", "mixed", "mixed+sampled-layer:4"])
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(BenchError, match="collide"):
         bench_prefill(model, [700], 0.5, ["torch"], repeats=1, plans={"torch": plan})
     with pytest.raises(BenchError, match="at least one"):
         bench_prefill(model, [700], 0.5, [], repeats=1, plans={"mixed": plan})
+
+
+def test_bench_prefill_refuses_a_ranking_without_a_plan_or_a_bad_one_in_one_line():
+    args = ["bench", "prefill", "--lengths", "64", "--backends", "torch", "--repeats", "1"]
+    for extra in (
+        ["--ranking", "sampled-layer:4"],
+        ["--plan", "smollm2-135m-instruct-b0.25", "--ranking", "x"],
+    ):
+        result = CliRunner().invoke(app, args + extra)
+        assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
 
 
 def test_bench_prefill_refuses_two_plans_of_one_name_in_one_line():
