@@ -49,6 +49,12 @@ RankingLayersOpt = Annotated[
     str | None,
     typer.Option(help="Layers that rank by --ranking (LO-HI or A,B,...). Default: every layer."),
 ]
+RankingMinLengthOpt = Annotated[
+    int,
+    typer.Option(
+        help="Prompts shorter than this many tokens keep the plan's own selection (--ranking applies from here)."
+    ),
+]
 
 
 def fail(message: str) -> None:
@@ -270,19 +276,23 @@ def plan_validate(
 # --- bench
 
 
-def parse_ranking(ranking: str | None, layers: str | None):
-    """``--ranking`` / ``--ranking-layers`` -> a :class:`~moa_compress.gate_runtime.PrefillRanking`, or
-    None (as the plan says)."""
+def parse_ranking(ranking: str | None, layers: str | None, min_length: int = 0):
+    """``--ranking`` / ``--ranking-layers`` / ``--ranking-min-length`` -> a
+    :class:`~moa_compress.gate_runtime.PrefillRanking`, or None (as the plan says)."""
     from moa_compress.gate_runtime import PrefillRanking
 
-    if layers is not None and ranking in (None, "gate"):
-        fail("--ranking-layers needs --ranking sampled:R or sampled-layer:R")
+    for given, option in (
+        (layers is not None, "--ranking-layers"),
+        (min_length != 0, "--ranking-min-length"),
+    ):
+        if given and ranking in (None, "gate"):
+            fail(f"{option} needs --ranking sampled:R or sampled-layer:R")
     if ranking is None:
         return None
     try:
-        return PrefillRanking.parse(ranking, layers)
+        return PrefillRanking.parse(ranking, layers, min_length)
     except UserInputError as exc:
-        fail(f"--ranking / --ranking-layers: {exc}")
+        fail(f"--ranking / --ranking-layers / --ranking-min-length: {exc}")
 
 
 def parse_ranking_layers(text: str | None) -> tuple[int, ...] | None:
@@ -535,6 +545,7 @@ def eval_command(
     ] = False,
     ranking: RankingOpt = None,
     ranking_layers: RankingLayersOpt = None,
+    ranking_min_length: RankingMinLengthOpt = 0,
 ) -> None:
     """Quality of a plan vs dense and the uniform baseline: perplexity, KL/top-1 fidelity, passkey,
     and RULER-style retrieval tasks; with --oracle, against the attention-mass oracles too (on
@@ -554,7 +565,7 @@ def eval_command(
 
     task_names = parse_tasks(tasks)
     ns = parse_lengths(lengths)
-    prefill_ranking = parse_ranking(ranking, ranking_layers)
+    prefill_ranking = parse_ranking(ranking, ranking_layers, ranking_min_length)
     if oracle and not set(task_names) & set(ORACLE_TASKS):
         fail(oracle_tasks_error(task_names))
     for value, option in ((limit, "--limit"), (samples, "--samples"), (batch_size, "--batch-size")):
@@ -621,6 +632,7 @@ def generate_command(
     ] = False,
     ranking: RankingOpt = None,
     ranking_layers: RankingLayersOpt = None,
+    ranking_min_length: RankingMinLengthOpt = 0,
 ) -> None:
     """Stream a greedy chat reply, with or without a plan."""
     from transformers import TextStreamer
@@ -635,7 +647,7 @@ def generate_command(
         fail(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
     if not prompt.strip():
         fail("--prompt is empty")
-    prefill_ranking = parse_ranking(ranking, ranking_layers)
+    prefill_ranking = parse_ranking(ranking, ranking_layers, ranking_min_length)
     plan_path = resolve_plan_path(plan) if plan is not None else None
     net, tokenizer = load(model, dtype)
     the_plan = load_plan(plan_path, net) if plan_path is not None else None

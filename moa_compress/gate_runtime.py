@@ -75,6 +75,9 @@ class PrefillRanking:
       the input; the layer's does not exceed the plan's. Later calls (prompt chunks after the first,
       decoding steps) run the plan's rules and gates, so the decode cache is the plan's too.
 
+    ``min_length``: calls over fewer keys than this (a prompt shorter than it, or the first chunk of
+    one) keep the plan's rules and gates — e.g. to allocate long prompts only.
+
     Decoding steps always rank by the gate. Calls through a
     :class:`~moa_compress.kvcache.PlanKVCache` rank the prompt this way but keep the plan's rules and
     gates for later chunks (the cache keeps each storage class's keys apart)."""
@@ -82,17 +85,22 @@ class PrefillRanking:
     samples: int = 0
     layers: frozenset[int] | None = None
     scope: str = "row"
+    min_length: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
-            raise PlanRuntimeError(f"ranking samples must be a whole number >= 0, got {self.samples!r}")
+        for name in ("samples", "min_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PlanRuntimeError(f"ranking {name} must be a whole number >= 0, got {value!r}")
         if self.scope not in ("row", "layer"):
             raise PlanRuntimeError(f"ranking scope must be row or layer, got {self.scope!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", frozenset(int(i) for i in self.layers))
 
     @classmethod
-    def parse(cls, text: str, layers: str | Iterable[int] | None = None) -> PrefillRanking:
+    def parse(
+        cls, text: str, layers: str | Iterable[int] | None = None, min_length: int = 0
+    ) -> PrefillRanking:
         """``"gate"``, ``"sampled:R"`` or ``"sampled-layer:R"``; ``layers`` as ``"LO-HI"`` (inclusive),
         ``"A,B,..."`` or integers."""
         head, _, count = text.partition(":")
@@ -105,7 +113,7 @@ class PrefillRanking:
             raise PlanRuntimeError(
                 f"ranking must be gate, sampled:R or sampled-layer:R with a whole R >= 1, got {text!r}"
             )
-        return cls(samples, parse_layers(layers) if isinstance(layers, str) else layers, scope)
+        return cls(samples, parse_layers(layers) if isinstance(layers, str) else layers, scope, min_length)
 
     @classmethod
     def for_plan(cls, plan: Plan, ranking: str | PrefillRanking | None = None) -> PrefillRanking | None:
@@ -132,22 +140,23 @@ class PrefillRanking:
         """Whether ``layer``'s prompts rank by sampled queries."""
         return self.samples > 0 and (self.layers is None or layer in self.layers)
 
-    def applies(self, layer: int, q_len: int) -> bool:
-        """Whether the gate heads of ``layer`` rank a call of ``q_len`` queries by sampled queries, row
-        by row (decoding steps never; nor a ``"layer"`` scope, see :meth:`allocates`)."""
-        return self.scope == "row" and q_len > 1 and self.ranks(layer)
+    def applies(self, layer: int, q_len: int, kv_len: int) -> bool:
+        """Whether the gate heads of ``layer`` rank a call of ``q_len`` queries over ``kv_len`` keys by
+        sampled queries, row by row (decoding steps never; nor a ``"layer"`` scope, see :meth:`allocates`)."""
+        return self.scope == "row" and q_len > 1 and kv_len >= self.min_length and self.ranks(layer)
 
     def allocates(self, layer: int, q_len: int, kv_len: int) -> bool:
         """Whether a call of ``q_len`` queries over ``kv_len`` keys in ``layer`` is allocated layer-wide:
         a ``"layer"`` scope and a whole prompt in one call."""
-        return self.scope == "layer" and 1 < q_len == kv_len and self.ranks(layer)
+        return self.scope == "layer" and 1 < q_len == kv_len >= self.min_length and self.ranks(layer)
 
     def describe(self) -> str:
         if not self.samples:
             return "gate"
         where = "" if self.layers is None else f" in layers {format_layers(self.layers)}"
+        since = f" from {self.min_length} tokens" if self.min_length else ""
         name = "sampled" if self.scope == "row" else "sampled-layer"
-        return f"{name}:{self.samples}{where}"
+        return f"{name}:{self.samples}{where}{since}"
 
 
 def parse_layers(text: str) -> frozenset[int]:
@@ -547,7 +556,7 @@ def call_selections(
     """The gate heads' blocks for an unpadded call: :func:`gate_selections_for`, or where ``ranking``
     applies to the call, the same rules' selection from :func:`sampled_scores`."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    if ranking is None or not ranking.applies(layer, q_len):
+    if ranking is None or not ranking.applies(layer, q_len, kv_len):
         return gate_selections_for(plan, layer, gate, q_pre, k_codes, kv_len)
     scores = sampled_scores(query, key, scale, plan.block_size, ranking.samples)
     blocks, _, local, tail = layer_gate_heads(plan, layer, kv_len)

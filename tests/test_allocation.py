@@ -190,8 +190,16 @@ def test_layer_ranking_parses_describes_and_is_refused_where_it_cannot_apply():
     assert (
         ranking.allocates(1, 80, 80) and not ranking.allocates(1, 40, 80) and not ranking.allocates(2, 80, 80)
     )
-    assert not ranking.allocates(0, 1, 1) and not ranking.applies(0, 80)  # row ranking is the other scope
+    assert not ranking.allocates(0, 1, 1) and not ranking.applies(0, 80, 80)  # row ranking is the other scope
     assert not PrefillRanking(4).allocates(0, 80, 80)
+    longer = PrefillRanking.parse("sampled-layer:16", min_length=100)
+    assert longer.allocates(0, 100, 100) and not longer.allocates(0, 99, 99)
+    assert longer.describe() == "sampled-layer:16 from 100 tokens"
+    assert PrefillRanking(4, min_length=100).applies(0, 20, 100) and not PrefillRanking(
+        4, min_length=100
+    ).applies(0, 20, 99)
+    with pytest.raises(PlanRuntimeError, match="min_length must be a whole number"):
+        PrefillRanking(4, min_length=-1)
     with pytest.raises(PlanRuntimeError, match="scope must be row or layer"):
         PrefillRanking(4, scope="head")
     for bad in ("sampled-layer:0", "sampled-layer", "layer:4"):
@@ -223,3 +231,15 @@ def test_eval_and_generate_take_a_layer_ranking(tmp_path):
     result = CliRunner().invoke(app, ["generate", *base, "--prompt", "hi there", "--max-new-tokens", "2",
                                       "--ranking", "sampled-layer:2", "--ranking-layers", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["eval", *base, "--tasks", "passkey", "--lengths", "160", "--limit", "1",
+                                      "--ranking", "sampled-layer:4", "--ranking-min-length", "1000",
+                                      "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["ranking"] == "sampled-layer:4 from 1000 tokens"
+    for bad in (
+        ["--ranking-min-length", "64"],
+        ["--ranking", "sampled-layer:4", "--ranking-min-length", "-1"],
+    ):
+        result = CliRunner().invoke(app, ["eval", *base, "--tasks", "passkey", "--lengths", "160", *bad])
+        assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output, bad

@@ -183,7 +183,7 @@ class Reference:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         sampled = (
             self.ranking is not None
-            and self.ranking.applies(layer, q_len)
+            and self.ranking.applies(layer, q_len, kv_len)
             and not (self.prompt_only and past > 0)
         )
         for h, rule in enumerate(plan.rules[layer]):
@@ -807,7 +807,7 @@ def test_prefill_ranking_parses_layers_and_refuses_bad_specs_in_one_line():
     assert PrefillRanking.parse("gate").samples == 0
     assert format_layers(parse_layers("0-3,9,11-12")) == "0-3,9,11-12"
     assert PrefillRanking(4, range(20, 30)).describe() == "sampled:4 in layers 20-29"
-    assert not PrefillRanking(4, {3}).applies(2, 100) and not PrefillRanking(4).applies(3, 1)
+    assert not PrefillRanking(4, {3}).applies(2, 100, 100) and not PrefillRanking(4).applies(3, 1, 100)
     for spec, layers in (("sampled:0", None), ("sampled", None), ("mass", None), ("sampled:4", "9-3"),
                          ("sampled:4", "a")):  # fmt: skip
         with pytest.raises(PlanRuntimeError) as err:
