@@ -22,7 +22,9 @@ true attention of a few sampled queries per query block (:func:`sampled_scores`)
 input more closely than the pooled gate, at a cost that grows with the samples (four samples per
 64-token block, with the selection: 9% of dense causal attention's time at 8K tokens on a 2-core CPU, 11%
 at 4K, 22% at 2K: BENCHMARKS.md). A plan made with ``compress --ranking`` carries its ranking. Decoding
-steps keep the gate: scoring one query row exactly costs as much as attending with it.
+steps keep the gate: scoring one query row exactly costs as much as attending with it. A prompt can also
+be allocated layer-wide (``ranking="sampled-layer:R"``, :mod:`moa_compress.allocation`): every head of
+the layer, static and dense too, then takes its blocks from one allocation of the layer's pair budget.
 
 Memory: in a :class:`~moa_compress.kvcache.PlanKVCache` a gate layer keeps ``gate_dim`` numbers per gate
 head and key block plus the raw pre-RoPE keys of its unfinished last block (a few percent of its key

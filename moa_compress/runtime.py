@@ -663,10 +663,13 @@ def apply_plan(model: Any, plan: Plan, *, backend: str = "auto", ranking: Any = 
     and switches the model to it. A model that already has a plan has that one removed first. A
     plan whose rules are all dense still runs through the plan path (useful as a control).
 
-    ``ranking``: how gate heads rank a prompt's blocks — ``"gate"`` (the plan's trained gates),
-    ``"sampled:R"`` or a :class:`~moa_compress.gate_runtime.PrefillRanking` (``R`` sampled queries per
-    block, optionally in some layers only); None: as the plan says (``compress --ranking``), else the
-    gates. Decoding steps rank by the gates.
+    ``ranking``: how a prompt's blocks are chosen — ``"gate"`` (the plan's trained gates rank its gate
+    heads' blocks), ``"sampled:R"`` (``R`` sampled queries per block rank them), ``"sampled-layer:R"``
+    (each layer's pair budget spent over all its heads and rows by block mass estimated from ``R``
+    sampled queries per block and query head: :mod:`moa_compress.allocation`) or a
+    :class:`~moa_compress.gate_runtime.PrefillRanking` (optionally in some layers only, or from some
+    prompt length on); None: as the plan says (``compress --ranking``), else the gates. Decoding steps
+    keep the plan's rules and gates.
 
     Example::
 
