@@ -17,7 +17,7 @@ from moa_compress.oracle import apply_oracle, layer_budget, top_blocks_in_layer
 from moa_compress.plan import DenseRule, StaticRule, causal_block_pairs, num_blocks
 from moa_compress.runtime import PlanKVCache, PlanRuntimeError, apply_plan, cache_kwarg
 from tests.factories import left_padded, tiny_model
-from tests.test_gate_runtime import BLOCK, gated_plan, ids, mixed, roomy
+from tests.test_gate_runtime import BLOCK, gated_plan, ids, mixed, padded_run, roomy
 
 
 @pytest.fixture(autouse=True)
@@ -122,27 +122,17 @@ def test_left_padded_batch_allocated_equals_each_row_alone(rules, monkeypatch):
     batch, mask = left_padded(seqs)
     extra = ids(len(seqs), 12, seed=9)
 
-    def run(tokens, mask, following, cache):
-        kw = {cache_kwarg(model): cache, "use_cache": True}
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = [model(tokens, attention_mask=mask, position_ids=position, **kw).logits]
-        for t in range(following.shape[1]):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            position = mask.sum(-1, keepdim=True) - 1
-            logits.append(
-                model(following[:, t : t + 1], attention_mask=mask, position_ids=position, **kw).logits
-            )
-        return torch.cat(logits, 1)
-
     caches = {
         "dynamic": lambda n: DynamicCache(config=model.config),
         "plan": lambda n: PlanKVCache(model.config, plan, max_length=n + 12),
     }
     with torch.no_grad(), apply_plan(model, plan, backend="torch", ranking=layer_ranking(3)):
         for make in caches.values():
-            together = run(batch, mask, extra, make(batch.shape[1]))
+            together = padded_run(model, batch, mask, extra, make(batch.shape[1]))
             for r, q in enumerate(seqs):
-                alone = run(q[None], torch.ones(1, len(q), dtype=torch.long), extra[r : r + 1], make(len(q)))
+                alone = padded_run(
+                    model, q[None], torch.ones(1, len(q), dtype=torch.long), extra[r : r + 1], make(len(q))
+                )
                 pad = batch.shape[1] - len(q)
                 assert (together[r, pad:] - alone[0]).abs().max() <= 1e-9, r
 
@@ -214,15 +204,9 @@ def test_eval_and_generate_take_a_layer_ranking(tmp_path):
     from typer.testing import CliRunner
 
     from moa_compress.cli import app
-    from moa_compress.plan import save_plan
-    from tests.factories import tiny_tokenizer
+    from tests.test_gate_runtime import saved_model_and_plan
 
-    tokenizer = tiny_tokenizer(["hi there"])
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    save_plan(gated_plan(model, static_rules), tmp_path / "p")
-    base = [str(tmp_path / "model"), "--plan", str(tmp_path / "p"), "--dtype", "float32"]
+    base = saved_model_and_plan(tmp_path, static_rules)
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, ["eval", *base, "--tasks", "passkey", "--lengths", "160", "--limit", "1",
                                       "--ranking", "sampled-layer:4", "--out", str(out)])  # fmt: skip

@@ -433,6 +433,19 @@ def test_left_padded_batch_with_gate_heads_equals_each_row_alone(ranking):
     assert torch.equal(together[1, 53:], alone[1][0, 30:])
 
 
+def padded_run(model, tokens, mask, following, cache):
+    """Logits of a (left-padded) prompt ``tokens`` under ``mask``, then of the ``following`` tokens
+    fed one at a time, through ``cache``."""
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = [model(tokens, attention_mask=mask, position_ids=position, **kw).logits]
+    for t in range(following.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        position = mask.sum(-1, keepdim=True) - 1
+        logits.append(model(following[:, t : t + 1], attention_mask=mask, position_ids=position, **kw).logits)
+    return torch.cat(logits, 1)
+
+
 @pytest.mark.parametrize("backend,ranking", [("reference", None), ("torch", None), ("torch", "sampled:3")])
 def test_plan_kv_cache_left_padded_gate_batch_equals_each_row_alone(backend, ranking, monkeypatch):
     """Prompt and 20 decode steps of a left-padded batch through one PlanKVCache, logits of every real
@@ -446,23 +459,15 @@ def test_plan_kv_cache_left_padded_gate_batch_equals_each_row_alone(backend, ran
     batch, mask = left_padded(seqs)
     extra = ids(len(seqs), 20, seed=9)
 
-    def run(tokens, mask, following, cache):  # the prompt, then the following tokens one at a time
-        kw = {cache_kwarg(model): cache, "use_cache": True}
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = [model(tokens, attention_mask=mask, position_ids=position, **kw).logits]
-        for t in range(following.shape[1]):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            position = mask.sum(-1, keepdim=True) - 1
-            logits.append(
-                model(following[:, t : t + 1], attention_mask=mask, position_ids=position, **kw).logits
-            )
-        return torch.cat(logits, 1)
-
     with torch.no_grad(), apply_plan(model, plan, backend=backend, ranking=ranking):
-        together = run(batch, mask, extra, PlanKVCache(model.config, plan, max_length=batch.shape[1] + 20))
+        together = padded_run(
+            model, batch, mask, extra, PlanKVCache(model.config, plan, max_length=batch.shape[1] + 20)
+        )
         for r, q in enumerate(seqs):
             cache = PlanKVCache(model.config, plan, max_length=len(q) + 20)
-            alone = run(q[None], torch.ones(1, len(q), dtype=torch.long), extra[r : r + 1], cache)
+            alone = padded_run(
+                model, q[None], torch.ones(1, len(q), dtype=torch.long), extra[r : r + 1], cache
+            )
             pad = batch.shape[1] - len(q)
             assert (together[r, pad:] - alone[0]).abs().max() <= 1e-9, r
 
@@ -821,18 +826,25 @@ def test_prefill_ranking_parses_layers_and_refuses_bad_specs_in_one_line():
         apply_plan(model, plan, ranking=PrefillRanking.parse("sampled:2", "1-3"))
 
 
-def test_eval_and_generate_take_a_ranking_and_refuse_a_bad_one_in_one_line(tmp_path):
-    from typer.testing import CliRunner
-
-    from moa_compress.cli import app
+def saved_model_and_plan(tmp_path, rule_fn) -> list[str]:
+    """A tiny model with a word tokenizer and a ``gated_plan`` of ``rule_fn`` saved under ``tmp_path``:
+    the command-line arguments ``MODEL --plan P --dtype float32``."""
     from tests.factories import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(["hi there"])
     model = tiny_model("llama", vocab=len(tokenizer))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    save_plan(gated_plan(model, roomy), tmp_path / "p")
-    base = [str(tmp_path / "model"), "--plan", str(tmp_path / "p"), "--dtype", "float32"]
+    save_plan(gated_plan(model, rule_fn), tmp_path / "p")
+    return [str(tmp_path / "model"), "--plan", str(tmp_path / "p"), "--dtype", "float32"]
+
+
+def test_eval_and_generate_take_a_ranking_and_refuse_a_bad_one_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from moa_compress.cli import app
+
+    base = saved_model_and_plan(tmp_path, roomy)
     for command, extra in (("generate", ["--prompt", "hi", "--max-new-tokens", "2"]),
                            ("eval", ["--tasks", "passkey", "--lengths", "160", "--limit", "1"])):  # fmt: skip
         for bad in (["--ranking", "sampled:0"], ["--ranking", "exact"], ["--ranking-layers", "0-1"],
