@@ -22,8 +22,6 @@ keep for later calls and decoding steps is theirs, so the decode cache is unchan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from moa_compress.gate_runtime import rows_attention, sampled_scores
@@ -71,18 +69,9 @@ def allocated_attention(
     scale: float,
     backend: str,
     samples: int,
-    padding: Sequence[int] | None = None,  # left-padding columns per row of a padded batch
 ) -> torch.Tensor:  # [B, Hq, S, D]
-    """A whole prompt's attention in ``layer`` under :func:`allocated_rows`, one block-sparse call. A
-    left-padded batch runs one row at a time over its own tokens (blocks counted from its first real
-    token, as unpadded); padding query rows return zeros."""
-    if padding is None:
-        rows = allocated_rows(plan, layer, query, key, scale, samples)
-        return rows_attention(rows, query, key, value, plan.block_size, scale, backend)
-    out = torch.zeros_like(query)
-    for row, pad in enumerate(padding):
-        r = slice(row, row + 1)
-        if pad < query.shape[2]:
-            q, k, v = query[r, :, pad:], key[r, :, pad:], value[r, :, pad:]
-            out[r, :, pad:] = allocated_attention(plan, layer, q, k, v, scale, backend, samples)
-    return out
+    """A whole prompt's attention in ``layer`` under :func:`allocated_rows`, one block-sparse call
+    (unpadded: a left-padded batch runs each row over its own tokens, see
+    :meth:`moa_compress.runtime.PlanHandle.static_call`)."""
+    rows = allocated_rows(plan, layer, query, key, scale, samples)
+    return rows_attention(rows, query, key, value, plan.block_size, scale, backend)

@@ -349,18 +349,33 @@ class PlanHandle:
         """A call of a layer without gate heads over all its keys: the rules' block-sparse attention
         (per row, from its first real token, in a left-padded batch), or a prompt allocated layer-wide
         (:mod:`moa_compress.allocation`) where the ranking says so."""
-        rules = self.plan.rules[layer]
-        padded = mask is not None and not is_plain_causal(mask)
-        if self.ranking is not None and self.ranking.allocates(layer, query.shape[2], key.shape[2]):
-            from moa_compress.allocation import allocated_attention
+        from moa_compress.allocation import allocated_attention
 
-            return allocated_attention(
-                self.plan, layer, query, key, value, scale, self.backend, self.ranking.samples,
-                left_padding(mask).tolist() if padded else None,
+        rules, ranking = self.plan.rules[layer], self.ranking
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if mask is None or is_plain_causal(mask):
+            if ranking is not None and ranking.allocates(layer, q_len, kv_len):
+                return allocated_attention(
+                    self.plan, layer, query, key, value, scale, self.backend, ranking.samples
+                )
+            return self.block_sparse(rules, query, key, value, scale)
+        pads = left_padding(mask).tolist()  # each row over its own tokens, as it would run alone
+        own = [
+            r
+            for r, p in enumerate(pads)
+            if ranking is not None and ranking.allocates(layer, q_len - p, kv_len - p)
+        ]
+        if len(own) < len(pads):
+            out = padded_attention(rules, self.plan.block_size, query, key, value, mask, scale)
+        else:
+            out = torch.zeros_like(query)
+        for r in own:
+            p, row = pads[r], slice(r, r + 1)
+            out[row, :, p:] = allocated_attention(
+                self.plan, layer, query[row, :, p:], key[row, :, p:], value[row, :, p:], scale, self.backend,
+                ranking.samples,
             )  # fmt: skip
-        if padded:
-            return padded_attention(rules, self.plan.block_size, query, key, value, mask, scale)
-        return self.block_sparse(rules, query, key, value, scale)
+        return out
 
     def gated(
         self,

@@ -107,10 +107,11 @@ def test_a_few_samples_never_spend_more_than_the_plan_and_choose_otherwise_than_
     assert not all(chosen)  # two samples per block estimate the mass, not exactly
 
 
+@pytest.mark.parametrize("min_length", [0, 31])  # 31: the 53-token row allocated, the 30 and 17 not
 @pytest.mark.parametrize("rules", [mixed(seed=4), static_rules])
-def test_left_padded_batch_allocated_equals_each_row_alone(rules, monkeypatch):
+def test_left_padded_batch_allocated_equals_each_row_alone(rules, min_length, monkeypatch):
     """Prompt and decode steps of a left-padded batch through the default cache and a PlanKVCache:
-    each row is allocated over its own tokens, as alone."""
+    each row is allocated over its own tokens (if it is long enough), as alone."""
     from transformers import DynamicCache
 
     from moa_compress.kernels import cpu
@@ -126,7 +127,8 @@ def test_left_padded_batch_allocated_equals_each_row_alone(rules, monkeypatch):
         "dynamic": lambda n: DynamicCache(config=model.config),
         "plan": lambda n: PlanKVCache(model.config, plan, max_length=n + 12),
     }
-    with torch.no_grad(), apply_plan(model, plan, backend="torch", ranking=layer_ranking(3)):
+    ranking = PrefillRanking(3, scope="layer", min_length=min_length)
+    with torch.no_grad(), apply_plan(model, plan, backend="torch", ranking=ranking):
         for make in caches.values():
             together = padded_run(model, batch, mask, extra, make(batch.shape[1]))
             for r, q in enumerate(seqs):
