@@ -7,14 +7,20 @@ all its heads and rows by true block mass is worth, but it reads the dense atten
 module makes the same allocation from an *estimate* a runtime can afford: per query head and query
 block, the attention of ``R`` sampled queries summed per key block
 (:func:`~moa_compress.gate_runtime.sampled_scores` with ``per_head=True``), scaled to the block's query
-rows. Every row keeps its sink and diagonal; the layer's other causal blocks follow by estimated mass
-per pair while they fit in the plan's pair budget for the layer at that length (the sum of its heads'
-rule densities), so the layer never computes more pairs than the plan would.
+rows. Every head keeps what its rule keeps on every input (:func:`kept_blocks`: a static head its band, a
+dense head everything, a gate head its sink, local window, dense tail rows and rows short enough to keep
+whole); the layer's other causal blocks follow by estimated mass per pair while they fit in the plan's
+pair budget for the layer at that length (the sum of its heads' rule densities), so the layer never
+computes more pairs than the plan would. What moves between heads and rows is the gate heads' free
+choice: the blocks their gates would have picked, now picked layer-wide (a static or dense head keeps
+its rule's blocks and can gain others; a layer without gate heads is left as its rules make it).
+Keeping the rules' neighbourhoods matters at short lengths: spending the whole budget by mass (the
+``oracle-layer`` way) lost to the plan's gates at 2K (BENCHMARKS.md).
 
 Cost: the sampled rows' scores are ``R / block_size`` of the causal score product for every query
 head, plus their softmax (BENCHMARKS.md: ``bench attention``'s "sampled-layer" columns); then the
 layer's block rows as one :class:`~moa_compress.kernels.layout.BlockLayout` and one attention call.
-With ``R = block_size`` (every query sampled) it is the ``oracle-layer`` selection exactly.
+With ``R = block_size`` (every query sampled) it allocates by exact block mass.
 
 It serves a prompt's first call only (every query of the sequence in one call): what the plan's heads
 keep for later calls and decoding steps is theirs, so the decode cache is unchanged.
@@ -45,6 +51,27 @@ def sampled_head_mass(
     return mean * rows[:, None].to(mean.dtype)
 
 
+def kept_blocks(plan: Plan, layer: int, n: int) -> torch.Tensor:  # [H, nB, nB] bool
+    """The blocks each head of ``layer`` keeps at length ``n`` whatever the input: a fixed rule's
+    mask; for an input-dependent rule its sink, its local window (``local_blocks``, the diagonal with
+    it), its dense tail rows and the rows that have no more causal blocks than it keeps per row."""
+    bs, nb = plan.block_size, num_blocks(n, plan.block_size)
+    rows = torch.arange(nb)[:, None]
+    cols = torch.arange(nb)[None, :]
+    causal = cols <= rows
+    kept = []
+    for rule in plan.rules[layer]:
+        fixed = rule.block_mask(n, bs)
+        if fixed is not None:
+            kept.append(fixed.bool() & causal)
+            continue
+        per_row = rule.blocks_per_row(n, bs)
+        whole = (rows < per_row) | (rows >= nb - getattr(rule, "tail", 0))
+        window = cols > rows - rule.local_blocks(n, bs)
+        kept.append(causal & ((cols == 0) | window | whole))
+    return torch.stack(kept)
+
+
 def allocated_rows(
     plan: Plan,
     layer: int,
@@ -53,11 +80,13 @@ def allocated_rows(
     scale: float,
     samples: int,
 ) -> torch.Tensor:  # [B, Hq, nB, nB] bool
-    """The layer's block rows for a whole prompt: its pair budget at this length spent over every head
-    and row by estimated mass per pair (:func:`~moa_compress.oracle.top_blocks_in_layer`)."""
+    """The layer's block rows for a whole prompt: each head's :func:`kept_blocks`, then the rest of the
+    layer's pair budget at this length over every head and row by estimated mass per pair
+    (:func:`~moa_compress.oracle.top_blocks_in_layer`)."""
     n = query.shape[2]
     mass = sampled_head_mass(query, key, scale, plan.block_size, samples)
-    return top_blocks_in_layer(mass, n, plan.block_size, layer_budget(plan, layer, n))
+    kept = kept_blocks(plan, layer, n)
+    return top_blocks_in_layer(mass, n, plan.block_size, layer_budget(plan, layer, n), kept)
 
 
 def allocated_attention(

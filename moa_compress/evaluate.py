@@ -382,12 +382,10 @@ def evaluate_plan(
     if needs_text(tasks) and not texts:
         raise DataError(f"{', '.join(t for t in tasks if needs_text([t]))} need natural text (--data)")
     uniforms = {n: uniform_baseline(plan, n) for n in lengths}
-    # A plan that is itself one window for all heads *is* its baseline: run it once (unless a layer-wide
-    # ranking reallocates the plan's prompts: the baseline keeps its window).
-    allocated = not isinstance(ranking, str) and ranking.scope == "layer"
+    # A plan that is itself one window for all heads *is* its baseline: run it once (no ranking changes
+    # a plan without gate heads).
     same_as_plan = {
-        n: uniforms[n].rules == plan.rules and uniforms[n].block_size == plan.block_size and not allocated
-        for n in lengths
+        n: uniforms[n].rules == plan.rules and uniforms[n].block_size == plan.block_size for n in lengths
     }
     plans: dict[str, dict[int, Plan | None]] = {
         "dense": dict.fromkeys(lengths),

@@ -117,13 +117,16 @@ def top_blocks_in_layer(
     n: int,
     block_size: int,
     budget: int,  # causal pairs the whole layer may compute, per sequence
+    kept: torch.Tensor | None = None,  # [H, nB, nB] bool: the blocks each head keeps, if not sink + diagonal
 ) -> torch.Tensor:  # [B, H, nB, nB] bool
-    """Every row of every head keeps its sink and diagonal; then the layer's other causal blocks by
-    mass per pair, best first, while the next one still fits in ``budget`` pairs (per sequence)."""
+    """Every row of every head keeps its sink and diagonal (or, given ``kept``, its head's ``kept``
+    blocks); then the layer's other causal blocks by mass per pair, best first, while the next one still
+    fits in ``budget`` pairs (per sequence)."""
     b, h, nb, _ = mass.shape
     causal, forced = _causal_and_forced(nb, mass.device)
+    forced = forced.expand(h, nb, nb) if kept is None else kept.to(mass.device) & causal
     pairs = causal_block_pairs(n, block_size).to(mass.device)  # [nB, nB] float64
-    spare = budget - float(pairs[forced].sum()) * h
+    spare = budget - float((pairs * forced).sum())
     candidate = (causal & ~forced).expand(b, h, nb, nb).reshape(b, -1)
     per_pair = (mass.double() / pairs.clamp(min=1)).reshape(b, -1).masked_fill(~candidate, float("-inf"))
     order = per_pair.argsort(dim=-1, descending=True, stable=True)
