@@ -39,10 +39,11 @@ RankingOpt = Annotated[
     typer.Option(
         help="How a prompt's key blocks are chosen: gate (the plan's trained gates rank its gate heads' "
         "blocks), sampled:R (the true attention of R sampled queries per 64-token block ranks them: closer "
-        "to the oracle, costs about R/64 of dense attention) or sampled-layer:R (each layer's pair budget "
-        "spent over all its heads and rows by mass estimated from R sampled queries per block and query "
-        "head: oracle-layer's allocation, at a higher cost). Default: as the plan says (compress "
-        "--ranking), else gate. Decoding steps keep the plan's rules and gates either way.",
+        "to the oracle, costs about R/64 of dense attention) or sampled-layer:R (every head keeps its "
+        "rule's fixed blocks; the gate heads' free choice, pooled over the layer, goes to the heads and "
+        "rows of most attention mass estimated from R sampled queries per block and query head; R = 16 "
+        "costs about a quarter of dense attention's time). Default: as the plan says (compress --ranking), else gate. "
+        "Decoding steps keep the plan's rules and gates either way.",
     ),
 ]
 RankingLayersOpt = Annotated[

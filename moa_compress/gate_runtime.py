@@ -23,8 +23,8 @@ input more closely than the pooled gate, at a cost that grows with the samples (
 64-token block, with the selection: 9% of dense causal attention's time at 8K tokens on a 2-core CPU, 11%
 at 4K, 22% at 2K: BENCHMARKS.md). A plan made with ``compress --ranking`` carries its ranking. Decoding
 steps keep the gate: scoring one query row exactly costs as much as attending with it. A prompt can also
-be allocated layer-wide (``ranking="sampled-layer:R"``, :mod:`moa_compress.allocation`): every head of
-the layer, static and dense too, then takes its blocks from one allocation of the layer's pair budget.
+be allocated layer-wide (``ranking="sampled-layer:R"``, :mod:`moa_compress.allocation`): the gate
+heads' free choice of blocks, pooled over the layer, goes to the heads and rows of most sampled mass.
 
 Memory: in a :class:`~moa_compress.kvcache.PlanKVCache` a gate layer keeps ``gate_dim`` numbers per gate
 head and key block plus the raw pre-RoPE keys of its unfinished last block (a few percent of its key
@@ -69,13 +69,14 @@ class PrefillRanking:
       own (sink, local window, ``blocks_per_row``), so densities and the decode cache are unchanged.
       Scores are per KV group (the mean of its query heads' sampled mass), as the default gates decide;
       a plan with per-query-head gates still shares one ranking per group here.
-    * ``scope="layer"`` (``"sampled-layer:R"``): a prompt's first call (every query of the sequence in
-      one call) spends the layer's pair budget at that length — the plan's, summed over its heads — over
-      all its heads (static, gate and dense alike) and rows by block mass per pair estimated from ``R``
-      sampled queries per block and query head (:mod:`moa_compress.allocation`; the ``oracle-layer``
-      selection of :mod:`moa_compress.oracle` on estimated mass). A head's prompt density then follows
-      the input; the layer's does not exceed the plan's. Later calls (prompt chunks after the first,
-      decoding steps) run the plan's rules and gates, so the decode cache is the plan's too.
+    * ``scope="layer"`` (``"sampled-layer:R"``): in a prompt's first call (every query of the sequence
+      in one call) each head keeps what its rule keeps on every input, and the rest of the layer's pair
+      budget at that length (the plan's, summed over its heads: the gate heads' free choice) goes to
+      whichever heads and rows hold the most block mass per pair, estimated from ``R`` sampled queries
+      per block and query head (:mod:`moa_compress.allocation`). A head's prompt density then follows
+      the input; the layer's does not exceed the plan's; a layer without gate heads is unchanged. Later
+      calls (prompt chunks after the first, decoding steps) run the plan's rules and gates, so the
+      decode cache is the plan's too.
 
     ``min_length``: calls over fewer keys than this (a prompt shorter than it, or the first chunk of
     one) keep the plan's rules and gates — e.g. to allocate long prompts only.

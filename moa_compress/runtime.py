@@ -679,9 +679,10 @@ def apply_plan(model: Any, plan: Plan, *, backend: str = "auto", ranking: Any = 
     plan whose rules are all dense still runs through the plan path (useful as a control).
 
     ``ranking``: how a prompt's blocks are chosen — ``"gate"`` (the plan's trained gates rank its gate
-    heads' blocks), ``"sampled:R"`` (``R`` sampled queries per block rank them), ``"sampled-layer:R"``
-    (each layer's pair budget spent over all its heads and rows by block mass estimated from ``R``
-    sampled queries per block and query head: :mod:`moa_compress.allocation`) or a
+    heads' blocks), ``"sampled-layer:R"`` (the gate heads' free choice pooled over the layer and spent
+    on the heads and rows of most block mass estimated from ``R`` sampled queries per block and query
+    head: :mod:`moa_compress.allocation`), ``"sampled:R"`` (``R`` sampled queries per block rank each
+    gate head's own blocks) or a
     :class:`~moa_compress.gate_runtime.PrefillRanking` (optionally in some layers only, or from some
     prompt length on); None: as the plan says (``compress --ranking``), else the gates. Decoding steps
     keep the plan's rules and gates.
