@@ -129,9 +129,9 @@ def is_estimated_oracle(selection: str) -> bool:
 
 
 def is_layer_ranking(selection: str) -> bool:
-    """``sampled-layer:R``: the runtime's layer-wide allocation from R sampled queries per block."""
+    """``sampled-layer:R`` / ``sampled-layer-all:R``: the runtime's layer-wide allocations."""
     try:
-        return PrefillRanking.parse(selection).scope == "layer"
+        return PrefillRanking.parse(selection).scope != "row"
     except PlanRuntimeError:
         return False
 

@@ -15,7 +15,8 @@ computes more pairs than the plan would. What moves between heads and rows is th
 choice: the blocks their gates would have picked, now picked layer-wide (a static or dense head keeps
 its rule's blocks and can gain others; a layer without gate heads is left as its rules make it).
 Keeping the rules' neighbourhoods matters at short lengths: spending the whole budget by mass (the
-``oracle-layer`` way) lost to the plan's gates at 2K (BENCHMARKS.md).
+``oracle-layer`` way, ``ranking="sampled-layer-all:R"``, ``keep_rules=False``) lost to the plan's gates
+at 2K — and found far more passkeys, by moving the budget the rules' windows hold (BENCHMARKS.md).
 
 Cost: the sampled rows' scores are ``R / block_size`` of the causal score product for every query
 head, plus their softmax (BENCHMARKS.md: ``bench attention``'s "sampled-layer" columns); then the
@@ -79,13 +80,14 @@ def allocated_rows(
     key: torch.Tensor,  # [B, Hkv, S, D] after RoPE
     scale: float,
     samples: int,
+    keep_rules: bool = True,
 ) -> torch.Tensor:  # [B, Hq, nB, nB] bool
-    """The layer's block rows for a whole prompt: each head's :func:`kept_blocks`, then the rest of the
-    layer's pair budget at this length over every head and row by estimated mass per pair
-    (:func:`~moa_compress.oracle.top_blocks_in_layer`)."""
+    """The layer's block rows for a whole prompt: each head's :func:`kept_blocks` (``keep_rules=False``:
+    its sink and diagonal only), then the rest of the layer's pair budget at this length over every head
+    and row by estimated mass per pair (:func:`~moa_compress.oracle.top_blocks_in_layer`)."""
     n = query.shape[2]
     mass = sampled_head_mass(query, key, scale, plan.block_size, samples)
-    kept = kept_blocks(plan, layer, n)
+    kept = kept_blocks(plan, layer, n) if keep_rules else None
     return top_blocks_in_layer(mass, n, plan.block_size, layer_budget(plan, layer, n), kept)
 
 
@@ -98,9 +100,10 @@ def allocated_attention(
     scale: float,
     backend: str,
     samples: int,
+    keep_rules: bool = True,
 ) -> torch.Tensor:  # [B, Hq, S, D]
     """A whole prompt's attention in ``layer`` under :func:`allocated_rows`, one block-sparse call
     (unpadded: a left-padded batch runs each row over its own tokens, see
     :meth:`moa_compress.runtime.PlanHandle.static_call`)."""
-    rows = allocated_rows(plan, layer, query, key, scale, samples)
+    rows = allocated_rows(plan, layer, query, key, scale, samples, keep_rules)
     return rows_attention(rows, query, key, value, plan.block_size, scale, backend)

@@ -42,7 +42,8 @@ RankingOpt = Annotated[
         "to the oracle, costs about R/64 of dense attention) or sampled-layer:R (every head keeps its "
         "rule's fixed blocks; the gate heads' free choice, pooled over the layer, goes to the heads and "
         "rows of most attention mass estimated from R sampled queries per block and query head; R = 16 "
-        "costs about a quarter of dense attention's time). Default: as the plan says (compress --ranking), else gate. "
+        "costs about a quarter of dense attention's time) or sampled-layer-all:R (the same with the whole "
+        "layer budget moving: every head keeps only its sink and diagonal). Default: as the plan says (compress --ranking), else gate. "
         "Decoding steps keep the plan's rules and gates either way.",
     ),
 ]
@@ -287,7 +288,7 @@ def parse_ranking(ranking: str | None, layers: str | None, min_length: int = 0):
         (min_length != 0, "--ranking-min-length"),
     ):
         if given and ranking in (None, "gate"):
-            fail(f"{option} needs --ranking sampled:R or sampled-layer:R")
+            fail(f"{option} needs a --ranking other than gate")
     if ranking is None:
         return None
     try:

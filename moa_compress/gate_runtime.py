@@ -58,6 +58,10 @@ from moa_compress.plan import Plan, num_blocks
 SAMPLED_CHUNK_BYTES = 1 << 23
 
 
+# A ranking's name in text ("sampled-layer:16") -> its PrefillRanking.scope.
+SCOPES = {"sampled": "row", "sampled-layer": "layer", "sampled-layer-all": "layer-all"}
+
+
 @dataclass(frozen=True)
 class PrefillRanking:
     """How a layer chooses a prompt's key blocks (calls with more than one query: a prompt, or a chunk of
@@ -77,6 +81,11 @@ class PrefillRanking:
       the input; the layer's does not exceed the plan's; a layer without gate heads is unchanged. Later
       calls (prompt chunks after the first, decoding steps) run the plan's rules and gates, so the
       decode cache is the plan's too.
+    * ``scope="layer-all"`` (``"sampled-layer-all:R"``): the same, but every head keeps only its sink
+      and diagonal and the whole rest of the layer's budget moves (the eval's ``oracle-layer`` selection
+      on estimated mass; a layer without gate heads changes too). It frees the budget that the rules'
+      windows and bands hold, which finds more passkeys and costs prose fidelity at short lengths
+      (BENCHMARKS.md).
 
     ``min_length``: calls over fewer keys than this (a prompt shorter than it, or the first chunk of
     one) keep the plan's rules and gates — e.g. to allocate long prompts only.
@@ -95,8 +104,10 @@ class PrefillRanking:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise PlanRuntimeError(f"ranking {name} must be a whole number >= 0, got {value!r}")
-        if self.scope not in ("row", "layer"):
-            raise PlanRuntimeError(f"ranking scope must be row or layer, got {self.scope!r}")
+        if self.scope not in SCOPES.values():
+            raise PlanRuntimeError(
+                f"ranking scope must be one of {', '.join(SCOPES.values())}, got {self.scope!r}"
+            )
         if self.layers is not None:
             object.__setattr__(self, "layers", frozenset(int(i) for i in self.layers))
 
@@ -104,17 +115,17 @@ class PrefillRanking:
     def parse(
         cls, text: str, layers: str | Iterable[int] | None = None, min_length: int = 0
     ) -> PrefillRanking:
-        """``"gate"``, ``"sampled:R"`` or ``"sampled-layer:R"``; ``layers`` as ``"LO-HI"`` (inclusive),
-        ``"A,B,..."`` or integers."""
+        """``"gate"``, ``"sampled:R"``, ``"sampled-layer:R"`` or ``"sampled-layer-all:R"``; ``layers`` as
+        ``"LO-HI"`` (inclusive), ``"A,B,..."`` or integers."""
         head, _, count = text.partition(":")
-        scopes = {"sampled": "row", "sampled-layer": "layer"}
         if text == "gate":
             samples, scope = 0, "row"
-        elif head in scopes and count.isdigit() and int(count) >= 1:
-            samples, scope = int(count), scopes[head]
+        elif head in SCOPES and count.isdigit() and int(count) >= 1:
+            samples, scope = int(count), SCOPES[head]
         else:
             raise PlanRuntimeError(
-                f"ranking must be gate, sampled:R or sampled-layer:R with a whole R >= 1, got {text!r}"
+                "ranking must be gate, sampled:R, sampled-layer:R or sampled-layer-all:R with a whole R >= 1, "
+                f"got {text!r}"
             )
         return cls(samples, parse_layers(layers) if isinstance(layers, str) else layers, scope, min_length)
 
@@ -150,15 +161,21 @@ class PrefillRanking:
 
     def allocates(self, layer: int, q_len: int, kv_len: int) -> bool:
         """Whether a call of ``q_len`` queries over ``kv_len`` keys in ``layer`` is allocated layer-wide:
-        a ``"layer"`` scope and a whole prompt in one call."""
-        return self.scope == "layer" and 1 < q_len == kv_len >= self.min_length and self.ranks(layer)
+        a layer scope and a whole prompt in one call."""
+        return self.scope != "row" and 1 < q_len == kv_len >= self.min_length and self.ranks(layer)
+
+    @property
+    def keeps_rules(self) -> bool:
+        """Whether a layer-wide allocation keeps each rule's fixed blocks (``"layer"``) or only every
+        head's sink and diagonal (``"layer-all"``)."""
+        return self.scope == "layer"
 
     def describe(self) -> str:
         if not self.samples:
             return "gate"
         where = "" if self.layers is None else f" in layers {format_layers(self.layers)}"
         since = f" from {self.min_length} tokens" if self.min_length else ""
-        name = "sampled" if self.scope == "row" else "sampled-layer"
+        name = next(text for text, scope in SCOPES.items() if scope == self.scope)
         return f"{name}:{self.samples}{where}{since}"
 
 
@@ -618,7 +635,9 @@ def gated_attention(
     if ranking is not None and ranking.allocates(layer, q_len, kv_len):
         from moa_compress.allocation import allocated_attention
 
-        return allocated_attention(plan, layer, query, key, value, scale, backend, ranking.samples)
+        return allocated_attention(
+            plan, layer, query, key, value, scale, backend, ranking.samples, ranking.keeps_rules
+        )
     selections = call_selections(plan, layer, gate, query, key, q_pre, k_codes, scale, ranking)
     rows = layer_block_rows(plan, layer, kv_len, q_len, selections)  # [B, H, nQ_call, nK]
     return rows_attention(rows, query, key, value, plan.block_size, scale, backend)

@@ -164,7 +164,7 @@ class CompressSettings:
             ranking = PrefillRanking.parse(self.ranking, self.ranking_layers)
         except UserInputError as exc:
             raise CompressError(f"--ranking: {exc}") from None
-        if ranking.scope == "layer":
+        if ranking.scope != "row":
             raise CompressError(
                 f"--ranking {self.ranking}: a layer-wide allocation is chosen at run time (apply_plan, "
                 "eval / generate --ranking); the search costs gate rules under gate or sampled:R"

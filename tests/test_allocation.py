@@ -13,7 +13,7 @@ import torch
 from moa_compress import allocation
 from moa_compress.gate_runtime import PrefillRanking, sampled_scores
 from moa_compress.gates import pooled_attention
-from moa_compress.oracle import layer_budget, top_blocks_in_layer
+from moa_compress.oracle import apply_oracle, layer_budget, top_blocks_in_layer
 from moa_compress.plan import DenseRule, GateRule, StaticRule, causal_block_pairs, num_blocks
 from moa_compress.runtime import PlanKVCache, PlanRuntimeError, apply_plan, cache_kwarg
 from tests.factories import left_padded, tiny_model
@@ -149,6 +149,24 @@ def test_every_query_sampled_through_the_model_equals_a_masked_reference_of_the_
     assert (got - want).abs().max() <= 1e-9
 
 
+@pytest.mark.parametrize("rules", [mixed(seed=2), static_rules])
+def test_the_whole_layer_budget_with_every_query_sampled_is_the_oracle_layer_through_the_model(rules):
+    """``sampled-layer-all``: every head keeps only its sink and diagonal, so with every query sampled
+    it is the eval's oracle-layer selection (a plan without gate heads changes too)."""
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = gated_plan(model, rules, seed=2)
+    x = ids(2, 150, seed=2)
+    whole = PrefillRanking(BLOCK, scope="layer-all")
+    with torch.no_grad():
+        with apply_oracle(model, plan, "oracle-layer", backend="reference"):
+            want = model(x).logits
+        with apply_plan(model, plan, backend="reference", ranking=whole):
+            got = model(x).logits
+        with apply_plan(model, plan, backend="reference"):
+            plain = model(x).logits
+    assert (got - want).abs().max() <= 1e-9 and (got - plain).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("rules,moves", [(mixed(seed=2), True), (static_rules, False)])
 def test_a_layer_ranking_moves_gate_heads_blocks_only_and_in_no_layer_is_the_plan(rules, moves):
     """Static and dense heads keep their rules' blocks, so a plan without gate heads is unchanged."""
@@ -172,8 +190,9 @@ def test_a_few_samples_keep_the_rules_blocks_and_never_spend_more_than_the_plan(
     spent, chosen = [], []
     exact = allocation.allocated_rows
 
-    def counted(plan, layer, query, key, scale, samples):
-        rows = exact(plan, layer, query, key, scale, samples)
+    def counted(plan, layer, query, key, scale, samples, keep_rules):
+        assert keep_rules
+        rows = exact(plan, layer, query, key, scale, samples, keep_rules)
         n = query.shape[2]
         pairs = (rows * causal_block_pairs(n, BLOCK)).sum((1, 2, 3))  # per sequence
         spent.append((pairs, layer_budget(plan, layer, n)))
@@ -278,9 +297,12 @@ def test_layer_ranking_parses_describes_and_is_refused_where_it_cannot_apply():
     ).applies(0, 20, 99)
     with pytest.raises(PlanRuntimeError, match="min_length must be a whole number"):
         PrefillRanking(4, min_length=-1)
-    with pytest.raises(PlanRuntimeError, match="scope must be row or layer"):
+    with pytest.raises(PlanRuntimeError, match="scope must be one of row, layer, layer-all"):
         PrefillRanking(4, scope="head")
-    for bad in ("sampled-layer:0", "sampled-layer", "layer:4"):
+    whole = PrefillRanking.parse("sampled-layer-all:8")
+    assert whole == PrefillRanking(8, scope="layer-all") and whole.describe() == "sampled-layer-all:8"
+    assert whole.allocates(0, 80, 80) and not whole.keeps_rules and ranking.keeps_rules
+    for bad in ("sampled-layer:0", "sampled-layer", "layer:4", "sampled-layer-all:x"):
         with pytest.raises(PlanRuntimeError, match="sampled-layer:R") as err:
             PrefillRanking.parse(bad)
         assert "\n" not in str(err.value)

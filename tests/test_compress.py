@@ -807,7 +807,12 @@ def test_a_ranking_costs_gate_rules_under_it_and_the_plan_carries_it(gated, mode
         settings(eval_text, rules=("static", "dense"), ranking="sampled:2").check()
     with pytest.raises(CompressError, match="--ranking-layers needs --ranking sampled:R"):
         settings(eval_text, rules=ALL_RULES, ranking_layers=(1,)).check()
-    with pytest.raises(CompressError, match="--ranking: ranking must be gate, sampled:R or sampled-layer:R"):
+    with pytest.raises(
+        CompressError,
+        match="--ranking: ranking must be gate, sampled:R, sampled-layer:R or sampled-layer-all:R",
+    ):
         settings(eval_text, rules=ALL_RULES, ranking="sampled").check()
     with pytest.raises(CompressError, match="sampled-layer:4: a layer-wide allocation is chosen at run time"):
         settings(eval_text, rules=ALL_RULES, ranking="sampled-layer:4").check()
+    with pytest.raises(CompressError, match="chosen at run time"):
+        settings(eval_text, rules=ALL_RULES, ranking="sampled-layer-all:4").check()
