@@ -243,7 +243,8 @@ def test_evaluate_plan_fills_the_schema(tokenizer):
 
 
 def test_a_layer_ranking_reallocates_the_plan_and_leaves_the_uniform_baseline_alone(tokenizer):
-    """``ranking="sampled-layer:R"`` changes the plan's figures only."""
+    """``ranking="sampled-layer-all:R"`` (which would change a static plan too) changes the plan's
+    figures only: the uniform baseline is never ranked."""
     from tests.test_gate_runtime import gated_plan, roomy
 
     model = make_model(tokenizer, dtype=torch.float64)
@@ -256,8 +257,8 @@ def test_a_layer_ranking_reallocates_the_plan_and_leaves_the_uniform_baseline_al
     }
     plan = gated_plan(model, roomy)
     plain = evaluate_plan(model, tokenizer, plan, lengths=[320], **kw)
-    ranked = evaluate_plan(model, tokenizer, plan, lengths=[320], ranking="sampled-layer:4", **kw)
-    assert ranked["settings"]["ranking"] == "sampled-layer:4"
+    ranked = evaluate_plan(model, tokenizer, plan, lengths=[320], ranking="sampled-layer-all:4", **kw)
+    assert ranked["settings"]["ranking"] == "sampled-layer-all:4"
     assert ranked["results"]["uniform"] == plain["results"]["uniform"]
     assert ranked["results"]["plan"]["fidelity"] != plain["results"]["plan"]["fidelity"]
 
