@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from moa_compress.gate_runtime import rows_attention, sampled_scores
+from moa_compress.gate_runtime import PrefillRanking, rows_attention, sampled_scores
 from moa_compress.oracle import layer_budget, top_blocks_in_layer
 from moa_compress.plan import Plan, num_blocks
 
@@ -99,11 +99,10 @@ def allocated_attention(
     value: torch.Tensor,
     scale: float,
     backend: str,
-    samples: int,
-    keep_rules: bool = True,
+    ranking: PrefillRanking,  # a layer scope: its samples, and whether the rules' blocks are kept
 ) -> torch.Tensor:  # [B, Hq, S, D]
     """A whole prompt's attention in ``layer`` under :func:`allocated_rows`, one block-sparse call
     (unpadded: a left-padded batch runs each row over its own tokens, see
     :meth:`moa_compress.runtime.PlanHandle.static_call`)."""
-    rows = allocated_rows(plan, layer, query, key, scale, samples, keep_rules)
+    rows = allocated_rows(plan, layer, query, key, scale, ranking.samples, ranking.keeps_rules)
     return rows_attention(rows, query, key, value, plan.block_size, scale, backend)

@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -227,9 +227,8 @@ def gate_times(
 
     if layer_samples:
         calls["layer"] = allocate
-        calls["layer_attention"] = lambda: allocated_attention(
-            plan, 0, q, k, v, scale, "torch", layer_samples
-        )
+        ranking = PrefillRanking(layer_samples, scope="layer")
+        calls["layer_attention"] = lambda: allocated_attention(plan, 0, q, k, v, scale, "torch", ranking)
     times = best_times(calls, repeats)
     out = {
         "gate_select_s": times["select"],
@@ -378,8 +377,9 @@ def bench_prefill(
         ids = random_tokens(model, n)
         candidates: dict[str, Callable[[], Any]] = {"dense": lambda ids=ids: prefill(model, ids)}
         runs = [(name, plan, name, None) for name in backends]
-        for name, p in plans.items():
-            runs += [(name, p, backends[0], None), *((f"{name}+{r}", p, backends[0], r) for r in rankings)]
+        runs += [
+            (plan_column(name, r), p, backends[0], r) for name, p in plans.items() for r in (None, *rankings)
+        ]
         for name, run_plan, backend, ranking in runs:
             # One handle per column keeps its layout cache across rounds; it is switched on only
             # for its own calls so the rounds can interleave with the dense ones.
@@ -410,8 +410,19 @@ def bench_prefill(
                 row[f"{name}_density"] = round(run_plan.density(n), 4)
         rows.append(row)
         if progress:
-            progress(prefill_table([row], [name for name, *_ in runs]).splitlines()[-1])
+            progress(prefill_table([row], prefill_columns(backends, plans, rankings)).splitlines()[-1])
     return rows
+
+
+def plan_column(name: str, ranking: str | None = None) -> str:
+    """:func:`bench_prefill`'s column of plan ``name`` as it says (``ranking`` None) or ranked so."""
+    return name if ranking is None else f"{name}+{ranking}"
+
+
+def prefill_columns(backends: Sequence[str], plans: Iterable[str], rankings: Sequence[str] = ()) -> list[str]:
+    """:func:`bench_prefill`'s columns besides dense, in order: each backend, then each plan as it says
+    and under each of ``rankings``."""
+    return [*backends, *(plan_column(name, r) for name in plans for r in (None, *rankings))]
 
 
 def run_with_plan(handle: Any, model: Any, ids: torch.Tensor) -> None:

@@ -635,9 +635,7 @@ def gated_attention(
     if ranking is not None and ranking.allocates(layer, q_len, kv_len):
         from moa_compress.allocation import allocated_attention
 
-        return allocated_attention(
-            plan, layer, query, key, value, scale, backend, ranking.samples, ranking.keeps_rules
-        )
+        return allocated_attention(plan, layer, query, key, value, scale, backend, ranking)
     selections = call_selections(plan, layer, gate, query, key, q_pre, k_codes, scale, ranking)
     rows = layer_block_rows(plan, layer, kv_len, q_len, selections)  # [B, H, nQ_call, nK]
     return rows_attention(rows, query, key, value, plan.block_size, scale, backend)

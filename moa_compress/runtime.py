@@ -355,17 +355,7 @@ class PlanHandle:
         q_len, kv_len = query.shape[2], key.shape[2]
         if mask is None or is_plain_causal(mask):
             if ranking is not None and ranking.allocates(layer, q_len, kv_len):
-                return allocated_attention(
-                    self.plan,
-                    layer,
-                    query,
-                    key,
-                    value,
-                    scale,
-                    self.backend,
-                    ranking.samples,
-                    ranking.keeps_rules,
-                )
+                return allocated_attention(self.plan, layer, query, key, value, scale, self.backend, ranking)
             return self.block_sparse(rules, query, key, value, scale)
         pads = left_padding(mask).tolist()  # each row over its own tokens, as it would run alone
         own = [
@@ -381,7 +371,7 @@ class PlanHandle:
             p, row = pads[r], slice(r, r + 1)
             out[row, :, p:] = allocated_attention(
                 self.plan, layer, query[row, :, p:], key[row, :, p:], value[row, :, p:], scale, self.backend,
-                ranking.samples, ranking.keeps_rules,
+                ranking,
             )  # fmt: skip
         return out
 
