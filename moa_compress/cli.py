@@ -38,13 +38,13 @@ RankingOpt = Annotated[
     str | None,
     typer.Option(
         help="How a prompt's key blocks are chosen: gate (the plan's trained gates rank its gate heads' "
-        "blocks), sampled:R (the true attention of R sampled queries per 64-token block ranks them: closer "
-        "to the oracle, costs about R/64 of dense attention) or sampled-layer:R (every head keeps its "
+        "blocks); sampled:R (the true attention of R sampled queries per 64-token block ranks them: closer "
+        "to the oracle, costs about R/64 of dense attention); sampled-layer:R (every head keeps its "
         "rule's fixed blocks; the gate heads' free choice, pooled over the layer, goes to the heads and "
         "rows of most attention mass estimated from R sampled queries per block and query head; R = 16 "
-        "costs about a quarter of dense attention's time) or sampled-layer-all:R (the same with the whole "
-        "layer budget moving: every head keeps only its sink and diagonal). Default: as the plan says (compress --ranking), else gate. "
-        "Decoding steps keep the plan's rules and gates either way.",
+        "costs about 30% of dense attention's time); or sampled-layer-all:R (the same with the "
+        "whole layer budget moving: every head keeps only its sink and diagonal). Default: as the plan "
+        "says (compress --ranking), else gate. Decoding steps keep the plan's rules and gates either way.",
     ),
 ]
 RankingLayersOpt = Annotated[
@@ -400,8 +400,8 @@ def bench_prefill_cmd(
     ranking: Annotated[
         list[str] | None,
         typer.Option(
-            help="Also time each --plan with its prompt ranked this way (gate, sampled:R, sampled-layer:R; "
-            "see eval --ranking), a column each; repeatable."
+            help="Also time each --plan with its prompt ranked this way (gate, sampled:R, sampled-layer:R, "
+            "sampled-layer-all:R; see eval --ranking), a column each; repeatable."
         ),
     ] = None,
     dtype: ModelDtypeOpt = "auto",
@@ -412,7 +412,7 @@ def bench_prefill_cmd(
     """Whole-model prefill: dense SDPA vs a uniform plan per backend (and any --plan)."""
     import torch
 
-    from moa_compress.bench import bench_prefill, machine, prefill_table
+    from moa_compress.bench import bench_prefill, machine, prefill_columns, prefill_table
 
     check_fraction(density, "--density")
     rankings = list(ranking or [])
@@ -429,11 +429,10 @@ def bench_prefill_cmd(
         net, parse_lengths(lengths), density, names, repeats=repeats, plans=plans, rankings=rankings,
         progress=echo_progress,
     )  # fmt: skip
-    columns = [*names, *(c for name in plans for c in (name, *(f"{name}+{r}" for r in rankings)))]
     if as_json:
         typer.echo(json.dumps({"command": command_line(), "machine": machine(), "rows": rows}, indent=1))
     else:
-        typer.echo(prefill_table(rows, columns))
+        typer.echo(prefill_table(rows, prefill_columns(names, plans, rankings)))
 
 
 @bench_app.command("decode")
